@@ -1,0 +1,619 @@
+"""The vocabulary of meshplan: model, GPU, cluster, layout and estimate.
+
+Everything here is a frozen, slotted dataclass with units in field names. Bytes and seconds
+inside; `*_GBps` is 10^9 bytes/s per direction; `*_GiB` is 2^30 bytes; FLOP counts are exact.
+
+Two kinds of error leave this module:
+- `SpecError` (a `ValueError`): the user asked for something malformed (a negative size, a tp
+  that does not divide the heads...). Its message says what is wrong and what to change.
+- `InfeasibleLayout`: a well-formed layout that cannot run (does not fit in memory). The
+  search counts these; `estimate` reports them with the memory breakdown.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+GiB = 1 << 30
+
+Recompute = Literal["none", "selective", "full"]
+RECOMPUTE_KINDS: tuple[str, ...] = ("none", "selective", "full")
+Dtype = Literal["bf16", "fp8"]
+DTYPES: tuple[str, ...] = ("bf16", "fp8")
+MlpKind = Literal["gated_silu", "gelu", "squared_relu"]
+MLP_KINDS: tuple[str, ...] = ("gated_silu", "gelu", "squared_relu")
+Schedule = Literal["1f1b", "interleaved"]
+NicKind = Literal["infiniband", "roce", "ethernet", "nvlink", "loopback"]
+NIC_KINDS: tuple[str, ...] = ("infiniband", "roce", "ethernet", "nvlink", "loopback")
+
+
+class SpecError(ValueError):
+    """A user-supplied spec or layout is malformed; the message says what to change."""
+
+
+class InfeasibleLayout(Exception):  # noqa: N818 - the domain name used across meshplan
+    """A valid layout that cannot run, e.g. it does not fit in GPU memory.
+
+    `estimate` (if set) holds the `Estimate` whose memory breakdown shows by how much.
+    """
+
+    def __init__(self, message: str, estimate: Estimate | None = None):
+        super().__init__(message)
+        self.estimate = estimate
+
+
+def _require_positive(obj: object, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            raise SpecError(f"{type(obj).__name__}.{name} must be a positive number, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """A decoder-only transformer's shape (what the cost model needs, nothing more)."""
+
+    name: str
+    """Preset name or the config file it came from."""
+    num_layers: int
+    """Transformer blocks."""
+    hidden_size: int
+    """Model width h."""
+    ffn_hidden_size: int
+    """MLP inner width f of dense layers (per branch for gated MLPs)."""
+    num_heads: int
+    """Query heads a."""
+    num_kv_heads: int
+    """Key/value heads (GQA); equals num_heads for MHA."""
+    head_dim: int
+    """Per-head width d (usually h / a)."""
+    vocab_size: int
+    """Vocabulary V (as trained, i.e. padded if the framework pads)."""
+    max_seq_len: int = 4096
+    """Longest sequence the model was configured for (informative; not a hard limit)."""
+    tied_embeddings: bool = False
+    """Input embedding and LM head share one matrix."""
+    mlp_kind: MlpKind = "gated_silu"
+    """gated_silu (SwiGLU: 3 matrices), gelu (2 matrices), squared_relu (Nemotron, 2 matrices)."""
+    dropout: bool = False
+    """Dropout after attention/MLP (GPT-2/3 era); adds mask bytes to activations."""
+    num_experts: int = 0
+    """Routed experts per MoE layer (0: dense model)."""
+    experts_top_k: int = 0
+    """Experts each token is routed to."""
+    expert_ffn_hidden_size: int = 0
+    """MLP inner width of one routed expert."""
+    num_shared_experts: int = 0
+    """Always-active experts (Qwen2-MoE, DeepSeek)."""
+    shared_expert_ffn_hidden_size: int = 0
+    """MLP inner width of the shared expert block (all shared experts together)."""
+    num_dense_layers: int = 0
+    """Leading layers that use the dense MLP in an MoE model (DeepSeek first_k_dense_replace)."""
+
+    def __post_init__(self) -> None:
+        _require_positive(
+            self,
+            ("num_layers", "hidden_size", "ffn_hidden_size", "num_heads", "num_kv_heads",
+             "head_dim", "vocab_size", "max_seq_len"),
+        )
+        if self.num_heads % self.num_kv_heads:
+            raise SpecError(
+                f"model {self.name}: num_heads={self.num_heads} is not a multiple of "
+                f"num_kv_heads={self.num_kv_heads}; fix num_key_value_heads in the config"
+            )
+        if self.mlp_kind not in MLP_KINDS:
+            raise SpecError(f"model {self.name}: mlp_kind {self.mlp_kind!r} is not one of {MLP_KINDS}")
+        if self.num_experts and not (0 < self.experts_top_k <= self.num_experts):
+            raise SpecError(
+                f"model {self.name}: experts_top_k={self.experts_top_k} must be in 1..num_experts"
+            )
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def mlp_matrices(self) -> int:
+        """Weight matrices in one MLP: 3 for gated (gate, up, down), else 2."""
+        return 3 if self.mlp_kind == "gated_silu" else 2
+
+    @property
+    def q_width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+# --------------------------------------------------------------------------------------------
+# Hardware
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GemmEfficiency:
+    """How close dense matmuls get to peak on one GPU type and dtype (calibrated).
+
+    Time of one GEMM of F FLOPs = F / (max_fraction * peak) + overhead_s: the sustained
+    throughput of large tiles plus a fixed cost per kernel (launch, wave quantisation tail).
+    """
+
+    max_fraction: float
+    """Sustained fraction of dense peak on large GEMMs (0..1)."""
+    overhead_s: float
+    """Fixed time per GEMM kernel, seconds."""
+    attention_fraction: float
+    """Fraction of dense peak fused (flash) attention reaches (0..1)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_fraction <= 1 or not 0 < self.attention_fraction <= 1:
+            raise SpecError("GEMM efficiency fractions must be in (0, 1]")
+        if self.overhead_s < 0:
+            raise SpecError("GEMM overhead_s must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSpec:
+    """One accelerator type (per GCD for multi-die parts)."""
+
+    name: str
+    memory_GiB: float
+    """HBM capacity as the framework sees it."""
+    peak_tflops: dict[str, float]
+    """Dense peak TFLOP/s per dtype (no sparsity), e.g. {"bf16": 989, "fp8": 1979}."""
+    hbm_bandwidth_GBps: float
+    """Peak HBM bandwidth, 10^9 bytes/s."""
+    efficiency: dict[str, GemmEfficiency]
+    """Calibrated GEMM/attention efficiency per dtype."""
+    hbm_efficiency: float = 0.7
+    """Achieved fraction of HBM bandwidth by memory-bound kernels (norms, activations, Adam)."""
+    tp_comm_overlap: float = 0.0
+    """Fraction of tensor-parallel communication hidden behind GEMMs by the software stack
+    usually run on this GPU (Megatron-Core/TE userbuffers on Hopper; none on 2021 A100 runs)."""
+    dp_comm_overlap: float = 0.9
+    """Fraction of the data-parallel reduction that overlaps the last micro-batch's backward."""
+
+    def __post_init__(self) -> None:
+        _require_positive(self, ("memory_GiB", "hbm_bandwidth_GBps"))
+        if "bf16" not in self.peak_tflops:
+            raise SpecError(f"GPU {self.name}: peak_tflops needs a bf16 entry")
+        for dtype in self.peak_tflops:
+            if dtype not in self.efficiency:
+                raise SpecError(f"GPU {self.name}: no efficiency entry for dtype {dtype}")
+
+    def peak_flops(self, dtype: str) -> float:
+        """Dense peak FLOP/s for `dtype`; SpecError if the GPU has none (e.g. fp8 on A100)."""
+        if dtype not in self.peak_tflops:
+            raise SpecError(
+                f"GPU {self.name} has no {dtype} peak (supports {sorted(self.peak_tflops)}); "
+                f"use --dtype {next(iter(self.peak_tflops))}"
+            )
+        return self.peak_tflops[dtype] * 1e12
+
+
+@dataclass(frozen=True, slots=True)
+class LinkSpec:
+    """A link class (NVLink inside a node, a NIC across nodes), per GPU and per direction."""
+
+    kind: str
+    """nvlink | infiniband | roce | ethernet | loopback."""
+    bandwidth_GBps: float
+    """Peak unidirectional bandwidth available to one GPU, 10^9 bytes/s."""
+    latency_s: float
+    """One-message latency (alpha), seconds."""
+    efficiency: float = 0.85
+    """Achieved fraction of bandwidth for large messages (bus bandwidth / peak)."""
+
+    def __post_init__(self) -> None:
+        _require_positive(self, ("bandwidth_GBps",))
+        if self.latency_s < 0 or not 0 < self.efficiency <= 1:
+            raise SpecError(f"link {self.kind}: latency must be >= 0 and efficiency in (0, 1]")
+
+    @property
+    def effective_Bps(self) -> float:
+        return self.bandwidth_GBps * 1e9 * self.efficiency
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    """One host."""
+
+    name: str
+    gpus: int
+    gpu: str
+    """Key into ClusterSpec.gpu_types."""
+    nic: str = "infiniband"
+    """NIC kind used across nodes: infiniband | roce | ethernet | loopback."""
+    rack: str = "rack0"
+
+    def __post_init__(self) -> None:
+        _require_positive(self, ("gpus",))
+        if self.nic not in NIC_KINDS:
+            raise SpecError(f"node {self.name}: nic {self.nic!r} is not one of {NIC_KINDS}")
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    """Nodes, GPU types and links; optionally measured per-node-pair links.
+
+    `bandwidth_GBps[i][j]` / `latency_s[i][j]` (when present) are measured node-to-node values
+    per GPU pair and direction; they override `inter_node` for that pair.
+    """
+
+    name: str
+    nodes: tuple[NodeSpec, ...]
+    gpu_types: dict[str, GpuSpec]
+    intra_node: LinkSpec
+    inter_node: LinkSpec
+    nic_links: dict[str, LinkSpec] = field(default_factory=dict)
+    """Per NIC kind inter-node link (heterogeneous fabrics); falls back to inter_node."""
+    bandwidth_GBps: tuple[tuple[float, ...], ...] | None = None
+    latency_s: tuple[tuple[float, ...], ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.nodes:
+            raise SpecError(f"cluster {self.name}: has no nodes")
+        names = [n.name for n in self.nodes]
+        if len(set(names)) != len(names):
+            raise SpecError(f"cluster {self.name}: node names must be unique")
+        for node in self.nodes:
+            if node.gpu not in self.gpu_types:
+                raise SpecError(
+                    f"cluster {self.name}: node {node.name} uses GPU type {node.gpu!r} with no "
+                    f"spec; add it under gpu_types (known: {sorted(self.gpu_types)})"
+                )
+        n = len(self.nodes)
+        for label, matrix in (("bandwidth_GBps", self.bandwidth_GBps), ("latency_s", self.latency_s)):
+            if matrix is None:
+                continue
+            if len(matrix) != n or any(len(row) != n for row in matrix):
+                raise SpecError(
+                    f"cluster {self.name}: {label} must be a {n}x{n} matrix matching the node "
+                    f"list, got {len(matrix)} rows"
+                )
+            for i, row in enumerate(matrix):
+                for j, value in enumerate(row):
+                    if i != j and not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                        raise SpecError(
+                            f"cluster {self.name}: {label}[{i}][{j}] = {value!r} must be a "
+                            "positive number"
+                        )
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def world_size(self) -> int:
+        return sum(n.gpus for n in self.nodes)
+
+    @property
+    def gpus_per_node(self) -> int:
+        """GPUs per node; SpecError if nodes differ (the homogeneous cost model needs one)."""
+        counts = {n.gpus for n in self.nodes}
+        if len(counts) != 1:
+            raise SpecError(f"cluster {self.name}: nodes have different GPU counts {sorted(counts)}")
+        return counts.pop()
+
+    @property
+    def homogeneous(self) -> bool:
+        return (
+            len({(n.gpu, n.gpus, n.nic) for n in self.nodes}) == 1 and self.bandwidth_GBps is None
+        )
+
+    @property
+    def gpu(self) -> GpuSpec:
+        """The GPU type when all nodes share one; SpecError otherwise."""
+        kinds = {n.gpu for n in self.nodes}
+        if len(kinds) != 1:
+            raise SpecError(
+                f"cluster {self.name} mixes GPU types {sorted(kinds)}; use --cost-model "
+                "holmes or pipette, which model per-stage GPU types"
+            )
+        return self.gpu_types[kinds.pop()]
+
+    def link_between(self, i: int, j: int) -> LinkSpec:
+        """The link one GPU on node i uses to reach node j (measured if available)."""
+        if i == j:
+            return self.intra_node
+        a, b = self.nodes[i], self.nodes[j]
+        base = self.nic_links.get(a.nic, self.inter_node) if a.nic == b.nic else self._common_link(a, b)
+        if self.bandwidth_GBps is None:
+            return base
+        latency = self.latency_s[i][j] if self.latency_s is not None else base.latency_s
+        # Measured values are already achieved bandwidth: efficiency 1.
+        return LinkSpec(base.kind, float(self.bandwidth_GBps[i][j]), float(latency), 1.0)
+
+    def _common_link(self, a: NodeSpec, b: NodeSpec) -> LinkSpec:
+        """Two NIC kinds meet on the slowest common transport (Holmes: RDMA kinds fall back to TCP)."""
+        la = self.nic_links.get(a.nic, self.inter_node)
+        lb = self.nic_links.get(b.nic, self.inter_node)
+        slow = min((la, lb), key=lambda link: link.effective_Bps)
+        eth = self.nic_links.get("ethernet")
+        return eth if eth is not None and eth.effective_Bps < slow.effective_Bps else slow
+
+
+# --------------------------------------------------------------------------------------------
+# Layout
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """One way to split a training step over GPUs (Megatron-LM rank order tp-cp-dp-pp)."""
+
+    tp: int
+    """Tensor-parallel degree (splits heads and MLP columns)."""
+    pp: int
+    """Pipeline-parallel degree (splits layers into stages)."""
+    dp: int
+    """Data-parallel degree (replicas); world = tp*pp*dp*cp."""
+    micro_batch_size: int
+    """Sequences per micro-batch per replica."""
+    global_batch_size: int
+    """Sequences per optimizer step over all replicas."""
+    seq_len: int
+    """Tokens per sequence."""
+    cp: int = 1
+    """Context-parallel degree (splits the sequence; ring attention)."""
+    ep: int = 1
+    """Expert-parallel degree (MoE only; folds into dp for expert layers)."""
+    vp: int = 1
+    """Virtual pipeline stages (model chunks) per pipeline rank; > 1 means interleaved 1F1B."""
+    recompute: Recompute = "none"
+    """Activation recomputation: none | selective (attention core) | full (whole layer)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (norms/dropout split over tp; RS+AG instead of AR)."""
+    distributed_optimizer: bool = True
+    """Shard optimizer state and fp32 master weights over dp (ZeRO-1)."""
+    dtype: Dtype = "bf16"
+    """Matmul dtype; parameters, gradients and optimizer are always mixed-precision bf16/fp32."""
+    layers_per_stage: tuple[int, ...] | None = None
+    """Layers per (virtual) stage in model order, length pp*vp; None means as even as possible."""
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp * self.cp
+
+    @property
+    def schedule(self) -> Schedule:
+        return "interleaved" if self.vp > 1 else "1f1b"
+
+    @property
+    def num_microbatches(self) -> int:
+        """m = gbs / (dp * mbs): micro-batches each pipeline processes per step."""
+        return self.global_batch_size // (self.dp * self.micro_batch_size)
+
+    def stage_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Layers of each (virtual) stage, model order, length pp*vp."""
+        if self.layers_per_stage is not None:
+            return self.layers_per_stage
+        return even_split(num_layers, self.pp * self.vp)
+
+    def validate(self, model: ModelSpec, num_gpus: int | None = None) -> None:
+        """Raise SpecError explaining the first rule this layout breaks."""
+        for name in ("tp", "pp", "dp", "cp", "ep", "vp", "micro_batch_size", "global_batch_size", "seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise SpecError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.recompute not in RECOMPUTE_KINDS:
+            raise SpecError(f"recompute must be one of {RECOMPUTE_KINDS}, got {self.recompute!r}")
+        if self.dtype not in DTYPES:
+            raise SpecError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if num_gpus is not None and self.world != num_gpus:
+            raise SpecError(
+                f"tp*pp*cp*dp = {self.tp}*{self.pp}*{self.cp}*{self.dp} = {self.world} but the "
+                f"cluster has {num_gpus} GPUs; choose degrees whose product is {num_gpus}"
+            )
+        _check_divides(self.tp, model.num_heads, "tp", "attention heads",
+                       "each tensor-parallel rank holds whole heads (Megatron-LM)")
+        _check_divides(self.tp, model.num_kv_heads, "tp", "KV heads",
+                       "each tensor-parallel rank needs whole KV heads (GQA)")
+        if self.sequence_parallel and self.tp == 1:
+            raise SpecError("sequence parallel needs tp > 1; drop --sequence-parallel or raise --tp")
+        if self.seq_len % (2 * self.cp):
+            raise SpecError(
+                f"seq-len {self.seq_len} must be divisible by 2*cp = {2 * self.cp}: context "
+                "parallelism splits each sequence into 2*cp chunks for causal load balance"
+            )
+        if self.sequence_parallel and (self.seq_len // self.cp) % self.tp:
+            raise SpecError(
+                f"seq-len/cp = {self.seq_len // self.cp} must be divisible by tp = {self.tp} "
+                "with sequence parallelism"
+            )
+        chunks = self.pp * self.vp
+        if chunks > model.num_layers:
+            raise SpecError(
+                f"pp*vp = {chunks} exceeds the model's {model.num_layers} layers; lower --pp or --vp"
+            )
+        if self.vp > 1 and self.pp == 1:
+            raise SpecError("vp > 1 (interleaved schedule) needs pp > 1")
+        if self.layers_per_stage is not None:
+            if len(self.layers_per_stage) != chunks or sum(self.layers_per_stage) != model.num_layers:
+                raise SpecError(
+                    f"layers_per_stage {self.layers_per_stage} must have pp*vp = {chunks} "
+                    f"entries summing to {model.num_layers}"
+                )
+            if min(self.layers_per_stage) < 1:
+                raise SpecError("every pipeline stage needs at least one layer")
+        if self.global_batch_size % (self.dp * self.micro_batch_size):
+            raise SpecError(
+                f"global-batch-size {self.global_batch_size} is not divisible by dp*mbs = "
+                f"{self.dp}*{self.micro_batch_size} = {self.dp * self.micro_batch_size}; use a "
+                f"multiple of {self.dp * self.micro_batch_size}"
+            )
+        if self.vp > 1 and self.num_microbatches % self.pp:
+            raise SpecError(
+                f"the interleaved schedule needs the micro-batch count ({self.num_microbatches}) "
+                f"to be a multiple of pp = {self.pp} (Megatron-LM); change gbs or mbs"
+            )
+        if self.ep > 1:
+            if not model.is_moe:
+                raise SpecError("ep > 1 needs a mixture-of-experts model")
+            if model.num_experts % self.ep:
+                raise SpecError(f"ep={self.ep} must divide the {model.num_experts} experts")
+            if self.dp * self.cp % self.ep:
+                raise SpecError(f"ep={self.ep} must divide dp*cp={self.dp * self.cp}")
+
+    def to_dict(self) -> dict:
+        """The JSON/YAML form of DESIGN.md (schedule added, layers_per_stage when set)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "layers_per_stage"}
+        out["schedule"] = self.schedule
+        if self.layers_per_stage is not None:
+            out["layers_per_stage"] = list(self.layers_per_stage)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Layout:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known - {"schedule"}
+        if unknown:
+            raise SpecError(f"layout has unknown keys {sorted(unknown)}")
+        kwargs = {k: v for k, v in data.items() if k in known}
+        if kwargs.get("layers_per_stage") is not None:
+            kwargs["layers_per_stage"] = tuple(int(x) for x in kwargs["layers_per_stage"])
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise SpecError(f"layout is incomplete: {exc}") from None
+
+
+def _check_divides(degree: int, count: int, flag: str, what: str, reason: str) -> None:
+    if count % degree:
+        options = [d for d in range(1, count + 1) if count % d == 0 and d <= 64]
+        raise SpecError(
+            f"{flag}={degree} does not divide the model's {count} {what} ({reason}); "
+            f"use one of {options}"
+        )
+
+
+def even_split(total: int, parts: int) -> tuple[int, ...]:
+    """`total` items in `parts` contiguous groups, sizes differing by at most one (larger last)."""
+    base, extra = divmod(total, parts)
+    return tuple(base + (1 if i >= parts - extra else 0) for i in range(parts))
+
+
+# --------------------------------------------------------------------------------------------
+# Estimate
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryBreakdown:
+    """Peak bytes on the most loaded GPU."""
+
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    buffers: float
+    """Allowance for communication buffers, workspaces and allocator fragmentation."""
+
+    @property
+    def peak(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations + self.buffers
+
+    def to_dict(self) -> dict:
+        out = {f"{f.name}_GiB": round(getattr(self, f.name) / GiB, 3) for f in fields(self)}
+        out["peak_GiB"] = round(self.peak / GiB, 3)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class TimeBreakdown:
+    """Seconds of one step on the critical path, by cause (they add up to the step time)."""
+
+    compute: float
+    """Forward, backward and recompute of the slowest stage, all micro-batches."""
+    tp_comm: float
+    """Exposed tensor-parallel collectives."""
+    cp_comm: float
+    """Exposed context-parallel K/V exchange."""
+    pp_bubble: float
+    """Pipeline fill and drain idle time."""
+    pp_p2p: float
+    """Exposed pipeline point-to-point transfers."""
+    dp_comm: float
+    """Exposed data-parallel gradient reduction / parameter gather."""
+    optimizer: float
+    """Optimizer step."""
+
+    @property
+    def total(self) -> float:
+        return sum(getattr(self, f.name) for f in fields(self))
+
+    def to_dict(self) -> dict:
+        return {f"{f.name}_s": getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """Predicted step time and memory of one layout."""
+
+    layout: Layout
+    time: TimeBreakdown
+    memory: MemoryBreakdown
+    capacity_GiB: float
+    """Usable memory per GPU the fit was checked against."""
+    model_flops: float
+    """Model FLOPs per step (no recompute; causal attention counted once)."""
+    hardware_flops: float
+    """FLOPs the GPUs execute per step (with recompute)."""
+    peak_flops_per_gpu: float
+    """Dense peak FLOP/s of the layout's dtype."""
+    cost_model: str = "megatron"
+
+    @property
+    def step_time_s(self) -> float:
+        return self.time.total
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.layout.global_batch_size * self.layout.seq_len / self.step_time_s
+
+    @property
+    def tflops_per_gpu(self) -> float:
+        """Model TFLOP/s per GPU."""
+        return self.model_flops / self.step_time_s / self.layout.world / 1e12
+
+    @property
+    def mfu(self) -> float:
+        """Model FLOPs utilisation against the dense peak of the layout's dtype."""
+        return self.model_flops / self.step_time_s / self.layout.world / self.peak_flops_per_gpu
+
+    @property
+    def peak_GiB(self) -> float:
+        return self.memory.peak / GiB
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_GiB <= self.capacity_GiB
+
+    @property
+    def over_GiB(self) -> float:
+        return max(0.0, self.peak_GiB - self.capacity_GiB)
+
+    def to_dict(self) -> dict:
+        """The `estimate --json` object of DESIGN.md."""
+        return {
+            "step_time_s": self.step_time_s,
+            "tokens_per_s": self.tokens_per_s,
+            "mfu": self.mfu,
+            "tflops_per_gpu": self.tflops_per_gpu,
+            "fits": self.fits,
+            "capacity_GiB": self.capacity_GiB,
+            "memory": self.memory.to_dict(),
+            "breakdown": self.time.to_dict(),
+            "layout": self.layout.to_dict(),
+            "cost_model": self.cost_model,
+            "mfu_note": "model FLOPs (no recompute, causal attention) / dense "
+            f"{self.layout.dtype} peak",
+        }

@@ -1,0 +1,1 @@
+"""meshplan launcher: launch artifacts from a plan, the supervisor and the runtime hook."""

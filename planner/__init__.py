@@ -1,0 +1,1 @@
+"""meshplan planner: specs from files, search, ILP, plan files, reports and the CLI."""

@@ -1,0 +1,155 @@
+"""The plan file (`plan.yaml`): what `plan` writes and `launch`/`run`/`simulate` read.
+
+Format (version `meshplan: 1`), self-contained so it can be re-read without the original files:
+
+    meshplan: 1
+    model: {ModelSpec fields}
+    cluster: {cluster.yaml form, GPU specs written out}
+    layout: {tp, pp, dp, cp, ep, vp, micro_batch_size, global_batch_size, seq_len, recompute,
+             sequence_parallel, distributed_optimizer, schedule, dtype, layers_per_stage}
+    stages:                      # one per virtual stage (model chunk), in model order
+      - {index: 0, pp_rank: 0, chunk: 0, first_layer: 0, last_layer: 20}   # [first, last)
+    placement:
+      rank_order: tp-cp-dp-pp    # global rank = tp + tp_size*(cp + cp_size*(dp + dp_size*pp))
+      node_order: [node3, node0, ...]   # node rank i runs on node_order[i]
+    estimate: {estimate --json object}
+
+Global rank r lives on node rank r // gpus_per_node, local rank r % gpus_per_node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cost_models.specs import ClusterSpec, Layout, ModelSpec, SpecError
+
+from .specfiles import (
+    cluster_from_dict,
+    cluster_to_dict,
+    dump_yaml,
+    model_from_dict,
+    model_to_dict,
+    read_mapping,
+    write_atomic,
+)
+
+PLAN_FORMAT = 1
+RANK_ORDER = "tp-cp-dp-pp"
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """One model chunk: layers [first_layer, last_layer) on pipeline rank `pp_rank`."""
+
+    index: int
+    pp_rank: int
+    chunk: int
+    first_layer: int
+    last_layer: int
+
+    @property
+    def num_layers(self) -> int:
+        return self.last_layer - self.first_layer
+
+
+@dataclass(frozen=True, slots=True)
+class RankCoords:
+    """Where a global rank sits in the (pp, dp, cp, tp) grid."""
+
+    pp: int
+    dp: int
+    cp: int
+    tp: int
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    model: ModelSpec
+    cluster: ClusterSpec
+    layout: Layout
+    node_order: tuple[str, ...]
+    """Physical node name for each node rank."""
+    estimate: dict
+    """The estimate object (informative; launch does not depend on it)."""
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        return stage_ranges(self.layout, self.model.num_layers)
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.cluster.gpus_per_node
+
+    @property
+    def nnodes(self) -> int:
+        return len(self.node_order)
+
+    def coords(self, rank: int) -> RankCoords:
+        return rank_coords(rank, self.layout)
+
+    def to_dict(self) -> dict:
+        return {
+            "meshplan": PLAN_FORMAT,
+            "model": model_to_dict(self.model),
+            "cluster": cluster_to_dict(self.cluster),
+            "layout": self.layout.to_dict(),
+            "stages": [
+                {"index": s.index, "pp_rank": s.pp_rank, "chunk": s.chunk,
+                 "first_layer": s.first_layer, "last_layer": s.last_layer}
+                for s in self.stages
+            ],
+            "placement": {"rank_order": RANK_ORDER, "node_order": list(self.node_order)},
+            "estimate": self.estimate,
+        }
+
+
+def stage_ranges(layout: Layout, num_layers: int) -> tuple[Stage, ...]:
+    """Virtual stage k (model order) runs on pipeline rank k % pp as its chunk k // pp
+    (Megatron-LM / torch.distributed.pipelining interleaved assignment)."""
+    out, start = [], 0
+    for k, n in enumerate(layout.stage_layers(num_layers)):
+        out.append(Stage(k, k % layout.pp, k // layout.pp, start, start + n))
+        start += n
+    return tuple(out)
+
+
+def rank_coords(rank: int, layout: Layout) -> RankCoords:
+    """Coordinates of `rank` under rank order tp-cp-dp-pp (tp fastest, as Megatron-LM)."""
+    tp = rank % layout.tp
+    rest = rank // layout.tp
+    cp = rest % layout.cp
+    rest //= layout.cp
+    return RankCoords(pp=rest // layout.dp, dp=rest % layout.dp, cp=cp, tp=tp)
+
+
+def write_plan(plan: Plan, path: str | Path) -> None:
+    write_atomic(path, "# meshplan plan file; `meshplan launch` reads it.\n" + dump_yaml(plan.to_dict()))
+
+
+def plan_from_dict(data: dict, where: str) -> Plan:
+    version = data.get("meshplan")
+    if version != PLAN_FORMAT:
+        raise SpecError(f"{where} is not a meshplan plan file (meshplan: {version!r}, want 1)")
+    for key in ("model", "cluster", "layout", "placement"):
+        if key not in data:
+            raise SpecError(f"plan file {where} lacks {key!r}; regenerate it with meshplan plan")
+    model = model_from_dict(data["model"], where)
+    cluster = cluster_from_dict(data["cluster"], f"{where}: cluster")
+    layout = Layout.from_dict(data["layout"])
+    layout.validate(model, cluster.world_size)
+    placement = data["placement"]
+    if not isinstance(placement, dict) or placement.get("rank_order", RANK_ORDER) != RANK_ORDER:
+        raise SpecError(f"{where}: placement.rank_order must be {RANK_ORDER}")
+    order = tuple(placement.get("node_order") or [n.name for n in cluster.nodes])
+    names = {n.name for n in cluster.nodes}
+    if sorted(order) != sorted(names):
+        raise SpecError(
+            f"{where}: placement.node_order {list(order)} must list each cluster node once"
+        )
+    return Plan(model, cluster, layout, order, data.get("estimate") or {})
+
+
+def read_plan(path: str | Path) -> Plan:
+    """Load and validate a plan file; SpecError with one clear line if anything is off."""
+    return plan_from_dict(read_mapping(Path(path), "plan"), str(path))

@@ -1,0 +1,441 @@
+"""Reading and writing specs: model presets and HuggingFace configs, GPU and cluster presets,
+and `cluster.yaml` files (the profiler's output).
+
+Everything a user can point at goes through here, and every mistake comes back as one
+`SpecError` line naming the file, the key and what to do.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, fields
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cost_models.specs import (
+    ClusterSpec,
+    GemmEfficiency,
+    GpuSpec,
+    LinkSpec,
+    ModelSpec,
+    NodeSpec,
+    SpecError,
+)
+
+DATA_DIR = Path(__file__).parent / "data"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODELS_DIR = REPO_ROOT / "examples" / "models"
+CLUSTER_FORMAT = 1
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def closest(name: str, options: list[str]) -> str:
+    """' (closest: a, b)' or '' — for unknown-name errors."""
+    hits = difflib.get_close_matches(name.lower(), [o.lower() for o in options], n=3, cutoff=0.4)
+    lookup = {o.lower(): o for o in options}
+    return f" (closest: {', '.join(lookup[h] for h in hits)})" if hits else ""
+
+
+def read_mapping(path: Path, what: str) -> dict:
+    """Parse a JSON or YAML file that must hold a mapping; SpecError otherwise."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"{what} file {path} does not exist") from None
+    except OSError as exc:
+        raise SpecError(f"cannot read {what} file {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        first = str(exc).splitlines()[0]
+        raise SpecError(f"{what} file {path} is not valid {path.suffix[1:] or 'YAML'}: {first}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{what} file {path} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def write_atomic(path: Path | str, text: str) -> None:
+    """Write `text` to `path` via a temporary file and rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _strict(cls, data: dict, where: str, renames: dict | None = None):
+    """Build dataclass `cls` from `data`, rejecting unknown keys (Calculon-style strict load)."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{where} must be a mapping, got {type(data).__name__}")
+    names = {f.name for f in fields(cls)}
+    data = {(renames or {}).get(k, k): v for k, v in data.items()}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise SpecError(f"{where}: unknown keys {unknown}; allowed: {sorted(names)}")
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise SpecError(f"{where}: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# GPUs
+# --------------------------------------------------------------------------------------------
+
+
+def _gpu_from_dict(name: str, data: dict, where: str) -> GpuSpec:
+    data = dict(data)
+    eff = data.pop("efficiency", None)
+    if not isinstance(eff, dict):
+        raise SpecError(f"{where}: GPU {name} needs an efficiency mapping per dtype")
+    effs = {d: _strict(GemmEfficiency, e, f"{where}: {name}.efficiency.{d}") for d, e in eff.items()}
+    return _strict(GpuSpec, {"name": name, **data, "efficiency": effs}, f"{where}: GPU {name}")
+
+
+@cache
+def gpu_presets() -> dict[str, GpuSpec]:
+    """GPU types shipped in planner/data/gpus.yaml."""
+    raw = read_mapping(DATA_DIR / "gpus.yaml", "GPU preset")
+    return {name: _gpu_from_dict(name, spec, "gpus.yaml") for name, spec in raw.items()}
+
+
+def gpu_preset(name: str) -> GpuSpec:
+    presets = gpu_presets()
+    if name in presets:
+        return presets[name]
+    lowered = {k.lower(): v for k, v in presets.items()}
+    if name.lower() in lowered:
+        return lowered[name.lower()]
+    raise SpecError(f"unknown GPU type {name!r}{closest(name, list(presets))}; known: {sorted(presets)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+
+def model_presets() -> dict[str, Path]:
+    """Preset name -> config file under examples/models/."""
+    if not MODELS_DIR.is_dir():
+        return {}
+    return {
+        p.stem: p for p in sorted(MODELS_DIR.iterdir()) if p.suffix in (".json", ".yaml", ".yml")
+    }
+
+
+def load_model(name_or_path: str) -> ModelSpec:
+    """A ModelSpec from a preset name or a HuggingFace config.json / YAML path."""
+    presets = model_presets()
+    if name_or_path in presets:
+        return model_from_config(read_mapping(presets[name_or_path], "model config"), name_or_path)
+    path = Path(name_or_path)
+    if path.suffix in (".json", ".yaml", ".yml") or path.exists():
+        if path.is_dir():
+            path = path / "config.json"
+        return model_from_config(read_mapping(path, "model config"), str(path))
+    raise SpecError(
+        f"unknown model {name_or_path!r}{closest(name_or_path, list(presets))}; "
+        "give a preset (meshplan models) or a path to a HuggingFace config.json"
+    )
+
+
+def _get(cfg: dict, where: str, *keys: str, default: Any = None, required: bool = True) -> Any:
+    for key in keys:
+        if cfg.get(key) is not None:
+            return cfg[key]
+    if required and default is None:
+        raise SpecError(f"model config {where} lacks {' or '.join(repr(k) for k in keys)}")
+    return default
+
+
+def _int(value: Any, key: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or value <= 0:
+        raise SpecError(f"model config {where}: {key} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+_MLP_FROM_ACT = {
+    "silu": "gated_silu", "swiglu": "gated_silu", "swish": "gated_silu",
+    "gelu": "gelu", "gelu_new": "gelu", "gelu_fast": "gelu", "gelu_pytorch_tanh": "gelu",
+    "relu2": "squared_relu", "squared_relu": "squared_relu",
+}
+_LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "nemotron", "gpt_neox", "mixtral",
+               "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "gemma", "phi3"}
+
+
+def model_from_config(cfg: dict, where: str) -> ModelSpec:
+    """Parse a HuggingFace config (llama, mistral, qwen2/3, nemotron, gpt2, gpt_neox, mixtral,
+    qwen2_moe/qwen3_moe, deepseek_v3) into a ModelSpec."""
+    kind = cfg.get("model_type")
+    if kind is None:
+        raise SpecError(f"model config {where} lacks 'model_type' (e.g. llama, gpt2, mixtral)")
+    if kind == "gpt2":
+        return _gpt2(cfg, where)
+    if kind not in _LLAMA_LIKE:
+        raise SpecError(
+            f"model config {where}: model_type {kind!r} is not supported; supported: "
+            f"{sorted(_LLAMA_LIKE | {'gpt2'})}"
+        )
+    g = lambda *k, **kw: _get(cfg, where, *k, **kw)  # noqa: E731
+    hidden = _int(g("hidden_size"), "hidden_size", where)
+    heads = _int(g("num_attention_heads"), "num_attention_heads", where)
+    kv = _int(g("num_key_value_heads", default=heads), "num_key_value_heads", where)
+    head_dim = g("head_dim", "kv_channels", default=hidden // heads)
+    if kind in ("deepseek_v3", "deepseek_v2"):
+        # MLA: per-head query/key width is the no-position part plus the rotary part.
+        head_dim = g("qk_nope_head_dim") + g("qk_rope_head_dim")
+        kv = heads
+    act = str(g("hidden_act", "activation", default="silu")).lower()
+    mlp = _MLP_FROM_ACT.get(act)
+    if mlp is None:
+        raise SpecError(f"model config {where}: hidden_act {act!r} is not supported")
+    if kind in ("gpt_neox", "nemotron") and mlp == "gated_silu":
+        mlp = "gelu"
+    ffn = _int(g("intermediate_size", "ffn_hidden_size"), "intermediate_size", where)
+    spec = dict(
+        name=where, num_layers=_int(g("num_hidden_layers"), "num_hidden_layers", where),
+        hidden_size=hidden, ffn_hidden_size=ffn, num_heads=heads, num_kv_heads=kv,
+        head_dim=_int(head_dim, "head_dim", where),
+        vocab_size=_int(g("vocab_size"), "vocab_size", where),
+        max_seq_len=_int(g("max_position_embeddings", "max_seq_len", default=4096),
+                         "max_position_embeddings", where),
+        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        mlp_kind=mlp,
+        dropout=bool(cfg.get("hidden_dropout", 0) or cfg.get("attention_dropout", 0)),
+    )
+    spec.update(_moe_fields(cfg, kind, where))
+    return ModelSpec(**spec)
+
+
+def _moe_fields(cfg: dict, kind: str, where: str) -> dict:
+    g = lambda *k, **kw: _get(cfg, where, *k, **kw)  # noqa: E731
+    if kind == "mixtral":
+        return dict(num_experts=g("num_local_experts"), experts_top_k=g("num_experts_per_tok"),
+                    expert_ffn_hidden_size=g("intermediate_size"))
+    if kind in ("qwen2_moe", "qwen3_moe"):
+        shared = cfg.get("shared_expert_intermediate_size") or 0
+        return dict(num_experts=g("num_experts"), experts_top_k=g("num_experts_per_tok"),
+                    expert_ffn_hidden_size=g("moe_intermediate_size"),
+                    num_shared_experts=1 if shared else 0, shared_expert_ffn_hidden_size=shared,
+                    num_dense_layers=len(cfg.get("mlp_only_layers") or []))
+    if kind in ("deepseek_v3", "deepseek_v2"):
+        shared = g("n_shared_experts", default=0, required=False) or 0
+        expert_ffn = g("moe_intermediate_size")
+        return dict(num_experts=g("n_routed_experts"), experts_top_k=g("num_experts_per_tok"),
+                    expert_ffn_hidden_size=expert_ffn, num_shared_experts=shared,
+                    shared_expert_ffn_hidden_size=shared * expert_ffn,
+                    num_dense_layers=g("first_k_dense_replace", default=0, required=False) or 0)
+    return {}
+
+
+def _gpt2(cfg: dict, where: str) -> ModelSpec:
+    g = lambda *k, **kw: _get(cfg, where, *k, **kw)  # noqa: E731
+    hidden = _int(g("n_embd"), "n_embd", where)
+    heads = _int(g("n_head"), "n_head", where)
+    ffn = cfg.get("n_inner") or 4 * hidden
+    return ModelSpec(
+        name=where, num_layers=_int(g("n_layer"), "n_layer", where), hidden_size=hidden,
+        ffn_hidden_size=_int(ffn, "n_inner", where), num_heads=heads, num_kv_heads=heads,
+        head_dim=hidden // heads, vocab_size=_int(g("vocab_size"), "vocab_size", where),
+        max_seq_len=_int(g("n_positions", "n_ctx", default=1024), "n_positions", where),
+        tied_embeddings=bool(cfg.get("tie_word_embeddings", True)), mlp_kind="gelu",
+        dropout=bool(cfg.get("resid_pdrop", 0.1)),
+    )
+
+
+def model_to_dict(model: ModelSpec) -> dict:
+    return asdict(model)
+
+
+def model_from_dict(data: dict, where: str = "plan") -> ModelSpec:
+    return _strict(ModelSpec, data, f"{where}: model")
+
+
+# --------------------------------------------------------------------------------------------
+# Clusters
+# --------------------------------------------------------------------------------------------
+
+
+@cache
+def _cluster_presets_raw() -> dict:
+    return read_mapping(DATA_DIR / "clusters.yaml", "cluster preset")
+
+
+def cluster_presets() -> list[str]:
+    return sorted(_cluster_presets_raw())
+
+
+def load_cluster(name_or_path: str, nodes: int | None = None,
+                 gpus_per_node: int | None = None) -> ClusterSpec:
+    """A ClusterSpec from a preset (scaled to `nodes` x `gpus_per_node`) or a cluster.yaml."""
+    if nodes is not None and nodes <= 0:
+        raise SpecError(f"--nodes must be a positive integer, got {nodes}")
+    if gpus_per_node is not None and gpus_per_node <= 0:
+        raise SpecError(f"--gpus-per-node must be a positive integer, got {gpus_per_node}")
+    presets = _cluster_presets_raw()
+    if name_or_path in presets:
+        return _preset_cluster(name_or_path, presets[name_or_path], nodes or 1, gpus_per_node)
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml", ".json") or path.exists():
+        if nodes is not None or gpus_per_node is not None:
+            raise SpecError(
+                "--nodes/--gpus-per-node scale presets only; a cluster.yaml lists its nodes"
+            )
+        return cluster_from_dict(read_mapping(path, "cluster"), str(path))
+    raise SpecError(
+        f"unknown cluster {name_or_path!r}{closest(name_or_path, list(presets))}; give a preset "
+        "(meshplan clusters) or a path to a cluster.yaml"
+    )
+
+
+def _preset_cluster(name: str, raw: dict, nodes: int, gpus_per_node: int | None) -> ClusterSpec:
+    gpn = raw["gpus_per_node"]
+    if gpus_per_node is not None:
+        if not raw.get("gpus_per_node_adjustable", False) and gpus_per_node != gpn:
+            raise SpecError(f"cluster preset {name} has {gpn} GPUs per node; drop --gpus-per-node")
+        gpn = gpus_per_node
+    gpu = gpu_preset(raw["gpu"])
+    node_list = tuple(
+        NodeSpec(f"{raw.get('node_prefix', 'node')}{i}", gpn, gpu.name, raw["nic"],
+                 f"rack{i // raw.get('nodes_per_rack', 32)}")
+        for i in range(nodes)
+    )
+    return ClusterSpec(
+        name=f"{name}x{nodes}" if nodes > 1 else name, nodes=node_list, gpu_types={gpu.name: gpu},
+        intra_node=_strict(LinkSpec, raw["intra_node"], f"clusters.yaml: {name}.intra_node"),
+        inter_node=_strict(LinkSpec, raw["inter_node"], f"clusters.yaml: {name}.inter_node"),
+    )
+
+
+_CLUSTER_KEYS = {"meshplan_cluster", "name", "gpu_types", "intra_node", "inter_node", "nic_links",
+                 "nodes", "measured"}
+_MEASURED_KEYS = {"bandwidth_GBps", "latency_s", "collectives", "device", "backend",
+                  "gpus", "seconds", "notes", "topology", "nics"}
+
+
+def _gpu_type(name: str, data: Any, where: str) -> GpuSpec:
+    """A gpu_types entry: {preset: H100-SXM, ...overrides} or a full spec."""
+    if data is None:
+        data = {"preset": name}
+    if not isinstance(data, dict):
+        raise SpecError(f"{where}: gpu_types.{name} must be a mapping")
+    data = dict(data)
+    preset = data.pop("preset", None)
+    if preset is None:
+        return _gpu_from_dict(name, data, where)
+    base = asdict(gpu_preset(preset))
+    base.pop("name")
+    unknown = sorted(set(data) - set(base))
+    if unknown:
+        raise SpecError(f"{where}: gpu_types.{name}: unknown keys {unknown}")
+    base.update(data)
+    return _gpu_from_dict(name, base, where)
+
+
+def _matrix(value: Any, key: str, where: str) -> tuple[tuple[float, ...], ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(r, list) for r in value):
+        raise SpecError(f"{where}: measured.{key} must be a list of rows (a square matrix)")
+    out = []
+    for i, row in enumerate(value):
+        cleaned = []
+        for j, x in enumerate(row):
+            if i == j:
+                cleaned.append(0.0)
+                continue
+            if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x) or x <= 0:
+                raise SpecError(f"{where}: measured.{key}[{i}][{j}] = {x!r} must be a positive number")
+            cleaned.append(float(x))
+        out.append(tuple(cleaned))
+    return tuple(out)
+
+
+def cluster_from_dict(data: dict, where: str) -> ClusterSpec:
+    """Strictly parse the cluster.yaml format (see examples/clusters/ and the README)."""
+    unknown = sorted(set(data) - _CLUSTER_KEYS)
+    if unknown:
+        raise SpecError(f"{where}: unknown keys {unknown}; allowed: {sorted(_CLUSTER_KEYS)}")
+    version = data.get("meshplan_cluster", CLUSTER_FORMAT)
+    if version != CLUSTER_FORMAT:
+        raise SpecError(f"{where}: meshplan_cluster format {version!r} is not supported (want 1)")
+    for key in ("nodes", "gpu_types", "intra_node", "inter_node"):
+        if key not in data:
+            raise SpecError(f"{where}: missing required key {key!r}")
+    if not isinstance(data["gpu_types"], dict) or not data["gpu_types"]:
+        raise SpecError(f"{where}: gpu_types must map GPU type names to specs")
+    gpus = {name: _gpu_type(name, spec, where) for name, spec in data["gpu_types"].items()}
+    if not isinstance(data["nodes"], list) or not data["nodes"]:
+        raise SpecError(f"{where}: nodes must be a non-empty list")
+    nodes = tuple(_strict(NodeSpec, n, f"{where}: nodes[{i}]") for i, n in enumerate(data["nodes"]))
+    for node in nodes:
+        if node.gpu not in gpus:
+            raise SpecError(
+                f"{where}: node {node.name} uses GPU type {node.gpu!r} with no entry in gpu_types "
+                f"(have {sorted(gpus)}); add it, e.g. gpu_types: {{{node.gpu}: {{preset: H100-SXM}}}}"
+            )
+    measured = data.get("measured") or {}
+    if not isinstance(measured, dict):
+        raise SpecError(f"{where}: measured must be a mapping")
+    unknown = sorted(set(measured) - _MEASURED_KEYS)
+    if unknown:
+        raise SpecError(f"{where}: measured has unknown keys {unknown}")
+    nic_links = {k: _strict(LinkSpec, v, f"{where}: nic_links.{k}")
+                 for k, v in (data.get("nic_links") or {}).items()}
+    return ClusterSpec(
+        name=str(data.get("name", Path(where).stem)), nodes=nodes, gpu_types=gpus,
+        intra_node=_strict(LinkSpec, data["intra_node"], f"{where}: intra_node"),
+        inter_node=_strict(LinkSpec, data["inter_node"], f"{where}: inter_node"),
+        nic_links=nic_links,
+        bandwidth_GBps=_matrix(measured.get("bandwidth_GBps"), "bandwidth_GBps", where),
+        latency_s=_matrix(measured.get("latency_s"), "latency_s", where),
+    )
+
+
+def cluster_to_dict(cluster: ClusterSpec, extra_measured: dict | None = None) -> dict:
+    """The cluster.yaml form (self-contained: GPU specs written out in full)."""
+    def gpu(spec: GpuSpec) -> dict:
+        d = asdict(spec)
+        d.pop("name")
+        return d
+
+    out: dict[str, Any] = {
+        "meshplan_cluster": CLUSTER_FORMAT,
+        "name": cluster.name,
+        "gpu_types": {k: gpu(v) for k, v in cluster.gpu_types.items()},
+        "intra_node": asdict(cluster.intra_node),
+        "inter_node": asdict(cluster.inter_node),
+        "nodes": [asdict(n) for n in cluster.nodes],
+    }
+    if cluster.nic_links:
+        out["nic_links"] = {k: asdict(v) for k, v in cluster.nic_links.items()}
+    measured = dict(extra_measured or {})
+    if cluster.bandwidth_GBps is not None:
+        measured["bandwidth_GBps"] = [list(r) for r in cluster.bandwidth_GBps]
+    if cluster.latency_s is not None:
+        measured["latency_s"] = [list(r) for r in cluster.latency_s]
+    if measured:
+        out["measured"] = measured
+    return out
+
+
+def dump_yaml(data: dict) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120)

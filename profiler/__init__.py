@@ -1,0 +1,1 @@
+"""meshplan profiler: measures a cluster under torchrun and writes cluster.yaml."""
