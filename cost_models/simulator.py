@@ -13,8 +13,15 @@ Pure: numpy only, no I/O. Times are seconds.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
 
 from cost_models.specs import SpecError
+
+EventKind = Literal["fwd", "bwd", "p2p", "dp", "opt"]
+EVENT_KINDS: tuple[str, ...] = ("fwd", "bwd", "p2p", "dp", "opt")
+SCHEDULES: tuple[str, ...] = ("1f1b", "interleaved")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,3 +78,241 @@ class StepTasks:
     def num_stages(self) -> int:
         """Virtual stages pp * vp."""
         return self.pp * self.vp
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One interval of the simulated step."""
+
+    rank: int
+    """Pipeline rank whose compute (fwd/bwd/opt) or network (p2p send, dp reduction) it uses."""
+    kind: EventKind
+    """fwd | bwd (compute), p2p (activation or gradient transfer), dp (gradient reduction),
+    opt (optimizer step)."""
+    microbatch: int
+    """Micro-batch index, -1 for dp and opt."""
+    chunk: int
+    """Model chunk on `rank` (virtual stage chunk*pp + rank); for p2p the sender's chunk;
+    -1 for dp and opt."""
+    start_s: float
+    end_s: float
+    peer: int = -1
+    """For p2p: the receiving pp rank; -1 otherwise."""
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
+
+
+@dataclass(frozen=True, slots=True)
+class SimResult:
+    """A simulated step: its length, per-rank utilisation and every event."""
+
+    schedule: str
+    """1f1b or interleaved (the order that was simulated)."""
+    pp: int
+    vp: int
+    num_microbatches: int
+    step_time_s: float
+    """From the first forward to the last optimizer step of any rank, seconds."""
+    pipeline_s: float
+    """End of the last backward on any rank (the forward/backward phase), seconds."""
+    busy_s: tuple[float, ...]
+    """[pp_rank] compute time (fwd + bwd + optimizer), seconds."""
+    idle_s: tuple[float, ...]
+    """[pp_rank] step_time_s - busy_s: pipeline bubble plus waiting on exposed DP
+    communication, seconds."""
+    events: tuple[Event, ...]
+    """Every fwd, bwd, p2p (non-zero), dp and opt interval, ordered by rank then start."""
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Mean idle share of the step over pp ranks (0 = no bubble)."""
+        return float(np.mean(self.idle_s)) / self.step_time_s if self.step_time_s > 0 else 0.0
+
+    def summary(self) -> dict:
+        """JSON-ready summary (without the event list)."""
+        return {
+            "schedule": self.schedule, "pp": self.pp, "vp": self.vp,
+            "num_microbatches": self.num_microbatches,
+            "step_time_s": self.step_time_s, "pipeline_s": self.pipeline_s,
+            "busy_s": list(self.busy_s), "idle_s": list(self.idle_s),
+            "bubble_fraction": self.bubble_fraction, "num_events": len(self.events),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Schedules: the order each pp rank runs its forwards and backwards
+# --------------------------------------------------------------------------------------------
+
+Op = tuple[bool, int, int]
+"""(is_backward, chunk, microbatch)."""
+
+
+def rank_order(pp: int, vp: int, num_microbatches: int, rank: int) -> list[Op]:
+    """The operations of one pp rank in execution order (1F1B if vp == 1, else interleaved).
+
+    1F1B (PipeDream-flush, Narayanan et al. 2021 sec. 2.2; Megatron-LM
+    forward_backward_pipelining_without_interleaving): min(pp-rank-1, m) warm-up forwards,
+    then alternate one forward, one backward, then the remaining backwards.
+
+    Interleaved 1F1B (Narayanan et al. 2021 sec. 2.2.2; Megatron-LM
+    forward_backward_pipelining_with_interleaving with microbatch_group_size_per_vp_stage =
+    pp): the m*vp "virtual micro-batches" are taken in groups of pp micro-batches, each group
+    going through chunk 0, 1, ..., vp-1; virtual micro-batch i is (mb, chunk) = table[i] for
+    a forward and (mb, vp-1-chunk) for a backward. Warm-up runs
+    min(2*(pp-rank-1) + (vp-1)*pp, m*vp) forwards, the steady phase alternates forward
+    i+warmup with backward i, the cool-down runs the remaining backwards.
+    """
+    m = num_microbatches
+    if vp == 1:
+        warmup = min(pp - rank - 1, m)
+        fwd = [(False, 0, j) for j in range(m)]
+        bwd = [(True, 0, j) for j in range(m)]
+    else:
+        table = [(j, c) for g in range(0, m, pp) for c in range(vp) for j in range(g, min(g + pp, m))]
+        warmup = min(2 * (pp - rank - 1) + (vp - 1) * pp, m * vp)
+        fwd = [(False, c, j) for j, c in table]
+        bwd = [(True, vp - 1 - c, j) for j, c in table]
+    order = fwd[:warmup]
+    for i in range(len(fwd) - warmup):  # steady phase: 1 forward then 1 backward
+        order += [fwd[warmup + i], bwd[i]]
+    return order + bwd[len(fwd) - warmup:]
+
+
+def _check_schedule(tasks: StepTasks, schedule: str) -> None:
+    if schedule not in SCHEDULES:
+        raise SpecError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule == "1f1b" and tasks.vp > 1:
+        raise SpecError(f"the 1f1b schedule runs one model chunk per rank but vp={tasks.vp}; "
+                        "use schedule 'interleaved' or vp=1")
+    if tasks.vp > 1 and tasks.pp == 1:
+        raise SpecError("vp > 1 (interleaved schedule) needs pp > 1")
+    if tasks.vp > 1 and tasks.num_microbatches % tasks.pp:
+        raise SpecError(
+            f"the interleaved schedule needs the micro-batch count ({tasks.num_microbatches}) to "
+            f"be a multiple of pp = {tasks.pp} (Megatron-LM); change gbs or mbs")
+
+
+# --------------------------------------------------------------------------------------------
+# Simulation
+# --------------------------------------------------------------------------------------------
+
+
+def simulate_step(tasks: StepTasks, schedule: str = "1f1b") -> SimResult:
+    """Simulate one training step event by event and return its timeline.
+
+    Each pp rank runs `rank_order` sequentially. A forward of virtual stage k (k > 0) of
+    micro-batch j waits for the forward of k-1 of j plus the transfer p2p_s[k-1]; a backward
+    of k (k < last) waits for the backward of k+1 plus p2p_s[k]; the last stage's backward
+    follows its own forward. A transfer starts when its producer finishes and the directed
+    link sender -> receiver is free (transfers on one link are serialised, compute is not
+    blocked). After a rank's last backward its DP reduction starts early by
+    min(dp_overlap * dp_comm_s, duration of that backward); the optimizer starts when both the
+    backward and the reduction are done. With vp == 1, "interleaved" degenerates to 1F1B
+    (as in Megatron-LM).
+    """
+    _check_schedule(tasks, schedule)
+    pp, vp, m = tasks.pp, tasks.vp, tasks.num_microbatches
+    orders = [rank_order(pp, vp, m, r) for r in range(pp)]
+    raw, last_end, last_dur = _run_pipeline(tasks, orders)
+    step_s, tail = _dp_and_optimizer(tasks, last_end, last_dur)
+    busy = m * (np.sum(tasks.fwd_s, axis=1) + np.sum(tasks.bwd_s, axis=1)) + np.asarray(tasks.optimizer_s)
+    events = sorted((Event(*e) for e in raw + tail), key=lambda e: (e.rank, e.start_s, e.kind))
+    return SimResult(
+        schedule="interleaved" if vp > 1 else "1f1b", pp=pp, vp=vp, num_microbatches=m,
+        step_time_s=step_s, pipeline_s=max(last_end),
+        busy_s=tuple(float(b) for b in busy), idle_s=tuple(float(step_s - b) for b in busy),
+        events=tuple(events),
+    )
+
+
+def _run_pipeline(tasks: StepTasks, orders: list[list[Op]]) -> tuple[list[tuple], list[float], list[float]]:
+    """List-schedule the fixed per-rank orders; returns raw events, per-rank end of the last
+    backward and that backward's duration.
+
+    A worklist of ranks: a rank runs ops until the next one's input has not arrived yet;
+    every produced output wakes the consumer's rank. Each op is handled once, so the cost is
+    linear in the number of ops (2 * m * pp * vp).
+    """
+    pp, vp, m = tasks.pp, tasks.vp, tasks.num_microbatches
+    stages = pp * vp
+    fwd_end = [[None] * m for _ in range(stages)]
+    arrive_f = [[None] * m for _ in range(stages)]  # activation of (stage, mb) on its rank
+    arrive_b = [[None] * m for _ in range(stages)]  # gradient of (stage, mb) on its rank
+    for j in range(m):
+        arrive_f[0][j] = 0.0
+    link_free: dict[tuple[int, int], float] = {}
+    free = [0.0] * pp
+    ptr = [0] * pp
+    last_dur = [0.0] * pp
+    events: list[tuple] = []
+    work = list(range(pp))
+
+    def send(src_stage: int, dst_stage: int, j: int, t: float, arrive: list) -> None:
+        src, dst = src_stage % pp, dst_stage % pp
+        link = (src, dst)
+        duration = tasks.p2p_s[min(src_stage, dst_stage)]
+        start = max(t, link_free.get(link, 0.0))
+        link_free[link] = start + duration
+        arrive[dst_stage][j] = start + duration
+        if duration > 0:
+            events.append((src, "p2p", j, src_stage // pp, start, start + duration, dst))
+        work.append(dst)
+
+    while work:
+        r = work.pop()
+        order = orders[r]
+        while ptr[r] < len(order):
+            is_bwd, chunk, j = order[ptr[r]]
+            k = chunk * pp + r
+            if is_bwd:
+                ready = fwd_end[k][j] if k == stages - 1 else arrive_b[k][j]
+                duration = tasks.bwd_s[r][chunk]
+            else:
+                ready = arrive_f[k][j]
+                duration = tasks.fwd_s[r][chunk]
+            if ready is None:
+                break  # input not produced yet; the producer's rank will wake us
+            start = max(free[r], ready)
+            free[r] = end = start + duration
+            ptr[r] += 1
+            events.append((r, "bwd" if is_bwd else "fwd", j, chunk, start, end))
+            if is_bwd:
+                last_dur[r] = duration
+                if k > 0:
+                    send(k, k - 1, j, end, arrive_b)
+            else:
+                fwd_end[k][j] = end
+                if k < stages - 1:
+                    send(k, k + 1, j, end, arrive_f)
+    stuck = [r for r in range(pp) if ptr[r] < len(orders[r])]
+    assert not stuck, f"schedule deadlocked on ranks {stuck}"  # orders are Megatron's: cannot happen
+    return events, free, last_dur
+
+
+def _dp_and_optimizer(tasks: StepTasks, last_end: list[float], last_dur: list[float]) -> tuple[float, list[tuple]]:
+    """Per rank: DP reduction (partly under the last backward), then the optimizer.
+
+    Returns the step time (latest optimizer end, or latest backward end if there is
+    nothing after it) and the dp/opt events.
+    """
+    events = []
+    step_s = max(last_end)
+    for r in range(tasks.pp):
+        comm = tasks.dp_comm_s[r]
+        hidden = min(tasks.dp_overlap * comm, last_dur[r])
+        dp_start = last_end[r] - hidden
+        opt_start = max(last_end[r], dp_start + comm)
+        opt_end = opt_start + tasks.optimizer_s[r]
+        if comm > 0:
+            events.append((r, "dp", -1, -1, dp_start, dp_start + comm))
+        if tasks.optimizer_s[r] > 0:
+            events.append((r, "opt", -1, -1, opt_start, opt_end))
+        step_s = max(step_s, opt_end)
+    return step_s, events
