@@ -1,0 +1,78 @@
+"""Alpha-beta costs of collectives and point-to-point transfers (seconds).
+
+Bus-bandwidth conventions follow nccl-tests (doc/PERFORMANCE.md): for n ranks and S bytes per
+rank, a ring all-reduce moves 2·(n-1)/n·S per rank, all-gather and reduce-scatter (n-1)/n·S
+(S = the full, unsharded buffer). Time = bytes_on_wire / bus_bandwidth + latency terms.
+
+Group placement follows Megatron-LM's rank order tp-cp-dp-pp: a group of `size` ranks with
+rank stride `stride` has min(size, gpus_per_node // stride) members per node (at least 1).
+A group inside one node uses NVLink; a group spanning nodes is limited by the NICs its members
+on one node drive together (one NIC per GPU, rail-optimised), capped by NVLink.
+All functions broadcast over numpy arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def members_per_node(size, stride, gpus_per_node):
+    """Ranks of a (size, stride) group that share one node (>= 1)."""
+    return np.clip(gpus_per_node // np.maximum(stride, 1), 1, size)
+
+
+def spans_nodes(size, stride, gpus_per_node):
+    """True where the group's ranks do not all fit in one node."""
+    return size * stride > gpus_per_node
+
+
+def group_bandwidth_Bps(size, stride, gpus_per_node, intra_Bps, inter_Bps):
+    """Achieved bus bandwidth (bytes/s) of a group's collectives.
+
+    Inside a node: NVLink. Across nodes: k members per node drive k NICs in parallel
+    (NCCL runs one ring channel per NIC), so bus bandwidth = min(NVLink, k · NIC) — e.g.
+    DGX A100, k = 8: 8 x 25 GB/s x efficiency ~ 180-190 GB/s, as nccl-tests report.
+    """
+    k = members_per_node(size, stride, gpus_per_node)
+    cross = np.minimum(intra_Bps, k * inter_Bps)
+    return np.where(spans_nodes(size, stride, gpus_per_node), cross, intra_Bps)
+
+
+def group_latency_s(size, stride, gpus_per_node, intra_latency_s, inter_latency_s):
+    """Per-message latency (alpha) of the group's slowest hop."""
+    return np.where(spans_nodes(size, stride, gpus_per_node), inter_latency_s, intra_latency_s)
+
+
+def all_reduce_time(nbytes, size, bandwidth_Bps, latency_s):
+    """Ring all-reduce of `nbytes` per rank: 2(n-1)/n·S/busbw + 2·log2(n)·alpha
+    (bandwidth term of the ring; latency of NCCL's tree/ring pipeline at large n)."""
+    n = np.maximum(size, 1)
+    bw = 2 * (n - 1) / n * nbytes / bandwidth_Bps
+    return np.where(n > 1, bw + 2 * np.log2(n) * latency_s, 0.0)
+
+
+def all_gather_time(nbytes, size, bandwidth_Bps, latency_s):
+    """Ring all-gather producing `nbytes` (full buffer) per rank: (n-1)/n·S/busbw + log2(n)·alpha."""
+    n = np.maximum(size, 1)
+    bw = (n - 1) / n * nbytes / bandwidth_Bps
+    return np.where(n > 1, bw + np.log2(n) * latency_s, 0.0)
+
+
+def reduce_scatter_time(nbytes, size, bandwidth_Bps, latency_s):
+    """Ring reduce-scatter of a full `nbytes` buffer per rank: same cost as all-gather."""
+    return all_gather_time(nbytes, size, bandwidth_Bps, latency_s)
+
+
+def p2p_time(nbytes, bandwidth_Bps, latency_s):
+    """One point-to-point message: alpha + S/beta."""
+    return latency_s + nbytes / bandwidth_Bps
+
+
+def overlapped(comm_s, window_s, fraction):
+    """Exposed part of `comm_s` that may overlap compute of `window_s` seconds.
+
+    At most `fraction` of the communication can be hidden (the rest is serialised: the first
+    bucket, synchronisation, contention), and never more than the window.
+    """
+    hidden = np.minimum(comm_s * fraction, window_s)
+    return comm_s - hidden

@@ -1,0 +1,86 @@
+"""`LayoutGrid`: many candidate layouts as a struct of numpy arrays (same names as `Layout`).
+
+The cost models evaluate a grid in one vectorised pass; `estimate` uses a grid of one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .specs import RECOMPUTE_KINDS, Layout
+
+INT_FIELDS = ("tp", "pp", "dp", "cp", "ep", "vp", "micro_batch_size", "global_batch_size")
+
+
+@dataclass(frozen=True, slots=True)
+class LayoutGrid:
+    """N layouts. Rank layer counts are the layers each pipeline rank holds (sum of its chunks):
+    first rank, last rank, and the most loaded middle rank (0 when pp <= 2)."""
+
+    tp: np.ndarray
+    pp: np.ndarray
+    dp: np.ndarray
+    cp: np.ndarray
+    ep: np.ndarray
+    vp: np.ndarray
+    micro_batch_size: np.ndarray
+    global_batch_size: np.ndarray
+    recompute: np.ndarray
+    """0 none, 1 selective, 2 full."""
+    sequence_parallel: np.ndarray
+    distributed_optimizer: np.ndarray
+    layers_first: np.ndarray
+    layers_last: np.ndarray
+    layers_mid: np.ndarray
+    seq_len: int
+    dtype: str
+
+    def __len__(self) -> int:
+        return len(self.tp)
+
+    @property
+    def num_microbatches(self) -> np.ndarray:
+        return self.global_batch_size // (self.dp * self.micro_batch_size)
+
+    def take(self, index) -> LayoutGrid:
+        """A sub-grid (boolean mask or integer index array)."""
+        arrays = {name: getattr(self, name)[index] for name in _ARRAY_FIELDS}
+        return LayoutGrid(**arrays, seq_len=self.seq_len, dtype=self.dtype)
+
+    def layout(self, i: int, layers_per_stage: tuple[int, ...] | None = None) -> Layout:
+        """The i-th candidate as a Layout."""
+        kw = {name: int(getattr(self, name)[i]) for name in INT_FIELDS}
+        return Layout(
+            **kw, seq_len=self.seq_len, recompute=RECOMPUTE_KINDS[int(self.recompute[i])],
+            sequence_parallel=bool(self.sequence_parallel[i]),
+            distributed_optimizer=bool(self.distributed_optimizer[i]), dtype=self.dtype,
+            layers_per_stage=layers_per_stage,
+        )
+
+    @classmethod
+    def from_layout(cls, layout: Layout, num_layers: int) -> LayoutGrid:
+        first, last, mid = rank_layer_counts(layout.stage_layers(num_layers), layout.pp)
+        arrays = {name: np.array([getattr(layout, name)], dtype=np.int64) for name in INT_FIELDS}
+        return cls(
+            **arrays,
+            recompute=np.array([RECOMPUTE_KINDS.index(layout.recompute)], dtype=np.int64),
+            sequence_parallel=np.array([layout.sequence_parallel]),
+            distributed_optimizer=np.array([layout.distributed_optimizer]),
+            layers_first=np.array([first]), layers_last=np.array([last]), layers_mid=np.array([mid]),
+            seq_len=layout.seq_len, dtype=layout.dtype,
+        )
+
+
+_ARRAY_FIELDS = INT_FIELDS + (
+    "recompute", "sequence_parallel", "distributed_optimizer", "layers_first", "layers_last",
+    "layers_mid",
+)
+
+
+def rank_layer_counts(stage_layers: tuple[int, ...], pp: int) -> tuple[int, int, int]:
+    """(first rank, last rank, busiest middle rank) layer totals; virtual stage k is on k % pp."""
+    totals = [sum(stage_layers[r::pp]) for r in range(pp)]
+    mid = max(totals[1:-1]) if pp > 2 else 0
+    return totals[0], totals[-1], mid

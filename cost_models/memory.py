@@ -1,0 +1,134 @@
+"""Memory per GPU: parameters, gradients, optimizer states, activations, buffers (bytes).
+
+Sources:
+- Bytes per parameter: Megatron-LM docs, "Distributed Optimizer" (docs/source/api-guide/
+  dist_optimizer.md), table for bf16 params with fp32 gradients: 18 bytes plain, 6 + 12/d
+  with the distributed optimizer over d data-parallel ranks.
+- Activations: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+  Transformer Models", Sec. 4 (Eq. 1-2, Table 2) and Sec. 4.2.3 for pipeline in-flight counts.
+
+All functions broadcast over numpy arrays of layout fields.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .specs import ModelSpec
+
+WEIGHT_BYTES = 2
+"""bf16 parameters used by the forward/backward pass."""
+GRAD_BYTES = 4
+"""fp32 main gradients (Megatron-LM accumulates and reduces gradients in fp32 with bf16)."""
+OPTIMIZER_BYTES = 12
+"""fp32 master weights + Adam first and second moments (4 + 4 + 4)."""
+FP8_EXTRA_WEIGHT_BYTES = 1
+"""FP8 training keeps an fp8 (transposed) copy of each weight next to the bf16 one."""
+
+BUFFER_FIXED_BYTES = 1.25 * (1 << 30)
+"""Allowance: NCCL communicator buffers, cuBLAS/cuDNN workspaces and gradient-reduction
+buckets, measured at 1-1.5 GiB per GPU on Megatron-Core jobs."""
+FRAGMENTATION = 0.10
+"""Allocator fragmentation allowance, as a fraction of activation memory."""
+
+
+def bytes_per_parameter(distributed_optimizer, dp, dtype_fp8=False):
+    """Weights + gradients + optimizer bytes per parameter (Megatron-LM dist-optimizer table).
+
+    Plain: 2 (bf16 weight) + 4 (fp32 grad) + 12 (fp32 master, Adam m, v) = 18.
+    Distributed (ZeRO-1 over d ranks): 2 + 4 + 12/d = 6 + 12/d.
+    """
+    weights = WEIGHT_BYTES + (FP8_EXTRA_WEIGHT_BYTES if dtype_fp8 else 0)
+    opt = np.where(distributed_optimizer, OPTIMIZER_BYTES / dp, OPTIMIZER_BYTES)
+    return weights + GRAD_BYTES + opt
+
+
+def layer_params(model: ModelSpec) -> int:
+    """Parameters of one transformer layer (attention, MLP, two norm weights)."""
+    h = model.hidden_size
+    attn = h * (model.q_width + 2 * model.kv_width) + model.q_width * h
+    return attn + model.mlp_matrices * h * model.ffn_hidden_size + 2 * h
+
+
+def activation_bytes_per_layer(model: ModelSpec, micro_batch, seq_len, tp, cp=1,
+                               sequence_parallel=False, recompute="none",
+                               flash_attention=True):
+    """Activation bytes one layer keeps for backward, per micro-batch, per GPU (fp16/bf16).
+
+    Korthikanti et al. 2022 Sec. 4.1 for GPT (MHA, 4h GELU MLP, dropout), per layer:
+      no parallelism: s·b·h·(34 + 5·a·s/h)
+      tensor parallel t:           s·b·h·(10 + 24/t + 5·a·s/(h·t))        (Eq. 1)
+      + sequence parallel:         s·b·h/t·(34 + 5·a·s/h)                 (Eq. 2)
+      selective recompute (+SP):   34·s·b·h/t   (attention core recomputed, as² terms gone)
+      full recompute:              2·s·b·h (/t with SP): only the layer input is kept.
+    Generalised here term by term (labels below) to GQA (K, V with g heads), gated MLPs
+    (gate and up outputs kept) and models without dropout; with flash attention the a·s² score
+    terms are never stored (only the output and the fp32 log-sum-exp, 4·s·b·a bytes).
+    Context parallelism divides s by cp everywhere.
+    `recompute` may be an array of codes 0/1/2 (none/selective/full) or a string.
+    """
+    s = seq_len / cp
+    sbh = s * micro_batch * model.hidden_size
+    sb = s * micro_batch
+    drop = 1 if model.dropout else 0
+    # Terms outside the tensor-parallel region (replicated over tp unless sequence parallel):
+    outside = (
+        4 * sbh            # two norm inputs (2 bytes each)
+        + 2 * sbh          # input of the QKV projection
+        + 2 * sbh          # input of the first MLP matrix
+        + 2 * drop * sbh   # two dropout masks (1 byte each)
+    )
+    # Terms inside the tensor-parallel region (split over tp):
+    qkv = 2 * sb * (model.q_width + 2 * model.kv_width)  # Q, K, V kept for the core
+    proj_in = 2 * sb * model.q_width                      # input of the output projection
+    f = model.ffn_hidden_size
+    if model.mlp_kind == "gated_silu":
+        mlp = 2 * sb * 2 * f + 2 * sb * f  # gate and up outputs, activation output
+    else:
+        mlp = 2 * sb * f + 2 * sb * f      # activation input, second matrix input
+    if flash_attention:
+        core = 4 * sb * model.num_heads  # fp32 log-sum-exp; the output O is proj_in above
+    else:
+        # softmax output (2 bytes) + dropout mask (1) + dropout output (2): 5·a·s²·b
+        core = (2 + 3 * drop) * model.num_heads * s * s * micro_batch
+    # Korthikanti's GPT: outside 10sbh; inside Q,K,V 6 + proj 2 + MLP 16 = 24sbh (/t).
+    inside_no_core = qkv + proj_in + mlp
+    split_outside = np.where(sequence_parallel, outside / tp, outside)
+    none = split_outside + (inside_no_core + core) / tp
+    selective = split_outside + inside_no_core / tp + (core / tp if flash_attention else 0)
+    full = np.where(sequence_parallel, 2 * sbh / tp, 2 * sbh)
+    code = _recompute_code(recompute)
+    return np.where(code == 2, full, np.where(code == 1, selective, none))
+
+
+def _recompute_code(recompute):
+    if isinstance(recompute, str):
+        return {"none": 0, "selective": 1, "full": 2}[recompute]
+    return np.asarray(recompute)
+
+
+def inflight_microbatches(pp, vp, num_microbatches, pp_rank=0):
+    """Micro-batches (in units of a whole rank's layers) whose activations a pipeline rank holds
+    at its peak.
+
+    1F1B: rank r runs pp - r warm-up forwards before its first backward: min(m, pp - r).
+    Interleaved (vp chunks): Megatron-LM warms up 2·(pp - r - 1) + (vp - 1)·pp chunk-forwards
+    plus one in steady state, each chunk 1/vp of the rank's layers; for r = 0 that is
+    pp + (pp - 1)/vp whole micro-batches, Korthikanti et al. 2022 Sec. 4.2.3's factor
+    (1 + (pp - 1)/(pp·vp)) on L/pp layers per rank.
+    """
+    one_f_one_b = np.minimum(num_microbatches, pp - pp_rank)
+    chunks = np.minimum(num_microbatches * vp, 2 * (pp - pp_rank - 1) + (vp - 1) * pp + 1)
+    return np.where(vp > 1, chunks / vp, one_f_one_b)
+
+
+def logits_bytes(model: ModelSpec, micro_batch, seq_len, tp, cp=1):
+    """fp32 logits and their gradient on the last stage for one micro-batch (cross entropy)."""
+    return 2 * 4 * micro_batch * (seq_len / cp) * model.vocab_size / tp
+
+
+def embedding_output_bytes(model: ModelSpec, micro_batch, seq_len, tp, cp=1, sequence_parallel=False):
+    """First stage: embedding output (and its dropout mask) kept per in-flight micro-batch."""
+    sbh = micro_batch * (seq_len / cp) * model.hidden_size
+    per = (2 + (1 if model.dropout else 0)) * sbh
+    return np.where(sequence_parallel, per / tp, per)
