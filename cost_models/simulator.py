@@ -258,7 +258,7 @@ def _run_pipeline(tasks: StepTasks, orders: list[list[Op]]) -> tuple[list[tuple]
         src, dst = src_stage % pp, dst_stage % pp
         link = (src, dst)
         duration = tasks.p2p_s[min(src_stage, dst_stage)]
-        start = t
+        start = max(t, link_free.get(link, 0.0))
         link_free[link] = start + duration
         arrive[dst_stage][j] = start + duration
         if duration > 0:
@@ -306,7 +306,7 @@ def _dp_and_optimizer(tasks: StepTasks, last_end: list[float], last_dur: list[fl
     step_s = max(last_end)
     for r in range(tasks.pp):
         comm = tasks.dp_comm_s[r]
-        hidden = tasks.dp_overlap * comm
+        hidden = min(tasks.dp_overlap * comm, last_dur[r])
         dp_start = last_end[r] - hidden
         opt_start = max(last_end[r], dp_start + comm)
         opt_end = opt_start + tasks.optimizer_s[r]
