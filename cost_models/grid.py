@@ -31,6 +31,7 @@ class LayoutGrid:
     """0 none, 1 selective, 2 full."""
     sequence_parallel: np.ndarray
     distributed_optimizer: np.ndarray
+    flash_attention: np.ndarray
     layers_first: np.ndarray
     layers_last: np.ndarray
     layers_mid: np.ndarray
@@ -55,7 +56,8 @@ class LayoutGrid:
         return Layout(
             **kw, seq_len=self.seq_len, recompute=RECOMPUTE_KINDS[int(self.recompute[i])],
             sequence_parallel=bool(self.sequence_parallel[i]),
-            distributed_optimizer=bool(self.distributed_optimizer[i]), dtype=self.dtype,
+            distributed_optimizer=bool(self.distributed_optimizer[i]),
+            flash_attention=bool(self.flash_attention[i]), dtype=self.dtype,
             layers_per_stage=layers_per_stage,
         )
 
@@ -68,13 +70,14 @@ class LayoutGrid:
             recompute=np.array([RECOMPUTE_KINDS.index(layout.recompute)], dtype=np.int64),
             sequence_parallel=np.array([layout.sequence_parallel]),
             distributed_optimizer=np.array([layout.distributed_optimizer]),
+            flash_attention=np.array([layout.flash_attention]),
             layers_first=np.array([first]), layers_last=np.array([last]), layers_mid=np.array([mid]),
             seq_len=layout.seq_len, dtype=layout.dtype,
         )
 
 
 _ARRAY_FIELDS = INT_FIELDS + (
-    "recompute", "sequence_parallel", "distributed_optimizer", "layers_first", "layers_last",
+    "recompute", "sequence_parallel", "distributed_optimizer", "flash_attention", "layers_first", "layers_last",
     "layers_mid",
 )
 

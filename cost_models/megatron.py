@@ -30,8 +30,9 @@ from .specs import (
     TimeBreakdown,
 )
 
-DEFAULT_HEADROOM = 0.03
-"""Fraction of GPU memory kept free when judging fit (allocator spikes, CUDA context)."""
+DEFAULT_HEADROOM = 0.0
+"""Fraction of GPU memory kept free when judging fit, on top of the buffer allowance
+(memory_GiB is what torch.cuda.mem_get_info reports as total)."""
 
 ELEMENTWISE_PASSES_OUTSIDE = 10
 """HBM passes over the h-wide activations per layer forward: two norms (read+write), two
@@ -119,13 +120,12 @@ def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutG
     outside = np.where(g.sequence_parallel, h / t, h)
     inside = (f * model.mlp_matrices + model.q_width + 2 * model.kv_width) / t
     elem_bytes = 2 * tokens * (ELEMENTWISE_PASSES_OUTSIDE * outside + ELEMENTWISE_PASSES_INSIDE * inside)
-    fwd = (compute.gemm_time(gemm, 4, gpu, g.dtype) + compute.attention_time(attn, gpu, g.dtype)
+    attn_f, attn_b = _attention_times(model, gpu, g, attn)
+    fwd = (compute.gemm_time(gemm, 4, gpu, g.dtype) + attn_f
            + compute.memory_bound_time(elem_bytes, gpu))
-    bwd = (compute.gemm_time(2 * gemm, 8, gpu, g.dtype)
-           + compute.attention_time(ATTENTION_BACKWARD_FACTOR * attn, gpu, g.dtype)
+    bwd = (compute.gemm_time(2 * gemm, 8, gpu, g.dtype) + attn_b
            + compute.memory_bound_time(2 * elem_bytes, gpu))
-    recompute = np.where(g.recompute == 2, fwd,
-                         np.where(g.recompute == 1, compute.attention_time(attn, gpu, g.dtype), 0.0))
+    recompute = np.where(g.recompute == 2, fwd, np.where(g.recompute == 1, attn_f, 0.0))
     # TP: 2 all-reduces (or RS+AG with SP, same bytes) forward, 2 backward, 2 more when the
     # forward is recomputed; each moves the full [tokens x h] bf16 activation.
     tp_bw = comm.group_bandwidth_Bps(t, 1, gpn, intra, inter)
@@ -140,12 +140,30 @@ def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutG
     cp_alpha = comm.group_latency_s(c, t, gpn, a_intra, a_inter)
     kv_chunk = 2 * 2 * b * (s / c) * model.kv_width / t
     ring_f = (c - 1) * comm.p2p_time(kv_chunk, cp_bw, cp_alpha)
-    attn_f = compute.attention_time(attn, gpu, g.dtype)
     window = attn_f * (c - 1) / c
     cp_fwd = np.maximum(ring_f - window, 0.0)
     cp_bwd = np.maximum(2 * ring_f - ATTENTION_BACKWARD_FACTOR * window, 0.0)
     cp_comm = np.where(c > 1, cp_fwd * (1 + (g.recompute == 2)) + cp_bwd, 0.0)
     return LayerTimes(fwd, bwd, recompute, tp_comm, cp_comm)
+
+
+def _attention_times(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, causal_flops):
+    """(forward, backward) seconds of the attention core for one layer and micro-batch.
+
+    Fused (flash) kernels skip masked blocks: causal FLOPs at the attention efficiency.
+    Unfused (pre-2022 Megatron-LM): Q·K^T and scores·V are batched GEMMs over the full s x s
+    square (twice the causal FLOPs), and the score tensor goes through HBM for scale+mask,
+    softmax and dropout: ~11 bytes per score forward (write 2, softmax read 2 + write 2,
+    dropout mask 1 + output 2, read 2 for scores·V) and twice that backward.
+    """
+    fused_f = compute.attention_time(causal_flops, gpu, g.dtype)
+    scores = model.num_heads * g.micro_batch_size * g.seq_len * (g.seq_len / g.cp) / g.tp
+    unfused_f = (compute.gemm_time(2 * causal_flops, 2, gpu, g.dtype)
+                 + compute.memory_bound_time(11 * scores, gpu))
+    unfused_b = (compute.gemm_time(4 * causal_flops, 4, gpu, g.dtype)
+                 + compute.memory_bound_time(22 * scores, gpu))
+    return (np.where(g.flash_attention, fused_f, unfused_f),
+            np.where(g.flash_attention, ATTENTION_BACKWARD_FACTOR * fused_f, unfused_b))
 
 
 def head_time(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid) -> np.ndarray:
@@ -234,9 +252,11 @@ def _dp_optimizer_memory(model, cluster, gpu, g, lt, emb, head):
     )
     fp8 = g.dtype == "fp8"
     per_layer_act = memory.activation_bytes_per_layer(
-        model, g.micro_batch_size, g.seq_len, g.tp, g.cp, g.sequence_parallel, g.recompute)
+        model, g.micro_batch_size, g.seq_len, g.tp, g.cp, g.sequence_parallel, g.recompute,
+        g.flash_attention, fp8)
     full_layer_act = memory.activation_bytes_per_layer(
-        model, g.micro_batch_size, g.seq_len, g.tp, g.cp, g.sequence_parallel, "none")
+        model, g.micro_batch_size, g.seq_len, g.tp, g.cp, g.sequence_parallel, "none",
+        g.flash_attention, fp8)
     best = None
     for layers, first, last, rank in kinds:
         first = first | (p == 1)

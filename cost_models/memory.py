@@ -22,8 +22,9 @@ GRAD_BYTES = 4
 """fp32 main gradients (Megatron-LM accumulates and reduces gradients in fp32 with bf16)."""
 OPTIMIZER_BYTES = 12
 """fp32 master weights + Adam first and second moments (4 + 4 + 4)."""
-FP8_EXTRA_WEIGHT_BYTES = 1
-"""FP8 training keeps an fp8 (transposed) copy of each weight next to the bf16 one."""
+FP8_EXTRA_WEIGHT_BYTES = 0
+"""FP8 recipes (Transformer Engine with fp8_param_gather) keep primary weights in fp8 plus a
+transposed fp8 copy for the backward GEMM on Hopper: 2 bytes, the same as bf16."""
 
 BUFFER_FIXED_BYTES = 1.25 * (1 << 30)
 """Allowance: NCCL communicator buffers, cuBLAS/cuDNN workspaces and gradient-reduction
@@ -52,7 +53,7 @@ def layer_params(model: ModelSpec) -> int:
 
 def activation_bytes_per_layer(model: ModelSpec, micro_batch, seq_len, tp, cp=1,
                                sequence_parallel=False, recompute="none",
-                               flash_attention=True):
+                               flash_attention=True, fp8=False):
     """Activation bytes one layer keeps for backward, per micro-batch, per GPU (fp16/bf16).
 
     Korthikanti et al. 2022 Sec. 4.1 for GPT (MHA, 4h GELU MLP, dropout), per layer:
@@ -64,38 +65,39 @@ def activation_bytes_per_layer(model: ModelSpec, micro_batch, seq_len, tp, cp=1,
     Generalised here term by term (labels below) to GQA (K, V with g heads), gated MLPs
     (gate and up outputs kept) and models without dropout; with flash attention the a·s² score
     terms are never stored (only the output and the fp32 log-sum-exp, 4·s·b·a bytes).
-    Context parallelism divides s by cp everywhere.
+    Context parallelism divides s by cp everywhere. With `fp8`, Transformer Engine saves the
+    inputs of the four GEMMs (QKV, output projection, both MLP matrices) in fp8: 1 byte.
     `recompute` may be an array of codes 0/1/2 (none/selective/full) or a string.
     """
     s = seq_len / cp
     sbh = s * micro_batch * model.hidden_size
     sb = s * micro_batch
     drop = 1 if model.dropout else 0
+    gemm_in = np.where(fp8, 1, 2)  # bytes per saved GEMM input element
     # Terms outside the tensor-parallel region (replicated over tp unless sequence parallel):
     outside = (
         4 * sbh            # two norm inputs (2 bytes each)
-        + 2 * sbh          # input of the QKV projection
-        + 2 * sbh          # input of the first MLP matrix
+        + gemm_in * sbh    # input of the QKV projection
+        + gemm_in * sbh    # input of the first MLP matrix
         + 2 * drop * sbh   # two dropout masks (1 byte each)
     )
     # Terms inside the tensor-parallel region (split over tp):
     qkv = 2 * sb * (model.q_width + 2 * model.kv_width)  # Q, K, V kept for the core
-    proj_in = 2 * sb * model.q_width                      # input of the output projection
+    proj_in = gemm_in * sb * model.q_width               # input of the output projection
     f = model.ffn_hidden_size
     if model.mlp_kind == "gated_silu":
-        mlp = 2 * sb * 2 * f + 2 * sb * f  # gate and up outputs, activation output
+        mlp = 2 * sb * 2 * f + gemm_in * sb * f  # gate and up outputs, activation output
     else:
-        mlp = 2 * sb * f + 2 * sb * f      # activation input, second matrix input
-    if flash_attention:
-        core = 4 * sb * model.num_heads  # fp32 log-sum-exp; the output O is proj_in above
-    else:
-        # softmax output (2 bytes) + dropout mask (1) + dropout output (2): 5·a·s²·b
-        core = (2 + 3 * drop) * model.num_heads * s * s * micro_batch
+        mlp = 2 * sb * f + gemm_in * sb * f      # activation input, second matrix input
+    flash_core = 4 * sb * model.num_heads  # fp32 log-sum-exp; the output O is proj_in above
+    # softmax output (2 bytes) + dropout mask (1) + dropout output (2): 5·a·s²·b
+    score_core = (2 + 3 * drop) * model.num_heads * s * s * micro_batch
+    core = np.where(flash_attention, flash_core, score_core)
     # Korthikanti's GPT: outside 10sbh; inside Q,K,V 6 + proj 2 + MLP 16 = 24sbh (/t).
     inside_no_core = qkv + proj_in + mlp
     split_outside = np.where(sequence_parallel, outside / tp, outside)
     none = split_outside + (inside_no_core + core) / tp
-    selective = split_outside + inside_no_core / tp + (core / tp if flash_attention else 0)
+    selective = split_outside + inside_no_core / tp + np.where(flash_attention, core / tp, 0.0)
     full = np.where(sequence_parallel, 2 * sbh / tp, 2 * sbh)
     code = _recompute_code(recompute)
     return np.where(code == 2, full, np.where(code == 1, selective, none))
@@ -123,8 +125,10 @@ def inflight_microbatches(pp, vp, num_microbatches, pp_rank=0):
 
 
 def logits_bytes(model: ModelSpec, micro_batch, seq_len, tp, cp=1):
-    """fp32 logits and their gradient on the last stage for one micro-batch (cross entropy)."""
-    return 2 * 4 * micro_batch * (seq_len / cp) * model.vocab_size / tp
+    """Logits on the last stage for one micro-batch: the LM head's bf16 output (2 bytes per
+    logit) and the vocab-parallel cross entropy's fp32 softmax (4 bytes), whose gradient is
+    written in place (Megatron-LM fused vocab-parallel cross entropy)."""
+    return 6 * micro_batch * (seq_len / cp) * model.vocab_size / tp
 
 
 def embedding_output_bytes(model: ModelSpec, micro_batch, seq_len, tp, cp=1, sequence_parallel=False):

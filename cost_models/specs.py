@@ -376,6 +376,8 @@ class Layout:
     """Shard optimizer state and fp32 master weights over dp (ZeRO-1)."""
     dtype: Dtype = "bf16"
     """Matmul dtype; parameters, gradients and optimizer are always mixed-precision bf16/fp32."""
+    flash_attention: bool = True
+    """Fused attention (FlashAttention / cuDNN); False: scores materialised (pre-2022 stacks)."""
     layers_per_stage: tuple[int, ...] | None = None
     """Layers per (virtual) stage in model order, length pp*vp; None means as even as possible."""
 

@@ -309,8 +309,11 @@ def load_cluster(name_or_path: str, nodes: int | None = None,
 def _preset_cluster(name: str, raw: dict, nodes: int, gpus_per_node: int | None) -> ClusterSpec:
     gpn = raw["gpus_per_node"]
     if gpus_per_node is not None:
-        if not raw.get("gpus_per_node_adjustable", False) and gpus_per_node != gpn:
-            raise SpecError(f"cluster preset {name} has {gpn} GPUs per node; drop --gpus-per-node")
+        if not raw.get("gpus_per_node_adjustable", False) and gpus_per_node > gpn:
+            raise SpecError(
+                f"cluster preset {name} has {gpn} GPUs per node; --gpus-per-node may only use "
+                f"fewer (1..{gpn})"
+            )
         gpn = gpus_per_node
     gpu = gpu_preset(raw["gpu"])
     node_list = tuple(

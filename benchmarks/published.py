@@ -1,0 +1,209 @@
+"""Turn rows of ../shared/data/published_runs_calibration.csv into (model, cluster, layout,
+measured step time) cases for validation and calibration.
+
+Decisions (stated, not fitted):
+- Model shapes come from the row; blanks are completed only from public configs known for
+  certain (NeMo/Megatron model names -> meshplan presets; Narayanan et al. 2021 Table 1 heads).
+- Software era per source: 2021 Megatron-LM runs (Narayanan, MT-NLG, BLOOM) had no sequence
+  parallelism or TE overlap; MT-NLG and BLOOM used DeepSpeed ZeRO-1 (distributed optimizer);
+  H100-era Megatron-Core / NeMo runs use sequence parallelism and the distributed optimizer.
+- A blank micro-batch size or recompute setting means the authors tuned it: we take the
+  fastest setting that fits (mbs in 1, 2, 4, 8; recompute none < selective < full).
+- A blank global batch with pp = 1 (NeMo long-context table) is taken as one micro-batch per
+  replica: with pp = 1 the batch size only amortises the DP reduction. Blank gbs with pp > 1
+  is skipped (the bubble would be a guess).
+- Skipped: rows without a GPU count or parallel degrees, and ZeRO-3 rows (parameter sharding
+  is not modelled).
+- Measured step time: `iter_time_s` when published; else tokens/s/GPU when the notes give it
+  (gbs·seq / (tokens/s/GPU · GPUs)); else FLOPs / (TFLOP/s · GPUs) with the source's own FLOP
+  convention (see `source_flops`).
+
+Run: python benchmarks/validate_published.py
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cost_models import flops
+from cost_models.specs import ClusterSpec, Layout, ModelSpec, SpecError
+from planner.specfiles import load_cluster, load_model
+
+CSV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "published_runs_calibration.csv"
+
+# Narayanan et al. 2021 Table 1: attention heads by hidden size (GPT 1.7B ... 1T).
+NARAYANAN_HEADS = {2304: 24, 3072: 32, 4096: 32, 6144: 48, 8192: 64, 10240: 80, 12288: 96,
+                   16384: 128, 20480: 128, 25600: 160}
+# Model names in the sources -> meshplan presets (public configs).
+PRESET_OF = {
+    "LLAMA2-7B": "llama2-7b", "LLAMA2-13B": "llama2-13b", "LLAMA2-70B": "llama2-70b",
+    "LLAMA3-8B": "llama3-8b", "LLAMA3-70B": "llama3-70b", "LLAMA3_8B": "llama3-8b",
+    "LLAMA3_70B": "llama3-70b", "LLAMA3.1_405B": "llama3.1-405b", "LLAMA3-405B": "llama3.1-405b",
+    "Llama 3.1 70B": "llama3.1-70b", "Llama 3.1 8B": "llama3.1-8b",
+}
+# NeMo GPT-3 configs (NeMo examples/nlp/language_modeling/conf/gpt3_{5b,20b,175b}.yaml).
+NEMO_GPT3 = {"GPT3-5B": (24, 4096, 32), "GPT3-20B": (44, 6144, 48), "GPT3-175B": (96, 12288, 96)}
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    source: str
+    label: str
+    model: ModelSpec
+    cluster: ClusterSpec
+    layouts: tuple[Layout, ...]
+    """Candidate layouts (several when mbs/recompute were not published)."""
+    measured_step_s: float
+    metric: str
+    """What is compared: iter_time_s, tokens_per_s_per_gpu (from notes) or tflops_per_gpu."""
+    convention: str
+    """FLOP convention used to turn TFLOP/s into a step time."""
+    source_flops: float
+
+
+def source_family(source: str) -> str:
+    for key, fam in (("Narayanan", "megatron2021"), ("MT-NLG", "deepspeed2021"),
+                     ("bigscience", "deepspeed2021"), ("Korthikanti", "korthikanti"),
+                     ("README images", "megatron-h100"), ("strong-scaling", "megatron-h100"),
+                     ("NeMo", "nemo"), ("Megatron-Bridge", "nemo"), ("examples/llama", "nemo"),
+                     ("dgxc", "nemo"), ("OPT", "opt")):
+        if key in source:
+            return fam
+    return "other"
+
+
+def _num(x: str) -> float | None:
+    x = x.strip().rstrip("%")
+    return float(x) if x else None
+
+
+def gpt_model(name: str, layers: int, hidden: int, heads: int, vocab: int, seq: int) -> ModelSpec:
+    return ModelSpec(name=name, num_layers=layers, hidden_size=hidden, ffn_hidden_size=4 * hidden,
+                     num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
+                     vocab_size=vocab, max_seq_len=seq, tied_embeddings=True, mlp_kind="gelu",
+                     dropout=True)
+
+
+def row_model(row: dict, family: str) -> ModelSpec | None:
+    name = row["model"].strip()
+    seq = int(_num(row["seq"]))
+    if name in PRESET_OF:
+        return load_model(PRESET_OF[name])
+    if name in NEMO_GPT3:
+        layers, hidden, heads = NEMO_GPT3[name]
+        return gpt_model(name, layers, hidden, heads, 51200, seq)
+    layers, hidden, heads, vocab = (_num(row[k]) for k in ("layers", "hidden", "heads", "vocab"))
+    if heads is None and family == "megatron2021" and hidden in NARAYANAN_HEADS:
+        heads = NARAYANAN_HEADS[int(hidden)]
+    if "LLAMA2-7B" in name and layers:  # NeMo long-context table with a full shape
+        return load_model("llama2-7b")
+    if None in (layers, hidden, heads, vocab):
+        return None
+    return gpt_model(name, int(layers), int(hidden), int(heads), int(vocab), seq)
+
+
+def row_cluster(row: dict, gpus: int) -> ClusterSpec:
+    gpu = row["gpu"]
+    preset = ("jean-zay-a100" if "Jean Za" in gpu else "dgx-a100" if "A100" in gpu
+              else "dgx-h100" if "H100" in gpu else None)
+    if preset is None:
+        raise SpecError(f"no cluster preset for GPU {gpu!r}")
+    if gpus < 8:  # part of one node
+        return load_cluster(preset, nodes=1, gpus_per_node=gpus)
+    return load_cluster(preset, nodes=gpus // 8)
+
+
+def row_layouts(row: dict, family: str, model: ModelSpec, gpus: int) -> tuple[Layout, ...]:
+    tp, pp, cp = (int(_num(row[k]) or 1) for k in ("tp", "pp", "cp"))
+    vp = int(_num(row["vp"]) or 1)
+    dp = gpus // (tp * pp * cp)
+    seq = int(_num(row["seq"]))
+    gbs = _num(row["gbs"])
+    mbs = _num(row["mbs"])
+    rec = row["recompute"].lower()
+    if family in ("megatron2021", "deepspeed2021"):
+        rec = "full"  # these sources' FLOP formula counts full recomputation (README)
+    recomputes = (["full"] if rec.startswith("full") else ["selective"] if rec.startswith("selective")
+                  else ["none", "selective", "full"])
+    modern = family in ("nemo", "megatron-h100", "korthikanti")
+    mbs_options = [int(mbs)] if mbs else [1, 2, 4, 8]
+    out = []
+    for mb in mbs_options:
+        g = int(gbs) if gbs else dp * mb
+        for r in recomputes:
+            lay = Layout(tp=tp, pp=pp, dp=dp, cp=cp, vp=vp, micro_batch_size=mb,
+                         global_batch_size=g, seq_len=seq, recompute=r,
+                         sequence_parallel=modern and tp > 1,
+                         distributed_optimizer=family != "megatron2021",
+                         flash_attention=modern,
+                         dtype="fp8" if "FP8" in row["gpu"] + row["notes"] else "bf16")
+            try:
+                lay.validate(model, gpus)
+            except SpecError:
+                continue
+            out.append(lay)
+    return tuple(out)
+
+
+def source_flops(row: dict, family: str, model: ModelSpec, layout: Layout) -> tuple[float, str]:
+    """FLOPs per step in the convention the source used for its TFLOP/s."""
+    gbs, seq = layout.global_batch_size, layout.seq_len
+    if family in ("megatron2021", "deepspeed2021"):
+        return (float(flops.megatron_paper_flops(gbs, seq, model.num_layers, model.hidden_size,
+                                                 model.vocab_size)),
+                "96Bslh^2(1+s/6h+V/16lh) (with recompute)")
+    return (float(flops.model_flops_per_step(model, gbs, seq, causal=False)),
+            "model FLOPs, non-causal attention (NeMo/Megatron)")
+
+
+def load_cases(path: Path = CSV) -> tuple[list[Case], list[tuple[str, str]]]:
+    """(usable cases, skipped (label, reason))."""
+    cases, skipped = [], []
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh))
+    for i, row in enumerate(rows):
+        label = f"{i + 2:>3} {row['model'].strip()[:28]} {row['num_gpus']}x{row['gpu'][:14]}"
+        family = source_family(row["source"])
+        gpus = _num(row["num_gpus"])
+        if not gpus or not row["tp"].strip() or not row["pp"].strip():
+            skipped.append((label, "GPU count or parallel degrees not published"))
+            continue
+        if "ZeRO-3" in row["model"] or "FSDP=1" in row["notes"]:
+            skipped.append((label, "ZeRO-3 / FSDP parameter sharding is not modelled"))
+            continue
+        if not row["gbs"].strip() and int(_num(row["pp"])) > 1:
+            skipped.append((label, "global batch not published and pp > 1"))
+            continue
+        model = row_model(row, family)
+        if model is None:
+            skipped.append((label, "model shape incomplete"))
+            continue
+        gpus = int(gpus)
+        cluster = row_cluster(row, gpus)
+        layouts = row_layouts(row, family, model, gpus)
+        if not layouts:
+            skipped.append((label, "published layout is invalid for the model shape"))
+            continue
+        iter_time = _num(row["iter_time_s"])
+        if iter_time:
+            f, conv = source_flops(row, family, model, layouts[0])
+            cases.append(Case(row["source"], label, model, cluster, layouts, iter_time,
+                              "iter_time_s", "-", f))
+            continue
+        f, conv = source_flops(row, family, model, layouts[0])
+        tokens = re.search(r"tokens/s/GPU=([0-9.]+)", row["notes"])
+        if tokens:  # throughput in tokens: no FLOP convention involved
+            step = layouts[0].global_batch_size * layouts[0].seq_len / (float(tokens[1]) * gpus)
+            cases.append(Case(row["source"], label, model, cluster, layouts, step,
+                              "tokens_per_s_per_gpu", "-", f))
+            continue
+        tflops = _num(row["tflops_per_gpu"])
+        if not tflops:
+            skipped.append((label, "neither iteration time nor TFLOP/s published"))
+            continue
+        cases.append(Case(row["source"], label, model, cluster, layouts,
+                          f / (tflops * 1e12 * gpus), "tflops_per_gpu", conv, f))
+    return cases, skipped

@@ -1,0 +1,93 @@
+"""Validate meshplan's Megatron-style cost model against published training runs.
+
+For every row of ../shared/data/published_runs_calibration.csv whose model shape is complete,
+predict the step time of the published layout and compare with what was measured: the
+iteration time where published, else the per-GPU TFLOP/s in the source's own FLOP convention.
+Prints per row, then the mean absolute percentage error (MAPE) per source and overall.
+
+Run: python benchmarks/validate_published.py [--csv PATH] [--quiet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from published import CSV, Case, load_cases  # noqa: E402
+
+from cost_models.megatron import estimate  # noqa: E402
+from cost_models.specs import Estimate  # noqa: E402
+
+
+def best_estimate(case: Case) -> Estimate | None:
+    """The fastest fitting estimate among the case's candidate layouts (tuned unknowns)."""
+    ests = [estimate(case.model, case.cluster, lay) for lay in case.layouts]
+    fitting = [e for e in ests if e.fits] or ests  # report the smallest overflow if none fits
+    key = (lambda e: e.step_time_s) if any(e.fits for e in ests) else (lambda e: e.over_GiB)
+    return min(fitting, key=key) if fitting else None
+
+
+def short_source(source: str) -> str:
+    return source.split(" via ")[0].split(" docs")[0].split(" (")[0][:34]
+
+
+def run(path: Path, quiet: bool = False) -> float:
+    cases, skipped = load_cases(path)
+    per_source: dict[str, list[float]] = defaultdict(list)
+    errors = []
+    if not quiet:
+        print(f"{'row':<52} {'metric':<14} {'measured':>9} {'predicted':>9} {'err%':>7}  layout")
+    for case in cases:
+        est = best_estimate(case)
+        err = (est.step_time_s - case.measured_step_s) / case.measured_step_s
+        errors.append(abs(err))
+        per_source[short_source(case.source)].append(abs(err))
+        lay = est.layout
+        desc = (f"tp{lay.tp} pp{lay.pp} dp{lay.dp} cp{lay.cp} vp{lay.vp} mbs{lay.micro_batch_size} "
+                f"{lay.recompute}{'' if est.fits else ' (does not fit)'}")
+        if quiet:
+            continue
+        if case.metric == "iter_time_s":
+            meas, pred = case.measured_step_s, est.step_time_s
+            unit = "s/step"
+        elif case.metric == "tokens_per_s_per_gpu":
+            per_gpu = lay.global_batch_size * lay.seq_len / lay.world
+            meas, pred = per_gpu / case.measured_step_s, per_gpu / est.step_time_s
+            unit = "tok/s/GPU"
+        else:  # TFLOP/s per GPU in the source's convention
+            gpus = lay.world
+            meas = case.source_flops / case.measured_step_s / gpus / 1e12
+            pred = case.source_flops / est.step_time_s / gpus / 1e12
+            unit = "TFLOP/s/GPU"
+        print(f"{case.label:<52} {unit:<14} {meas:>9.2f} {pred:>9.2f} {100 * err:>+7.1f}  {desc}")
+    print(f"\nMAPE per source (step time; {len(cases)} rows used, {len(skipped)} skipped):")
+    for src, errs in sorted(per_source.items()):
+        print(f"  {src:<36} rows {len(errs):>3}  MAPE {100 * np.mean(errs):5.1f}%  "
+              f"max {100 * np.max(errs):5.1f}%")
+    overall = float(np.mean(errors))
+    print(f"  {'OVERALL':<36} rows {len(errors):>3}  MAPE {100 * overall:5.1f}%")
+    if not quiet:
+        print("\nSkipped rows:")
+        for label, reason in skipped:
+            print(f"  {label:<52} {reason}")
+    return overall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--csv", type=Path, default=CSV)
+    ap.add_argument("--quiet", action="store_true", help="only the MAPE summary")
+    args = ap.parse_args()
+    if not args.csv.exists():
+        sys.exit(f"error: {args.csv} not found; pass --csv PATH to the published runs CSV")
+    run(args.csv, args.quiet)
+
+
+if __name__ == "__main__":
+    main()
