@@ -1,0 +1,95 @@
+"""The SLURM batch script for a plan: `sbatch launch.sbatch` starts one torchrun per node.
+
+The head node (rendezvous host) comes from `scontrol show hostnames "$SLURM_JOB_NODELIST"`
+(or the hosts file). Node ranks: with a hosts file, a node's rank is the position of
+$SLURMD_NODENAME in the plan's host list (so the plan's placement holds whatever order SLURM
+allocates in); without one, SLURM's node order ($SLURM_NODEID) is the plan's node order.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Sequence
+
+from planner.planfile import Plan
+
+from .torchrun import DEFAULT_PYTHON, DEFAULT_RDZV_PORT, torchrun_argv, watchdog_env
+
+_SAFE_SLURM_WORD = re.compile(r"^[A-Za-z0-9._-]+$")
+_PLACEHOLDERS = {"@NODE_RANK@": '"$NODE_RANK"', "@ENDPOINT@": '"$MESHPLAN_RDZV_ENDPOINT"',
+                 "@IS_HOST@": '"$IS_HOST"'}
+
+
+def quote_with_placeholders(argv: Sequence[str]) -> str:
+    """Shell-quote argv, then turn @NAME@ placeholders into double-quoted variable expansions
+    (only allowed in words that need no quoting otherwise)."""
+    words = []
+    for word in argv:
+        quoted = shlex.quote(word)
+        if "@" in word and any(p in word for p in _PLACEHOLDERS):
+            assert quoted == word, f"placeholder in a word that needs quoting: {word!r}"
+            for key, expansion in _PLACEHOLDERS.items():
+                quoted = quoted.replace(key, expansion)
+        words.append(quoted)
+    return " ".join(words)
+
+
+def _bash_array(name: str, items: Sequence[str]) -> str:
+    return f"{name}=(" + " ".join(shlex.quote(i) for i in items) + ")"
+
+
+def node_snippet(plan: Plan, argv: Sequence[str], plan_hosts: Sequence[str]) -> str:
+    """Bash run by srun on every node: find this node's plan rank, pin it, exec torchrun."""
+    return "\n".join([
+        "set -euo pipefail",
+        _bash_array("PLAN_HOSTS", plan_hosts),
+        _bash_array("NODE_NAMES", plan.node_order),
+        'NODE_RANK="$SLURM_NODEID"',
+        'if ((${#PLAN_HOSTS[@]})); then',
+        '  NODE_RANK=""',
+        '  for i in "${!PLAN_HOSTS[@]}"; do',
+        '    if [ "${PLAN_HOSTS[$i]}" = "$SLURMD_NODENAME" ]; then NODE_RANK="$i"; fi',
+        "  done",
+        '  if [ -z "$NODE_RANK" ]; then',
+        '    echo "meshplan: SLURM node $SLURMD_NODENAME is not in the plan\'s hosts" >&2; exit 1',
+        "  fi",
+        "fi",
+        'IS_HOST=false; if [ "$NODE_RANK" = 0 ]; then IS_HOST=true; fi',
+        'export MESHPLAN_NODE_RANK="$NODE_RANK" MESHPLAN_NODE_NAME="${NODE_NAMES[$NODE_RANK]}"',
+        "exec " + quote_with_placeholders(argv),
+    ]) + "\n"
+
+
+def sbatch_script(plan: Plan, script: str, script_args: Sequence[str], *, run_id: str,
+                  max_restarts: int, dump_dir: str, plan_hosts: Sequence[str] = (),
+                  port: int = DEFAULT_RDZV_PORT, python: str = DEFAULT_PYTHON) -> str:
+    """The sbatch script. plan_hosts: SLURM node names in node-rank order (may be empty)."""
+    q = shlex.quote
+    argv = torchrun_argv(plan, script, script_args, node_rank="@NODE_RANK@",
+                         endpoint="@ENDPOINT@", run_id=run_id, max_restarts=max_restarts,
+                         is_host="@IS_HOST@", python=python)
+    header = [
+        "#!/usr/bin/env bash",
+        f"#SBATCH --job-name={run_id}",
+        f"#SBATCH --nodes={plan.nnodes}",
+        "#SBATCH --ntasks-per-node=1",
+    ]
+    if plan.cluster.gpu.name != "CPU":
+        header.append(f"#SBATCH --gpus-per-node={plan.gpus_per_node}")
+    if plan_hosts and all(_SAFE_SLURM_WORD.match(h) for h in plan_hosts):
+        header.append(f"#SBATCH --nodelist={','.join(plan_hosts)}")
+    env = dict(watchdog_env(dump_dir), MESHPLAN_NNODES=str(plan.nnodes))
+    body = [
+        f"# meshplan launch for a {plan.nnodes}-node plan; submit with: sbatch launch.sbatch",
+        "set -euo pipefail",
+        *(f"export {k}={q(v)}" for k, v in sorted(env.items())),
+        'mkdir -p -- "$MESHPLAN_DUMP_DIR"',
+        'mapfile -t ALLOCATED < <(scontrol show hostnames "$SLURM_JOB_NODELIST")',
+        _bash_array("PLAN_HOSTS", plan_hosts),
+        'if ((${#PLAN_HOSTS[@]})); then HEAD_HOST="${PLAN_HOSTS[0]}"; else HEAD_HOST="${ALLOCATED[0]}"; fi',
+        f'export MESHPLAN_RDZV_ENDPOINT="${{MESHPLAN_RDZV_ENDPOINT:-$HEAD_HOST:{port}}}"',
+        f"srun --nodes={plan.nnodes} --ntasks-per-node=1 --kill-on-bad-exit=1 "
+        f"bash -c {q(node_snippet(plan, argv, plan_hosts))} meshplan-node",
+    ]
+    return "\n".join(header + [""] + body) + "\n"
