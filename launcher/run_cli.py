@@ -1,0 +1,96 @@
+"""`meshplan run`: launch a plan under supervision (detect faults, exclude, re-plan, resume).
+
+See docs/supervisor.md for what is detected, how fast, and what happens next.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from cost_models.specs import SpecError
+from planner.planfile import read_plan
+
+from .monitor import MonitorConfig
+from .supervisor import RunOptions, run_summary, supervise
+
+
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM to the supervisor unwinds like Ctrl-C, so every attempt's teardown runs.
+    raise KeyboardInterrupt
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("plan_file", metavar="PLAN.yaml", type=click.Path(dir_okay=False))
+@click.option("--script", required=True, type=click.Path(dir_okay=False),
+              help="Training script; gets --plan, --ckpt-dir (and --steps) + SCRIPT_ARGS.")
+@click.option("--steps", type=int, default=None, help="Steps to train (passed to the script).")
+@click.option("-o", "--out", "out_dir", default="meshplan-run", show_default=True,
+              type=click.Path(file_okay=False), help="Run directory (attempts, logs, run.json).")
+@click.option("--ckpt-dir", type=click.Path(file_okay=False), default=None,
+              help="Checkpoint directory the script resumes from [default: OUT/ckpt].")
+@click.option("--incident-log", type=click.Path(dir_okay=False), default=None,
+              help="Incident log, JSON lines, appended [default: OUT/incidents.jsonl].")
+@click.option("--max-restarts", type=int, default=3, show_default=True,
+              help="Relaunches allowed after incidents (0: stop at the first).")
+@click.option("--on-straggler", type=click.Choice(["exclude", "log"]), default="exclude",
+              show_default=True, help="Exclude a persistent straggler's node, or only log it.")
+@click.option("--hang-k", type=float, default=3.0, show_default=True,
+              help="Hang after no progress for hang-k x median step period ...")
+@click.option("--hang-floor", type=float, default=60.0, show_default=True,
+              help="... but never sooner than this many seconds.")
+@click.option("--startup-timeout", type=float, default=300.0, show_default=True,
+              help="Seconds allowed for start-up (before the step period is known).")
+@click.option("--dead-after", type=float, default=5.0, show_default=True,
+              help="A rank whose heartbeat is this many seconds old is dead.")
+@click.option("--heartbeat", type=float, default=1.0, show_default=True,
+              help="Heartbeat interval of the ranks, seconds.")
+@click.option("--straggler-threshold", type=float, default=0.7, show_default=True,
+              help="Relative speed score (peer median / own) below which a rank is slow.")
+@click.option("--straggler-window", type=int, default=3, show_default=True,
+              help="Steps in each score's rolling median.")
+@click.option("--straggler-steps", type=int, default=3, show_default=True,
+              help="Consecutive slow steps before a rank is a persistent straggler.")
+@click.option("--poll", type=float, default=0.25, show_default=True,
+              help="Seconds between looks at the ranks' records.")
+@click.option("--json", "as_json", is_flag=True, help="Print run.json's object on stdout.")
+@click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
+def run(plan_file: str, script: str, steps: int | None, out_dir: str, ckpt_dir: str | None,
+        incident_log: str | None, max_restarts: int, on_straggler: str, hang_k: float,
+        hang_floor: float, startup_timeout: float, dead_after: float, heartbeat: float,
+        straggler_threshold: float, straggler_window: int, straggler_steps: int, poll: float,
+        as_json: bool, script_args: tuple[str, ...]) -> None:
+    """Launch PLAN.yaml with torchrun under supervision: on a dead or hung rank, a failed node
+    or a persistent straggler, exclude the node, re-plan for the nodes left and resume from
+    the latest checkpoint. Arguments after `--` go to the training script."""
+    plan = read_plan(plan_file)
+    try:
+        cfg = MonitorConfig(heartbeat_timeout_s=dead_after, hang_k=hang_k,
+                            hang_floor_s=hang_floor, startup_timeout_s=startup_timeout,
+                            straggler_threshold=straggler_threshold,
+                            straggler_window_steps=straggler_window,
+                            straggler_windows=straggler_steps)
+    except ValueError as exc:
+        raise SpecError(f"meshplan run: {exc}") from None
+    opts = RunOptions(
+        script=Path(script), out_dir=Path(out_dir), script_args=tuple(script_args), steps=steps,
+        ckpt_dir=Path(ckpt_dir) if ckpt_dir else None,
+        incident_log=Path(incident_log) if incident_log else None, max_restarts=max_restarts,
+        straggler_action=on_straggler, monitor=cfg, poll_s=poll, heartbeat_s=heartbeat)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        result = supervise(plan, opts, echo=lambda line: click.echo(f"[meshplan run] {line}",
+                                                                     err=True))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if as_json:
+        click.echo(json.dumps(run_summary(result), indent=2))
+    else:
+        click.echo(f"{'ok' if result.ok else 'FAILED'}: {result.message}; "
+                   f"incidents in {opts.log_path}")
+    if not result.ok:
+        sys.exit(1)
