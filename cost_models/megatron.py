@@ -19,9 +19,9 @@ import numpy as np
 from . import comm, compute, flops, memory
 from .grid import LayoutGrid
 from .specs import (
-    GiB,
     ClusterSpec,
     Estimate,
+    GiB,
     GpuSpec,
     Layout,
     MemoryBreakdown,

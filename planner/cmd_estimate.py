@@ -1,0 +1,77 @@
+"""`meshplan estimate`: predict step time and memory of one layout.
+
+Example:
+    meshplan estimate --model llama3.1-70b --cluster dgx-h100 --nodes 8 --seq-len 8192 \
+        --global-batch-size 128 --tp 4 --pp 4 --cp 2 --vp 5 --micro-batch-size 1 --json
+
+Exit status: 0 fits, 3 does not fit (the estimate is still printed), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from cost_models.specs import RECOMPUTE_KINDS, Layout, SpecError
+
+from .engine import estimate_layout
+from .options import _positive, problem_options, resolve_problem
+from .report import print_estimate
+
+
+@click.command("estimate")
+@problem_options
+@click.option("--tp", type=int, required=True, callback=_positive, help="Tensor-parallel degree.")
+@click.option("--pp", type=int, required=True, callback=_positive, help="Pipeline-parallel degree.")
+@click.option("--cp", type=int, default=1, show_default=True, callback=_positive,
+              help="Context-parallel degree.")
+@click.option("--ep", type=int, default=1, show_default=True, callback=_positive,
+              help="Expert-parallel degree (MoE).")
+@click.option("--vp", type=int, default=1, show_default=True, callback=_positive,
+              help="Virtual pipeline stages per rank (>1: interleaved 1F1B).")
+@click.option("--dp", type=int, callback=_positive,
+              help="Data-parallel degree; derived as GPUs/(tp*pp*cp), checked if given.")
+@click.option("--micro-batch-size", "--mbs", "micro_batch_size", type=int, required=True,
+              callback=_positive, help="Sequences per micro-batch.")
+@click.option("--recompute", type=click.Choice(RECOMPUTE_KINDS), default="none", show_default=True)
+@click.option("--sequence-parallel/--no-sequence-parallel", default=None,
+              help="Megatron sequence parallelism [default: on when tp > 1].")
+@click.option("--distributed-optimizer/--no-distributed-optimizer", default=True, show_default=True,
+              help="Shard optimizer states over data-parallel ranks (ZeRO-1).")
+def estimate(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model,
+             as_json, tp, pp, cp, ep, vp, dp, micro_batch_size, recompute, sequence_parallel,
+             distributed_optimizer):
+    """Predict step time, throughput, MFU and peak memory of one layout."""
+    prob = resolve_problem(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size,
+                           dtype, cost_model)
+    world = prob.cluster.world_size
+    if world % (tp * pp * cp):
+        raise SpecError(
+            f"tp*pp*cp = {tp}*{pp}*{cp} = {tp * pp * cp} does not divide the cluster's {world} "
+            "GPUs; choose degrees whose product divides the GPU count"
+        )
+    derived = world // (tp * pp * cp)
+    if dp is not None and dp != derived:
+        raise SpecError(f"--dp {dp} does not match GPUs/(tp*pp*cp) = {world}/{tp * pp * cp} = "
+                        f"{derived}; drop --dp or change the other degrees")
+    layout = Layout(
+        tp=tp, pp=pp, dp=derived, cp=cp, ep=ep, vp=vp, micro_batch_size=micro_batch_size,
+        global_batch_size=global_batch_size, seq_len=seq_len, recompute=recompute,
+        sequence_parallel=tp > 1 if sequence_parallel is None else sequence_parallel,
+        distributed_optimizer=distributed_optimizer, dtype=dtype,
+    )
+    est = estimate_layout(prob, layout)
+    if as_json:
+        click.echo(json.dumps(est.to_dict(), indent=2))
+    else:
+        print_estimate(est)
+    if not est.fits:
+        click.echo(
+            f"error: layout does not fit: {est.peak_GiB:.1f} GiB per GPU needed, "
+            f"{est.capacity_GiB:.1f} GiB available (over by {est.over_GiB:.1f} GiB); try "
+            "recompute, a larger tp/pp, or more GPUs",
+            err=True,
+        )
+        sys.exit(3)

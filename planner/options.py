@@ -1,0 +1,66 @@
+"""Click options shared by `plan` and `estimate`, and the model/cluster they resolve to."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import click
+
+from cost_models.specs import DTYPES, ClusterSpec, ModelSpec, SpecError
+
+from .specfiles import load_cluster, load_model
+
+COST_MODELS = ("auto", "megatron", "pipette", "holmes")
+
+
+def _positive(ctx: click.Context, param: click.Parameter, value):
+    if value is not None and value <= 0:
+        raise click.BadParameter(f"must be a positive integer, got {value}")
+    return value
+
+
+def problem_options(func):
+    """--model --cluster --nodes --gpus-per-node --seq-len --global-batch-size --dtype --cost-model."""
+    opts = [
+        click.option("--model", "-m", "model", required=True,
+                     help="Model preset (meshplan models) or path to a HuggingFace config.json."),
+        click.option("--cluster", "-c", "cluster", required=True,
+                     help="Cluster preset (meshplan clusters) or path to a cluster.yaml."),
+        click.option("--nodes", type=int, callback=_positive, help="Nodes for a cluster preset."),
+        click.option("--gpus-per-node", type=int, callback=_positive,
+                     help="GPUs (processes) per node, where the preset allows (e.g. local-cpu)."),
+        click.option("--seq-len", type=int, required=True, callback=_positive,
+                     help="Tokens per sequence."),
+        click.option("--global-batch-size", "--gbs", "global_batch_size", type=int, required=True,
+                     callback=_positive, help="Sequences per optimizer step."),
+        click.option("--dtype", type=click.Choice(DTYPES), default="bf16", show_default=True,
+                     help="Matmul dtype (MFU is against this dtype's dense peak)."),
+        click.option("--cost-model", type=click.Choice(COST_MODELS), default="auto",
+                     show_default=True, help="auto picks from what the cluster spec holds."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
+    ]
+    return functools.reduce(lambda f, opt: opt(f), reversed(opts), func)
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    model: ModelSpec
+    cluster: ClusterSpec
+    seq_len: int
+    global_batch_size: int
+    dtype: str
+    cost_model: str
+
+
+def resolve_problem(model: str, cluster: str, nodes: int | None, gpus_per_node: int | None,
+                    seq_len: int, global_batch_size: int, dtype: str, cost_model: str) -> Problem:
+    spec = load_model(model)
+    clus = load_cluster(cluster, nodes, gpus_per_node)
+    for gpu in {n.gpu for n in clus.nodes}:
+        if dtype not in clus.gpu_types[gpu].peak_tflops:
+            raise SpecError(
+                f"GPU {gpu} has no {dtype} support (has {sorted(clus.gpu_types[gpu].peak_tflops)}); "
+                "use --dtype bf16"
+            )
+    return Problem(spec, clus, seq_len, global_batch_size, dtype, cost_model)

@@ -1,0 +1,71 @@
+"""Human-readable output: estimate breakdowns and ranked plan tables (rich)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from cost_models.specs import Estimate, Layout
+
+
+def layout_label(lay: Layout) -> str:
+    """Compact layout description, e.g. 'tp4 pp4 cp2 dp2 vp5 mbs1 sel sp'."""
+    parts = [f"tp{lay.tp}", f"pp{lay.pp}"]
+    if lay.cp > 1:
+        parts.append(f"cp{lay.cp}")
+    parts.append(f"dp{lay.dp}")
+    if lay.vp > 1:
+        parts.append(f"vp{lay.vp}")
+    parts.append(f"mbs{lay.micro_batch_size}")
+    if lay.recompute != "none":
+        parts.append({"selective": "rc-sel", "full": "rc-full"}[lay.recompute])
+    if lay.sequence_parallel:
+        parts.append("sp")
+    if not lay.distributed_optimizer:
+        parts.append("no-dopt")
+    return " ".join(parts)
+
+
+def breakdown_table(est: Estimate) -> Table:
+    t = Table(title="Step time breakdown (critical path)", show_edge=False)
+    t.add_column("part")
+    t.add_column("seconds", justify="right")
+    t.add_column("share", justify="right")
+    total = est.step_time_s
+    for name, value in est.time.to_dict().items():
+        t.add_row(name.removesuffix("_s").replace("_", " "), f"{value:.4f}", f"{100 * value / total:.1f}%")
+    t.add_row("[b]step[/b]", f"[b]{total:.4f}[/b]", "100%")
+    return t
+
+
+def memory_table(est: Estimate) -> Table:
+    t = Table(title="Peak memory per GPU (most loaded rank)", show_edge=False)
+    t.add_column("part")
+    t.add_column("GiB", justify="right")
+    for name, value in est.memory.to_dict().items():
+        label = name.removesuffix("_GiB")
+        t.add_row(f"[b]{label}[/b]" if label == "peak" else label, f"{value:.2f}")
+    t.add_row("capacity", f"{est.capacity_GiB:.2f}")
+    return t
+
+
+def print_estimate(est: Estimate, console: Console | None = None) -> None:
+    console = console or Console()
+    lay = est.layout
+    console.print(
+        f"[b]{layout_label(lay)}[/b]  world {lay.world}, {lay.num_microbatches} micro-batches, "
+        f"schedule {lay.schedule}, {lay.dtype}, cost model {est.cost_model}"
+    )
+    console.print(
+        f"step {est.step_time_s:.3f} s   {est.tokens_per_s:,.0f} tokens/s   "
+        f"MFU {100 * est.mfu:.1f}%   {est.tflops_per_gpu:.0f} model TFLOP/s per GPU"
+    )
+    console.print("[dim]MFU = model FLOPs (causal attention, no recompute) / dense "
+                  f"{lay.dtype} peak[/dim]")
+    console.print(breakdown_table(est))
+    console.print(memory_table(est))
+    if est.fits:
+        console.print(f"[green]fits[/green]: {est.peak_GiB:.1f} of {est.capacity_GiB:.1f} GiB")
+    else:
+        console.print(f"[red]does not fit[/red]: {est.peak_GiB:.1f} GiB needed, "
+                      f"{est.capacity_GiB:.1f} GiB available — over by {est.over_GiB:.1f} GiB")

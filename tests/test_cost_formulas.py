@@ -1,0 +1,94 @@
+"""Closed-form numbers from the papers the cost model cites."""
+
+import numpy as np
+import pytest
+
+from cost_models import flops, memory
+from cost_models.specs import ModelSpec
+from planner.specfiles import load_model
+
+GPT3 = load_model("gpt3-175b")
+
+
+def test_gpt3_175b_parameter_count_narayanan_table1():
+    # Narayanan et al. 2021 (SC'21) Table 1 lists GPT-3 as 174.6B parameters
+    # (l=96, h=12288, V=51200, s=2048) under P = 12lh^2(1 + 13/12h + (V+s)/12lh).
+    p = flops.megatron_paper_params(96, 12288, 51200, 2048)
+    assert round(p / 1e9, 1) == 174.6
+    # Our per-matrix count (no biases, no learned positions) agrees within 0.1%.
+    assert flops.parameter_count(GPT3) == pytest.approx(p, rel=1e-3)
+
+
+@pytest.mark.parametrize("name,batch,seq", [("gpt3-175b", 1536, 2048), ("gpt-1t", 3072, 2048),
+                                            ("gpt-1.7b", 512, 2048)])
+def test_96bslh2_formula_equals_component_count(name, batch, seq):
+    # Narayanan et al. 2021 Eq. 3: 96·B·s·l·h²·(1 + s/6h + V/16lh) is a GPT step with full
+    # recompute and non-causal attention; our component count must reproduce it exactly.
+    m = load_model(name)
+    ours = flops.hardware_flops_per_step(m, batch, seq, "full", causal=False)
+    paper = flops.megatron_paper_flops(batch, seq, m.num_layers, m.hidden_size, m.vocab_size)
+    assert ours == paper
+    closed = 96 * batch * seq * m.num_layers * m.hidden_size**2 * (
+        1 + seq / (6 * m.hidden_size) + m.vocab_size / (16 * m.num_layers * m.hidden_size))
+    assert paper == pytest.approx(closed, rel=1e-12)
+
+
+def test_model_flops_are_three_forwards_and_causal_halves_attention():
+    s = 8192
+    full = flops.model_flops_per_step(GPT3, 1, s, causal=False)
+    causal = flops.model_flops_per_step(GPT3, 1, s, causal=True)
+    core = flops.attention_core_flops(GPT3, 1, s, causal=False)
+    assert full - causal == 3 * GPT3.num_layers * core // 2
+
+
+# Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
+# Sec. 4 (Eq. 1, 2) and Table 2: activation bytes per layer, GPT-3 175B, s=2048, b=1, t=8.
+S, B, H, A, T = 2048, 1, 12288, 96, 8
+SBH = S * B * H
+
+
+@pytest.mark.parametrize("sp,recompute,expected", [
+    (False, "none", SBH * (10 + 24 / T + 5 * A * S / (H * T))),   # Eq. 1
+    (True, "none", SBH / T * (34 + 5 * A * S / H)),               # Eq. 2
+    (False, "selective", SBH * (10 + 24 / T)),                    # Table 2
+    (True, "selective", 34 * SBH / T),                            # Table 2
+    (False, "full", 2 * SBH),                                     # Sec. 4.3
+    (True, "full", 2 * SBH / T),
+])
+def test_korthikanti_activation_bytes(sp, recompute, expected):
+    got = memory.activation_bytes_per_layer(GPT3, B, S, T, 1, sp, recompute, flash_attention=False)
+    assert float(got) == pytest.approx(expected, rel=1e-12)
+
+
+def test_korthikanti_no_parallelism_34_plus_5as_over_h():
+    got = memory.activation_bytes_per_layer(GPT3, B, S, 1, flash_attention=False)
+    assert float(got) == pytest.approx(SBH * (34 + 5 * A * S / H), rel=1e-12)
+
+
+def test_context_parallel_divides_sequence():
+    one = memory.activation_bytes_per_layer(GPT3, 1, 8192, 8, 1, True, "selective")
+    four = memory.activation_bytes_per_layer(GPT3, 1, 8192, 8, 4, True, "selective")
+    assert float(one) == pytest.approx(4 * float(four))
+
+
+def test_bytes_per_parameter_megatron_distributed_optimizer_table():
+    # Megatron-LM docs, Distributed Optimizer: bf16 params + fp32 grads -> 18 bytes plain,
+    # 6 + 12/d distributed.
+    assert memory.bytes_per_parameter(False, 8) == 18
+    for d in (1, 2, 8, 64):
+        assert float(memory.bytes_per_parameter(True, d)) == pytest.approx(6 + 12 / d)
+
+
+def test_interleaved_inflight_matches_korthikanti_factor():
+    # Korthikanti Sec. 4.2.3: first stage holds L·(1 + (p-1)/(p·v)) layers' worth.
+    p, v, m = 8, 4, 64
+    got = memory.inflight_microbatches(np.int64(p), np.int64(v), np.int64(m), 0)
+    assert float(got) / p == pytest.approx(1 + (p - 1) / (p * v))
+    assert memory.inflight_microbatches(np.int64(8), np.int64(1), np.int64(64), 3) == 5
+    assert memory.inflight_microbatches(np.int64(8), np.int64(1), np.int64(2), 0) == 2  # m < p
+
+
+def test_gqa_shrinks_kv_activations():
+    mha = ModelSpec("a", 2, 1024, 4096, 16, 16, 64, 1000)
+    gqa = ModelSpec("b", 2, 1024, 4096, 16, 4, 64, 1000)
+    assert memory.activation_bytes_per_layer(gqa, 1, 512, 1) < memory.activation_bytes_per_layer(mha, 1, 512, 1)
