@@ -18,6 +18,7 @@ import numpy as np
 
 from . import comm, compute, flops, memory
 from .grid import LayoutGrid
+from .simulator import StepTasks
 from .specs import (
     ClusterSpec,
     Estimate,
@@ -191,11 +192,21 @@ def rank_params(model: ModelSpec, g: LayoutGrid, layers: np.ndarray, first: bool
     return params + np.where(last, head, 0.0)
 
 
+def pp_hop_time(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid) -> np.ndarray:
+    """One pipeline send of a micro-batch's activation, split over tp (Megatron-LM's
+    scatter/gather optimisation), between neighbouring stages (rank stride tp*cp*dp)."""
+    intra, inter, a_intra, a_inter, gpn = _links(cluster)
+    stride = g.tp * g.cp * g.dp
+    bw = np.where(stride >= gpn, inter, comm.group_bandwidth_Bps(2, stride, gpn, intra, inter))
+    alpha = comm.group_latency_s(2, stride, gpn, a_intra, a_inter)
+    nbytes = 2 * g.micro_batch_size * g.seq_len / g.cp * model.hidden_size / g.tp
+    return comm.p2p_time(nbytes, bw, alpha)
+
+
 def evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid) -> GridResult:
     """Step time and peak memory of every layout in `g` (vectorised)."""
     require_dense(model)
     gpu = cluster.gpu
-    intra, inter, a_intra, a_inter, gpn = _links(cluster)
     lt = layer_times(model, gpu, cluster, g)
     m, p, v = g.num_microbatches, g.pp, g.vp
     head, emb = head_time(model, gpu, g), embedding_time(model, gpu, g)
@@ -212,13 +223,7 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid) -> GridResul
     # Σ_r τ_r = all layers + both ends (pp == 1: the single rank's τ).
     tau_sum = np.where(single, tau_first, model.num_layers * lt.total + emb + head)
     bubble = (tau_sum - tau_max) / v
-    # Pipeline p2p: activation of one micro-batch (split over tp: Megatron's scatter/gather).
-    pp_stride = g.tp * g.cp * g.dp
-    pp_bw = comm.group_bandwidth_Bps(2, pp_stride, gpn, intra, inter)
-    pp_bw = np.where(pp_stride >= gpn, inter, pp_bw)  # each GPU sends over its own NIC
-    pp_alpha = comm.group_latency_s(2, pp_stride, gpn, a_intra, a_inter)
-    hop = comm.p2p_time(2 * g.micro_batch_size * g.seq_len / g.cp * model.hidden_size / g.tp,
-                        pp_bw, pp_alpha)
+    hop = pp_hop_time(model, cluster, g)
     p2p = np.where(single, 0.0, 2 * (p - 1) * hop + 2 * m * v * hop * P2P_STEADY_EXPOSED)
     dp_exposed, opt_time, mem = _dp_optimizer_memory(model, cluster, gpu, g, lt, emb, head)
     return GridResult(
@@ -237,62 +242,76 @@ def _hardware_flops(model: ModelSpec, g: LayoutGrid) -> np.ndarray:
     return by_code[g.recompute]
 
 
-def _dp_optimizer_memory(model, cluster, gpu, g, lt, emb, head):
-    """Exposed DP reduction, optimizer time and the memory breakdown of the fullest rank."""
+@dataclass(frozen=True, slots=True)
+class RankCosts:
+    """One pipeline rank kind's DP reduction, optimizer and memory (arrays over the grid)."""
+
+    dp_comm: np.ndarray
+    """Full DP reduction time (before overlap), seconds."""
+    dp_exposed: np.ndarray
+    optimizer: np.ndarray
+    memory: dict
+    """weights, grads, optimizer_state, activations, buffers (bytes)."""
+
+    @property
+    def total_bytes(self) -> np.ndarray:
+        return sum(self.memory.values())
+
+
+def rank_costs(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerTimes, emb, head,
+               layers, first, last, pp_rank) -> RankCosts:
+    """DP reduction, optimizer step and peak memory of pipeline rank `pp_rank` holding `layers`
+    layers (`first`/`last`: it holds the embedding / the LM head)."""
+    gpu = cluster.gpu
     intra, inter, a_intra, a_inter, gpn = _links(cluster)
     # Megatron-LM reduces gradients over the data-parallel x context-parallel group.
     dpc = g.dp * g.cp
     dp_bw = comm.group_bandwidth_Bps(dpc, g.tp, gpn, intra, inter)
     dp_alpha = comm.group_latency_s(dpc, g.tp, gpn, a_intra, a_inter)
-    p = g.pp
-    kinds = (  # (layers, first?, last?, in-flight rank index)
-        (g.layers_first, True, False, 0),
-        (g.layers_last, False, True, p - 1),
-        (g.layers_mid, False, False, np.minimum(1, p - 1)),
-    )
+    first = np.asarray(first) | (g.pp == 1)
+    last = np.asarray(last) | (g.pp == 1)
+    params = rank_params(model, g, layers, first, last)
+    grad_bytes = params * memory.GRAD_BYTES
+    comm_s = np.where(
+        g.distributed_optimizer,
+        comm.reduce_scatter_time(grad_bytes, dpc, dp_bw, dp_alpha)
+        + comm.all_gather_time(params * memory.WEIGHT_BYTES, dpc, dp_bw, dp_alpha),
+        comm.all_reduce_time(grad_bytes, dpc, dp_bw, dp_alpha))
+    window = layers * lt.compute + np.where(first, emb, 0.0) + np.where(last, head, 0.0)
+    exposed = comm.overlapped(comm_s, window, gpu.dp_comm_overlap)
+    local_opt = params / np.where(g.distributed_optimizer, dpc, 1)
+    opt = compute.memory_bound_time(ADAM_BYTES_PER_PARAM * local_opt, gpu)
     fp8 = g.dtype == "fp8"
-    per_layer_act = memory.activation_bytes_per_layer(
-        model, g.micro_batch_size, g.seq_len, g.tp, g.cp, g.sequence_parallel, g.recompute,
-        g.flash_attention, fp8)
-    full_layer_act = memory.activation_bytes_per_layer(
-        model, g.micro_batch_size, g.seq_len, g.tp, g.cp, g.sequence_parallel, "none",
-        g.flash_attention, fp8)
-    best = None
-    for layers, first, last, rank in kinds:
-        first = first | (p == 1)
-        last = last | (p == 1)
-        params = rank_params(model, g, layers, first, last)
-        grad_bytes = params * memory.GRAD_BYTES
-        comm_s = np.where(
-            g.distributed_optimizer,
-            comm.reduce_scatter_time(grad_bytes, dpc, dp_bw, dp_alpha)
-            + comm.all_gather_time(params * memory.WEIGHT_BYTES, dpc, dp_bw, dp_alpha),
-            comm.all_reduce_time(grad_bytes, dpc, dp_bw, dp_alpha))
-        window = layers * lt.compute + np.where(first, emb, 0.0) + np.where(last, head, 0.0)
-        exposed = np.where(layers > 0, comm.overlapped(comm_s, window, gpu.dp_comm_overlap), 0.0)
-        local_opt = params / np.where(g.distributed_optimizer, dpc, 1)
-        opt = compute.memory_bound_time(ADAM_BYTES_PER_PARAM * local_opt, gpu)
-        inflight = memory.inflight_microbatches(p, g.vp, g.num_microbatches, rank)
-        act = per_layer_act * layers * inflight
-        act = act + np.where(g.recompute > 0, full_layer_act - per_layer_act, 0.0)  # rematerialised layer
-        act = act + np.where(first, memory.embedding_output_bytes(
-            model, g.micro_batch_size, g.seq_len, g.tp, g.cp, g.sequence_parallel) * inflight, 0.0)
-        act = act + np.where(last, memory.logits_bytes(
-            model, g.micro_batch_size, g.seq_len, g.tp, g.cp), 0.0)
-        act = np.where(layers > 0, act, 0.0)
-        mem = dict(
-            weights=params * (memory.WEIGHT_BYTES + (memory.FP8_EXTRA_WEIGHT_BYTES if fp8 else 0)),
-            grads=grad_bytes, optimizer_state=local_opt * memory.OPTIMIZER_BYTES,
-            activations=act, buffers=memory.BUFFER_FIXED_BYTES + memory.FRAGMENTATION * act,
-        )
-        total = sum(mem.values())
-        if best is None:
-            best = (exposed, opt, mem, total)
-            continue
-        take = total > best[3]
-        best = (np.maximum(best[0], exposed), np.maximum(best[1], opt),
-                {k: np.where(take, mem[k], best[2][k]) for k in mem}, np.maximum(total, best[3]))
-    return best[0], best[1], best[2]
+    act_args = (model, g.micro_batch_size, g.seq_len, g.tp, g.cp, g.sequence_parallel)
+    per_layer = memory.activation_bytes_per_layer(*act_args, g.recompute, g.flash_attention, fp8)
+    no_recompute = memory.activation_bytes_per_layer(*act_args, "none", g.flash_attention, fp8)
+    inflight = memory.inflight_microbatches(g.pp, g.vp, g.num_microbatches, pp_rank)
+    act = per_layer * layers * inflight
+    act = act + np.where(g.recompute > 0, no_recompute - per_layer, 0.0)  # rematerialised layer
+    act = act + np.where(first, memory.embedding_output_bytes(*act_args) * inflight, 0.0)
+    act = act + np.where(last, memory.logits_bytes(*act_args[:5]), 0.0)
+    mem = dict(
+        weights=params * (memory.WEIGHT_BYTES + (memory.FP8_EXTRA_WEIGHT_BYTES if fp8 else 0)),
+        grads=grad_bytes, optimizer_state=local_opt * memory.OPTIMIZER_BYTES,
+        activations=act, buffers=memory.BUFFER_FIXED_BYTES + memory.FRAGMENTATION * act,
+    )
+    return RankCosts(comm_s, exposed, opt, mem)
+
+
+def _dp_optimizer_memory(model, cluster, gpu, g, lt, emb, head):
+    """Exposed DP reduction, optimizer time and the memory breakdown of the fullest rank,
+    over the first, last and busiest middle pipeline ranks."""
+    kinds = ((g.layers_first, True, False, 0), (g.layers_last, False, True, g.pp - 1),
+             (g.layers_mid, False, False, np.minimum(1, g.pp - 1)))
+    ranks = [rank_costs(model, cluster, g, lt, emb, head, *kind) for kind in kinds]
+    has_mid = g.layers_mid > 0  # pp <= 2: no middle rank
+    totals = np.stack([r.total_bytes for r in ranks[:2]] + [np.where(has_mid, ranks[2].total_bytes, -1.0)])
+    worst = np.argmax(totals, axis=0)
+    mem = {k: np.choose(worst, [r.memory[k] for r in ranks]) for k in ranks[0].memory}
+    exposed = np.max(np.stack([r.dp_exposed * (has_mid if i == 2 else 1)
+                               for i, r in enumerate(ranks)]), axis=0)
+    opt = np.max(np.stack([r.optimizer for r in ranks]), axis=0)
+    return exposed, opt, mem
 
 
 def capacity_GiB(gpu: GpuSpec, headroom: float = DEFAULT_HEADROOM) -> float:
@@ -327,3 +346,85 @@ def result_estimate(r: GridResult, i: int, layout: Layout, gpu: GpuSpec,
 
 def fits_mask(r: GridResult, gpu: GpuSpec, headroom: float = DEFAULT_HEADROOM) -> np.ndarray:
     return r.peak_bytes <= capacity_GiB(gpu, headroom) * GiB
+
+
+# --------------------------------------------------------------------------------------------
+# Per-stage views of one layout: inputs of the partition ILP and of the step simulator.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StageCosts:
+    """Per pipeline rank costs of one layout (arrays of length pp), for the partition ILP."""
+
+    layer_time_s: float
+    """Forward + backward (+ recompute, exposed TP/CP comm) of one layer, one micro-batch."""
+    extra_time_s: np.ndarray
+    """Embedding on rank 0, LM head + loss on the last rank, per micro-batch."""
+    layer_mem_bytes: np.ndarray
+    """Bytes one more layer costs on each rank (its parameters, gradients, optimizer share and
+    the activations of the micro-batches that rank keeps in flight)."""
+    fixed_mem_bytes: np.ndarray
+    """Bytes a rank needs with no layers (embedding / LM head, logits, buffers)."""
+    capacity_bytes: np.ndarray
+
+
+def _single(layout: Layout, model: ModelSpec, cluster: ClusterSpec):
+    g = LayoutGrid.from_layout(layout, model.num_layers)
+    gpu = cluster.gpu
+    return g, gpu, layer_times(model, gpu, cluster, g), embedding_time(model, gpu, g), \
+        head_time(model, gpu, g)
+
+
+def stage_costs(model: ModelSpec, cluster: ClusterSpec, layout: Layout,
+                headroom: float = DEFAULT_HEADROOM) -> StageCosts:
+    """Linear per-rank time and memory model of `layout`, exact for any layer split: memory
+    and time of rank r are affine in its layer count (see `rank_costs`)."""
+    require_dense(model)
+    g, gpu, lt, emb, head = _single(layout, model, cluster)
+    p = layout.pp
+    extra, per_layer, fixed = np.zeros(p), np.zeros(p), np.zeros(p)
+    for r in range(p):
+        first, last = r == 0, r == p - 1
+        at = [rank_costs(model, cluster, g, lt, emb, head, np.array([n]), first, last, r)
+              for n in (0, 1)]
+        fixed[r] = float(at[0].total_bytes[0])
+        per_layer[r] = float(at[1].total_bytes[0]) - fixed[r]
+        extra[r] = (float(emb[0]) if first else 0.0) + (float(head[0]) if last else 0.0)
+    cap = capacity_GiB(gpu, headroom) * GiB
+    return StageCosts(float(lt.total[0]), extra, per_layer, fixed, np.full(p, cap))
+
+
+def step_tasks(model: ModelSpec, cluster: ClusterSpec, layout: Layout) -> StepTasks:
+    """Durations of one step per pipeline rank and virtual stage, for the event simulator."""
+    require_dense(model)
+    g, gpu, lt, emb, head = _single(layout, model, cluster)
+    p, v = layout.pp, layout.vp
+    stages = layout.stage_layers(model.num_layers)
+    tp_count = 4 + (2 if layout.recompute == "full" else 0)
+    tp_f = float(lt.tp_comm[0]) * 2 / tp_count  # two forward collectives per layer
+    cp_f = float(lt.cp_comm[0]) / 3             # forward ring of three (fwd, bwd x2)
+    fwd_layer = float(lt.fwd[0]) + tp_f + cp_f
+    bwd_layer = float(lt.total[0]) - fwd_layer
+    last = p * v - 1
+    fwd = [[0.0] * v for _ in range(p)]
+    bwd = [[0.0] * v for _ in range(p)]
+    for k, n in enumerate(stages):
+        r, c = k % p, k // p
+        fwd[r][c] = n * fwd_layer + (float(emb[0]) / 3 if k == 0 else 0.0) \
+            + (float(head[0]) / 3 if k == last else 0.0)
+        bwd[r][c] = n * bwd_layer + (2 * float(emb[0]) / 3 if k == 0 else 0.0) \
+            + (2 * float(head[0]) / 3 if k == last else 0.0)
+    hop = float(pp_hop_time(model, cluster, g)[0])
+    dp, opt = [], []
+    for r in range(p):
+        layers = np.array([sum(stages[r::p])])
+        rc = rank_costs(model, cluster, g, lt, emb, head, layers, r == 0, r == p - 1, r)
+        dp.append(float(rc.dp_comm[0]))
+        opt.append(float(rc.optimizer[0]))
+    return StepTasks(
+        pp=p, vp=v, num_microbatches=layout.num_microbatches,
+        fwd_s=tuple(tuple(row) for row in fwd), bwd_s=tuple(tuple(row) for row in bwd),
+        p2p_s=tuple([hop] * (p * v - 1)), dp_comm_s=tuple(dp), dp_overlap=gpu.dp_comm_overlap,
+        optimizer_s=tuple(opt),
+    )
