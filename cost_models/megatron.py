@@ -383,16 +383,14 @@ def stage_costs(model: ModelSpec, cluster: ClusterSpec, layout: Layout,
     require_dense(model)
     g, gpu, lt, emb, head = _single(layout, model, cluster)
     p = layout.pp
-    extra, per_layer, fixed = np.zeros(p), np.zeros(p), np.zeros(p)
-    for r in range(p):
-        first, last = r == 0, r == p - 1
-        at = [rank_costs(model, cluster, g, lt, emb, head, np.array([n]), first, last, r)
-              for n in (0, 1)]
-        fixed[r] = float(at[0].total_bytes[0])
-        per_layer[r] = float(at[1].total_bytes[0]) - fixed[r]
-        extra[r] = (float(emb[0]) if first else 0.0) + (float(head[0]) if last else 0.0)
+    ranks = np.arange(p)
+    first, last = ranks == 0, ranks == p - 1
+    # Rank costs are affine in the layer count: evaluate every rank at 0 and 1 layers at once.
+    at = [rank_costs(model, cluster, g, lt, emb, head, np.full(p, n), first, last, ranks).total_bytes
+          for n in (0, 1)]
+    extra = np.where(first, emb[0], 0.0) + np.where(last, head[0], 0.0)
     cap = capacity_GiB(gpu, headroom) * GiB
-    return StageCosts(float(lt.total[0]), extra, per_layer, fixed, np.full(p, cap))
+    return StageCosts(float(lt.total[0]), extra, at[1] - at[0], at[0], np.full(p, cap))
 
 
 def step_tasks(model: ModelSpec, cluster: ClusterSpec, layout: Layout) -> StepTasks:

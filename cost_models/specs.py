@@ -421,7 +421,7 @@ class Layout:
                        "each tensor-parallel rank needs whole KV heads (GQA)")
         if self.sequence_parallel and self.tp == 1:
             raise SpecError("sequence parallel needs tp > 1; drop --sequence-parallel or raise --tp")
-        if self.seq_len % (2 * self.cp):
+        if self.cp > 1 and self.seq_len % (2 * self.cp):
             raise SpecError(
                 f"seq-len {self.seq_len} must be divisible by 2*cp = {2 * self.cp}: context "
                 "parallelism splits each sequence into 2*cp chunks for causal load balance"
@@ -498,9 +498,17 @@ def _check_divides(degree: int, count: int, flag: str, what: str, reason: str) -
 
 
 def even_split(total: int, parts: int) -> tuple[int, ...]:
-    """`total` items in `parts` contiguous groups, sizes differing by at most one (larger last)."""
+    """`total` layers in `parts` contiguous groups, sizes differing by at most one.
+
+    The extra layers go to middle groups first, then the first, then the last: the first stage
+    holds the embedding and the most in-flight activations, the last the LM head and loss.
+    """
     base, extra = divmod(total, parts)
-    return tuple(base + (1 if i >= parts - extra else 0) for i in range(parts))
+    order = list(range(1, parts - 1)) + [0, parts - 1] if parts > 1 else [0]
+    sizes = [base] * parts
+    for i in order[:extra]:
+        sizes[i] += 1
+    return tuple(sizes)
 
 
 # --------------------------------------------------------------------------------------------

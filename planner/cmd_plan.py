@@ -1,0 +1,137 @@
+"""`meshplan plan`: search all valid layouts, rank the fastest that fit, explain the winner.
+
+Example:
+    meshplan plan --model llama3.1-70b --cluster dgx-h100 --nodes 8 --seq-len 8192 \
+        --global-batch-size 128 -o plan.yaml
+
+Exit status: 0 a plan was found, 3 nothing fits (advice printed), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from cost_models.specs import RECOMPUTE_KINDS, Estimate
+
+from .engine import resolve_cost_model
+from .explain import advise, explain
+from .options import _positive, problem_options, resolve_problem
+from .planfile import Plan, stage_ranges, write_plan
+from .report import layout_label
+from .search import SearchResult, SearchSpace, search_nodes
+
+
+@click.command("plan")
+@problem_options
+@click.option("--top-k", type=int, default=5, show_default=True, callback=_positive,
+              help="How many ranked layouts to show.")
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False),
+              help="Write the best plan to this plan.yaml.")
+@click.option("--report", type=click.Path(dir_okay=False), help="Write an HTML report.")
+@click.option("--tp", type=int, callback=_positive, help="Fix the tensor-parallel degree.")
+@click.option("--pp", type=int, callback=_positive, help="Fix the pipeline-parallel degree.")
+@click.option("--cp", type=int, callback=_positive, help="Fix the context-parallel degree.")
+@click.option("--vp", type=int, callback=_positive, help="Fix the virtual stages per rank.")
+@click.option("--dp", type=int, callback=_positive, help="Fix the data-parallel degree.")
+@click.option("--micro-batch-size", "--mbs", "micro_batch_size", type=int, callback=_positive,
+              help="Fix the micro-batch size.")
+@click.option("--recompute", type=click.Choice(RECOMPUTE_KINDS), multiple=True,
+              help="Allowed recompute settings (repeatable) [default: all].")
+@click.option("--mem-headroom", type=click.FloatRange(0.0, 0.5), default=0.05, show_default=True,
+              help="Fraction of GPU memory to keep free.")
+@click.option("--max-tp", type=int, callback=_positive,
+              help="Allow tp beyond one node's GPUs (default: tp stays inside a node).")
+def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model,
+         as_json, top_k, output, report, tp, pp, cp, vp, dp, micro_batch_size, recompute,
+         mem_headroom, max_tp):
+    """Rank every valid TP/PP/CP/DP layout and write the fastest one that fits."""
+    prob = resolve_problem(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size,
+                           dtype, cost_model)
+    name = resolve_cost_model(cost_model, prob.cluster)
+    space = SearchSpace(dtype=dtype, recompute=tuple(recompute) or RECOMPUTE_KINDS,
+                        headroom=mem_headroom, max_tp=max_tp, tp=tp, pp=pp, cp=cp, vp=vp, dp=dp,
+                        micro_batch_size=micro_batch_size)
+    console = Console(stderr=as_json)
+    if name != "megatron":
+        console.print(f"[yellow]note[/yellow]: cost model {name} ranks with the homogeneous "
+                      "search first")
+    res = search_nodes(prob.model, prob.cluster, seq_len, global_batch_size, space, top_k)
+    if res.idle_nodes:
+        console.print(f"[yellow]warning[/yellow]: no valid layout uses all {prob.cluster.num_nodes} "
+                      f"nodes; planning for {res.cluster.num_nodes} and leaving "
+                      f"{len(res.idle_nodes)} idle ({', '.join(res.idle_nodes[:4])})")
+    plans = [_plan_of(prob.model, res, e) for e in res.plans]
+    if as_json:
+        click.echo(json.dumps(_json(res, plans), indent=2))
+    else:
+        _print(console, prob, res)
+    if not res.plans:
+        for line in advise(prob.model, res.cluster, seq_len, global_batch_size, space, res.nearest):
+            click.echo(f"  {line}", err=True)
+        click.echo(f"error: no layout of {prob.model.name} fits on {res.cluster.world_size} "
+                   f"{res.cluster.gpu.name} GPUs ({res.candidates} valid layouts tried); see the "
+                   "suggestions above", err=True)
+        sys.exit(3)
+    if output:
+        write_plan(plans[0], output)
+        if not as_json:
+            console.print(f"wrote {output}")
+    if report:
+        from .html_report import write_report
+
+        write_report(report, plans, res)
+        if not as_json:
+            console.print(f"wrote {report}")
+
+
+def _plan_of(model, res: SearchResult, est: Estimate) -> Plan:
+    return Plan(model, res.cluster, est.layout, tuple(n.name for n in res.cluster.nodes),
+                est.to_dict())
+
+
+def _json(res: SearchResult, plans: list[Plan]) -> dict:
+    out = []
+    for p in plans:
+        d = p.to_dict()
+        out.append({"layout": d["layout"], "estimate": d["estimate"],
+                    "placement": {**d["placement"], "stages": d["stages"]}})
+    return {
+        "plans": out,
+        "search": {"candidates": res.candidates, "feasible": res.feasible,
+                   "seconds": round(res.seconds, 4), "rate_per_s": round(res.rate),
+                   "solver": res.solver, "idle_nodes": list(res.idle_nodes)},
+    }
+
+
+def _print(console: Console, prob, res: SearchResult) -> None:
+    c = res.cluster
+    console.print(f"[b]{prob.model.name}[/b] on {c.world_size} x {c.gpu.name} "
+                  f"({c.num_nodes} nodes), seq {prob.seq_len}, global batch "
+                  f"{prob.global_batch_size}, {prob.dtype}")
+    table = Table(show_edge=False, title=f"Top {len(res.plans)} layouts that fit")
+    for col in ("#", "layout", "step s", "tokens/s", "MFU", "GiB/GPU", "bubble", "comm"):
+        table.add_column(col, justify="left" if col == "layout" else "right")
+    for i, e in enumerate(res.plans, 1):
+        t = e.time
+        comm = (t.tp_comm + t.cp_comm + t.pp_p2p + t.dp_comm) / e.step_time_s
+        table.add_row(str(i), layout_label(e.layout), f"{e.step_time_s:.3f}",
+                      f"{e.tokens_per_s:,.0f}", f"{100 * e.mfu:.1f}%",
+                      f"{e.peak_GiB:.1f}", f"{100 * t.pp_bubble / e.step_time_s:.1f}%",
+                      f"{100 * comm:.1f}%")
+    if res.plans:
+        console.print(table)
+    console.print(f"searched {res.candidates:,} valid layouts ({res.feasible:,} fit) in "
+                  f"{res.seconds:.2f} s ({res.rate:,.0f}/s); layer split by ILP ({res.solver})")
+    console.print("[dim]MFU = model FLOPs (causal attention, no recompute) / dense "
+                  f"{prob.dtype} peak[/dim]")
+    for line in explain(res.plans, res.alternatives):
+        console.print(line)
+    if res.plans and res.plans[0].layout.layers_per_stage:
+        best = res.plans[0]
+        stages = stage_ranges(best.layout, prob.model.num_layers)
+        console.print("layers per stage: " + " ".join(str(s.num_layers) for s in stages))

@@ -1,0 +1,320 @@
+"""Search every valid layout, fast: generate only valid candidates as numpy arrays, evaluate
+them in one vectorised pass of the cost model, keep those that fit, and let the partition ILP
+re-split the layers of the leaders (uneven stages where it pays).
+
+    from planner.search import SearchSpace, search
+    result = search(model, cluster, seq_len=8192, global_batch_size=128, space=SearchSpace())
+    result.plans[0]   # the fastest fitting Estimate (layout.layers_per_stage set by the ILP)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from functools import cache
+
+import numpy as np
+
+from cost_models import megatron
+from cost_models.grid import LayoutGrid, rank_layer_counts
+from cost_models.specs import (
+    RECOMPUTE_KINDS,
+    ClusterSpec,
+    Estimate,
+    InfeasibleLayout,
+    Layout,
+    ModelSpec,
+    NodeSpec,
+    SpecError,
+    even_split,
+)
+
+from .ilp_partition import Partition, partition_layers
+
+
+class NoCandidates(SpecError):
+    """No valid layout exists for the cluster as given (before any memory check)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SearchSpace:
+    """What the search may choose. A fixed degree (tp=4) restricts that axis to one value."""
+
+    dtype: str = "bf16"
+    """Matmul dtype of every candidate."""
+    recompute: tuple[str, ...] = RECOMPUTE_KINDS
+    """Recomputation settings to consider."""
+    micro_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
+    max_vp: int = 8
+    """Largest number of virtual stages per pipeline rank."""
+    max_cp: int = 32
+    max_tp: int | None = None
+    """Largest tp; None keeps tp inside one node's NVLink domain."""
+    sequence_parallel: tuple[bool, ...] = (True, False)
+    distributed_optimizer: tuple[bool, ...] = (True, False)
+    headroom: float = 0.05
+    """Fraction of GPU memory the planner keeps free (prediction error, allocator spikes)."""
+    refine_top: int = 5
+    """How many leading candidates get their layer split re-optimised by the ILP."""
+    tp: int | None = None
+    pp: int | None = None
+    cp: int | None = None
+    vp: int | None = None
+    dp: int | None = None
+    micro_batch_size: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    plans: tuple[Estimate, ...]
+    """Fitting layouts, fastest first (deduplicated)."""
+    candidates: int
+    """Valid layouts generated and evaluated."""
+    feasible: int
+    """Of those, how many fit in memory."""
+    seconds: float
+    solver: str
+    """The ILP solver used for the layer partition ("none" when no pipeline to split)."""
+    partitions: tuple[Partition | None, ...] = ()
+    """ILP outcome per returned plan (None when pp == 1 or not refined)."""
+    nearest: tuple[Estimate, ...] = field(default=())
+    """When nothing fits: the candidates that miss by the least memory."""
+    cluster: ClusterSpec | None = None
+    """The cluster planned for (a subset of the input when some nodes must stay idle)."""
+    idle_nodes: tuple[str, ...] = ()
+    """Nodes left out because no valid layout uses all of them."""
+    alternatives: tuple[Estimate, ...] = ()
+    """Best fitting layout of each other (tp, pp, cp) family, for explaining the winner."""
+
+    @property
+    def rate(self) -> float:
+        return self.candidates / self.seconds if self.seconds else float("inf")
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _allowed(value: int | None, options: list[int]) -> list[int]:
+    return [o for o in options if value is None or o == value]
+
+
+def degree_combos(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
+                  space: SearchSpace) -> np.ndarray:
+    """Rows (tp, cp, pp, dp) with tp*cp*pp*dp = world, tp dividing the (KV) heads and within
+    an NVLink domain, cp splitting the sequence into 2*cp chunks, pp <= layers."""
+    max_tp = space.max_tp or gpus_per_node
+    tps = [t for t in divisors(world) if model.num_heads % t == 0 and model.num_kv_heads % t == 0
+           and t <= max_tp]
+    cps = [c for c in divisors(world) if c <= space.max_cp and (c == 1 or seq_len % (2 * c) == 0)]
+    rows = []
+    for tp in _allowed(space.tp, tps):
+        for cp in _allowed(space.cp, cps):
+            if world % (tp * cp):
+                continue
+            for pp in _allowed(space.pp, divisors(world // (tp * cp))):
+                dp = world // (tp * cp * pp)
+                if pp <= model.num_layers and (space.dp is None or dp == space.dp):
+                    rows.append((tp, cp, pp, dp))
+    return np.array(rows, dtype=np.int64).reshape(-1, 4)
+
+
+@cache
+def _rank_counts(num_layers: int, pp: int, vp: int) -> tuple[int, int, int]:
+    return rank_layer_counts(even_split(num_layers, pp * vp), pp)
+
+
+def generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
+             global_batch_size: int, space: SearchSpace) -> LayoutGrid:
+    """All valid candidates as a LayoutGrid (only valid rows are ever materialised)."""
+    base = degree_combos(model, world, gpus_per_node, seq_len, space)
+    vps = np.array([v for v in range(1, space.max_vp + 1) if space.vp in (None, v)])
+    mbs = np.array([b for b in space.micro_batch_sizes if space.micro_batch_size in (None, b)])
+    if space.micro_batch_size is not None and not len(mbs):
+        mbs = np.array([space.micro_batch_size])
+    recs = np.array([RECOMPUTE_KINDS.index(r) for r in space.recompute])
+    sps = np.array(space.sequence_parallel)
+    dopts = np.array(space.distributed_optimizer)
+    axes = np.meshgrid(np.arange(len(base)), vps, mbs, recs, sps, dopts, indexing="ij")
+    b, v, mb, rc, sp, do = (a.ravel() for a in axes)
+    tp, cp, pp, dp = base[b].T
+    m = global_batch_size // np.maximum(dp * mb, 1)
+    ok = (global_batch_size % (dp * mb) == 0) & (pp * v <= model.num_layers)
+    ok &= (v == 1) | ((pp > 1) & (m % pp == 0))           # Megatron: interleaving needs m % pp == 0
+    ok &= np.where(tp == 1, ~sp, (seq_len // cp) % tp == 0)  # SP only with tp > 1, s/cp split by tp
+    ok &= do | (dp * cp > 1)                                  # without DP both optimisers coincide
+    idx = np.nonzero(ok)[0]
+    tp, cp, pp, dp, v, mb = tp[idx], cp[idx], pp[idx], dp[idx], v[idx], mb[idx]
+    counts = np.array([_rank_counts(model.num_layers, int(p), int(q)) for p, q in zip(pp, v)],
+                      dtype=np.int64).reshape(-1, 3)
+    return LayoutGrid(
+        tp=tp, pp=pp, dp=dp, cp=cp, ep=np.ones_like(tp), vp=v, micro_batch_size=mb,
+        global_batch_size=np.full_like(tp, global_batch_size), recompute=rc[idx],
+        sequence_parallel=sp[idx], distributed_optimizer=do[idx],
+        flash_attention=np.ones(len(idx), dtype=bool), layers_first=counts[:, 0],
+        layers_last=counts[:, 1], layers_mid=counts[:, 2], seq_len=seq_len, dtype=space.dtype,
+    )
+
+
+def _order(grid: LayoutGrid, step: np.ndarray) -> np.ndarray:
+    """Deterministic ranking: step time, then simpler layouts (smaller tp, pp, cp, vp)."""
+    return np.lexsort((grid.recompute, grid.vp, grid.cp, grid.pp, grid.tp, np.round(step, 9)))
+
+
+def refine_partition(model: ModelSpec, cluster: ClusterSpec, est: Estimate,
+                     headroom: float) -> tuple[Estimate, Partition | None]:
+    """Re-split the layers of `est`'s layout with the partition ILP; keep the better one."""
+    lay = est.layout
+    if lay.pp == 1:
+        return est, None
+    costs = megatron.stage_costs(model, cluster, lay, headroom)
+    ranks = np.array(rank_layer_counts(lay.stage_layers(model.num_layers), lay.pp))
+    times = costs.layer_time_s * _per_rank_layers(lay, model.num_layers) + costs.extra_time_s
+    average = (costs.layer_time_s * model.num_layers + costs.extra_time_s.sum()) / lay.pp
+    if times.max() <= average * (1 + 1e-3) and ranks.size:
+        return est, None  # the even split already meets the average-load lower bound
+    try:
+        part = partition_layers(model.num_layers, lay.pp, costs.layer_time_s, np.ones(lay.pp),
+                                costs.extra_time_s, costs.layer_mem_bytes, costs.fixed_mem_bytes,
+                                costs.capacity_bytes, vp=lay.vp, time_limit_s=5.0)
+    except InfeasibleLayout:
+        return est, None
+    new = megatron.estimate(model, cluster, replace(lay, layers_per_stage=part.layers_per_stage),
+                            headroom)
+    better = new.fits and (not est.fits or new.step_time_s < est.step_time_s - 1e-12)
+    return (new, part) if better else (est, part)
+
+
+def _per_rank_layers(lay: Layout, num_layers: int) -> np.ndarray:
+    stages = lay.stage_layers(num_layers)
+    return np.array([sum(stages[r::lay.pp]) for r in range(lay.pp)], dtype=float)
+
+
+def search(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_batch_size: int,
+           space: SearchSpace | None = None, top_k: int = 5) -> SearchResult:
+    """Rank every valid layout for `model` on `cluster` (homogeneous cost model)."""
+    space = space or SearchSpace()
+    start = time.perf_counter()
+    megatron.require_dense(model)
+    gpu = cluster.gpu
+    grid = generate(model, cluster.world_size, cluster.gpus_per_node, seq_len, global_batch_size,
+                    space)
+    if not len(grid):
+        raise NoCandidates(_no_candidate_reason(model, cluster, seq_len, global_batch_size, space))
+    res = megatron.evaluate(model, cluster, grid)
+    step = res.step_time_s
+    fits = megatron.fits_mask(res, gpu, space.headroom)
+    order = _order(grid, np.where(fits, step, np.inf))
+    leaders = [int(i) for i in order[: max(top_k, space.refine_top)] if fits[i]]
+    plans, parts, solver = [], [], "none"
+    for i in leaders:
+        est = megatron.result_estimate(res, i, grid.layout(i), gpu, space.headroom)
+        if len(plans) < space.refine_top:
+            est, part = refine_partition(model, cluster, est, space.headroom)
+            solver = part.solver if part is not None else solver
+        else:
+            part = None
+        plans.append(est)
+        parts.append(part)
+    ranked = sorted(zip(plans, parts), key=lambda ep: ep[0].step_time_s)[:top_k]
+    alternatives = _family_leaders(res, grid, order, fits, gpu, space.headroom,
+                                   ranked[0][0].layout if ranked else None)
+    nearest = ()
+    if not ranked:
+        over = np.argsort(res.peak_bytes)[:3]
+        nearest = tuple(megatron.result_estimate(res, int(i), grid.layout(int(i)), gpu,
+                                                 space.headroom) for i in over)
+    return SearchResult(
+        plans=tuple(e for e, _ in ranked), candidates=len(grid), feasible=int(fits.sum()),
+        seconds=time.perf_counter() - start, solver=solver,
+        partitions=tuple(p for _, p in ranked), nearest=nearest, cluster=cluster,
+        alternatives=alternatives,
+    )
+
+
+def _family_leaders(res, grid: LayoutGrid, order, fits, gpu, headroom: float,
+                    winner: Layout | None, count: int = 4) -> tuple[Estimate, ...]:
+    """The fastest fitting layout of each (tp, pp, cp) family other than the winner's."""
+    if winner is None:
+        return ()
+    seen = {(winner.tp, winner.pp, winner.cp)}
+    out = []
+    for i in order:
+        if not fits[i]:
+            break  # order puts every non-fitting candidate last
+        key = (int(grid.tp[i]), int(grid.pp[i]), int(grid.cp[i]))
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(megatron.result_estimate(res, int(i), grid.layout(int(i)), gpu, headroom))
+        if len(out) == count:
+            break
+    return tuple(out)
+
+
+def search_nodes(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_batch_size: int,
+                 space: SearchSpace | None = None, top_k: int = 5) -> SearchResult:
+    """`search`, and if no layout can use every node (e.g. 641 nodes, a prime), the largest
+    subset of nodes (at most 1/8 left idle) that admits one; `idle_nodes` says which."""
+    try:
+        return search(model, cluster, seq_len, global_batch_size, space, top_k)
+    except NoCandidates:
+        n = cluster.num_nodes
+        if n == 1:
+            raise
+        first_error = None
+        for keep in range(n - 1, max(0, n - max(1, n // 8)) - 1, -1):
+            sub = replace(cluster, nodes=cluster.nodes[:keep], bandwidth_GBps=_sub(cluster.bandwidth_GBps, keep),
+                          latency_s=_sub(cluster.latency_s, keep))
+            try:
+                res = search(model, sub, seq_len, global_batch_size, space, top_k)
+            except NoCandidates as exc:
+                first_error = first_error or exc
+                continue
+            return replace(res, idle_nodes=tuple(x.name for x in cluster.nodes[keep:]))
+        raise
+
+
+def _sub(matrix, keep: int):
+    return None if matrix is None else tuple(tuple(row[:keep]) for row in matrix[:keep])
+
+
+def _no_candidate_reason(model: ModelSpec, cluster: ClusterSpec, seq_len: int, gbs: int,
+                         space: SearchSpace) -> str:
+    world = cluster.world_size
+    if any(getattr(space, k) for k in ("tp", "pp", "cp", "dp", "vp", "micro_batch_size")):
+        return ("no valid layout satisfies the fixed degrees on "
+                f"{world} GPUs with global batch {gbs}; relax --tp/--pp/--cp/--vp/--dp/--mbs")
+    return (f"no valid layout for {world} GPUs, global batch {gbs}, sequence {seq_len}: the batch "
+            "must be divisible by the data-parallel degree; use a global batch that is a "
+            f"multiple of a divisor of {world}")
+
+
+def scaled_cluster(cluster: ClusterSpec, factor: int) -> ClusterSpec:
+    """The same cluster with `factor` times the nodes (for "what would fit" advice)."""
+    nodes = tuple(NodeSpec(f"{n.name}-x{k}" if k else n.name, n.gpus, n.gpu, n.nic, n.rack)
+                  for k in range(factor) for n in cluster.nodes)
+    return replace(cluster, nodes=nodes, bandwidth_GBps=None, latency_s=None)
+
+
+def layout_key(lay: Layout) -> tuple:
+    return (lay.tp, lay.pp, lay.cp, lay.dp, lay.vp, lay.micro_batch_size, lay.recompute,
+            lay.sequence_parallel, lay.distributed_optimizer)
+
+
+def plan_best(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_batch_size: int,
+              dtype: str = "bf16", space: SearchSpace | None = None):
+    """The fastest fitting plan for `cluster` as a `Plan` (used by `meshplan run` to re-plan
+    after excluding a node). SpecError/InfeasibleLayout when nothing fits."""
+    from .planfile import Plan
+
+    space = replace(space or SearchSpace(), dtype=dtype)
+    res = search_nodes(model, cluster, seq_len, global_batch_size, space, top_k=1)
+    if not res.plans:
+        raise InfeasibleLayout(
+            f"no layout of {model.name} fits on {res.cluster.world_size} GPUs "
+            f"(closest needs {res.nearest[0].peak_GiB:.1f} GiB)" if res.nearest else
+            f"no layout of {model.name} fits")
+    best = res.plans[0]
+    used = res.cluster
+    return Plan(model, used, best.layout, tuple(n.name for n in used.nodes), best.to_dict())
