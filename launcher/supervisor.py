@@ -262,14 +262,6 @@ def teardown(procs: list[subprocess.Popen], known: dict[int, int], grace_s: floa
 
 # -- one attempt -----------------------------------------------------------------------------
 
-def _torchrun_commands():
-    try:
-        from .artifacts import torchrun_commands
-    except ImportError:  # the launcher keeps it in launcher.torchrun
-        from .torchrun import torchrun_commands
-    return torchrun_commands
-
-
 def expected_ranks(plan: Plan) -> dict[int, str]:
     """Global rank -> node name, as the plan places them (rank // gpus_per_node)."""
     gpn = plan.gpus_per_node
@@ -310,7 +302,9 @@ def start_nodes(plan: Plan, plan_path: Path, attempt_dir: Path, opts: RunOptions
 
     dumps = attempt_dir / "dumps"
     dumps.mkdir(parents=True, exist_ok=True)
-    cmds = _torchrun_commands()(
+    from .artifacts import torchrun_commands  # lazy: only a launch needs it
+
+    cmds = torchrun_commands(
         plan, str(opts.script), script_args=script_args_for(plan_path, opts),
         rdzv_endpoint=f"127.0.0.1:{free_port()}", run_id=f"meshplan-{os.getpid()}-{attempt_dir.name}",
         max_restarts=0, dump_dir=str(dumps), python=sys.executable)
