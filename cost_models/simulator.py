@@ -204,7 +204,7 @@ def _check_schedule(tasks: StepTasks, schedule: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def simulate_step(tasks: StepTasks, schedule: str = "1f1b") -> SimResult:
+def simulate_step(tasks: StepTasks, schedule: str | None = None) -> SimResult:
     """Simulate one training step event by event and return its timeline.
 
     Each pp rank runs `rank_order` sequentially. A forward of virtual stage k (k > 0) of
@@ -215,8 +215,10 @@ def simulate_step(tasks: StepTasks, schedule: str = "1f1b") -> SimResult:
     blocked). After a rank's last backward its DP reduction starts early by
     min(dp_overlap * dp_comm_s, duration of that backward); the optimizer starts when both the
     backward and the reduction are done. With vp == 1, "interleaved" degenerates to 1F1B
-    (as in Megatron-LM).
+    (as in Megatron-LM); schedule None means "interleaved" if vp > 1 else "1f1b".
     """
+    if schedule is None:
+        schedule = "interleaved" if tasks.vp > 1 else "1f1b"
     _check_schedule(tasks, schedule)
     pp, vp, m = tasks.pp, tasks.vp, tasks.num_microbatches
     orders = [rank_order(pp, vp, m, r) for r in range(pp)]
