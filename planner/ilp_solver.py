@@ -11,6 +11,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import pulp
 
 # Relative MIP gap at which the solvers may stop. Tight, because our models are small and the
@@ -47,19 +48,50 @@ def highs_available() -> bool:
     return bool(pulp.HiGHS().available())
 
 
-def make_solver(time_limit_s: float) -> pulp.LpSolver:
-    """HiGHS when available, else CBC; silent, single-threaded, with a wall-clock limit."""
+class _StartedHiGHS(pulp.HiGHS):
+    """pulp's in-process HiGHS, handed a (partial) starting solution before it runs; HiGHS
+    completes a partial one by a sub-MIP and keeps it as the first incumbent."""
+
+    def __init__(self, start: dict[str, float], **options):
+        super().__init__(**options)
+        self.start = start
+
+    def callSolver(self, lp):  # noqa: N802 - pulp's name
+        index = {var.name: var.index for var in lp.variables()}
+        names = [name for name in self.start if name in index]
+        lp.solverModel.setSolution(
+            len(names),
+            np.array([index[name] for name in names], dtype=np.int32),
+            np.array([self.start[name] for name in names], dtype=float),
+        )
+        super().callSolver(lp)
+
+
+def make_solver(time_limit_s: float, start: dict[str, float] | None = None) -> pulp.LpSolver:
+    """HiGHS when available, else CBC; silent, single-threaded, with a wall-clock limit.
+
+    start: optional values for some variables (by name), a known feasible point to begin from.
+    """
+    # threads=1: the planner runs many small solves; HiGHS' thread pool only adds start-up
+    options = dict(msg=False, timeLimit=time_limit_s, gapRel=GAP_REL, threads=1)
     if highs_available():
-        # threads=1: the planner runs many small solves; HiGHS' thread pool only adds start-up
-        return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=GAP_REL, threads=1)
-    return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=GAP_REL, threads=1)
+        return _StartedHiGHS(start, **options) if start else pulp.HiGHS(**options)
+    return pulp.PULP_CBC_CMD(warmStart=bool(start), **options)
 
 
-def solve(problem: pulp.LpProblem, time_limit_s: float) -> SolveOutcome:
-    """Solve `problem` in place and report solver name, status, relative gap and seconds."""
+def solve(problem: pulp.LpProblem, time_limit_s: float,
+          start: dict[str, float] | None = None) -> SolveOutcome:
+    """Solve `problem` in place and report solver name, status, relative gap and seconds.
+
+    start: variable name -> value of a feasible point to begin from (see make_solver).
+    """
     if not time_limit_s > 0:
         raise ValueError(f"time_limit_s must be positive, got {time_limit_s!r}")
-    solver = make_solver(time_limit_s)
+    solver = make_solver(time_limit_s, start)
+    if start and not highs_available():  # CBC reads the start from the variables themselves
+        for var in problem.variables():
+            if var.name in start:
+                var.setInitialValue(start[var.name])
     start = time.perf_counter()
     problem.solve(solver)
     seconds = time.perf_counter() - start
