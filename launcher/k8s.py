@@ -45,6 +45,7 @@ def pod_snippet(plan: Plan, argv: Sequence[str], plan_hosts: Sequence[str]) -> s
         "  fi",
         "fi",
         'export MESHPLAN_NODE_RANK="$NODE_RANK" MESHPLAN_NODE_NAME="${NODE_NAMES[$NODE_RANK]}"',
+        'export MESHPLAN_NODE="$MESHPLAN_NODE_NAME"',
         'mkdir -p -- "$MESHPLAN_DUMP_DIR"',
         "exec " + quote_with_placeholders(argv),
     ]) + "\n"

@@ -57,6 +57,7 @@ def node_snippet(plan: Plan, argv: Sequence[str], plan_hosts: Sequence[str]) -> 
         "fi",
         'IS_HOST=false; if [ "$NODE_RANK" = 0 ]; then IS_HOST=true; fi',
         'export MESHPLAN_NODE_RANK="$NODE_RANK" MESHPLAN_NODE_NAME="${NODE_NAMES[$NODE_RANK]}"',
+        'export MESHPLAN_NODE="$MESHPLAN_NODE_NAME"',
         "exec " + quote_with_placeholders(argv),
     ]) + "\n"
 

@@ -78,6 +78,7 @@ def watchdog_env(dump_dir: str) -> dict[str, str]:
         "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": "300",
         "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
         "TORCH_NCCL_TRACE_BUFFER_SIZE": "20000",
+        "TORCH_FR_BUFFER_SIZE": "20000",  # newer name (torch >= 2.8 reads it first)
         "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": prefix,
         "TORCH_FR_DUMP_TEMP_FILE": prefix,  # newer name of the same setting
         "MESHPLAN_DUMP_DIR": str(dump_dir),
@@ -187,8 +188,9 @@ def torchrun_commands(plan: Plan, script: str, script_args: Sequence[str] = (),
     base_env = watchdog_env(dump_dir or f"/tmp/{run_id}-dumps")
     out = []
     for rank, name in enumerate(plan.node_order):
+        # MESHPLAN_NODE: the node name launcher.runtime's StepMonitor records for each rank.
         env = dict(base_env, MESHPLAN_NODE_RANK=str(rank), MESHPLAN_NNODES=str(plan.nnodes),
-                   MESHPLAN_NODE_NAME=name)
+                   MESHPLAN_NODE_NAME=name, MESHPLAN_NODE=name)
         argv = torchrun_argv(plan, script, script_args, node_rank=str(rank), endpoint=endpoint,
                              run_id=run_id, max_restarts=max_restarts,
                              is_host="true" if rank == 0 else "false", python=python)
