@@ -13,6 +13,7 @@ Pure: numpy only, no I/O. Times are seconds.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Literal
 
 import numpy as np
@@ -225,12 +226,14 @@ def simulate_step(tasks: StepTasks, schedule: str | None = None) -> SimResult:
     raw, last_end, last_dur = _run_pipeline(tasks, orders)
     step_s, tail = _dp_and_optimizer(tasks, last_end, last_dur)
     busy = m * (np.sum(tasks.fwd_s, axis=1) + np.sum(tasks.bwd_s, axis=1)) + np.asarray(tasks.optimizer_s)
-    events = sorted((Event(*e) for e in raw + tail), key=lambda e: (e.rank, e.start_s, e.kind))
+    raw.extend(tail)
+    raw.sort(key=itemgetter(0, 4, 1))  # rank, start, kind: sort plain tuples, then wrap
+    events = tuple(Event(*e) for e in raw)
     return SimResult(
         schedule="interleaved" if vp > 1 else "1f1b", pp=pp, vp=vp, num_microbatches=m,
         step_time_s=step_s, pipeline_s=max(last_end),
         busy_s=tuple(float(b) for b in busy), idle_s=tuple(float(step_s - b) for b in busy),
-        events=tuple(events),
+        events=events,
     )
 
 
