@@ -52,6 +52,8 @@ class SearchSpace:
     """Largest tp; None keeps tp inside one node's NVLink domain."""
     sequence_parallel: tuple[bool, ...] = (True, False)
     distributed_optimizer: tuple[bool, ...] = (True, False)
+    flash_attention: bool = True
+    """Fused attention kernels (set False to model pre-2022 software stacks)."""
     headroom: float = 0.05
     """Fraction of GPU memory the planner keeps free (prediction error, allocator spikes)."""
     refine_top: int = 5
@@ -151,7 +153,7 @@ def generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
         tp=tp, pp=pp, dp=dp, cp=cp, ep=np.ones_like(tp), vp=v, micro_batch_size=mb,
         global_batch_size=np.full_like(tp, global_batch_size), recompute=rc[idx],
         sequence_parallel=sp[idx], distributed_optimizer=do[idx],
-        flash_attention=np.ones(len(idx), dtype=bool), layers_first=counts[:, 0],
+        flash_attention=np.full(len(idx), space.flash_attention), layers_first=counts[:, 0],
         layers_last=counts[:, 1], layers_mid=counts[:, 2], seq_len=seq_len, dtype=space.dtype,
     )
 

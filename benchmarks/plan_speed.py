@@ -1,0 +1,73 @@
+"""How fast `meshplan plan` is on three planning problems (issue 3's targets: (b) <= 5 s and
+(a) <= 2 s wall on a 2-core machine).
+
+  (a) GPT-3-style 530B (Turing-530B shape) on 5128 A100 (641 DGX nodes), seq 2048, GBS 2520
+  (b) Llama 3.1 405B on 16,384 H100 (2048 nodes), seq 8192, GBS 2048
+  (c) Llama 3.1 70B on 64 H100 (8 nodes), seq 8192, GBS 128
+
+For each: wall time of the whole CLI (`meshplan plan ... --json`, process start included),
+its CPU time (robust when the machine is shared), the search's own time, candidates evaluated and candidates per second. Median of --repeat runs.
+
+Run: python benchmarks/plan_speed.py [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+CASES = {
+    "a": ("gpt-530b", "dgx-a100", 641, 2048, 2520),
+    "b": ("llama3.1-405b", "dgx-h100", 2048, 8192, 2048),
+    "c": ("llama3.1-70b", "dgx-h100", 8, 8192, 128),
+}
+TARGET_S = {"a": 2.0, "b": 5.0}
+
+
+def run_case(model: str, cluster: str, nodes: int, seq: int, gbs: int) -> tuple[float, dict]:
+    cmd = [sys.executable, "-m", "planner.cli", "plan", "--model", model, "--cluster", cluster,
+           "--nodes", str(nodes), "--seq-len", str(seq), "--global-batch-size", str(gbs), "--json"]
+    start = time.perf_counter()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: {' '.join(cmd)} failed: {proc.stderr.strip()}")
+    return wall, cpu, json.loads(proc.stdout)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    print(f"{'case':<5} {'problem':<44} {'wall s':>7} {'cpu s':>6} {'search s':>8} {'candidates':>10} "
+          f"{'cand/s':>9} {'target':>7}  best layout")
+    for key, (model, cluster, nodes, seq, gbs) in CASES.items():
+        runs = [run_case(model, cluster, nodes, seq, gbs) for _ in range(args.repeat)]
+        wall = statistics.median(w for w, _, _ in runs)
+        cpu = statistics.median(c for _, c, _ in runs)
+        out = runs[-1][2]
+        search = out["search"]
+        lay = out["plans"][0]["layout"]
+        label = (f"tp{lay['tp']} pp{lay['pp']} cp{lay['cp']} dp{lay['dp']} vp{lay['vp']} "
+                 f"mbs{lay['micro_batch_size']} {lay['recompute']}")
+        gpus = nodes * 8
+        target = TARGET_S.get(key)
+        verdict = "-" if target is None else ("ok" if wall <= target else "SLOW")
+        print(f"({key})  {model} on {gpus} {cluster} seq {seq} gbs {gbs:<6}"[:50].ljust(50)
+              + f"{wall:>7.2f} {cpu:>6.2f} {search['seconds']:>8.2f} {search['candidates']:>10,} "
+              f"{search['candidates'] / search['seconds']:>9,.0f} {verdict:>7}  {label}")
+        if search["idle_nodes"]:
+            print(f"      note: {len(search['idle_nodes'])} node(s) idle: no layout uses all "
+                  f"{nodes} nodes with this batch")
+
+
+if __name__ == "__main__":
+    main()
