@@ -65,7 +65,7 @@ def _run_nodes(out_dir: Path, env: dict[str, str], logs: Path) -> list[int]:
     procs = []
     try:
         for rank in (1, 0):
-            log = open(logs / f"node{rank}.log", "ab")  # noqa: SIM115 - closed with the process
+            log = open(logs / f"node{rank}.log", "ab")  # closed in the finally below
             procs.append((subprocess.Popen(["bash", str(out_dir / f"node-{rank}.sh")], env=env,
                                            stdout=log, stderr=subprocess.STDOUT,
                                            start_new_session=True), log))
