@@ -123,13 +123,17 @@ def write_launch(plan: Plan, script: str, out_dir: str | os.PathLike, backend: s
     script = script if backend == "k8s" else str(Path(script).absolute())
     files = render_launch(plan, script, out, backend, framework, _read_hosts(plan, hosts_file),
                           script_args, **options)
-    write_plan(plan, out / "plan.yaml")
-    written = [out / "plan.yaml"]
-    for name, text in files.items():
-        path = out / name
-        write_atomic(path, text)
-        path.chmod(0o755 if name.endswith((".sh", ".sbatch")) else 0o644)
-        written.append(path)
+    try:
+        write_plan(plan, out / "plan.yaml")
+        written = [out / "plan.yaml"]
+        for name, text in files.items():
+            path = out / name
+            write_atomic(path, text)
+            path.chmod(0o755 if name.endswith((".sh", ".sbatch")) else 0o644)
+            written.append(path)
+    except OSError as exc:
+        raise SpecError(f"cannot write launch files to {out}: {exc.strerror or exc}; "
+                        "choose a writable -o DIR") from None
     return written
 
 

@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 
 from cost_models.specs import Layout
-from launcher.artifacts import write_launch
 from planner.planfile import Plan, read_plan, write_plan
 from planner.specfiles import REPO_ROOT, load_cluster, load_model
 
@@ -122,10 +121,12 @@ def reference(tmp_path_factory) -> list[float]:
 
 
 def _launch(tmp: Path, plan_path: Path, extra_args: list[str]) -> Path:
+    """`meshplan launch` as a user runs it; returns DIR."""
     out = tmp / "launch dir"  # a space in every generated path
-    write_launch(read_plan(plan_path), str(TRAINER), out, "torchrun", "plain", None,
-                 ["--steps", str(STEPS), "--log-file", str(tmp / "losses.jsonl"), *extra_args],
-                 rdzv_endpoint=f"127.0.0.1:{_free_port()}", python=sys.executable)
+    subprocess.run([sys.executable, "-m", "planner.cli", "launch", str(plan_path), "--script",
+                    str(TRAINER), "-o", str(out), "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+                    "--python", sys.executable, "--", "--steps", str(STEPS), "--log-file",
+                    str(tmp / "losses.jsonl"), *extra_args], check=True, timeout=120)
     return out
 
 
