@@ -147,7 +147,7 @@ def generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
     ok &= do | (dp * cp > 1)                                  # without DP both optimisers coincide
     idx = np.nonzero(ok)[0]
     tp, cp, pp, dp, v, mb = tp[idx], cp[idx], pp[idx], dp[idx], v[idx], mb[idx]
-    counts = np.array([_rank_counts(model.num_layers, int(p), int(q)) for p, q in zip(pp, v)],
+    counts = np.array([_rank_counts(model.num_layers, int(p), int(q)) for p, q in zip(pp, v, strict=False)],
                       dtype=np.int64).reshape(-1, 3)
     return LayoutGrid(
         tp=tp, pp=pp, dp=dp, cp=cp, ep=np.ones_like(tp), vp=v, micro_batch_size=mb,
@@ -218,7 +218,7 @@ def search(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_batch_si
             part = None
         plans.append(est)
         parts.append(part)
-    ranked = sorted(zip(plans, parts), key=lambda ep: ep[0].step_time_s)[:top_k]
+    ranked = sorted(zip(plans, parts, strict=False), key=lambda ep: ep[0].step_time_s)[:top_k]
     alternatives = _family_leaders(res, grid, order, fits, gpu, space.headroom,
                                    ranked[0][0].layout if ranked else None)
     nearest = ()

@@ -15,20 +15,6 @@ def meshplan(*args, check=False):
                           text=True, check=check)
 
 
-def meshplan_inproc(args, capsys, monkeypatch):
-    """Run the console entry point in this process: (exit code, stdout, stderr)."""
-    from planner.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["meshplan", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_acceptance_command_prints_contract_json():
     r = meshplan("estimate", *BASE, "--tp", "4", "--pp", "4", "--cp", "2", "--vp", "5", "--json")
     assert r.returncode == 0, r.stderr
@@ -62,31 +48,31 @@ def test_acceptance_command_prints_contract_json():
     (["--dp", "3"], "does not match"),
     (["--dtype", "fp8", "--cluster", "dgx-a100"], "no fp8 support"),
 ])
-def test_bad_input_is_one_clear_line(args, needle, capsys, monkeypatch):
+def test_bad_input_is_one_clear_line(args, needle, run_cli):
     merged = dict(zip(BASE[::2], BASE[1::2], strict=False))
     merged.update({"--tp": "4", "--pp": "4"})
     merged.update(dict(zip(args[::2], args[1::2], strict=False)))
     flat = [x for kv in merged.items() for x in kv]
-    code, out, err = meshplan_inproc(["estimate", *flat], capsys, monkeypatch)
+    code, out, err = run_cli(["estimate", *flat])
     assert code == 2, out
     lines = err.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], err
 
 
-def test_malformed_and_incomplete_config(tmp_path, capsys, monkeypatch):
+def test_malformed_and_incomplete_config(tmp_path, run_cli):
     bad = tmp_path / "config.json"
     bad.write_text("{not json")
     args = ["estimate", "--model", str(bad), *BASE[2:], "--tp", "1", "--pp", "1"]
-    code, _, err = meshplan_inproc(args, capsys, monkeypatch)
+    code, _, err = run_cli(args)
     assert code == 2 and "not valid json" in err and len(err.splitlines()) == 1
     bad.write_text(json.dumps({"model_type": "llama", "hidden_size": 1024}))
-    code, _, err = meshplan_inproc(args, capsys, monkeypatch)
+    code, _, err = run_cli(args)
     assert code == 2 and "lacks 'num_attention_heads'" in err
 
 
-def test_not_fitting_prints_breakdown_and_overflow(capsys, monkeypatch):
+def test_not_fitting_prints_breakdown_and_overflow(run_cli):
     args = ["estimate", *BASE[:5], "1", *BASE[6:], "--tp", "1", "--pp", "1"]
-    code, out, err = meshplan_inproc(args, capsys, monkeypatch)
+    code, out, err = run_cli(args)
     assert code == 3
     assert "weights" in out and "activations" in out
     assert "over by" in err and "GiB" in err
