@@ -1,0 +1,28 @@
+"""`meshplan models` and `meshplan clusters`: list the presets."""
+
+from __future__ import annotations
+
+import click
+
+from .specfiles import _cluster_presets_raw, load_model, model_presets
+
+
+@click.command("models")
+def models() -> None:
+    """List model presets (usable as --model NAME)."""
+    click.echo(f"{'name':<16} {'layers':>6} {'hidden':>6} {'heads':>5} {'kv':>3} {'vocab':>7}  kind")
+    for name in model_presets():
+        m = load_model(name)
+        kind = f"MoE {m.num_experts}x top-{m.experts_top_k}" if m.is_moe else m.mlp_kind
+        click.echo(f"{name:<16} {m.num_layers:>6} {m.hidden_size:>6} {m.num_heads:>5} "
+                   f"{m.num_kv_heads:>3} {m.vocab_size:>7}  {kind}")
+
+
+@click.command("clusters")
+def clusters() -> None:
+    """List cluster presets (usable as --cluster NAME --nodes N)."""
+    for name, raw in sorted(_cluster_presets_raw().items()):
+        click.echo(f"{name:<14} {raw['gpus_per_node']} x {raw['gpu']} per node, "
+                   f"{raw['intra_node']['kind']} {raw['intra_node']['bandwidth_GBps']} GB/s inside, "
+                   f"{raw['inter_node']['kind']} {raw['inter_node']['bandwidth_GBps']} GB/s per GPU "
+                   "across nodes")
