@@ -126,7 +126,10 @@ def parse_hosts_file(text: str, plan: Plan) -> dict[str, str] | list[str]:
     lines = [ln.strip() for ln in text.splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith("#")]
     named = [ln.split(None, 1) for ln in lines]
-    if lines and all(len(p) == 2 and p[0] in names for p in named):
+    is_named = [len(p) == 2 and p[0] in names for p in named]
+    if any(is_named) and not all(is_named):
+        raise SpecError("hosts file mixes 'NODE HOST' lines with bare HOST lines; use one form")
+    if lines and all(is_named):
         out: dict[str, str] = {}
         for name, host in named:
             if name in out:

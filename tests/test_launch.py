@@ -31,6 +31,7 @@ from cost_models.specs import Layout, SpecError
 from launcher import frameworks
 from launcher.artifacts import NodeCommand, render_launch, torchrun_commands, write_launch
 from launcher.launch_cli import launch
+from launcher.torchrun import parse_hosts_file
 from planner.planfile import Plan, read_plan, write_plan
 from planner.specfiles import load_cluster, load_model
 
@@ -97,6 +98,17 @@ def test_torchrun_commands_hosts_and_bad_input():
         torchrun_commands(plan, "t.py", rdzv_endpoint="nohostport")
     with pytest.raises(SpecError, match="unknown"):
         torchrun_commands(plan, "t.py", hosts={"localnode0": "a", "bogus": "b"})
+
+
+def test_hosts_file_forms():
+    plan = make_plan()
+    assert parse_hosts_file("# c\nlocalnode1 b host\nlocalnode0 a\n", plan) == {
+        "localnode1": "b host", "localnode0": "a"}
+    assert parse_hosts_file("h0\n\nh1\n", plan) == ["h0", "h1"]
+    with pytest.raises(SpecError, match="mixes"):
+        parse_hosts_file("localnode0 a\nh1\n", plan)
+    with pytest.raises(SpecError, match="twice"):
+        parse_hosts_file("localnode0 a\nlocalnode0 b\n", plan)
 
 
 # ------------------------------------------------------------------------------------------
