@@ -327,6 +327,8 @@ def find_hang(views: dict[int, RankView], now: float, cfg: MonitorConfig) -> Inc
         steps = {v.current_step for v in live.values()}
         if len(steps) > 1:  # everyone computing, one behind: the one behind holds the rest
             culprit = min(live, key=lambda r: (live[r].current_step, r))
+            ahead = max(steps)
+            evidence["behind_ranks"] = sorted(r for r, v in live.items() if v.current_step < ahead)
     node = live[culprit].node if culprit is not None else None
     step = live[culprit].current_step if culprit is not None else None
     return Incident(now, "hang", culprit, node, step, evidence)

@@ -15,6 +15,7 @@ appending to the same incident log and never touches the checkpoints):
     DIR/incidents.jsonl        one JSON line per incident (append, flush, fsync)
     DIR/ckpt/                  the trainer's --ckpt-dir (unless --ckpt-dir is given)
     DIR/attempt<K>/plan.yaml   the plan this attempt ran
+    DIR/attempt<K>/launch/     its launch files (`meshplan launch` output, regenerated)
     DIR/attempt<K>/node<i>.log the node's torchrun output
     DIR/attempt<K>/monitor/    rank<R>.jsonl records and rank<R>.hb heartbeats
     DIR/run.json               summary of the run (written atomically at the end)
@@ -391,8 +392,13 @@ def watch(procs: list[subprocess.Popen], names: list[str], plan: Plan, monitor_d
 def run_attempt(plan: Plan, attempt_dir: Path, opts: RunOptions, strip_faults: bool,
                 report: Callable[[Incident], None]) -> AttemptResult:
     """Write the plan, launch it, watch it, tear it down (always)."""
+    from .artifacts import write_launch
+
     plan_path = attempt_dir / "plan.yaml"
     write_plan(plan, plan_path)
+    # the launch files of this attempt's plan, for the record and for manual relaunches
+    write_launch(plan, str(opts.script), attempt_dir / "launch",
+                 script_args=script_args_for(plan_path, opts)[2:])
     t0 = time.monotonic()
     procs, names = start_nodes(plan, plan_path, attempt_dir, opts, strip_faults)
     known: dict[int, int] = {}

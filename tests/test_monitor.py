@@ -297,3 +297,13 @@ def test_slow_link_localised_to_node():
 def test_config_rejects_bad_threshold():
     with pytest.raises(ValueError, match="threshold"):
         MonitorConfig(straggler_threshold=1.5)
+
+
+def test_hang_without_open_collective_blames_rank_a_step_behind():
+    # collectives hidden inside the model (e.g. FSDP): nobody has an open comm() marker
+    recs = {r: records(r, range(6)) for r in range(4)}
+    t = recs[0][-1]["t"]
+    for r in (0, 1, 3):  # rank 2 never begins step 6
+        recs[r].append({"ev": "begin", "step": 6, "t": t})
+    inc = find_hang(views_of(recs), t + 2.0, CFG)
+    assert inc.rank == 2 and inc.node == "n1" and inc.evidence["behind_ranks"] == [2]

@@ -160,6 +160,8 @@ def test_kill_detected_replanned_and_resumed(plan_file, clean_run, tmp_path):
     assert result.excluded_nodes == ("localnode0",)
     replanned = read_plan(out / "attempt1" / "plan.yaml")
     assert replanned.node_order == ("localnode1",) and replanned.layout.world == 2
+    launch = out / "attempt1" / "launch"  # launch files regenerated for the new plan
+    assert (launch / "node-0.sh").is_file() and not (launch / "node-1.sh").exists()
     # resumed from the last checkpoint (step_10), not from scratch, and without the fault
     begins = [r["step"] for r in rank_records(out / "attempt1" / "monitor", 0) if r["ev"] == "begin"]
     assert begins == list(range(10, FAULT_STEPS))
