@@ -18,7 +18,7 @@ from profiler.context import ProfileContext, Progress, gather
 from profiler.p2p import ELEMENT_BYTES, KiB, MiB, _fmt_bytes, fmt_rate
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter")
-QUICK_SIZES = (256 * KiB, 4 * MiB)
+QUICK_SIZES = (1 * MiB,)
 FULL_SIZES = (64 * KiB, 1 * MiB, 16 * MiB, 64 * MiB)
 
 
@@ -81,7 +81,7 @@ def time_collective(ctx: ProfileContext, op: str, nbytes: int, ranks: int, group
 
 def sweep(ctx: ProfileContext, ranks: int, group, label: str, progress: Progress) -> list[dict]:
     """All three collectives over the size ladder; stops a ladder once one call is slow."""
-    sizes, iters, stop_s = (QUICK_SIZES, 3, 0.3) if ctx.quick else (FULL_SIZES, 10, 1.0)
+    sizes, iters, stop_s = (QUICK_SIZES, 2, 0.3) if ctx.quick else (FULL_SIZES, 10, 1.0)
     out = []
     for op in OPS:
         for size in sizes:

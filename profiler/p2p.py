@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 
@@ -39,7 +40,7 @@ class Ladder:
     max_reps: int
 
 
-QUICK_LADDER = Ladder((4 * KiB, 64 * KiB, 512 * KiB, 2 * MiB, 8 * MiB, 16 * MiB), 0.12, 0.25, 10)
+QUICK_LADDER = Ladder((4 * KiB, 64 * KiB, 512 * KiB, 2 * MiB, 8 * MiB, 16 * MiB), 0.08, 0.15, 10)
 FULL_LADDER = Ladder((4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB), 0.5, 1.5, 30)
 
 
@@ -116,17 +117,18 @@ def _send_ladder(ctx: ProfileContext, peer: int, ladder: Ladder) -> list[tuple[i
             reps = max(1, min(ladder.max_reps, int(ladder.per_size_s / guess)))
         else:
             reps = ladder.max_reps
-        header[0], header[1] = nbytes, reps + 1
+        warmup = 0 if samples else 1  # the very first message pays for buffer set-up
+        header[0], header[1] = nbytes, reps + warmup
         dist.send(header, peer)
         times = []
-        for _ in range(reps + 1):  # the first repetition warms up and is dropped
+        for _ in range(reps + warmup):
             ctx.sync()
             start = time.perf_counter()
             dist.send(buf[: nbytes // ELEMENT_BYTES], peer)
             dist.recv(ack, peer)
             ctx.sync()
             times.append(time.perf_counter() - start)
-        samples.append((nbytes, statistics.median(times[1:])))
+        samples.append((nbytes, statistics.median(times[warmup:])))
         if samples[-1][1] > ladder.stop_s:
             break
     header.zero_()
@@ -238,16 +240,20 @@ def measure_all_pairs_busy(ctx: ProfileContext, nbytes: int) -> tuple[tuple[floa
     if ctx.is_leader:
         start = time.perf_counter()
         works = dist.batch_isend_irecv(ops)
-        pending = dict(zip(peers, works[len(peers):], strict=True))
-        while pending:  # poll so each arrival gets its own time stamp
-            for k, work in list(pending.items()):
-                if work.is_completed():
-                    arrival[f"{k}->{me}"] = nbytes / (time.perf_counter() - start) / 1e9
-                    del pending[k]
-            time.sleep(2e-4)
+
+        def wait_for(k: int, work) -> None:  # gloo works only complete inside wait()
+            work.wait()
+            ctx.sync()
+            arrival[f"{k}->{me}"] = nbytes / (time.perf_counter() - start) / 1e9
+
+        threads = [threading.Thread(target=wait_for, args=(k, w))
+                   for k, w in zip(peers, works[len(peers):], strict=True)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
         for work in works[: len(peers)]:
             work.wait()
-        ctx.sync()
     merged: dict[str, float] = {}
     for part in gather(arrival):
         merged.update(part)

@@ -1,0 +1,170 @@
+"""A real heterogeneous test cluster on one machine: network namespaces as hosts.
+
+Layout (all names carry a per-process prefix, e.g. mp1234):
+    <p>br : a namespace holding bridge br0
+    <p>h0..h3 : one namespace per host, interface `mpnet0` (veth) with 10.213.X.(i+1)/24,
+                the veth's peer enslaved to br0 in <p>br
+Both ends of each host's veth get a `tc tbf` rate limit (host egress and bridge egress toward
+the host), so traffic in both directions is shaped: a pair of hosts runs at the slower host's
+rate. Nothing is created in the root namespace except transiently (the veth before it is
+moved), so the machine's own network is untouched. Teardown kills every process left in the
+namespaces and deletes them (deleting a namespace destroys its veths).
+
+Use `netns_cluster_or_skip()` from a pytest fixture; `NetnsCluster.torchrun(...)` starts one
+torchrun agent per host inside its namespace.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IFNAME = "mpnet0"
+MASTER_PORT = 29500  # free: the master's namespace is brand new
+DEFAULT_RATES_MBIT = (400, 400, 400, 50)
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    name: str
+    """Node name the profile reports (MESHPLAN_NODE_NAME)."""
+    netns: str
+    ip: str
+    rate_mbit: float
+
+
+def why_not_available() -> str | None:
+    """A skip reason, or None when namespaces can be built here."""
+    if sys.platform != "linux":
+        return "network namespaces need Linux"
+    if os.geteuid() != 0:
+        return "building network namespaces needs root"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` not found (apt-get install -y iproute2)"
+    if shutil.which("torchrun") is None:
+        return "torchrun not found (pip install torch)"
+    probe = f"mpprobe{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"cannot create a network namespace: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def _sh(*args: str, netns: str | None = None) -> None:
+    cmd = (["ip", "netns", "exec", netns] if netns else []) + list(args)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
+
+
+def _shape(dev: str, rate_mbit: float, netns: str) -> None:
+    """tbf on egress of `dev`: rate, a burst of >= 4 ms of traffic (and >= 64 KiB so that
+    GSO super-packets pass), a 100 ms queue so TCP is paced, not dropped."""
+    burst = max(64 * 1024, int(rate_mbit * 1e6 / 8 * 0.004))
+    _sh("tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{rate_mbit}mbit",
+        "burst", str(burst), "latency", "100ms", netns=netns)
+
+
+@dataclass
+class NetnsCluster:
+    """Namespaces, bridge, shaped veths; `teardown()` is idempotent."""
+
+    rates_mbit: tuple[float, ...] = DEFAULT_RATES_MBIT
+    prefix: str = field(default_factory=lambda: f"mp{os.getpid() % 100000}")
+    hosts: list[Host] = field(default_factory=list)
+    _namespaces: list[str] = field(default_factory=list)
+
+    @property
+    def subnet(self) -> str:
+        return f"10.213.{os.getpid() % 200 + 20}"
+
+    @property
+    def bridge_ns(self) -> str:
+        return f"{self.prefix}br"
+
+    def setup(self) -> NetnsCluster:
+        atexit.register(self.teardown)  # even if the test process dies between set-up and finally
+        try:
+            self._add_ns(self.bridge_ns)
+            _sh("ip", "link", "add", "br0", "type", "bridge", netns=self.bridge_ns)
+            _sh("ip", "link", "set", "br0", "up", netns=self.bridge_ns)
+            for i, rate in enumerate(self.rates_mbit):
+                self.hosts.append(self._add_host(i, rate))
+        except BaseException:
+            self.teardown()
+            raise
+        return self
+
+    def _add_ns(self, name: str) -> None:
+        _sh("ip", "netns", "add", name)
+        self._namespaces.append(name)
+        _sh("ip", "link", "set", "lo", "up", netns=name)
+
+    def _add_host(self, i: int, rate_mbit: float) -> Host:
+        ns, outer, inner = f"{self.prefix}h{i}", f"{self.prefix}v{i}b", f"{self.prefix}v{i}h"
+        self._add_ns(ns)
+        _sh("ip", "link", "add", inner, "type", "veth", "peer", "name", outer)
+        try:
+            _sh("ip", "link", "set", inner, "netns", ns)
+            _sh("ip", "link", "set", outer, "netns", self.bridge_ns)
+        except RuntimeError:
+            subprocess.run(["ip", "link", "del", inner], capture_output=True)  # left in root ns
+            raise
+        ip = f"{self.subnet}.{i + 1}"
+        _sh("ip", "link", "set", inner, "name", IFNAME, netns=ns)
+        _sh("ip", "addr", "add", f"{ip}/24", "dev", IFNAME, netns=ns)
+        _sh("ip", "link", "set", IFNAME, "up", netns=ns)
+        _sh("ip", "link", "set", outer, "master", "br0", netns=self.bridge_ns)
+        _sh("ip", "link", "set", outer, "up", netns=self.bridge_ns)
+        _shape(IFNAME, rate_mbit, ns)  # host -> bridge
+        _shape(outer, rate_mbit, self.bridge_ns)  # bridge -> host
+        return Host(f"h{i}", ns, ip, rate_mbit)
+
+    def teardown(self) -> None:
+        """Kill what runs in our namespaces, delete them. Safe to call twice."""
+        for ns in reversed(self._namespaces):
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+            for pid in pids.stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self._namespaces.clear()
+
+    def torchrun(self, args: list[str], timeout_s: float, log_dir: Path,
+                 env: dict | None = None) -> list[tuple[int | None, str]]:
+        """One torchrun agent per host (--nproc-per-node 1) running `args`, all started at
+        once; returns (exit code or None if killed at the timeout, output) per host."""
+        procs, logs = [], []
+        for rank, host in enumerate(self.hosts):
+            host_env = {**os.environ, **(env or {}), "MESHPLAN_NODE_NAME": host.name,
+                        "GLOO_SOCKET_IFNAME": IFNAME, "OMP_NUM_THREADS": "1"}
+            cmd = ["ip", "netns", "exec", host.netns, "torchrun", "--nnodes",
+                   str(len(self.hosts)), "--nproc-per-node", "1", "--node-rank", str(rank),
+                   "--master-addr", self.hosts[0].ip, "--master-port", str(MASTER_PORT), *args]
+            logs.append(log_dir / f"{host.name}.log")
+            with logs[-1].open("w") as log:
+                procs.append(subprocess.Popen(cmd, env=host_env, stdout=log,
+                                              stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + timeout_s
+        codes: list[int | None] = []
+        for proc in procs:
+            try:
+                codes.append(proc.wait(timeout=max(0.1, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                codes.append(None)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        return [(code, log.read_text()) for code, log in zip(codes, logs, strict=True)]

@@ -1,0 +1,100 @@
+"""`meshplan profile --quick` on a real 4-host network-namespace cluster shaped with tc.
+
+Hosts h0..h2 get 400 Mbit/s links, h3 gets 50 Mbit/s (both directions shaped), so a pair
+runs at the slower host's rate: 0.05 GB/s among h0..h2, 0.00625 GB/s to/from h3. Needs root
+and iproute2 (ip, tc); skips with the reason otherwise. One profile run (~40 s wall on a
+loaded 2-core machine, mostly torch start-up) serves all the checks.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from netns_cluster import NetnsCluster, why_not_available
+
+from planner.specfiles import load_cluster
+
+pytestmark = [pytest.mark.netns, pytest.mark.torchrun, pytest.mark.timeout(240)]
+
+TOLERANCE = 0.25
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    reason = why_not_available()
+    if reason:
+        pytest.skip(reason)
+    shaped = NetnsCluster()
+    try:
+        yield shaped.setup()
+    finally:
+        shaped.teardown()  # also registered with atexit by setup()
+
+
+@pytest.fixture(scope="module")
+def profiled(cluster, tmp_path_factory):
+    """Run the quick profile once; (cluster.yaml path, rank-0 output, seconds to the file)."""
+    work = tmp_path_factory.mktemp("netns_profile")
+    out = work / "cluster.yaml"
+    start = time.time()
+    results = cluster.torchrun(["--no-python", "meshplan", "profile", "-o", str(out), "--quick"],
+                               timeout_s=150, log_dir=work)
+    exited_s = time.time() - start
+    logs = "\n".join(f"--- {h.name} (exit {code})\n{text[-3000:]}"
+                     for h, (code, text) in zip(cluster.hosts, results, strict=True))
+    assert all(code == 0 for code, _ in results), logs
+    assert out.exists(), logs
+    written_s = out.stat().st_mtime - start
+    print(f"quick 4-host profile: cluster.yaml after {written_s:.1f} s, "
+          f"all torchrun agents exited after {exited_s:.1f} s")
+    return out, results[0][1], written_s
+
+
+def expected_GBps(cluster: NetnsCluster, i: int, j: int) -> float:
+    """A pair runs at the slower host's tc rate (Mbit/s -> 10^9 bytes/s)."""
+    return min(cluster.hosts[i].rate_mbit, cluster.hosts[j].rate_mbit) * 1e6 / 8 / 1e9
+
+
+def test_pair_bandwidths_match_tc_rates(cluster, profiled):
+    spec = load_cluster(str(profiled[0]))
+    assert [n.name for n in spec.nodes] == [h.name for h in cluster.hosts]
+    rows = []
+    for i in range(len(cluster.hosts)):
+        for j in range(len(cluster.hosts)):
+            if i != j:
+                want, got = expected_GBps(cluster, i, j), spec.bandwidth_GBps[i][j]
+                rows.append(f"h{i}->h{j}: tc {want * 1e3:.2f} MB/s, measured {got * 1e3:.2f} MB/s")
+                assert abs(got - want) <= TOLERANCE * want, "\n".join(rows)
+    print("\n".join(rows))
+
+
+def test_slow_host_named_in_summary(profiled):
+    summary = profiled[1]
+    assert "slow host: h3 (" in summary, summary
+    for other in ("h0", "h1", "h2"):
+        assert f"slow host: {other} " not in summary, summary
+    assert "slow pair" not in summary, summary  # h3's pairs are explained by h3
+
+
+def test_quick_profile_within_a_minute(profiled):
+    assert profiled[2] <= 60, f"quick 4-host profile took {profiled[2]:.1f} s"
+
+
+def test_profile_used_namespace_interfaces_and_loads(cluster, profiled):
+    """gloo bound each namespace's shaped veth (GLOO_SOCKET_IFNAME) and the file loads back."""
+    measured = yaml.safe_load(Path(profiled[0]).read_text())["measured"]
+    for host in cluster.hosts:
+        nic = measured["nics"][host.name]
+        assert nic["socket_ifname"] == "mpnet0" and nic["socket_ipv4"] == host.ip
+        assert nic["kind"] == "ethernet"
+    assert measured["backend"] == "gloo" and measured["device"] == "cpu"
+    busbw = {s["op"]: s["busbw_GBps"] for s in measured["collectives"]["inter_node"]}
+    assert set(busbw) == {"all_reduce", "all_gather", "reduce_scatter"}
+    # A ring through h3 cannot beat h3's 50 Mbit/s link (6.25 MB/s) by more than the burst.
+    assert busbw["all_reduce"] <= 1.25 * expected_GBps(cluster, 0, 3)
+    spec = load_cluster(str(profiled[0]))
+    assert spec.inter_node.efficiency == 1.0
+    assert spec.latency_s is not None and spec.latency_s[0][1] > 0
