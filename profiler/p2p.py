@@ -80,24 +80,29 @@ def tournament_rounds(n: int) -> list[list[tuple[int, int]]]:
 
 
 def fit_alpha_beta(samples: list[tuple[int, float]]) -> AlphaBeta:
-    """Least-squares fit of t = a + n * s over (bytes, seconds) samples of message + ack.
+    """Fit t = alpha + n / beta to (bytes, seconds of message + ack) samples.
 
-    Bandwidth is 1/s. The intercept covers the message's and the ack's latency, so one-way
-    latency is a/2. Rate shapers with a token-bucket burst make small messages faster than
-    the line and can push `a` below 0; then the smallest message's time/2 is used instead.
+    beta: least-squares slope over the bandwidth-dominated samples (t >= 4 x the smallest
+    message's time; all samples if fewer than two qualify). Rate shapers with a token-bucket
+    burst let small messages pass faster than the line, which would bias a fit over all
+    sizes. alpha: the fitted line anchored at the smallest message (t_min - n_min / beta);
+    it covers the message's and the ack's latency, so one-way latency is alpha / 2 (t_min / 2
+    when the burst makes alpha come out <= 0).
     """
     if not samples:
         raise ValueError("no samples to fit")
     n = np.array([s[0] for s in samples], dtype=float)
     t = np.array([s[1] for s in samples], dtype=float)
-    if len(samples) >= 2 and np.ptp(n) > 0:
-        slope, intercept = np.polyfit(n, t, 1)
-    else:
-        slope, intercept = 0.0, 0.0
+    t_min, n_min = float(t[np.argmin(n)]), float(n.min())
+    big = t >= 4 * t_min
+    if big.sum() < 2:
+        big = np.ones_like(big)
+    slope = np.polyfit(n[big], t[big], 1)[0] if np.ptp(n[big]) > 0 else 0.0
     if slope <= 0:  # too noisy to fit: the largest message's plain rate
-        slope, intercept = t[-1] / n[-1], 0.0
-    latency = intercept / 2 if intercept > 0 else float(t[np.argmin(n)]) / 2
-    return AlphaBeta(bandwidth_GBps=1.0 / slope / 1e9, latency_s=latency)
+        slope = t[np.argmax(n)] / n.max()
+    alpha = t_min - n_min * slope
+    latency = alpha / 2 if alpha > 0 else t_min / 2
+    return AlphaBeta(bandwidth_GBps=float(1.0 / slope / 1e9), latency_s=float(latency))
 
 
 # --------------------------------------------------------------------------------------------
