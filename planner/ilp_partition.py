@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pulp
@@ -131,10 +131,11 @@ def partition_layers(
         layer_mem_bytes, stage_fixed_mem_bytes, stage_capacity_bytes,
     )
     _check_capacity(prob)
+    scaled = _in_model_units(prob)
     if prob.uniform:
-        chunks, outcome = _solve_uniform(prob, time_limit_s)
+        chunks, outcome = _solve_uniform(scaled, time_limit_s)
     else:
-        chunks, outcome = _solve_per_layer(prob, time_limit_s)
+        chunks, outcome = _solve_per_layer(scaled, time_limit_s)
     times, mem = prob.times_and_mem(chunks)
     ranks = np.bincount([prob.rank_of_chunk(k) for k in range(len(chunks))], chunks, prob.pp)
     return Partition(
@@ -148,6 +149,14 @@ def partition_layers(
         solver=outcome.solver,
         seconds=time.perf_counter() - start,
     )
+
+
+def _in_model_units(prob: _Problem) -> _Problem:
+    """Times rescaled so the slowest conceivable stage is 1000 units: the solvers' absolute
+    feasibility tolerance (1e-7) then cannot hide sub-microsecond differences between splits."""
+    worst = float(prob.extra_s.max() + prob.scale.max() * prob.layer_time_s.sum())
+    unit = worst / 1000.0 if worst > 0 else 1.0
+    return replace(prob, layer_time_s=prob.layer_time_s / unit, extra_s=prob.extra_s / unit)
 
 
 # --------------------------------------------------------------------------------------------
