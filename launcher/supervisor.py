@@ -296,6 +296,17 @@ def node_env(cmd_env: dict[str, str], node: str, monitor_dir: Path, opts: RunOpt
     return env
 
 
+def _term_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the supervisor dies, even by SIGKILL (Linux
+    prctl PR_SET_PDEATHSIG), so torchrun tears its workers down instead of orphaning them."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: teardown() still covers normal exits
+        pass
+
+
 def start_nodes(plan: Plan, plan_path: Path, attempt_dir: Path, opts: RunOptions,
                 strip_faults: bool) -> tuple[list[subprocess.Popen], list[str]]:
     """Start every node's torchrun locally, each in its own session; returns (procs, names)."""
@@ -316,7 +327,8 @@ def start_nodes(plan: Plan, plan_path: Path, attempt_dir: Path, opts: RunOptions
             with open(attempt_dir / f"node{cmd.node_rank}.log", "wb") as out:
                 procs.append(subprocess.Popen(list(cmd.argv), env=env, stdout=out,
                                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                              start_new_session=True))
+                                              start_new_session=True,
+                                              preexec_fn=_term_with_parent))
             names.append(cmd.node_name)
     except BaseException:
         teardown(procs, {}, opts.teardown_grace_s)
@@ -451,6 +463,8 @@ def validate_options(opts: RunOptions) -> None:
     """SpecError (one actionable line) on bad options."""
     if not opts.script.is_file():
         raise SpecError(f"training script {opts.script} not found; pass --script PATH")
+    if opts.out_dir.exists() and not opts.out_dir.is_dir():
+        raise SpecError(f"output {opts.out_dir} exists and is not a directory; choose another -o DIR")
     if opts.max_restarts < 0:
         raise SpecError(f"--max-restarts must be >= 0, got {opts.max_restarts}")
     if opts.steps is not None and opts.steps < 1:

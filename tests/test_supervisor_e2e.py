@@ -220,6 +220,20 @@ def test_straggler_then_hang_then_supervisor_restart(plan_file, clean_run, tmp_p
 
 # -- process-free parts ----------------------------------------------------------------------
 
+def gone(pid: int, within_s: float) -> bool:
+    """True once `pid` no longer runs (absent or a zombie) within `within_s` seconds."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return True
+        if stat[stat.rfind(")") + 2] == "Z":
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def _incident(node: str | None = "localnode0", rank: int | None = 1) -> Incident:
     return Incident(1.0, "dead", rank, node, 3, {"detected_by": "test"})
 
@@ -306,8 +320,7 @@ def test_teardown_kills_children_in_their_own_sessions():
     (child,) = set(tree) - {parent.pid}
     teardown([parent], tree, grace_s=2.0)
     assert parent.poll() is not None
-    time.sleep(0.2)
-    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split(")")[1][:3]
+    assert gone(child, within_s=5)
 
 
 def test_bad_options_are_one_line_errors(tmp_path):
@@ -316,3 +329,22 @@ def test_bad_options_are_one_line_errors(tmp_path):
     with pytest.raises(SpecError, match="dead-after"):
         supervise(two_node_plan(), RunOptions(script=SCRIPT, out_dir=tmp_path,
                                               monitor=MonitorConfig(heartbeat_timeout_s=1.5)))
+
+
+def test_node_processes_die_with_a_killed_supervisor():
+    code = ("import subprocess, sys, time\n"
+            "from launcher.supervisor import _term_with_parent\n"
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],"
+            " start_new_session=True, preexec_fn=_term_with_parent)\n"
+            "print(p.pid, flush=True)\ntime.sleep(60)\n")
+    sup = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(sup.stdout.readline())
+    sup.kill()  # SIGKILL: no teardown code runs in the supervisor
+    sup.wait(timeout=10)
+    assert gone(child, within_s=10)
+
+
+def test_output_path_that_is_a_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SpecError, match="not a directory"):
+        supervise(two_node_plan(), RunOptions(script=SCRIPT, out_dir=tmp_path / "f"))
