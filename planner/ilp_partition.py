@@ -263,7 +263,7 @@ def _solve_uniform(prob: _Problem, time_limit_s: float) -> tuple[tuple[int, ...]
         model += stage_time <= t_max, f"time_{r}"
         model += t_min <= stage_time, f"even_{r}"
     model += pulp.lpSum(counts) == total, "all_layers"
-    outcome = solve(model, time_limit_s)
+    outcome = solve(model, time_limit_s, tiny=True)
     _raise_if_unsolved(outcome, prob)
     totals = [round(v.value()) for v in counts]
     return _spread_chunks(totals, pp, vp), outcome

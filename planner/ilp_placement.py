@@ -83,6 +83,12 @@ class Placement:
     solver: str
     seconds: float
 
+    def node_order(self, num_nodes: int) -> tuple[int, ...]:
+        """Every node once: node_for_rank, then the idle nodes in index order (the form of the
+        plan file's placement.node_order, by index)."""
+        used = set(self.node_for_rank)
+        return (*self.node_for_rank, *(n for n in range(num_nodes) if n not in used))
+
 
 @dataclass(frozen=True, slots=True)
 class _Problem:
@@ -137,15 +143,13 @@ def placement_cost(
 
 def _cost(prob: _Problem, nodes: np.ndarray) -> PlacementCost:
     grid = nodes.reshape(prob.stages, prob.blocks)
-    compute = max(prob.work_s[s] / prob.speed[grid[s]].min() for s in range(prob.stages))
+    compute = np.max(prob.work_s / prob.speed[grid].min(axis=1))
     collective = 0.0
     if prob.blocks > 1:
-        for s in range(prob.stages):
-            ring = prob.bw_GBps[np.ix_(grid[s], grid[s])]
-            collective = max(collective, prob.collective_s(s, ring.min()))
-    paths = np.zeros(prob.blocks)
-    for s in range(prob.stages - 1):
-        paths += prob.hop_bytes[s] / (GB * prob.bw_GBps[grid[s], grid[s + 1]])
+        ring_GBps = prob.bw_GBps[grid[:, :, None], grid[:, None, :]].min(axis=(1, 2))
+        collective = np.max(prob.collective_bytes / (GB * ring_GBps))
+    hop_GBps = prob.bw_GBps[grid[:-1], grid[1:]]  # [hop, block]
+    paths = np.sum(prob.hop_bytes[:, None] / (GB * hop_GBps), axis=0)
     return PlacementCost(float(compute), float(collective), float(paths.max(initial=0.0)))
 
 
@@ -379,16 +383,16 @@ def node_classes(
 
 
 def _quantise(values: np.ndarray, rel_tol: float) -> np.ndarray:
-    """Map each value to the smallest of its group; sorted values start a new group when
-    they exceed the group's first value by more than rel_tol."""
-    flat = np.sort(np.unique(values[np.isfinite(values)]))
-    reps, first = [], None
-    for v in flat:
-        if first is None or v > first * (1 + rel_tol):
-            first = v
-        reps.append(first)
-    lookup = dict(zip(flat.tolist(), reps, strict=True))
-    return np.vectorize(lambda v: lookup.get(v, v), otypes=[float])(values)
+    """Map each finite value to the smallest of its group (non-finite ones stay); sorted
+    values start a new group when they exceed the group's first value by more than rel_tol."""
+    flat = np.unique(values[np.isfinite(values)])
+    reps = flat.copy()
+    for i in range(1, len(flat)):
+        reps[i] = reps[i - 1] if flat[i] <= reps[i - 1] * (1 + rel_tol) else flat[i]
+    out = np.array(values, dtype=float)
+    finite = np.isfinite(out)
+    out[finite] = reps[np.searchsorted(flat, out[finite])]
+    return out
 
 
 def _renumber(keys: list) -> np.ndarray:
@@ -397,13 +401,16 @@ def _renumber(keys: list) -> np.ndarray:
 
 
 def _refine(colours: np.ndarray, qbw: np.ndarray) -> np.ndarray:
+    """Split classes until each node of a class sees the same sorted (class, bandwidth) codes
+    towards all other nodes."""
     n = len(colours)
+    levels, bw_id = np.unique(qbw, return_inverse=True)
+    bw_id = bw_id.reshape(n, n)
+    off = ~np.eye(n, dtype=bool)
     while True:
-        keys = []
-        for i in range(n):
-            seen = sorted((int(colours[j]), float(qbw[i, j])) for j in range(n) if j != i)
-            keys.append((int(colours[i]), tuple(seen)))
-        refined = _renumber(keys)
+        codes = (colours[None, :] * len(levels) + bw_id)[off].reshape(n, n - 1)
+        signature = np.column_stack([colours, np.sort(codes, axis=1)])
+        refined = _renumber([row.tobytes() for row in signature])
         if refined.max() == colours.max():
             return refined
         colours = refined
@@ -451,7 +458,8 @@ def _solve_aggregated(prob: _Problem, labels: np.ndarray, time_limit_s: float,
     nodes = _concrete_nodes(prob, table, _class_paths(prob, table, counts, hops))
     if _cost(prob, guess).total_s < _cost(prob, nodes).total_s:
         nodes = guess
-    budget_s = max(0.1, min(2.0, time_limit_s - (time.perf_counter() - start)) * 0.5)
+    left_s = time_limit_s - (time.perf_counter() - start)
+    budget_s = float(np.clip(0.5 * left_s, 0.05, 0.5))
     return _improve_by_swaps(prob, labels, nodes, budget_s), outcome
 
 

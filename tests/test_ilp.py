@@ -369,6 +369,7 @@ def test_placement_leaves_the_slowest_spare_node_idle():
     bw[4, :] = bw[:, 4] = 2.0  # node 4's NIC is degraded and one node is spare
     got = place_nodes(bw, 2, 3, np.array([1e9, 1e9]), 1e8)
     assert 4 not in got.node_for_rank
+    assert got.node_order(7)[-1] == 4 and sorted(got.node_order(7)) == list(range(7))
 
 
 def test_large_cluster_uses_aggregated_model():
