@@ -1,0 +1,376 @@
+"""Planning on heterogeneous clusters: layouts, node placement and layer split together.
+
+    from planner.hetero import search_hetero
+    hs = search_hetero(model, cluster, seq_len=4096, global_batch_size=256, style="pipette")
+    hs.result.plans[0], hs.node_orders[0]   # best Estimate and its node order (node names)
+
+1. Candidate layouts come from the vectorised homogeneous search on a *nominal* cluster: the
+   slowest GPU type (with the smallest memory) and the median measured link.
+2. For each distinct (tp, cp, dp, pp) shape of the leading candidates, the placement ILP
+   (`planner.ilp_placement.place_nodes`) picks which node runs each node rank from the
+   traffic the layout generates (DP bytes per stage, pipeline hop bytes, stage work) and the
+   node-pair bandwidths; a few simple orders (the cluster's own, nodes grouped by type) are
+   kept as alternatives.
+3. For each candidate and order, the partition ILP (`planner.ilp_partition`) splits the layers
+   with stage_time_scale = 1 / the stage's slowest GPU speed, and the Pipette/Holmes model
+   (`cost_models.hetero.evaluate`) ranks the result. The fastest fitting one wins.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from cost_models import hetero, megatron
+from cost_models.specs import (
+    ClusterSpec,
+    GiB,
+    InfeasibleLayout,
+    Layout,
+    LinkSpec,
+    ModelSpec,
+    NodeSpec,
+    SpecError,
+)
+
+from .ilp_partition import partition_layers
+from .ilp_placement import grid_shape, place_nodes
+from .search import SearchResult, SearchSpace, layout_key, search
+
+MAX_LAYOUTS = 16
+"""Candidate layouts that get a placement and a partition (the vectorised search ranks all)."""
+PER_SHAPE = 3
+"""At most this many candidates per (tp, cp, dp, pp) shape, so the shapes stay diverse."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedPlan:
+    """One ranked heterogeneous plan: the model's verdict and how the placement was found."""
+
+    result: hetero.HeteroResult
+    node_order: tuple[int, ...]
+    """Physical node index per node rank."""
+    placement: str
+    """Where the order came from: ilp-exact | ilp-aggregated | cluster-order | grouped."""
+    placement_status: str
+    """Solver status (optimal / feasible) and gap of the placement ILP, or 'heuristic'."""
+    partition_status: str
+
+
+@dataclass(frozen=True, slots=True)
+class HeteroSearch:
+    """`result` is a SearchResult (plans best first) for the CLI; `placed` the same plans with
+    their node orders and the solver outcomes."""
+
+    result: SearchResult
+    placed: tuple[PlacedPlan, ...]
+    style: str
+    placements_solved: int
+    """Placement ILPs run (one per layout shape)."""
+
+    @property
+    def node_orders(self) -> tuple[tuple[str, ...], ...]:
+        names = [n.name for n in self.result.cluster.nodes]
+        return tuple(tuple(names[i] for i in p.node_order) for p in self.placed)
+
+
+# --------------------------------------------------------------------------------------------
+# nominal cluster and per-node speeds
+# --------------------------------------------------------------------------------------------
+
+
+def nominal_links(fab: hetero.Fabric) -> list[tuple[float, float]]:
+    """(bytes/s, latency s) stand-ins for the inter-node link: the slowest, median and fastest
+    off-diagonal pair (distinct values only), so that layouts suited to each regime are ranked."""
+    n = fab.num_nodes
+    if n == 1:
+        return [(float(fab.bw_Bps[0, 0]), float(fab.latency_s[0, 0]))]
+    off = ~np.eye(n, dtype=bool)
+    bw, lat = fab.bw_Bps[off], fab.latency_s[off]
+    order = np.argsort(bw, kind="stable")
+    picks = [order[0], order[len(order) // 2], order[-1]]
+    out: list[tuple[float, float]] = []
+    for i in picks:
+        link = (float(bw[i]), float(lat[i]))
+        if not any(abs(link[0] - o[0]) <= 0.02 * o[0] for o in out):
+            out.append(link)
+    return out
+
+
+def nominal_cluster(cluster: ClusterSpec, fab: hetero.Fabric, dtype: str,
+                    link: tuple[float, float]) -> ClusterSpec:
+    """A uniform stand-in to rank layouts: slowest GPU type (with the smallest memory of any
+    type) and the inter-node `link` (bytes/s, latency s)."""
+    slow = hetero.slowest_gpu(cluster, fab.gpu, dtype)
+    memory = min(cluster.gpu_types[g].memory_GiB for g in set(fab.gpu))
+    gpu = replace(cluster.gpu_types[slow], memory_GiB=memory)
+    inter = LinkSpec("nominal", link[0] / 1e9, link[1], 1.0)
+    nodes = tuple(NodeSpec(x.name, x.gpus, slow, "infiniband", x.rack) for x in cluster.nodes)
+    return ClusterSpec(f"{cluster.name}-nominal", nodes, {slow: gpu}, cluster.intra_node, inter)
+
+
+def node_speeds(model: ModelSpec, cluster: ClusterSpec, fab: hetero.Fabric, layout: Layout) -> np.ndarray:
+    """Relative speed per node (1.0 = the fastest GPU type): ratio of one layer's time."""
+    costs = hetero._Costs(model, cluster, layout)
+    intra = (fab.bw_Bps[0, 0], fab.latency_s[0, 0])
+    layer = {g: float(costs.layer(g, intra)[0].total[0]) for g in set(fab.gpu)}
+    fastest = min(layer.values())
+    return np.array([fastest / layer[g] for g in fab.gpu])
+
+
+# --------------------------------------------------------------------------------------------
+# placement
+# --------------------------------------------------------------------------------------------
+
+
+def _traffic(model, cluster, fab, layout: Layout):
+    """(stage DP bytes, hop bytes, stage work s) of `layout` for the placement ILP: times at a
+    1 GB/s, zero-latency link, times 1e9, so that the ILP's bytes/bandwidth is those times."""
+    costs = hetero._Costs(model, cluster, layout)
+    unit = (1e9, 0.0)
+    fast = min(set(fab.gpu), key=lambda g: -cluster.gpu_types[g].peak_flops(layout.dtype))
+    layers = hetero.rank_layers(layout, model.num_layers)
+    p, m, v = layout.pp, layout.num_microbatches, layout.vp
+    coll, work = np.zeros(p), np.zeros(p)
+    lt, emb, head = costs.layer(fast, (fab.bw_Bps[0, 0], fab.latency_s[0, 0]))
+    for s in range(p):
+        rc = costs.rank(fast, unit, layers[s], s)
+        comm = float(rc.dp_comm[0])
+        exposed = 1 - cluster.gpu_types[fast].dp_comm_overlap  # the part a slow link exposes
+        coll[s] = comm * exposed * 1e9
+        ends = (float(emb[0]) if s == 0 else 0.0) + (float(head[0]) if s == p - 1 else 0.0)
+        work[s] = m * (layers[s] * float(lt.total[0]) + ends)
+    # fill + drain cross each hop twice; the steady state adds ~m*v exposed sends per path
+    weight = 2 + (m * v * 2 * megatron.P2P_STEADY_EXPOSED / (p - 1) if p > 1 else 0.0)
+    hop = costs.hop(unit) * 1e9 * weight
+    return coll, hop, work
+
+
+def _labels(cluster: ClusterSpec) -> np.ndarray:
+    """Integer label per node that the placement never merges: (GPU type, NIC kind)."""
+    keys = [(n.gpu, n.nic) for n in cluster.nodes]
+    index = {k: i for i, k in enumerate(sorted(set(keys)))}
+    return np.array([index[k] for k in keys])
+
+
+def candidate_orders(model, cluster, fab, layout: Layout, time_limit_s: float = 5.0):
+    """[(node order, source, status)]: the placement ILP's order (when the layout's nodes each
+    hold one stage), the cluster's own order, and nodes grouped by (GPU, NIC) kind."""
+    n = fab.num_nodes
+    own = tuple(range(n))
+    grouped = tuple(int(i) for i in np.argsort(_labels(cluster), kind="stable"))
+    out = [(own, "cluster-order", "heuristic")]
+    if grouped != own:
+        out.append((grouped, "grouped", "heuristic"))
+    try:
+        stages, blocks = grid_shape(layout.tp, layout.cp, layout.dp, layout.pp, fab.gpus_per_node)
+    except SpecError:
+        return out  # a node holds several stages: no node-level placement to choose
+    if n == 1:
+        return out
+    coll, hop, work = _traffic(model, cluster, fab, layout)
+    speed = node_speeds(model, cluster, fab, layout)
+    bw = fab.bw_GBps()
+    np.fill_diagonal(bw, 1.0)  # ignored by the ILP; must be finite
+    try:
+        pl = place_nodes(bw, stages, blocks, coll, hop, work, speed, _labels(cluster),
+                         time_limit_s=time_limit_s)
+    except InfeasibleLayout:
+        return out
+    gap = "" if pl.gap is None else f", gap {pl.gap:.2g}"
+    out.insert(0, (pl.node_for_rank, f"ilp-{pl.method}", f"{pl.status}{gap} ({pl.solver})"))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# partition and evaluation of one (layout, order)
+# --------------------------------------------------------------------------------------------
+
+
+def partition_for(model, cluster, fab, layout: Layout, order, speed: dict, headroom: float):
+    """(layout with its layers split by the partition ILP for this order's stage speeds, status),
+    or (layout, reason) when the even split is kept. `speed`: GPU type -> relative speed."""
+    if layout.pp == 1:
+        return layout, "single stage"
+    views = hetero.stage_views(cluster, fab, layout, order)
+    gpus = [hetero.slowest_gpu(cluster, [vw.gpu for vw in row], layout.dtype) for row in views]
+    scale = np.array([1.0 / speed[g] for g in gpus])
+    fastest = max(speed, key=lambda g: (speed[g], g))
+    ref = hetero.view_cluster(cluster, fastest, views[0][0].tpcp)
+    costs = megatron.stage_costs(model, ref, replace(layout, layers_per_stage=None), headroom)
+    cap = np.array([min(megatron.capacity_GiB(cluster.gpu_types[vw.gpu], headroom) for vw in row)
+                    for row in views]) * GiB
+    try:
+        part = partition_layers(model.num_layers, layout.pp, costs.layer_time_s, scale,
+                                costs.extra_time_s * scale, costs.layer_mem_bytes,
+                                costs.fixed_mem_bytes, cap, vp=layout.vp, time_limit_s=5.0)
+    except InfeasibleLayout as exc:
+        return layout, f"even split kept ({exc})"
+    gap = "" if part.gap is None else f", gap {part.gap:.2g}"
+    return replace(layout, layers_per_stage=part.layers_per_stage), f"{part.status}{gap} ({part.solver})"
+
+
+def best_of(model, cluster, fab, layout: Layout, orders, headroom: float) -> PlacedPlan | None:
+    """The fastest fitting (order, split) of `layout` over `orders`; None when none fits.
+    Each order is tried with its partition-ILP split and with the even split."""
+    best = None
+    costs, splits = {}, {}
+    speeds = node_speeds(model, cluster, fab, layout)
+    speed = {g: float(speeds[fab.gpu.index(g)]) for g in set(fab.gpu)}
+    for order, source, status in orders:
+        # the split depends on the order only through each stage's GPU types
+        where = hetero.rank_nodes(layout, fab.gpus_per_node, order)
+        kinds = tuple(tuple(sorted({fab.gpu[n] for n in np.unique(where[s])})) for s in range(layout.pp))
+        if kinds not in splits:
+            splits[kinds] = partition_for(model, cluster, fab, layout, order, speed, headroom)
+        split, pstatus = splits[kinds]
+        for lay, why in ((split, pstatus), (layout, "even split")):
+            key = lay.layers_per_stage
+            costs.setdefault(key, hetero._Costs(model, cluster, lay))
+            res = hetero.evaluate(model, cluster, fab, lay, order, headroom, costs[key])
+            if not res.fits:
+                continue
+            if best is None or res.estimate.step_time_s < best.result.estimate.step_time_s - 1e-12:
+                best = PlacedPlan(res, tuple(int(i) for i in order), source, status, why)
+    return best
+
+
+# --------------------------------------------------------------------------------------------
+# the search
+# --------------------------------------------------------------------------------------------
+
+
+def _shortlist(plans, limit: int = MAX_LAYOUTS, per_shape: int = PER_SHAPE) -> list[Layout]:
+    """Leading layouts, at most `per_shape` per (tp, cp, dp, pp), even layer split."""
+    seen, count, out = set(), {}, []
+    for est in plans:
+        lay = replace(est.layout, layers_per_stage=None)
+        shape = (lay.tp, lay.cp, lay.dp, lay.pp)
+        if layout_key(lay) in seen or count.get(shape, 0) >= per_shape:
+            continue
+        seen.add(layout_key(lay))
+        count[shape] = count.get(shape, 0) + 1
+        out.append(lay)
+        if len(out) == limit:
+            break
+    return out
+
+
+def search_hetero(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_batch_size: int,
+                  space: SearchSpace | None = None, top_k: int = 5, style: str = "pipette",
+                  time_limit_s: float = 5.0) -> HeteroSearch:
+    """Rank layouts *and* node placements on a heterogeneous cluster (module docstring)."""
+    space = space or SearchSpace()
+    start = time.perf_counter()
+    megatron.require_dense(model)
+    fab = hetero.fabric(cluster, style)
+    bases = [search(model, nominal_cluster(cluster, fab, space.dtype, link), seq_len,
+                    global_batch_size, replace(space, refine_top=0), top_k=MAX_LAYOUTS * PER_SHAPE)
+             for link in nominal_links(fab)]
+    base = bases[0]
+    mixed = [e for rank in itertools.zip_longest(*(b.plans for b in bases)) for e in rank if e]
+    layouts = _shortlist(mixed)
+    orders_by_shape, placed = {}, []
+    for lay in layouts:
+        shape = (lay.tp, lay.cp, lay.dp, lay.pp)
+        if shape not in orders_by_shape:
+            orders_by_shape[shape] = candidate_orders(model, cluster, fab, lay, time_limit_s)
+        found = best_of(model, cluster, fab, lay, orders_by_shape[shape], space.headroom)
+        if found is not None:
+            placed.append(found)
+    placed.sort(key=lambda p: p.result.estimate.step_time_s)
+    placed = placed[:top_k]
+    solvers = sorted({p.placement_status.split("(")[-1].rstrip(")") for p in placed
+                      if p.placement.startswith("ilp")})
+    result = replace(
+        base, plans=tuple(p.result.estimate for p in placed), feasible=base.feasible,
+        seconds=time.perf_counter() - start, solver=", ".join(solvers) or "heuristic",
+        partitions=(), cluster=cluster, alternatives=(),
+        nearest=base.nearest if not placed else ())
+    return HeteroSearch(result, tuple(placed), style,
+                        sum(1 for o in orders_by_shape.values() if o[0][1].startswith("ilp")))
+
+
+# --------------------------------------------------------------------------------------------
+# baselines for the benchmark and the tests
+# --------------------------------------------------------------------------------------------
+
+
+def uniform_plan(model, cluster, seq_len: int, global_batch_size: int, space: SearchSpace | None = None,
+                 tp: int | None = None) -> Layout:
+    """The layout a topology-blind planner picks: the homogeneous search on the cluster's
+    nominal `inter_node` link and first GPU type, even layer split (node order = cluster's).
+    `tp` fixes the tensor-parallel degree (Megatron's default: tp = GPUs per node)."""
+    space = replace(space or SearchSpace(), refine_top=0, tp=tp)
+    gpu = cluster.nodes[0].gpu
+    uniform = replace(cluster, bandwidth_GBps=None, latency_s=None, nic_links={},
+                      nodes=tuple(replace(n, gpu=gpu, nic=cluster.nodes[0].nic) for n in cluster.nodes),
+                      gpu_types={gpu: cluster.gpu_types[gpu]})
+    res = search(model, uniform, seq_len, global_batch_size, space, top_k=1)
+    if not res.plans:
+        raise InfeasibleLayout(f"no layout of {model.name} fits the uniform view of {cluster.name}")
+    return replace(res.plans[0].layout, layers_per_stage=None)
+
+
+def distinct_orders(cluster: ClusterSpec, fab: hetero.Fabric, limit: int = 2_000):
+    """Every node order up to swapping interchangeable nodes, or None when there are more than
+    `limit` (brute force intractable). Nodes are interchangeable when they share (GPU type, NIC
+    kind) and every link depends only on the two nodes' kinds (NIC-kind fabrics); with a
+    measured matrix every node is its own class."""
+    n = fab.num_nodes
+    label = _labels(cluster)
+    kinds = label.max() + 1
+    table = np.full((kinds, kinds), np.nan)
+    symmetric = True
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                seen = table[label[i], label[j]]
+                symmetric &= bool(np.isnan(seen) or seen == fab.bw_Bps[i, j])
+                table[label[i], label[j]] = fab.bw_Bps[i, j]
+    if not symmetric:
+        label = np.arange(n)
+    counts = np.bincount(label)
+    total = math.factorial(n) // math.prod(math.factorial(int(c)) for c in counts)
+    if total > limit:
+        return None
+    members = [list(np.flatnonzero(label == c)) for c in range(len(counts))]
+    out = []
+    for seq in _multiset_permutations([int(c) for c in counts]):
+        queues = [list(m) for m in members]
+        out.append(tuple(int(queues[c].pop(0)) for c in seq))
+    return out
+
+
+def _multiset_permutations(counts: list[int]):
+    """Every distinct sequence with counts[c] copies of c, in lexicographic order."""
+    if not any(counts):
+        yield ()
+        return
+    for c, left in enumerate(counts):
+        if left:
+            counts[c] -= 1
+            for rest in _multiset_permutations(counts):
+                yield (c, *rest)
+            counts[c] += 1
+
+
+def brute_force(model, cluster, fab, layouts, headroom: float = 0.05):
+    """The best (PlacedPlan) over every distinct node order of every layout in `layouts`,
+    each with its partition-ILP layer split; None when intractable."""
+    orders = distinct_orders(cluster, fab)
+    if orders is None:
+        return None, 0
+    best, tried = None, 0
+    for lay in layouts:
+        found = best_of(model, cluster, fab, lay, [(o, "brute-force", "exhaustive") for o in orders],
+                        headroom)
+        tried += len(orders)
+        if found is not None and (best is None or found.result.estimate.step_time_s
+                                  < best.result.estimate.step_time_s):
+            best = found
+    return best, tried
