@@ -16,6 +16,7 @@ recorder.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import statistics
@@ -26,6 +27,8 @@ log = logging.getLogger("meshplan.monitor")
 
 HISTORY_STEPS = 64
 """Completed steps kept per rank (bounded memory for long jobs)."""
+SCAN_STEPS = 32
+"""Straggler/slow-link detectors look at the latest this many common steps per poll."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,22 +364,42 @@ def step_scores(by_rank: dict[int, dict[int, StepSample]], steps: list[int],
         # time from step begin to the first collective: immune to clock skew across hosts
         enters = {r: d[s].first_enter_t - d[s].begin_t for r, d in by_rank.items()
                   if d[s].first_enter_t is not None}
-        for r, t in enters.items():
-            peers = [e for q, e in enters.items() if q != r and groups.get(q, 0) == groups.get(r, 0)]
-            if peers:
-                late[r].append(max(t - statistics.median(peers), 0.0))
+        for r, peer in peer_medians(enters, groups).items():
+            late[r].append(max(enters[r] - peer, 0.0))
     out = {}
-    for r in by_rank:
-        peers = [compute[q] for q in by_rank if q != r and groups.get(q, 0) == groups.get(r, 0)]
-        if not peers:
-            continue
-        peer_s = statistics.median(peers)
+    for r, peer_s in peer_medians(compute, groups).items():
         lateness = statistics.median(late[r]) if late[r] else 0.0
         compute_score = peer_s / compute[r] if compute[r] > 0 else 1.0
         arrival_score = peer_s / (peer_s + lateness) if peer_s + lateness > 0 else 1.0
         excess = max(compute[r] - peer_s, lateness)
         out[r] = (min(compute_score, arrival_score), excess, compute[r])
     return out
+
+
+def peer_medians(values: dict[int, float], groups: dict[int, int]) -> dict[int, float]:
+    """For each rank, the median of the other ranks' values in its group (ranks alone in their
+    group are left out). O(n log n): one sort per group, then each rank's median without
+    itself is read off the sorted list by shifting the middle index past its own slot."""
+    members: dict[int, list[int]] = {}
+    for r in values:
+        members.setdefault(groups.get(r, 0), []).append(r)
+    out = {}
+    for ranks in members.values():
+        if len(ranks) < 2:
+            continue
+        order = sorted(ranks, key=lambda r: values[r])
+        vals = [values[r] for r in order]
+        m = len(vals) - 1  # peers of each rank
+        for i, r in enumerate(order):
+            mid = m // 2
+            out[r] = (_kth_without(vals, i, mid) if m % 2 else
+                      0.5 * (_kth_without(vals, i, mid - 1) + _kth_without(vals, i, mid)))
+    return out
+
+
+def _kth_without(vals: list[float], i: int, k: int) -> float:
+    """The k-th smallest of sorted `vals` once index i is removed."""
+    return vals[k] if k < i else vals[k + 1]
 
 
 def find_straggler(views: dict[int, RankView], cfg: MonitorConfig,
@@ -387,6 +410,7 @@ def find_straggler(views: dict[int, RankView], cfg: MonitorConfig,
     detection step does not depend on how often the supervisor polls."""
     live = {r: v for r, v in views.items() if v.terminal is None}
     steps, by_rank = _common_steps(live)
+    steps = steps[-SCAN_STEPS:]
     groups = groups or {}
     run: dict[int, list[tuple[int, float]]] = {}
     w = cfg.straggler_window_steps
@@ -426,7 +450,8 @@ def transfer_s(by_rank: dict[int, dict[int, StepSample]], step: int) -> dict[int
     for r, d in by_rank.items():
         total = 0.0
         for c in d[step].collectives:
-            last = max((e for e in enters if e <= c.leave_t), default=c.enter_t)
+            i = bisect.bisect_right(enters, c.leave_t)  # latest enter at or before the leave
+            last = enters[i - 1] if i else c.enter_t
             total += max(c.leave_t - max(last, c.enter_t), 0.0)
         out[r] = total
     return out
@@ -440,6 +465,7 @@ def find_slow_link(views: dict[int, RankView], cfg: MonitorConfig) -> Incident |
     localised from timings and nothing is reported."""
     live = {r: v for r, v in views.items() if v.terminal is None}
     steps, by_rank = _common_steps(live)
+    steps = steps[-SCAN_STEPS:]
     nodes = {r: live[r].node for r in by_rank}
     suspect, count = None, 0
     for s in steps:

@@ -367,7 +367,7 @@ def watch(procs: list[subprocess.Popen], names: list[str], plan: Plan, monitor_d
     views: dict[int, RankView] = {}
     offsets: dict[int, int] = {}
     reported: set[tuple[str, object]] = set()
-    launched_t, failed_t, tree_t = time.time(), None, 0.0
+    launched_t, failed_t, tree_t, scored_through = time.time(), None, 0.0, -1
     while True:
         _poll_records(monitor_dir, views, offsets)
         codes = {name: p.poll() for name, p in zip(names, procs, strict=True)}
@@ -389,16 +389,29 @@ def watch(procs: list[subprocess.Popen], names: list[str], plan: Plan, monitor_d
                              now, cfg) or find_hang(views, now, cfg))
             if inc is not None:
                 return inc, codes
-        for inc in (find_straggler(views, opts.monitor, groups), find_slow_link(views, opts.monitor)):
-            if inc is None or (inc.kind, inc.rank, inc.node) in reported:
-                continue
-            reported.add((inc.kind, inc.rank, inc.node))
-            # detection time is now; the step's own time stays as evidence
-            inc = dataclasses.replace(inc, time_t=now, evidence={**inc.evidence, "step_end_t": inc.time_t})
-            if inc.kind == "straggler" and opts.straggler_action == "exclude":
-                return inc, codes
-            report(dataclasses.replace(inc, action="logged; no action"))
+        done = min((v.last_done_step for v in views.values()), default=-1)
+        if done != scored_through:  # score only when every rank completed another step
+            scored_through = done
+            stop = _soft_incidents(views, opts, groups, reported, now, report)
+            if stop is not None:
+                return stop, codes
         time.sleep(opts.poll_s)
+
+
+def _soft_incidents(views: dict[int, RankView], opts: RunOptions, groups: dict[int, int],
+                    reported: set, now: float, report: Callable[[Incident], None]) -> Incident | None:
+    """Stragglers and slow links, each reported once; returns a straggler that must stop the
+    attempt (--on-straggler exclude), else None."""
+    for inc in (find_straggler(views, opts.monitor, groups), find_slow_link(views, opts.monitor)):
+        if inc is None or (inc.kind, inc.rank, inc.node) in reported:
+            continue
+        reported.add((inc.kind, inc.rank, inc.node))
+        # detection time is now; the step's own end time stays as evidence
+        inc = dataclasses.replace(inc, time_t=now, evidence={**inc.evidence, "step_end_t": inc.time_t})
+        if inc.kind == "straggler" and opts.straggler_action == "exclude":
+            return inc
+        report(dataclasses.replace(inc, action="logged; no action"))
+    return None
 
 
 def run_attempt(plan: Plan, attempt_dir: Path, opts: RunOptions, strip_faults: bool,

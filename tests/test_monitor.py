@@ -307,3 +307,39 @@ def test_hang_without_open_collective_blames_rank_a_step_behind():
         recs[r].append({"ev": "begin", "step": 6, "t": t})
     inc = find_hang(views_of(recs), t + 2.0, CFG)
     assert inc.rank == 2 and inc.node == "n1" and inc.evidence["behind_ranks"] == [2]
+
+
+def test_peer_medians_match_brute_force():
+    import random
+    import statistics
+
+    from launcher.monitor import peer_medians
+
+    rng = random.Random(1)
+    for n in (2, 3, 4, 7, 10):
+        values = {r: rng.choice([rng.random(), 0.5]) for r in range(n)}  # with ties
+        groups = {r: r % 2 for r in range(n)} if n > 3 else {}
+        got = peer_medians(values, groups)
+        for r in values:
+            peers = [values[q] for q in values if q != r and groups.get(q, 0) == groups.get(r, 0)]
+            if peers:
+                assert got[r] == pytest.approx(statistics.median(peers))
+            else:
+                assert r not in got
+
+
+def test_detectors_scale_to_a_thousand_ranks():
+    import time
+
+    nodes = {r: f"n{r // 8}" for r in range(1024)}
+    views = {}
+    for r in range(1024):
+        recs = records(0, range(40), slow_from=20, factor=3.0, extra={"rank": 0 if r == 517 else -1})
+        recs[0]["node"] = nodes[r]
+        views[r] = fold_records(RankView(r), recs)
+    t0 = time.perf_counter()
+    inc = find_straggler(views, CFG)
+    find_slow_link(views, CFG)
+    elapsed = time.perf_counter() - t0
+    assert inc is not None and inc.rank == 517 and inc.node == "n64"
+    assert elapsed < 10.0  # one poll's work; quadratic code took minutes here
