@@ -8,6 +8,7 @@ Rank 0 writes the file (atomically) and prints the summary; progress goes to std
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -61,7 +62,7 @@ def check_output(ctx: ProfileContext, output: Path) -> None:
     if ctx.is_root:
         parent = output.resolve().parent
         existing = next(p for p in (parent, *parent.parents) if p.exists())
-        if output.is_dir() or not existing.is_dir() or not existing.stat().st_mode & 0o200:
+        if output.is_dir() or not existing.is_dir() or not os.access(existing, os.W_OK):
             error = f"cannot write -o {output}: choose a file path in a writable directory"
     agree_or_raise(error)
 
@@ -98,6 +99,18 @@ def summary_text(ctx: ProfileContext, facts: list[NodeFacts], devices: list[Devi
     return "\n".join(rows)
 
 
+def contention_line(p2p: P2PResult | None) -> str:
+    """'\nall pairs busy: ...' comparing the busy round with the isolated rounds, or ''."""
+    if p2p is None or p2p.busy_bandwidth_GBps is None:
+        return ""
+    n = len(p2p.bandwidth_GBps)
+    off = [(i, j) for i in range(n) for j in range(n) if i != j]
+    alone = sum(p2p.bandwidth_GBps[i][j] for i, j in off) / len(off)
+    busy = sum(p2p.busy_bandwidth_GBps[i][j] for i, j in off) / len(off)
+    return (f"\nall pairs busy: mean pair {fmt_rate(busy)} vs {fmt_rate(alone)} one pair at a "
+            f"time ({busy / alone:.0%})")
+
+
 def run_profile(ctx: ProfileContext, output: Path, gpu_override: str | None,
                 nic_override: str | None, name: str | None, progress: Progress) -> str | None:
     """All measurements; rank 0 writes `output` and returns the summary text."""
@@ -124,7 +137,7 @@ def run_profile(ctx: ProfileContext, output: Path, gpu_override: str | None,
                                 time.perf_counter() - start)
     write_cluster_yaml(output, cluster, measured)
     summary = summarize(ctx.node_names, p2p.bandwidth_GBps) if p2p else None
-    return summary_text(ctx, facts, devices, summary) + (
+    return summary_text(ctx, facts, devices, summary) + contention_line(p2p) + (
         f"\nwrote {output} ({ctx.num_nodes} nodes, {ctx.world_size} ranks) in "
         f"{time.perf_counter() - start:.1f} s")
 

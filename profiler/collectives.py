@@ -58,9 +58,12 @@ def _call(op: str, ctx: ProfileContext, nbytes: int, ranks: int, group) -> calla
     shard = torch.ones(nbytes // ELEMENT_BYTES // ranks, device=ctx.device)
     if op == "all_reduce":
         return lambda: dist.all_reduce(full, group=group)
+    # *_single are the torch >= 2.13 names of all_gather_into_tensor / reduce_scatter_tensor.
     if op == "all_gather":
-        return lambda: dist.all_gather_single(full, shard, group=group)
-    return lambda: dist.reduce_scatter_single(shard, full, group=group)
+        gather_op = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        return lambda: gather_op(full, shard, group=group)
+    scatter_op = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return lambda: scatter_op(shard, full, group=group)
 
 
 def time_collective(ctx: ProfileContext, op: str, nbytes: int, ranks: int, group,
