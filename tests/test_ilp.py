@@ -422,6 +422,8 @@ def test_placement_errors():
         place_nodes(bad, 2, 2, np.ones(2), 1.0)
     with pytest.raises(SpecError, match="hop_bytes needs 1 entries"):
         place_nodes(np.full((4, 4), 10.0), 2, 2, np.ones(2), np.ones(3))
+    with pytest.raises(SpecError, match="4 distinct node indices below 4"):
+        placement_cost(np.full((4, 4), 10.0), [0, 1, 1, 2], 2, 2, np.ones(2), 1.0)
 
 
 def test_grid_shape():
