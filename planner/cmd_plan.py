@@ -57,25 +57,38 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
                         headroom=mem_headroom, max_tp=max_tp, tp=tp, pp=pp, cp=cp, vp=vp, dp=dp,
                         micro_batch_size=micro_batch_size)
     console = Console(stderr=as_json)
-    if name != "megatron":
-        console.print(f"[yellow]note[/yellow]: cost model {name} ranks with the homogeneous "
-                      "search first")
-    res = search_nodes(prob.model, prob.cluster, seq_len, global_batch_size, space, top_k)
+    hs = None
+    if name != "megatron":  # heterogeneous: layouts, node placement and layer split together
+        from .hetero import search_hetero
+
+        hs = search_hetero(prob.model, prob.cluster, seq_len, global_batch_size, space, top_k,
+                           style=name)
+        res = hs.result
+    else:
+        res = search_nodes(prob.model, prob.cluster, seq_len, global_batch_size, space, top_k)
     if res.idle_nodes:
         console.print(f"[yellow]warning[/yellow]: no valid layout uses all {prob.cluster.num_nodes} "
                       f"nodes; planning for {res.cluster.num_nodes} and leaving "
                       f"{len(res.idle_nodes)} idle ({', '.join(res.idle_nodes[:4])})")
-    plans = [_plan_of(prob.model, res, e) for e in res.plans]
+    orders = hs.node_orders if hs is not None else [None] * len(res.plans)
+    plans = [_plan_of(prob.model, res, e, o) for e, o in zip(res.plans, orders, strict=True)]
     if as_json:
-        click.echo(json.dumps(_json(res, plans), indent=2))
+        out = _json(res, plans)
+        if hs is not None:
+            out["search"]["placement"] = _placement_json(hs)
+        click.echo(json.dumps(out, indent=2))
     else:
         _print(console, prob, res)
+        if hs is not None:
+            _print_placement(console, hs)
     if not res.plans:
-        for line in advise(prob.model, res.cluster, seq_len, global_batch_size, space, res.nearest):
-            click.echo(f"  {line}", err=True)
+        if hs is None:
+            for line in advise(prob.model, res.cluster, seq_len, global_batch_size, space,
+                               res.nearest):
+                click.echo(f"  {line}", err=True)
         click.echo(f"error: no layout of {prob.model.name} fits on {res.cluster.world_size} "
-                   f"{res.cluster.gpu.name} GPUs ({res.candidates} valid layouts tried); see the "
-                   "suggestions above", err=True)
+                   f"{_gpu_label(res.cluster)} GPUs ({res.candidates} valid layouts tried); "
+                   "see the suggestions above or add recompute/pipeline stages", err=True)
         sys.exit(3)
     if output:
         write_plan(plans[0], output)
@@ -84,14 +97,45 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
     if report:
         from .html_report import write_report
 
-        write_report(report, plans, res)
+        write_report(report, plans, hs if hs is not None else res)
         if not as_json:
             console.print(f"wrote {report}")
 
 
-def _plan_of(model, res: SearchResult, est: Estimate) -> Plan:
-    return Plan(model, res.cluster, est.layout, tuple(n.name for n in res.cluster.nodes),
+def _plan_of(model, res: SearchResult, est: Estimate, order=None) -> Plan:
+    """order: node name per node rank (heterogeneous placement); None: the cluster's order."""
+    return Plan(model, res.cluster, est.layout, tuple(order or (n.name for n in res.cluster.nodes)),
                 est.to_dict())
+
+
+def _gpu_label(cluster) -> str:
+    """'H100-SXM', or 'A100-80GB/H100-SXM' for a cluster mixing GPU types."""
+    return "/".join(sorted({n.gpu for n in cluster.nodes}))
+
+
+def _placement_json(hs) -> list[dict]:
+    """Per ranked plan: where its node order and layer split came from (solver status, gap)."""
+    return [{"source": p.placement, "placement_status": p.placement_status,
+             "partition_status": p.partition_status, "critical_stage": p.result.critical_stage,
+             "critical_replica": p.result.critical_replica, "stage_gpu": list(p.result.stage_gpu)}
+            for p in hs.placed]
+
+
+def _print_placement(console: Console, hs) -> None:
+    """Which nodes run each pipeline stage of the winner, and how the placement was found."""
+    from cost_models.hetero import rank_nodes
+
+    if not hs.placed:
+        return
+    best = hs.placed[0]
+    lay = best.result.estimate.layout
+    names = [n.name for n in hs.result.cluster.nodes]
+    where = rank_nodes(lay, hs.result.cluster.gpus_per_node, best.node_order)
+    console.print(f"placement ({hs.style} cost model): {best.placement}, solver "
+                  f"{best.placement_status}; layer split: {best.partition_status}")
+    for s in range(lay.pp):
+        nodes = ", ".join(names[i] for i in dict.fromkeys(where[s].ravel().tolist()))
+        console.print(f"  stage {s} ({best.result.stage_gpu[s]}): {nodes}")
 
 
 def _json(res: SearchResult, plans: list[Plan]) -> dict:
@@ -110,7 +154,7 @@ def _json(res: SearchResult, plans: list[Plan]) -> dict:
 
 def _print(console: Console, prob, res: SearchResult) -> None:
     c = res.cluster
-    console.print(f"[b]{prob.model.name}[/b] on {c.world_size} x {c.gpu.name} "
+    console.print(f"[b]{prob.model.name}[/b] on {c.world_size} x {_gpu_label(c)} "
                   f"({c.num_nodes} nodes), seq {prob.seq_len}, global batch "
                   f"{prob.global_batch_size}, {prob.dtype}")
     table = Table(show_edge=False, title=f"Top {len(res.plans)} layouts that fit")

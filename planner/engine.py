@@ -1,7 +1,8 @@
 """Cost-model selection: one place that maps `--cost-model` to the functions that evaluate.
 
 auto: `megatron` for a uniform cluster; `pipette` when the cluster holds measured per-pair
-links; `holmes` when nodes mix NIC kinds or GPU types (when those models are available).
+links (it also models mixed GPU types); otherwise `holmes` when nodes mix NIC kinds or GPU
+types. `pipette` and `holmes` plan with `planner.hetero.search_hetero` (layout + placement).
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ def resolve_cost_model(name: str, cluster: ClusterSpec) -> str:
     """The concrete cost model for `name` on `cluster` (SpecError if it cannot apply)."""
     mixed = len({(n.gpu, n.nic) for n in cluster.nodes}) > 1
     if name == "auto":
-        if mixed and _available("holmes"):
-            return "holmes"
         if cluster.bandwidth_GBps is not None and _available("pipette"):
             return "pipette"
+        if mixed and _available("holmes"):
+            return "holmes"
         return "megatron"
     if not _available(name):
         raise SpecError(f"cost model {name!r} is not available in this build; use megatron")

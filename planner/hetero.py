@@ -284,8 +284,8 @@ def search_hetero(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_b
             placed.append(found)
     placed.sort(key=lambda p: p.result.estimate.step_time_s)
     placed = placed[:top_k]
-    solvers = sorted({p.placement_status.split("(")[-1].rstrip(")") for p in placed
-                      if p.placement.startswith("ilp")})
+    solvers = sorted({status.split("(")[-1].rstrip(")") for p in placed
+                      for status in (p.placement_status, p.partition_status) if "(" in status})
     result = replace(
         base, plans=tuple(p.result.estimate for p in placed), feasible=base.feasible,
         seconds=time.perf_counter() - start, solver=", ".join(solvers) or "heuristic",
