@@ -106,7 +106,7 @@ def build_schedule(chunks: Sequence[GPTChunk], stage_ids: Sequence[int], num_sta
     gradient is that of the mean micro-batch loss.
     """
     stages = [PipelineStage(c, k, num_stages, device, group=pp_group)
-              for c, k in zip(chunks, stage_ids)]
+              for c, k in zip(chunks, stage_ids, strict=True)]
     if len(stages) == 1:
         return Schedule1F1B(stages[0], num_microbatches, loss_fn=lm_loss)
     return ScheduleInterleaved1F1B(stages, num_microbatches, loss_fn=lm_loss)
@@ -166,7 +166,7 @@ def checkpoint_state(chunks: Sequence[GPTChunk], optimizers: Sequence[torch.opti
     same call prepares the tensors a checkpoint is loaded into.
     """
     model, optim, keys = {}, {}, []
-    for chunk, opt in zip(chunks, optimizers):
+    for chunk, opt in zip(chunks, optimizers, strict=True):
         msd, osd = get_state_dict(chunk, opt, options=STATE_OPTIONS)
         model.update(msd)
         optim.update(osd)
@@ -183,7 +183,7 @@ def load_state(chunks: Sequence[GPTChunk], optimizers: Sequence[torch.optim.Opti
     """Load the checkpoint at `path` (any layout) into the local chunks; returns its step."""
     state, keys = checkpoint_state(chunks, optimizers, 0)
     dcp.load(state, checkpoint_id=path)
-    for chunk, opt, (mkeys, okeys) in zip(chunks, optimizers, keys):
+    for chunk, opt, (mkeys, okeys) in zip(chunks, optimizers, keys, strict=True):
         set_state_dict(chunk, opt, options=STATE_OPTIONS,
                        model_state_dict={k: state["model"][k] for k in mkeys},
                        optim_state_dict={k: state["optim"][k] for k in okeys})

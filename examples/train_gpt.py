@@ -43,19 +43,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+# gpt_model and gpt_parallel are siblings: `python examples/train_gpt.py` puts this directory
+# on sys.path.
+import gpt_parallel as par
 import torch
 import torch.distributed as dist
+from gpt_model import GPTChunk, build_chunk, lm_loss
 
 from cost_models.specs import Layout, ModelSpec, SpecError
 from launcher.runtime import StepMonitor
 from planner.planfile import Plan, read_plan
-
-# Sibling modules; `python examples/train_gpt.py` puts this directory on sys.path.
-from gpt_model import GPTChunk, build_chunk, lm_loss  # noqa: E402, I001
-import gpt_parallel as par  # noqa: E402
-
-FAULT_ENVS = ("MESHPLAN_FAULT_KILL", "MESHPLAN_FAULT_HANG", "MESHPLAN_FAULT_SLOW")
-
 
 # ----------------------------------------------------------------------------------------------
 # Options, faults, data
@@ -91,36 +88,40 @@ class Faults:
     slow_from_step: int = 0
 
 
-def _fault_fields(env: Mapping[str, str], name: str, arity: tuple[int, ...]) -> list[str] | None:
+FAULT_FORMS = {
+    "MESHPLAN_FAULT_KILL": ("RANK:STEP", (int,)),
+    "MESHPLAN_FAULT_HANG": ("RANK:STEP", (int,)),
+    "MESHPLAN_FAULT_SLOW": ("RANK:FACTOR[:FROM_STEP]", (float, int)),
+}
+"""Each fault variable's form and the types of the fields after RANK (trailing ones optional)."""
+
+
+def _fault_fields(env: Mapping[str, str], name: str, rank: int) -> list | None:
+    """The typed fields after RANK of fault variable `name` if it targets `rank`, else None."""
     value = env.get(name, "").strip()
     if not value:
         return None
+    form, types = FAULT_FORMS[name]
     parts = value.split(":")
-    if len(parts) not in arity:
-        form = "RANK:FACTOR[:FROM_STEP]" if name.endswith("SLOW") else "RANK:STEP"
-        raise SpecError(f"{name}={value!r} must look like {form}")
-    return parts
+    try:
+        if not 2 <= len(parts) <= len(types) + 1:
+            raise ValueError(value)
+        target = int(parts[0])
+        fields = [kind(part) for kind, part in zip(types, parts[1:], strict=False)]
+    except ValueError:
+        raise SpecError(f"{name}={value!r} must look like {form}, e.g. 1:3") from None
+    return fields if target == rank else None
 
 
 def parse_faults(env: Mapping[str, str], rank: int) -> Faults:
     """Read MESHPLAN_FAULT_* for global rank `rank`; SpecError on a malformed value."""
-    out: dict = {}
-    try:
-        for name, key in (("MESHPLAN_FAULT_KILL", "kill_step"), ("MESHPLAN_FAULT_HANG", "hang_step")):
-            parts = _fault_fields(env, name, (2,))
-            if parts and int(parts[0]) == rank:
-                out[key] = int(parts[1])
-        parts = _fault_fields(env, "MESHPLAN_FAULT_SLOW", (2, 3))
-        if parts and int(parts[0]) == rank:
-            out["slow_factor"] = float(parts[1])
-            out["slow_from_step"] = int(parts[2]) if len(parts) == 3 else 0
-    except ValueError as exc:
-        if isinstance(exc, SpecError):
-            raise
-        raise SpecError(f"malformed fault injection variable ({exc}); see {FAULT_ENVS}") from None
-    if out.get("slow_factor", 1.0) < 1.0:
-        raise SpecError("MESHPLAN_FAULT_SLOW factor must be >= 1")
-    return Faults(**out)
+    kill = _fault_fields(env, "MESHPLAN_FAULT_KILL", rank)
+    hang = _fault_fields(env, "MESHPLAN_FAULT_HANG", rank)
+    slow = _fault_fields(env, "MESHPLAN_FAULT_SLOW", rank) or [1.0]
+    if slow[0] < 1.0:
+        raise SpecError("MESHPLAN_FAULT_SLOW factor must be >= 1 (how many times slower)")
+    return Faults(kill[0] if kill else None, hang[0] if hang else None, slow[0],
+                  slow[1] if len(slow) == 2 else 0)
 
 
 def fault_at_step_begin(faults: Faults, step: int) -> None:
@@ -134,31 +135,40 @@ def fault_at_step_begin(faults: Faults, step: int) -> None:
             time.sleep(3600)
 
 
+DATA_TOKENS = 64
+"""Size of the sub-vocabulary the synthetic sequences use (all of it if the vocab is smaller)."""
+
+
 def synthetic_batch(seed: int, step: int, layout: Layout, vocab_size: int) -> torch.Tensor:
     """The global batch of `step`: (gbs, seq_len + 1) token ids, a function of (seed, step).
 
-    Each sequence is an arithmetic progression modulo the vocabulary with a random start and a
-    random stride in 1..7, so the next token is predictable from the previous two: the loss
-    falls from ln(vocab) as the model learns the pattern.
+    Every sequence walks a fixed random successor cycle over a sub-vocabulary of DATA_TOKENS
+    ids (the cycle depends on the seed only) from a random start (depends on the step): the
+    model first learns which ids occur, then the successor of each, so the loss falls from
+    ln(vocab) towards 0.
     """
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + step) % (1 << 63))
+    tokens = min(DATA_TOKENS, vocab_size)
+    cycle_gen = torch.Generator().manual_seed(seed)
+    ids = torch.randperm(vocab_size, generator=cycle_gen)[:tokens]  # the cycle, in order
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + step + 1) % (1 << 63))
     gbs, length = layout.global_batch_size, layout.seq_len + 1
-    start = torch.randint(0, vocab_size, (gbs, 1), generator=gen)
-    stride = torch.randint(1, 8, (gbs, 1), generator=gen)
-    return (start + stride * torch.arange(length)) % vocab_size
+    start = torch.randint(0, tokens, (gbs, 1), generator=gen)
+    return ids[(start + torch.arange(length)) % tokens]
 
 
-def check_supported(plan: Plan) -> None:
-    """Reject what this trainer cannot run, with what to change."""
+def check_supported(plan: Plan, single_process: bool) -> None:
+    """Reject what this trainer cannot run, saying what to change (one line)."""
     model, layout = plan.model, plan.layout
-    if layout.cp > 1:
-        raise SpecError(
-            f"cp={layout.cp}: context parallelism is not supported by examples/train_gpt.py "
-            "(PyTorch's ring attention has no CPU/gloo path); re-plan with cp=1"
-        )
-    if model.is_moe or layout.ep > 1:
+    if model.is_moe:
         raise SpecError(f"model {model.name} is a mixture of experts; examples/train_gpt.py "
                         "trains dense models only")
+    if single_process:
+        return  # the layout is ignored
+    if layout.cp > 1:
+        raise SpecError(
+            f"cp={layout.cp}: examples/train_gpt.py does not implement context parallelism "
+            "(PyTorch's ring attention covers only the CUDA SDPA kernels); re-plan with cp=1"
+        )
     if layout.pp > 1 and layout.vp == 1 and layout.num_microbatches < layout.pp:
         raise SpecError(
             f"1F1B needs at least pp={layout.pp} micro-batches per step, the plan has "
@@ -289,7 +299,7 @@ def forward_backward(setup: Setup, x: torch.Tensor, y: torch.Tensor) -> torch.Te
         total = torch.stack(losses).sum() if losses else torch.zeros((), device=setup.device)
         return total.detach() / m
     chunk, total = setup.chunks[0], torch.zeros((), device=setup.device)
-    for i, (xm, ym) in enumerate(zip(x.chunk(m), y.chunk(m))):
+    for i, (xm, ym) in enumerate(zip(x.chunk(m), y.chunk(m), strict=True)):
         par.set_grad_sync(chunk, i == m - 1)
         loss = lm_loss(chunk(xm), ym)
         (loss / m).backward()
@@ -392,9 +402,9 @@ def _log(setup: Setup, log_file: str | None, record: dict) -> None:
 def train(args: argparse.Namespace) -> None:
     """Run (or resume) training to `args.steps` steps under the plan."""
     plan = read_plan(args.plan)
-    check_supported(plan)
+    check_supported(plan, args.single_process)
+    faults = parse_faults(os.environ, 0 if args.single_process else int(os.environ.get("RANK", 0)))
     setup = setup_single(plan, args) if args.single_process else setup_distributed(plan, args)
-    faults = parse_faults(os.environ, setup.rank)
     mon = StepMonitor.from_env()
     start = 0
     resume = latest_checkpoint(args.ckpt_dir)
