@@ -371,8 +371,11 @@ def _runs_model(prob: _Problem):
             for k in range(chunks - 1)]
     upto.append(size)  # the last chunk closes every run
     for k in range(chunks - 1):
-        full = [pulp.LpVariable(f"z_{k}_{j}", cat="Binary") for j in range(len(runs) - 1)]
-        for j, whole in enumerate(full):
+        for j in range(len(runs) - 1):
+            if size[j] == 1:  # upto[k][j] is itself the "run j is complete" flag
+                model += upto[k][j + 1] <= size[j + 1] * upto[k][j]  # contiguity
+                continue
+            whole = pulp.LpVariable(f"z_{k}_{j}", cat="Binary")
             model += upto[k][j] >= size[j] * whole
             model += upto[k][j + 1] <= size[j + 1] * whole  # contiguity
         for j in range(len(runs)):

@@ -80,7 +80,7 @@ def random_partition_case(rng, per_layer: bool):
         stage_extra_time_s=rng.uniform(0, 3, pp) * (rng.random(pp) < 0.6),
         layer_mem_bytes=mem * GiB,
         stage_fixed_mem_bytes=rng.uniform(0, 4, pp) * GiB,
-        stage_capacity_bytes=rng.uniform(6, 20, pp) * GiB,
+        stage_capacity_bytes=rng.uniform(*((6, 26) if per_layer else (3, 20)), pp) * GiB,
     )
 
 
@@ -103,7 +103,7 @@ def brute_for(case):
 def test_partition_equals_brute_force(per_layer):
     rng = np.random.default_rng(7 if per_layer else 3)
     agree = infeasible = 0
-    cases = 14 if per_layer else 24
+    cases = 18 if per_layer else 24
     for _ in range(cases):
         case = random_partition_case(rng, per_layer)
         best = brute_for(case)
@@ -177,6 +177,15 @@ def test_partition_infeasible_memory_names_the_limit():
         partition_layers(**_llama_like(stage_capacity_bytes=cap))
     with pytest.raises(InfeasibleLayout, match=r"3 layers cannot give each of the 4"):
         partition_layers(**_llama_like(num_layers=3))
+
+
+def test_partition_infeasible_only_because_chunks_are_contiguous():
+    # any 2 layers fit on either stage, but the two big layers come first: no prefix/suffix
+    # split fits, which only the solver can tell
+    mem = np.array([[5.0, 5.0, 1.0, 1.0]] * 2) * GiB
+    with pytest.raises(InfeasibleLayout, match="no contiguous split of 4 layers"):
+        partition_layers(4, 2, np.ones(4), np.ones(2), np.zeros(2), mem, np.zeros(2),
+                         np.array([6.0, 6.5]) * GiB)
 
 
 def test_partition_interleaved_chunks():
