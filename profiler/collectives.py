@@ -66,30 +66,44 @@ def _call(op: str, ctx: ProfileContext, nbytes: int, ranks: int, group) -> calla
     return lambda: scatter_op(shard, full, group=group)
 
 
+def _slowest(ctx: ProfileContext, seconds: float, group) -> float:
+    """The group's maximum of a per-rank time, so that every rank takes the same decisions."""
+    value = torch.tensor([seconds], device=ctx.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return float(value.item())
+
+
 def time_collective(ctx: ProfileContext, op: str, nbytes: int, ranks: int, group,
-                    iters: int) -> CollectiveSample:
-    """Mean seconds per call over `iters` calls after one warm-up; the group's slowest rank."""
+                    budget_s: float, max_iters: int) -> CollectiveSample:
+    """Mean seconds per call (the group's slowest rank). One timed warm-up call sizes the
+    repetitions to about `budget_s` (1..max_iters)."""
     run = _call(op, ctx, nbytes, ranks, group)
+    dist.barrier(group=group)
+    ctx.sync()
+    start = time.perf_counter()
     run()
+    ctx.sync()
+    warm = _slowest(ctx, time.perf_counter() - start, group)
+    iters = max(1, min(max_iters, int(budget_s / max(warm, 1e-6))))
     dist.barrier(group=group)
     ctx.sync()
     start = time.perf_counter()
     for _ in range(iters):
         run()
     ctx.sync()
-    elapsed = torch.tensor([(time.perf_counter() - start) / iters], device=ctx.device)
-    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)  # every rank agrees
-    return CollectiveSample(op, nbytes, ranks, float(elapsed.item()))
+    seconds = _slowest(ctx, (time.perf_counter() - start) / iters, group)
+    return CollectiveSample(op, nbytes, ranks, seconds)
 
 
 def sweep(ctx: ProfileContext, ranks: int, group, label: str, progress: Progress) -> list[dict]:
     """All three collectives over the size ladder; stops a ladder once one call is slow."""
-    sizes, iters, stop_s = (QUICK_SIZES, 2, 0.3) if ctx.quick else (FULL_SIZES, 10, 1.0)
+    sizes, budget_s, max_iters, stop_s = (
+        (QUICK_SIZES, 0.2, 5, 0.3) if ctx.quick else (FULL_SIZES, 1.0, 20, 1.0))
     out = []
     for op in OPS:
         for size in sizes:
             nbytes = size - size % (ELEMENT_BYTES * ranks)  # shards must be whole elements
-            sample = time_collective(ctx, op, nbytes, ranks, group, iters)
+            sample = time_collective(ctx, op, nbytes, ranks, group, budget_s, max_iters)
             out.append(sample.to_dict())
             progress(f"{label} {op} {_fmt_bytes(nbytes)} on {ranks} ranks: "
                      f"busbw {fmt_rate(sample.busbw_GBps)}")
