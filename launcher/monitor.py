@@ -272,8 +272,10 @@ def attribute_exit(views: dict[int, RankView], exit_codes: dict[str, int | None]
             candidates.append((view.last_t or view.started_t, rank, view.node or node, view))
     evidence = {"detected_by": "process exit", "exit_codes": failed}
     if not candidates:
-        node = next(iter(failed), None)
-        return Incident(now, "dead", None, node, None, evidence)
+        # every rank closed or was stopped: the script or an agent failed, not a rank. Blame
+        # a node only if it alone failed (a lost agent); a script error fails them all.
+        node = next(iter(failed)) if len(failed) == 1 else None
+        return Incident(now, "exit", None, node, None, evidence)
     last_t, rank, node, view = min(candidates, key=lambda item: (item[0], item[1]))
     evidence["quiet_ranks"] = sorted(r for _, r, _, _ in candidates)
     if view is not None:

@@ -33,6 +33,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -106,10 +107,15 @@ class StepMonitor:
         if not self.enabled:
             return
         path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
         self._hb = heartbeat_path(path, rank)
-        # buffering=1: line buffered, so each record reaches the OS as one write(); no fsync.
-        self._file = open(rank_log_path(path, rank), "a", buffering=1, encoding="utf-8")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            # buffering=1: line buffered, so each record reaches the OS as one write(); no fsync.
+            self._file = open(rank_log_path(path, rank), "a", buffering=1, encoding="utf-8")
+        except OSError as exc:  # monitoring must never stop training
+            print(f"meshplan monitor disabled: cannot write {path}: {exc}", file=sys.stderr)
+            self.enabled = False
+            return
         self._write({"ev": "start", "rank": rank, "local_rank": local_rank, "world": world,
                      "node": node, "pid": os.getpid()})
         self._beat()
@@ -190,7 +196,8 @@ class StepMonitor:
         rec["t"] = time.time()
         try:
             f.write(json.dumps(rec, separators=(",", ":")) + "\n")
-        except (OSError, ValueError):  # disk full / closed by a signal: never break training
+        except (OSError, ValueError, RuntimeError):  # disk full, closed, or re-entered from the
+            # SIGTERM handler in the middle of a write: never break training
             pass
 
     def _beat(self) -> None:

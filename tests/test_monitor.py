@@ -343,3 +343,21 @@ def test_detectors_scale_to_a_thousand_ranks():
     elapsed = time.perf_counter() - t0
     assert inc is not None and inc.rank == 517 and inc.node == "n64"
     assert elapsed < 10.0  # one poll's work; quadratic code took minutes here
+
+
+def test_unwritable_monitor_dir_disables_instead_of_breaking_training(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    mon = StepMonitor.from_env({"MESHPLAN_MONITOR_DIR": str(tmp_path / "file" / "mon")})
+    assert not mon.enabled and "monitor disabled" in capsys.readouterr().err
+    mon.step_begin(0)
+    mon.step_end(0)
+    mon.close()
+
+
+def test_exit_with_no_rank_to_blame():
+    recs = {r: records(r, range(3)) + [{"ev": "close", "t": 2000.0}] for r in range(4)}
+    views = views_of(recs)
+    every = attribute_exit(views, {"n0": 1, "n1": 1}, NODES, 2001.0)
+    assert (every.kind, every.rank, every.node) == ("exit", None, None)  # a script error
+    lone = attribute_exit(views, {"n0": None, "n1": 137}, NODES, 2001.0)
+    assert (lone.kind, lone.rank, lone.node) == ("exit", None, "n1")  # a lost agent

@@ -348,3 +348,13 @@ def test_output_path_that_is_a_file_is_a_one_line_error(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(SpecError, match="not a directory"):
         supervise(two_node_plan(), RunOptions(script=SCRIPT, out_dir=tmp_path / "f"))
+
+
+def test_launch_env_keeps_nccl_watchdog_and_flight_recorder(tmp_path):
+    from launcher.artifacts import torchrun_commands
+
+    cmds = torchrun_commands(two_node_plan(), str(SCRIPT), dump_dir=str(tmp_path / "dumps"))
+    env = node_env(cmds[1].env, cmds[1].node_name, tmp_path / "m", options(tmp_path, 5), True)
+    assert env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1" and int(env["TORCH_NCCL_TRACE_BUFFER_SIZE"]) > 0
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
+    assert env["MESHPLAN_NODE"] == "localnode1"
