@@ -108,10 +108,10 @@ def init_context(requested_backend: str, quick: bool, timeout_s: float = 600.0) 
     me = (_env_int("GROUP_RANK", 0), local_rank, node_name())
     everyone: list = [None] * world
     dist.all_gather_object(everyone, me)
-    return _layout(backend, device, rank, local_rank, everyone, quick)
+    return layout_from_ranks(backend, device, rank, local_rank, everyone, quick)
 
 
-def _layout(backend: str, device: str, rank: int, local_rank: int, everyone: list,
+def layout_from_ranks(backend: str, device: str, rank: int, local_rank: int, everyone: list,
             quick: bool) -> ProfileContext:
     """Group ranks into nodes by torchrun's GROUP_RANK; check each node has one name."""
     groups: dict[int, list[tuple[int, int, str]]] = {}

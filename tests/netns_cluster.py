@@ -55,7 +55,14 @@ def why_not_available() -> str | None:
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if made.returncode != 0:
         return f"cannot create a network namespace: {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    try:  # the tbf qdisc must exist in this kernel; try it on the probe's own loopback
+        shaped = subprocess.run(["ip", "netns", "exec", probe, "tc", "qdisc", "add", "dev", "lo",
+                                 "root", "tbf", "rate", "1mbit", "burst", "64k", "latency",
+                                 "100ms"], capture_output=True, text=True)
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    if shaped.returncode != 0:
+        return f"tc tbf rate limiting unavailable: {shaped.stderr.strip()}"
     return None
 
 

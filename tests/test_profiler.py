@@ -17,6 +17,7 @@ import yaml
 from cost_models.specs import SpecError
 from planner.specfiles import load_cluster
 from profiler.collectives import CollectiveSample, bus_factor
+from profiler.context import layout_from_ranks
 from profiler.device import cpu_memory_GiB, match_gpu_preset
 from profiler.p2p import busy_message_bytes, fit_alpha_beta, tournament_rounds
 from profiler.report import NodeFacts, build_cluster, summarize, write_cluster_yaml
@@ -84,6 +85,24 @@ def test_nccl_tests_bus_bandwidth_definitions():
     assert sample.busbw_GBps == pytest.approx(0.75)
     with pytest.raises(ValueError):
         bus_factor("broadcast", 4)
+
+
+def test_nodes_follow_torchrun_group_rank_order():
+    # (GROUP_RANK, LOCAL_RANK, node name) per global rank, as all_gather_object returns them
+    everyone = [(1, 0, "b"), (0, 1, "a"), (0, 0, "a"), (1, 1, "b")]
+    ctx = layout_from_ranks("gloo", "cpu", 3, 1, everyone, quick=True)
+    assert ctx.node_names == ("a", "b")
+    assert ctx.node_ranks == ((2, 1), (0, 3))  # local-rank order: the leader first
+    assert ctx.leaders == (2, 0) and ctx.node_index == 1 and not ctx.is_leader
+
+
+@pytest.mark.parametrize("everyone,message", [
+    ([(0, 0, "a"), (1, 0, "a")], "two torchrun nodes share a host name"),
+    ([(0, 0, "a"), (0, 1, "b")], "node 0 reports several names"),
+])
+def test_node_naming_mistakes_are_spec_errors(everyone, message):
+    with pytest.raises(SpecError, match=message):
+        layout_from_ranks("gloo", "cpu", 0, 0, everyone, quick=True)
 
 
 # --------------------------------------------------------------------------------------------
