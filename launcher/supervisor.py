@@ -347,14 +347,28 @@ def _poll_records(monitor_dir: Path, views: dict[int, RankView], offsets: dict[i
             views[rank] = fold_records(views.get(rank, RankView(rank)), recs)
 
 
-def _heartbeats(monitor_dir: Path, ranks: dict[int, str]) -> dict[int, float | None]:
+def _heartbeats(monitor_dir: Path, ranks: dict[int, str], views: dict[int, RankView],
+                known: dict[int, int], now: float) -> dict[int, float | None]:
+    """Rank -> last sign of life: the heartbeat file's mtime, or `now` for a rank whose process
+    we started and can see running (a GIL-holding C call can starve the heartbeat thread of a
+    live rank for seconds; a process we can see needs no heartbeat)."""
     out: dict[int, float | None] = {}
     for rank in ranks:
+        view = views.get(rank)
+        pid = view.pid if view is not None else None
+        if isinstance(pid, int) and pid in known and _running(pid, known[pid]):
+            out[rank] = now
+            continue
         try:
             out[rank] = heartbeat_path(monitor_dir, rank).stat().st_mtime
         except OSError:
             out[rank] = None
     return out
+
+
+def _running(pid: int, started: int) -> bool:
+    info = _stat(pid)
+    return info is not None and info[1] == started and info[2] != "Z"
 
 
 def watch(procs: list[subprocess.Popen], names: list[str], plan: Plan, monitor_dir: Path,
@@ -385,8 +399,9 @@ def watch(procs: list[subprocess.Popen], names: list[str], plan: Plan, monitor_d
                 return attribute_exit(views, codes, expected, time.time()), codes
         else:
             cfg = opts.monitor
-            inc = (find_dead(views, _heartbeats(monitor_dir, expected), expected, launched_t,
-                             now, cfg) or find_hang(views, now, cfg))
+            beats = _heartbeats(monitor_dir, expected, views, known, now)
+            inc = (find_dead(views, beats, expected, launched_t, now, cfg)
+                   or find_hang(views, now, cfg))
             if inc is not None:
                 return inc, codes
         done = min((v.last_done_step for v in views.values()), default=-1)

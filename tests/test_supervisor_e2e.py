@@ -358,3 +358,17 @@ def test_launch_env_keeps_nccl_watchdog_and_flight_recorder(tmp_path):
     assert env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1" and int(env["TORCH_NCCL_TRACE_BUFFER_SIZE"]) > 0
     assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
     assert env["MESHPLAN_NODE"] == "localnode1"
+
+
+def test_a_visible_live_process_counts_as_a_heartbeat(tmp_path):
+    from launcher.supervisor import _heartbeats
+
+    me = process_tree(os.getpid())
+    views = {0: RankView(0, pid=os.getpid()), 1: RankView(1, pid=os.getpid())}
+    (tmp_path / "rank1.hb").write_text("")
+    os.utime(tmp_path / "rank1.hb", (100.0, 100.0))
+    beats = _heartbeats(tmp_path, {0: "a", 1: "a", 2: "b"}, views, me, now=5000.0)
+    assert beats[0] == 5000.0 and beats[1] == 5000.0  # our own running process
+    assert beats[2] is None  # no process, no heartbeat file
+    stale = _heartbeats(tmp_path, {1: "a"}, views, {}, now=5000.0)  # not a process we know
+    assert stale[1] == 100.0
