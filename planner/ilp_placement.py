@@ -41,6 +41,7 @@ Two formulations (`method="auto"` picks exact up to `exact_max_nodes` = 8 nodes)
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -51,6 +52,8 @@ from cost_models.specs import InfeasibleLayout, SpecError
 from planner.ilp_solver import SolveOutcome, solve
 
 GB = 1e9
+# Class sets per stage in the aggregated model; more would make it too big to solve quickly.
+MAX_PATTERNS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,7 +366,7 @@ def node_classes(
     node_speed: np.ndarray | None = None,
     node_labels: np.ndarray | None = None,
     rel_tol: float = 0.1,
-    max_classes: int = 12,
+    max_classes: int = 8,
 ) -> np.ndarray:
     """Class index per node: nodes that are interchangeable up to `rel_tol`.
 
@@ -386,7 +389,7 @@ def node_classes(
         colours = _refine(colours, qbw)
         if colours.max() + 1 <= max_classes:
             return colours
-    median = np.median(np.where(np.eye(n, dtype=bool), np.nan, bw), axis=1) if n > 1 else bw[0]
+    median = np.nanmedian(np.where(np.eye(n, dtype=bool), np.nan, bw), axis=1) if n > 1 else bw[0]
     edges = np.quantile(median, np.linspace(0, 1, max_classes + 1)[1:-1])
     return _renumber([(labels[i], qspeed[i], int(np.searchsorted(edges, median[i])))
                       for i in range(n)])
@@ -460,8 +463,11 @@ def _solve_aggregated(prob: _Problem, labels: np.ndarray, time_limit_s: float,
     table = _class_table(prob, labels)
     guess = min(_chain_order(prob, table), np.arange(prob.stages * prob.blocks),
                 key=lambda nodes: _cost(prob, nodes).total_s)
-    model, take, flow = _aggregated_model(prob, table)
-    outcome = solve(model, time_limit_s, _start_values(prob, table, labels, guess))
+    grid = labels[guess].reshape(prob.stages, prob.blocks)
+    patterns = _patterns(prob, table, {tuple(sorted(set(row.tolist()))) for row in grid})
+    model, take, flow = _aggregated_model(prob, table, patterns)
+    left_s = max(0.2, 0.9 * (time_limit_s - (time.perf_counter() - start)))  # room to expand
+    outcome = solve(model, left_s, _start_values(prob, table, grid, patterns))
     _raise_if_unsolved(outcome)
     counts = np.array([[round(v.value()) for v in row] for row in take])  # [class, stage]
     hops = np.array([[[round(v.value()) for v in row] for row in per_s] for per_s in flow])
@@ -489,14 +495,14 @@ def _chain_order(prob: _Problem, table: _Classes) -> np.ndarray:
     return np.array(order[: prob.stages * prob.blocks])
 
 
-def _start_values(prob: _Problem, table: _Classes, labels: np.ndarray,
-                  nodes: np.ndarray) -> dict[str, float]:
-    """Values of the aggregated model's integer variables for a concrete placement."""
-    grid = labels[nodes].reshape(prob.stages, prob.blocks)
+def _start_values(prob: _Problem, table: _Classes, grid: np.ndarray,
+                  patterns: list[tuple[int, ...]]) -> dict[str, float]:
+    """Values of the aggregated model's integer variables for a placement whose classes
+    per (stage, block) are `grid`."""
     values: dict[str, float] = {}
     for s in range(prob.stages):
         used = tuple(sorted(set(grid[s].tolist())))
-        for pat in _patterns(table, prob.blocks):
+        for pat in patterns:
             values[f"p_{s}_{'_'.join(map(str, pat))}"] = float(pat == used)
         for c in range(table.count):
             count = int(np.sum(grid[s] == c))
@@ -510,7 +516,7 @@ def _start_values(prob: _Problem, table: _Classes, labels: np.ndarray,
     return values
 
 
-def _aggregated_model(prob: _Problem, table: _Classes):
+def _aggregated_model(prob: _Problem, table: _Classes, patterns: list[tuple[int, ...]]):
     """take[c][s]: blocks of stage s on class c. Each stage picks one pattern, the set of
     classes it uses (binary pick[s][S]); a pattern fixes the stage's slowest speed and its
     slowest inter-class link, so the compute and collective maxima are linear in the picks,
@@ -523,7 +529,6 @@ def _aggregated_model(prob: _Problem, table: _Classes):
              for s in range(stages)] for c in range(k)]
     compute = pulp.LpVariable("compute_s", 0)
     collective = pulp.LpVariable("collective_s", 0)
-    patterns = _patterns(table, blocks)
     for s in range(stages):
         pick = {pat: pulp.LpVariable(f"p_{s}_{'_'.join(map(str, pat))}", cat="Binary")
                 for pat in patterns}
@@ -552,16 +557,27 @@ def _aggregated_model(prob: _Problem, table: _Classes):
     return model, take, flow
 
 
-def _patterns(table: _Classes, blocks: int) -> list[tuple[int, ...]]:
-    """Class sets that can hold one stage (enough members for its blocks), at most
-    min(blocks, classes) classes each."""
-    size = [len(m) for m in table.members]
-    found = []
-    for mask in range(1, 1 << table.count):
-        pat = tuple(c for c in range(table.count) if mask >> c & 1)
-        if len(pat) <= blocks and sum(size[c] for c in pat) >= blocks:
-            found.append(pat)
-    return found
+def _patterns(prob: _Problem, table: _Classes,
+              must: set[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """Class sets a stage may use: every set with enough members for its blocks, or, beyond
+    MAX_PATTERNS of them, sets of at most one class more than the fewest that can hold a
+    stage, best-linked first, cut at MAX_PATTERNS. `must` (the start's sets) always stays."""
+    size = np.array([len(m) for m in table.members])
+    found = [pat for k in range(1, min(table.count, prob.blocks) + 1)
+             for pat in itertools.combinations(range(table.count), k)
+             if size[list(pat)].sum() >= prob.blocks]
+    if len(found) > MAX_PATTERNS:
+        fewest = int(np.searchsorted(np.cumsum(np.sort(size)[::-1]), prob.blocks)) + 1
+        found = [pat for pat in found if len(pat) <= fewest + 1]
+        found.sort(key=lambda pat: _pattern_rank(table, pat))
+        found = found[:MAX_PATTERNS]
+    return sorted(set(found) | must)
+
+
+def _pattern_rank(table: _Classes, pat: tuple[int, ...]) -> tuple[float, float, int]:
+    """Sort key: slowest link inside the set (fastest first), then slowest GPU, then size."""
+    inner = table.bw_GBps[np.ix_(pat, pat)]
+    return (-float(inner.min()), -float(table.speed[list(pat)].min()), len(pat))
 
 
 def _pattern_collective_s(prob: _Problem, table: _Classes, s: int, pat: tuple[int, ...]):
