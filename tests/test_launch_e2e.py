@@ -2,7 +2,7 @@
 2-node x 2-process cluster (localhost, c10d rendezvous on 127.0.0.1, gloo), exactly as a user
 runs them on two hosts, and match a single-process run of the same model and data.
 
-Plans are written through the Python API (`_write_plan`), with node_order reversed
+Plans are made with `meshplan plan` (`_write_plan`, degrees fixed), with node_order reversed
 (node rank 0 = localnode1), and node rank 1's script is started first so that torchrun's
 c10d ordering (by join/pid) differs from the plan's: the rank pinning must put global rank r
 on node plan.node_order[r // 2] anyway (checked via launcher.runtime's per-rank records).
@@ -17,13 +17,13 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from cost_models.specs import Layout
 from planner.planfile import Plan, read_plan, write_plan
-from planner.specfiles import REPO_ROOT, load_cluster, load_model
+from planner.specfiles import REPO_ROOT
 
 pytestmark = pytest.mark.torchrun
 
@@ -34,14 +34,23 @@ REL_TOL = 1e-4
 
 
 def _write_plan(path: Path, tp: int, pp: int, vp: int = 1, layers=None) -> Path:
-    """A tiny-gpt plan on local-cpu 2 nodes x 2 processes (swap for `meshplan plan --tp ...`
-    once it takes layout constraints)."""
-    model = load_model("tiny-gpt")
-    cluster = load_cluster("local-cpu", nodes=2, gpus_per_node=2)
-    layout = Layout(tp=tp, pp=pp, dp=4 // (tp * pp), vp=vp, micro_batch_size=1,
-                    global_batch_size=8, seq_len=32, layers_per_stage=layers)
-    layout.validate(model, cluster.world_size)
-    write_plan(Plan(model, cluster, layout, ("localnode1", "localnode0"), {}), path)
+    """Plan tiny-gpt on local-cpu (2 nodes x 2 processes) with `meshplan plan`, fixing the
+    degrees under test. The plan's placement is then reversed (node rank 0 = localnode1) to
+    exercise rank pinning, and `layers` (if given) overrides the ILP's split to exercise uneven
+    stages."""
+    cmd = [sys.executable, "-m", "planner.cli", "plan", "--model", "tiny-gpt", "--cluster",
+           "local-cpu", "--nodes", "2", "--gpus-per-node", "2", "--seq-len", "32",
+           "--global-batch-size", "8", "--tp", str(tp), "--pp", str(pp), "--vp", str(vp),
+           "--mbs", "1", "--recompute", "none", "--top-k", "1", "-o", str(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    plan = read_plan(path)
+    layout = plan.layout
+    assert (layout.tp, layout.pp, layout.vp, layout.dp) == (tp, pp, vp, 4 // (tp * pp))
+    if layers is not None:
+        layout = replace(layout, layers_per_stage=tuple(layers))
+    layout.validate(plan.model, plan.cluster.world_size)
+    write_plan(replace(plan, layout=layout, node_order=("localnode1", "localnode0")), path)
     return path
 
 
