@@ -12,7 +12,6 @@ show contention (shared NIC egress, oversubscribed switch).
 from __future__ import annotations
 
 import math
-import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -111,7 +110,8 @@ def fit_alpha_beta(samples: list[tuple[int, float]]) -> AlphaBeta:
 
 
 def _send_ladder(ctx: ProfileContext, peer: int, ladder: Ladder) -> list[tuple[int, float]]:
-    """Sender side: per size a header [bytes, reps], then reps x (message, wait for ack)."""
+    """Sender side: per size a header [bytes, reps], then reps (>= 2) x (message, wait for
+    ack); the fastest repetition counts."""
     buf = torch.ones(max(ladder.sizes) // ELEMENT_BYTES, device=ctx.device)
     header = torch.zeros(2, dtype=torch.int64, device=ctx.device)
     ack = torch.zeros(1, device=ctx.device)
@@ -119,7 +119,7 @@ def _send_ladder(ctx: ProfileContext, peer: int, ladder: Ladder) -> list[tuple[i
     for nbytes in ladder.sizes:
         if samples:  # predict this size's time from the last one (bandwidth-bound: linear)
             guess = samples[-1][1] * nbytes / samples[-1][0]
-            reps = max(1, min(ladder.max_reps, int(ladder.per_size_s / guess)))
+            reps = max(2, min(ladder.max_reps, int(ladder.per_size_s / guess)))
         else:
             reps = ladder.max_reps
         warmup = 0 if samples else 1  # the very first message pays for buffer set-up
@@ -133,7 +133,8 @@ def _send_ladder(ctx: ProfileContext, peer: int, ladder: Ladder) -> list[tuple[i
             dist.recv(ack, peer)
             ctx.sync()
             times.append(time.perf_counter() - start)
-        samples.append((nbytes, statistics.median(times[warmup:])))
+        # Interference (a descheduled receiver, other traffic) only ever adds time: keep the min.
+        samples.append((nbytes, min(times[warmup:])))
         if samples[-1][1] > ladder.stop_s:
             break
     header.zero_()

@@ -40,26 +40,27 @@ class Summary:
     slow_pairs: tuple[tuple[str, str, float], ...]
     """(a, b, slower direction GB/s) for pairs slow although neither host is."""
     median_pair_GBps: float
+    """Median over pairs of unflagged hosts of the slower direction (nan if none)."""
     lines: tuple[str, ...]
 
 
 def summarize(names: tuple[str, ...], bw: Matrix, fraction: float = SLOW_FRACTION) -> Summary:
-    """Flag hosts whose mean bandwidth < fraction x median host, and pairs whose slower
-    direction < fraction x median pair unless one of the pair's hosts is already flagged."""
+    """Flag hosts whose mean bandwidth < fraction x the median host; then, among pairs of
+    unflagged hosts, pairs whose slower direction < fraction x their median (a slow host's
+    pairs would otherwise drag that median down and hide a degraded pair)."""
     n = len(names)
     pair_mean = {(i, j): (bw[i][j] + bw[j][i]) / 2 for i in range(n) for j in range(i + 1, n)}
-    pair_min = {(i, j): min(bw[i][j], bw[j][i]) for (i, j) in pair_mean}
     node_mean = {
         names[i]: statistics.fmean(pair_mean[tuple(sorted((i, j)))] for j in range(n) if j != i)
         for i in range(n)
     }
     median_node = statistics.median(node_mean.values())
     slow_nodes = tuple(k for k, v in node_mean.items() if v < fraction * median_node)
-    median_pair = statistics.median(pair_min.values())
-    slow_pairs = tuple(
-        (names[i], names[j], v) for (i, j), v in pair_min.items()
-        if v < fraction * median_pair and names[i] not in slow_nodes and names[j] not in slow_nodes
-    )
+    pair_min = {(i, j): min(bw[i][j], bw[j][i]) for (i, j) in pair_mean
+                if names[i] not in slow_nodes and names[j] not in slow_nodes}
+    median_pair = statistics.median(pair_min.values()) if pair_min else math.nan
+    slow_pairs = tuple((names[i], names[j], v) for (i, j), v in pair_min.items()
+                       if v < fraction * median_pair)
     lines = [f"slow host: {k} ({fmt_rate(node_mean[k])} vs median {fmt_rate(median_node)})"
              for k in slow_nodes]
     lines += [f"slow pair: {a}<->{b} ({fmt_rate(v)} vs median {fmt_rate(median_pair)})"

@@ -29,6 +29,7 @@ from pathlib import Path
 IFNAME = "mpnet0"
 MASTER_PORT = 29500  # free: the master's namespace is brand new
 DEFAULT_RATES_MBIT = (400, 400, 400, 50)
+DEFAULT_PAIR_RATES_MBIT = {(0, 1): 100}  # one degraded pair among the fast hosts
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,12 +74,36 @@ def _sh(*args: str, netns: str | None = None) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
 
 
+def _burst(rate_mbit: float) -> int:
+    """Bucket size: >= 4 ms of traffic, and >= 64 KiB so that GSO super-packets pass."""
+    return max(64 * 1024, int(rate_mbit * 1e6 / 8 * 0.004))
+
+
 def _shape(dev: str, rate_mbit: float, netns: str) -> None:
-    """tbf on egress of `dev`: rate, a burst of >= 4 ms of traffic (and >= 64 KiB so that
-    GSO super-packets pass), a 100 ms queue so TCP is paced, not dropped."""
-    burst = max(64 * 1024, int(rate_mbit * 1e6 / 8 * 0.004))
+    """tbf on egress of `dev`: rate, burst, and a 100 ms queue so TCP is paced, not dropped."""
     _sh("tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{rate_mbit}mbit",
-        "burst", str(burst), "latency", "100ms", netns=netns)
+        "burst", str(_burst(rate_mbit)), "latency", "100ms", netns=netns)
+
+
+def _shape_host(rate_mbit: float, netns: str, slow_peers: dict[str, float]) -> None:
+    """htb on the host's egress: everything at the host's rate (class 1:2), and traffic to
+    each degraded peer's address in its own class capped at the pair's rate (1:10, 1:11...)."""
+    def tc(*args: str) -> None:
+        _sh("tc", *args, netns=netns)
+
+    rate = f"{rate_mbit}mbit"
+    burst = str(_burst(rate_mbit))
+    tc("qdisc", "add", "dev", IFNAME, "root", "handle", "1:", "htb", "default", "2")
+    tc("class", "add", "dev", IFNAME, "parent", "1:", "classid", "1:1", "htb", "rate", rate,
+       "ceil", rate, "burst", burst, "cburst", burst)
+    tc("class", "add", "dev", IFNAME, "parent", "1:1", "classid", "1:2", "htb", "rate", rate,
+       "ceil", rate, "burst", burst, "cburst", burst)
+    for k, (ip, pair_mbit) in enumerate(sorted(slow_peers.items())):
+        pair, pair_burst = f"{pair_mbit}mbit", str(_burst(pair_mbit))
+        tc("class", "add", "dev", IFNAME, "parent", "1:1", "classid", f"1:{10 + k}", "htb",
+           "rate", pair, "ceil", pair, "burst", pair_burst, "cburst", pair_burst)
+        tc("filter", "add", "dev", IFNAME, "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+           "match", "ip", "dst", f"{ip}/32", "flowid", f"1:{10 + k}")
 
 
 @dataclass
@@ -86,6 +111,9 @@ class NetnsCluster:
     """Namespaces, bridge, shaped veths; `teardown()` is idempotent."""
 
     rates_mbit: tuple[float, ...] = DEFAULT_RATES_MBIT
+    pair_rates_mbit: dict[tuple[int, int], float] = field(
+        default_factory=lambda: dict(DEFAULT_PAIR_RATES_MBIT))
+    """Degraded pairs (i < j) -> Mbit/s cap in both directions."""
     prefix: str = field(default_factory=lambda: f"mp{os.getpid() % 100000}")
     hosts: list[Host] = field(default_factory=list)
     _namespaces: list[str] = field(default_factory=list)
@@ -106,10 +134,21 @@ class NetnsCluster:
             _sh("ip", "link", "set", "br0", "up", netns=self.bridge_ns)
             for i, rate in enumerate(self.rates_mbit):
                 self.hosts.append(self._add_host(i, rate))
+            for i, host in enumerate(self.hosts):
+                slow = {self.hosts[j].ip: self.pair_rate_mbit(i, j)
+                        for j in range(len(self.hosts)) if (min(i, j), max(i, j)) in
+                        self.pair_rates_mbit}
+                _shape_host(host.rate_mbit, host.netns, slow)  # host -> bridge
+                _shape(f"{self.prefix}v{i}b", host.rate_mbit, self.bridge_ns)  # bridge -> host
         except BaseException:
             self.teardown()
             raise
         return self
+
+    def pair_rate_mbit(self, i: int, j: int) -> float:
+        """What hosts i and j get between them: the slower host, or the degraded pair's cap."""
+        cap = self.pair_rates_mbit.get((min(i, j), max(i, j)), float("inf"))
+        return min(self.rates_mbit[i], self.rates_mbit[j], cap)
 
     def _add_ns(self, name: str) -> None:
         _sh("ip", "netns", "add", name)
@@ -132,8 +171,6 @@ class NetnsCluster:
         _sh("ip", "link", "set", IFNAME, "up", netns=ns)
         _sh("ip", "link", "set", outer, "master", "br0", netns=self.bridge_ns)
         _sh("ip", "link", "set", outer, "up", netns=self.bridge_ns)
-        _shape(IFNAME, rate_mbit, ns)  # host -> bridge
-        _shape(outer, rate_mbit, self.bridge_ns)  # bridge -> host
         return Host(f"h{i}", ns, ip, rate_mbit)
 
     def teardown(self) -> None:

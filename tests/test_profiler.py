@@ -137,6 +137,16 @@ def test_summary_one_way_degradation_counts():
     assert [(a, b) for a, b, _ in summarize(tuple("wxyz"), bw).slow_pairs] == [("x", "y")]
 
 
+def test_summary_slow_host_does_not_hide_a_degraded_pair():
+    # the netns test cluster: h3 at 50 Mbit/s, h0<->h1 capped at 100 Mbit/s
+    mid = 0.0125
+    bw = _matrix(4, lambda i, j: SLOW if 3 in (i, j) else mid if {i, j} == {0, 1} else FAST)
+    s = summarize(("h0", "h1", "h2", "h3"), bw)
+    assert s.slow_nodes == ("h3",)
+    assert [(a, b) for a, b, _ in s.slow_pairs] == [("h0", "h1")]
+    assert s.lines[1] == "slow pair: h0<->h1 (12.5 MB/s vs median 50 MB/s)"
+
+
 def test_summary_uniform_cluster_flags_nothing():
     s = summarize(("a", "b", "c"), _matrix(3, lambda i, j: FAST))
     assert s.slow_nodes == () and s.slow_pairs == ()

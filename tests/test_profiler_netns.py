@@ -1,7 +1,8 @@
 """`meshplan profile --quick` on a real 4-host network-namespace cluster shaped with tc.
 
 Hosts h0..h2 get 400 Mbit/s links, h3 gets 50 Mbit/s (both directions shaped), so a pair
-runs at the slower host's rate: 0.05 GB/s among h0..h2, 0.00625 GB/s to/from h3. Needs root
+runs at the slower host's rate: 0.05 GB/s among h0..h2, 0.00625 GB/s to/from h3; in addition
+the pair h0<->h1 is capped at 100 Mbit/s (0.0125 GB/s) as a degraded pair. Needs root
 and iproute2 (ip, tc); skips with the reason otherwise. One profile run (~40 s wall on a
 loaded 2-core machine, mostly torch start-up) serves all the checks.
 """
@@ -54,8 +55,8 @@ def profiled(cluster, tmp_path_factory):
 
 
 def expected_GBps(cluster: NetnsCluster, i: int, j: int) -> float:
-    """A pair runs at the slower host's tc rate (Mbit/s -> 10^9 bytes/s)."""
-    return min(cluster.hosts[i].rate_mbit, cluster.hosts[j].rate_mbit) * 1e6 / 8 / 1e9
+    """The configured tc rate between hosts i and j (Mbit/s -> 10^9 bytes/s)."""
+    return cluster.pair_rate_mbit(i, j) * 1e6 / 8 / 1e9
 
 
 def test_pair_bandwidths_match_tc_rates(cluster, profiled):
@@ -71,12 +72,13 @@ def test_pair_bandwidths_match_tc_rates(cluster, profiled):
     print("\n".join(rows))
 
 
-def test_slow_host_named_in_summary(profiled):
+def test_slow_host_and_degraded_pair_named_in_summary(profiled):
     summary = profiled[1]
     assert "slow host: h3 (" in summary, summary
     for other in ("h0", "h1", "h2"):
         assert f"slow host: {other} " not in summary, summary
-    assert "slow pair" not in summary, summary  # h3's pairs are explained by h3
+    assert "slow pair: h0<->h1 (" in summary, summary
+    assert summary.count("slow pair:") == 1, summary  # h3's pairs are explained by h3
 
 
 def test_quick_profile_within_a_minute(profiled):
