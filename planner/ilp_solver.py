@@ -78,6 +78,9 @@ def make_solver(time_limit_s: float, start: dict[str, float] | None = None,
     # threads=1: the planner runs many small solves; HiGHS' thread pool only adds start-up
     options = dict(msg=False, timeLimit=time_limit_s, gapRel=GAP_REL, threads=1)
     if highs_available():
+        # integrality and row tolerances well below HiGHS' defaults (1e-6, 1e-7): with ~100
+        # time units per layer a 1e-6 fractional layer would hide a 1e-4 unit difference
+        options.update(mip_feasibility_tolerance=1e-9, primal_feasibility_tolerance=1e-9)
         if tiny:
             options["mip_heuristic_run_feasibility_jump"] = False
         return _StartedHiGHS(start, **options) if start else pulp.HiGHS(**options)
