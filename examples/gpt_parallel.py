@@ -90,12 +90,17 @@ def apply_tensor_parallel(chunk: GPTChunk, tp_mesh: DeviceMesh, sequence_paralle
     chunk.tie_weights()  # parallelize_module replaced the head's Parameter; share it again
 
 
-def apply_fsdp(chunk: GPTChunk, dp_mesh: DeviceMesh, pipelined: bool) -> None:
-    """FSDP2 per block, then the chunk (embedding, norm, head). Under a pipeline the parameters
-    stay gathered between micro-batches (reshard_after_forward=False), as torchtitan does."""
+def apply_fsdp(chunk: GPTChunk, dp_mesh: DeviceMesh) -> None:
+    """FSDP2 per block, then the chunk (embedding, norm, head).
+
+    Parameters stay gathered from the first forward to the last backward of a step
+    (reshard_after_forward=False plus `set_grad_sync`), and gradients are reduce-scattered
+    once per step: one all-gather and one reduce-scatter per step with sharded optimizer state,
+    the communication of Megatron-LM's distributed optimizer. The pipeline schedules do the same.
+    """
     for block in chunk.layers.values():
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=not pipelined)
-    fully_shard(chunk, mesh=dp_mesh, reshard_after_forward=not pipelined)
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=False)
+    fully_shard(chunk, mesh=dp_mesh, reshard_after_forward=False)
 
 
 def build_schedule(chunks: Sequence[GPTChunk], stage_ids: Sequence[int], num_stages: int,
@@ -112,10 +117,13 @@ def build_schedule(chunks: Sequence[GPTChunk], stage_ids: Sequence[int], num_sta
     return ScheduleInterleaved1F1B(stages, num_microbatches, loss_fn=lm_loss)
 
 
-def set_grad_sync(chunk: GPTChunk, enabled: bool) -> None:
-    """Skip FSDP's reduce-scatter on all but the last micro-batch of a step."""
+def set_grad_sync(chunk: GPTChunk, last_microbatch: bool) -> None:
+    """Reduce-scatter gradients and reshard parameters only after the last micro-batch of a
+    step (what PipelineStage does for FSDP modules under a schedule)."""
     if isinstance(chunk, FSDPModule):
-        chunk.set_requires_gradient_sync(enabled)
+        chunk.set_is_last_backward(last_microbatch)
+        chunk.set_reshard_after_backward(last_microbatch)
+        chunk.set_requires_gradient_sync(last_microbatch)
 
 
 def embedding_groups(mesh: DeviceMesh, tied: bool) -> dist.ProcessGroup | None:

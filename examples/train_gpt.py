@@ -250,7 +250,7 @@ def _build_local_chunks(plan: Plan, args: argparse.Namespace, mesh, pp_rank: int
         if layout.tp > 1:
             par.apply_tensor_parallel(chunk, mesh["tp"], layout.sequence_parallel)
         if layout.dp > 1:
-            par.apply_fsdp(chunk, mesh["dp"], pipelined=layout.pp > 1)
+            par.apply_fsdp(chunk, mesh["dp"])
         chunks.append(chunk)
     return tuple(chunks), tuple(s.index for s in stages)
 
@@ -323,8 +323,9 @@ def train_step(setup: Setup, batch: torch.Tensor, faults: Faults, step: int,
     t0 = time.perf_counter()
     x, y = local_batch(setup, batch)
     local_mean = forward_backward(setup, x, y)
-    with mon.comm("embedding_grad_allreduce"):
-        par.sum_tied_grads(setup.chunks, setup.emb_group)
+    if setup.emb_group is not None:
+        with mon.comm("embedding_grad_allreduce"):
+            par.sum_tied_grads(setup.chunks, setup.emb_group)
     for opt in setup.optimizers:
         opt.step()
         opt.zero_grad(set_to_none=True)
