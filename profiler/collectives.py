@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from profiler.context import ProfileContext, Progress, gather
-from profiler.p2p import ELEMENT_BYTES, KiB, MiB, _fmt_bytes, fmt_rate
+from profiler.p2p import ELEMENT_BYTES, KiB, MiB, fmt_bytes, fmt_rate
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter")
 QUICK_SIZES = (1 * MiB,)
@@ -105,7 +105,7 @@ def sweep(ctx: ProfileContext, ranks: int, group, label: str, progress: Progress
             nbytes = size - size % (ELEMENT_BYTES * ranks)  # shards must be whole elements
             sample = time_collective(ctx, op, nbytes, ranks, group, budget_s, max_iters)
             out.append(sample.to_dict())
-            progress(f"{label} {op} {_fmt_bytes(nbytes)} on {ranks} ranks: "
+            progress(f"{label} {op} {fmt_bytes(nbytes)} on {ranks} ranks: "
                      f"busbw {fmt_rate(sample.busbw_GBps)}")
             if sample.seconds > stop_s:
                 break

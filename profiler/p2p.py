@@ -204,7 +204,7 @@ def measure_p2p(ctx: ProfileContext, ladder: Ladder, progress: Progress,
     if n >= 3:  # with two nodes the tournament round already is "all pairs busy"
         busy_bytes = busy_message_bytes(bw, busy_target_s)
         busy = measure_all_pairs_busy(ctx, busy_bytes)
-        progress(f"p2p all pairs busy ({_fmt_bytes(busy_bytes)} each way): done")
+        progress(f"p2p all pairs busy ({fmt_bytes(busy_bytes)} each way): done")
     return P2PResult(bw, lat, {k: [list(s) for s in v] for k, v in samples.items()}, busy,
                      busy_bytes, time.perf_counter() - start)
 
@@ -266,7 +266,7 @@ def measure_all_pairs_busy(ctx: ProfileContext, nbytes: int) -> tuple[tuple[floa
     return _matrix(n, merged)
 
 
-def _fmt_bytes(nbytes: float) -> str:
+def fmt_bytes(nbytes: float) -> str:
     for unit, scale in (("MiB", MiB), ("KiB", KiB)):
         if nbytes >= scale:
             return f"{nbytes / scale:.3g} {unit}"
