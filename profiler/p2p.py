@@ -248,6 +248,8 @@ def measure_all_pairs_busy(ctx: ProfileContext, nbytes: int) -> tuple[tuple[floa
         works = dist.batch_isend_irecv(ops)
 
         def wait_for(k: int, work) -> None:  # gloo works only complete inside wait()
+            if ctx.on_cuda:  # a new thread starts on cuda:0; wait() acts on the current device
+                torch.cuda.set_device(ctx.device)
             work.wait()
             ctx.sync()
             arrival[f"{k}->{me}"] = nbytes / (time.perf_counter() - start) / 1e9
