@@ -41,6 +41,10 @@ from .ilp_partition import partition_layers
 from .ilp_placement import grid_shape, place_nodes
 from .search import SearchResult, SearchSpace, layout_key, search
 
+PLACEMENT_BUDGET_S = 6.0
+"""Wall time shared by the placement ILPs (one per layout shape, each given 0.5-5 s)."""
+SWAP_BUDGET_S = 1.5
+"""Wall time for improving each of the leading plans' node orders by pairwise swaps."""
 MAX_LAYOUTS = 16
 """Candidate layouts that get a placement and a partition (the vectorised search ranks all)."""
 PER_SHAPE = 3
@@ -239,6 +243,42 @@ def best_of(model, cluster, fab, layout: Layout, orders, headroom: float) -> Pla
     return best
 
 
+def improve_by_swaps(model, cluster, fab, placed: PlacedPlan, headroom: float,
+                     budget_s: float = SWAP_BUDGET_S, seed: int = 0) -> PlacedPlan:
+    """First-improvement swaps of two node ranks, scored by the Pipette/Holmes model itself
+    (the placement ILP optimises a proxy of it), under a wall-time budget; the layer split is
+    kept. Never returns a slower plan."""
+    deadline = time.perf_counter() + budget_s
+    lay = placed.result.estimate.layout
+    costs = hetero._Costs(model, cluster, lay)
+    order, best = list(placed.node_order), placed.result
+    pairs = [(a, b) for a in range(len(order)) for b in range(a + 1, len(order))]
+    np.random.default_rng(seed).shuffle(pairs)  # no systematic bias towards the first ranks
+    improved = True
+    while improved and time.perf_counter() < deadline:
+        improved = False
+        for a, b in pairs:
+            if time.perf_counter() > deadline:
+                break
+            if fab.gpu[order[a]] == fab.gpu[order[b]] and _same_links(fab, order[a], order[b]):
+                continue  # interchangeable nodes: the swap cannot change anything
+            order[a], order[b] = order[b], order[a]
+            res = hetero.evaluate(model, cluster, fab, lay, order, headroom, costs)
+            if res.fits and res.estimate.step_time_s < best.estimate.step_time_s * (1 - 1e-9):
+                best, improved = res, True
+            else:
+                order[a], order[b] = order[b], order[a]
+    if best is placed.result:
+        return placed
+    return replace(placed, result=best, node_order=tuple(order), placement=f"{placed.placement}+swaps")
+
+
+def _same_links(fab: hetero.Fabric, i: int, j: int) -> bool:
+    """Nodes i and j see identical links to every other node (and to each other both ways)."""
+    rows = np.delete(fab.bw_Bps[[i, j]], [i, j], axis=1)
+    return bool(np.array_equal(rows[0], rows[1]) and fab.bw_Bps[i, j] == fab.bw_Bps[j, i])
+
+
 # --------------------------------------------------------------------------------------------
 # the search
 # --------------------------------------------------------------------------------------------
@@ -262,7 +302,7 @@ def _shortlist(plans, limit: int = MAX_LAYOUTS, per_shape: int = PER_SHAPE) -> l
 
 def search_hetero(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_batch_size: int,
                   space: SearchSpace | None = None, top_k: int = 5, style: str = "pipette",
-                  time_limit_s: float = 5.0) -> HeteroSearch:
+                  placement_budget_s: float = PLACEMENT_BUDGET_S) -> HeteroSearch:
     """Rank layouts *and* node placements on a heterogeneous cluster (module docstring)."""
     space = space or SearchSpace()
     start = time.perf_counter()
@@ -274,6 +314,8 @@ def search_hetero(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_b
     base = bases[0]
     mixed = [e for rank in itertools.zip_longest(*(b.plans for b in bases)) for e in rank if e]
     layouts = _shortlist(mixed)
+    shapes = {(lay.tp, lay.cp, lay.dp, lay.pp) for lay in layouts}
+    time_limit_s = min(5.0, max(0.5, placement_budget_s / max(1, len(shapes))))
     orders_by_shape, placed = {}, []
     for lay in layouts:
         shape = (lay.tp, lay.cp, lay.dp, lay.pp)
@@ -283,7 +325,8 @@ def search_hetero(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_b
         if found is not None:
             placed.append(found)
     placed.sort(key=lambda p: p.result.estimate.step_time_s)
-    placed = placed[:top_k]
+    lead = [improve_by_swaps(model, cluster, fab, p, space.headroom) for p in placed[:2]]
+    placed = sorted(lead + placed[2:], key=lambda p: p.result.estimate.step_time_s)[:top_k]
     solvers = sorted({status.split("(")[-1].rstrip(")") for p in placed
                       for status in (p.placement_status, p.partition_status) if "(" in status})
     result = replace(
