@@ -76,7 +76,8 @@ class Placement:
     node_for_rank[k]: physical node index (row of bw_GBps) for node rank k = stage * R + block.
     objective_s: `placement_cost(...).total_s` of this placement; cost holds its three terms.
     method: "exact" or "aggregated"; num_classes: node classes the aggregated model used.
-    status / gap / solver: of the MILP solved (for "aggregated", the class-level model).
+    status / gap / solver: of the MILP solved (for "aggregated", the class-level model; if it
+        found nothing in time, status is "not_solved" and the answer is its starting order).
     seconds: wall time of the whole call.
     """
 
@@ -468,12 +469,13 @@ def _solve_aggregated(prob: _Problem, labels: np.ndarray, time_limit_s: float,
     model, take, flow = _aggregated_model(prob, table, patterns)
     left_s = max(0.2, 0.9 * (time_limit_s - (time.perf_counter() - start)))  # room to expand
     outcome = solve(model, left_s, _start_values(prob, table, grid, patterns))
-    _raise_if_unsolved(outcome)
-    counts = np.array([[round(v.value()) for v in row] for row in take])  # [class, stage]
-    hops = np.array([[[round(v.value()) for v in row] for row in per_s] for per_s in flow])
-    nodes = _concrete_nodes(prob, table, _class_paths(prob, table, counts, hops))
-    if _cost(prob, guess).total_s < _cost(prob, nodes).total_s:
-        nodes = guess
+    nodes = guess  # with no incumbent in time (status not_solved) the start is the answer
+    if outcome.status in ("optimal", "feasible"):
+        counts = np.array([[round(v.value()) for v in row] for row in take])  # [class, stage]
+        hops = np.array([[[round(v.value()) for v in row] for row in per_s] for per_s in flow])
+        expanded = _concrete_nodes(prob, table, _class_paths(prob, table, counts, hops))
+        if _cost(prob, expanded).total_s <= _cost(prob, guess).total_s:
+            nodes = expanded
     left_s = time_limit_s - (time.perf_counter() - start)
     budget_s = float(np.clip(0.5 * left_s, 0.05, 0.5))
     return _improve_by_swaps(prob, labels, nodes, budget_s), outcome
