@@ -39,6 +39,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ import gpt_parallel as par
 import torch
 import torch.distributed as dist
 from gpt_model import GPTChunk, build_chunk, lm_loss
+from torch.distributed.checkpoint.api import CheckpointException
 
 from cost_models.specs import Layout, ModelSpec, SpecError
 from launcher.runtime import StepMonitor
@@ -217,8 +219,9 @@ def setup_single(plan: Plan, args: argparse.Namespace) -> Setup:
     chunk = build_chunk(model, 0, model.num_layers, args.seed, layout.recompute).to(device)
     chunks = (chunk,)
     m = layout.global_batch_size // layout.micro_batch_size
-    return Setup(chunks, _optimizers(chunks, args.lr), 0, device, 0, 1, m, None, True, True,
-                 True, None, False)
+    return Setup(chunks=chunks, optimizers=_optimizers(chunks, args.lr), rank=0, device=device,
+                 dp_rank=0, dp=1, num_microbatches=m, schedule=None, holds_first=True,
+                 holds_last=True, loss_owner=True, emb_group=None, distributed=False)
 
 
 def _init_process_group(layout: Layout) -> tuple[int, torch.device]:
@@ -269,10 +272,11 @@ def setup_distributed(plan: Plan, args: argparse.Namespace) -> Setup:
                                       mesh["pp"].get_group(), device)
     holds_last = num_stages - 1 in stage_ids
     return Setup(
-        chunks, _optimizers(chunks, args.lr), rank, device, coords.dp, layout.dp,
-        layout.num_microbatches, schedule, 0 in stage_ids, holds_last,
-        holds_last and coords.tp == 0 and coords.cp == 0,
-        par.embedding_groups(mesh, plan.model.tied_embeddings), True,
+        chunks=chunks, optimizers=_optimizers(chunks, args.lr), rank=rank, device=device,
+        dp_rank=coords.dp, dp=layout.dp, num_microbatches=layout.num_microbatches,
+        schedule=schedule, holds_first=0 in stage_ids, holds_last=holds_last,
+        loss_owner=holds_last and coords.tp == 0 and coords.cp == 0,
+        emb_group=par.embedding_groups(mesh, plan.model.tied_embeddings), distributed=True,
     )
 
 
@@ -405,21 +409,36 @@ def train(args: argparse.Namespace) -> None:
     plan = read_plan(args.plan)
     check_supported(plan, args.single_process)
     faults = parse_faults(os.environ, 0 if args.single_process else int(os.environ.get("RANK", 0)))
+    if args.single_process:  # DCP warns that it runs without a process group: intended here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     setup = setup_single(plan, args) if args.single_process else setup_distributed(plan, args)
     mon = StepMonitor.from_env()
     start = 0
     resume = latest_checkpoint(args.ckpt_dir)
     if resume is not None:
-        start = par.load_state(setup.chunks, setup.optimizers, str(resume[1]))
-        _log(setup, None, {"resumed_from": str(resume[1]), "step": start})
+        start = _resume(setup, resume[1])
+        _log(setup, None, {"resumed_from": str(resume[1]), "start_step": start})
     try:
         run_steps(setup, plan.model, plan.layout, args, faults, mon, start)
     finally:
         mon.close()
 
 
+def _resume(setup: Setup, path: Path) -> int:
+    """Load checkpoint `path` (written under any layout); returns the step to continue from."""
+    try:
+        return par.load_state(setup.chunks, setup.optimizers, str(path))
+    except (CheckpointException, RuntimeError, KeyError, ValueError) as exc:
+        # DCP wraps the cause (missing key, other shape) in a multi-rank report whose last
+        # line names it.
+        lines = [ln for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+        raise SpecError(f"cannot resume from {path} ({lines[-1].strip()[:200]}); was it written "
+                        "for another model? Use a fresh --ckpt-dir") from None
+
+
 def run_steps(setup: Setup, model: ModelSpec, layout: Layout, args: argparse.Namespace,
               faults: Faults, mon: StepMonitor, start: int) -> None:
+    """Steps start..args.steps-1: faults, monitor records, log lines, periodic checkpoints."""
     for step in range(start, args.steps):
         fault_at_step_begin(faults, step)
         mon.step_begin(step)
