@@ -241,8 +241,12 @@ def _placement_chart(plan: Plan, order: tuple[int, ...]) -> bytes:
         speeds.append(fab.bw_Bps[n, m] / 1e9)
     fig, ax = plt.subplots(figsize=(min(14, 1.6 + 1.5 * cols), min(12, 1.4 + 0.7 * rows)))
     if segments:
+        off = ~np.eye(fab.num_nodes, dtype=bool)
+        span = (fab.bw_Bps[off].min() / 1e9, fab.bw_Bps[off].max() / 1e9) if off.any() else (0, 1)
+        # the scale spans every node pair of the cluster: red is its slowest link, not the plan's
         lines = LineCollection(segments, cmap="RdYlGn", linewidths=3, zorder=1)
         lines.set_array(np.array(speeds))
+        lines.set_clim(min(span[0], min(speeds)), max(span[1], max(speeds)) + 1e-9)
         ax.add_collection(lines)
         fig.colorbar(lines, ax=ax, label="link GB/s (achieved, per GPU)", shrink=0.8)
     gpu_colours = dict(zip(sorted({n.gpu for n in plan.cluster.nodes}),
