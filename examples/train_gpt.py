@@ -13,7 +13,7 @@ The first form runs the plan's layout: tensor parallel (DTensor), pipeline paral
 parallel (FSDP2), sequence parallelism and activation recomputation as the plan says; N*nnodes
 must equal the plan's world size. `--single-process` ignores the parallel layout and runs the
 same model, data and micro-batches on one process with gradient accumulation: the reference the
-parallel layouts must match (per-step losses within ~1e-5 relative).
+parallel layouts must match (per-step losses within 1e-4 relative; ~1e-7 measured on CPU).
 
 Each step trains on a synthetic global batch that depends only on (seed, step); the reported
 loss is the mean next-token loss over the whole global batch. Rank 0 prints and appends
