@@ -11,7 +11,7 @@ For each: meshplan (`planner.hetero.search_hetero`, cost model as `--cost-model 
 the Megatron default (tp = GPUs per node, pp/dp/vp/mbs/recompute as a topology-blind planner
 picks them for the nominal uniform cluster, pipeline across nodes in node order, even layer
 split); and brute force over every distinct node order (nodes of one kind are
-interchangeable) for meshplan's leading layouts and the default's, each order with its own
+interchangeable) for every layout meshplan shortlists (up to 24) and the default's, each order with its own
 partition-ILP layer split — where that is tractable (not for a 16-node measured matrix:
 16! orders; there, the best of random orders is shown instead). Every plan is scored by the
 analytic model it was ranked with and by the event simulator. Finally: planning time of a
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +33,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from cost_models import hetero  # noqa: E402
 from planner.engine import resolve_cost_model  # noqa: E402
-from planner.hetero import PlacedPlan, brute_force, search_hetero, uniform_plan  # noqa: E402
+from planner.hetero import (  # noqa: E402
+    PlacedPlan,
+    brute_force,
+    candidate_layouts,
+    search_hetero,
+    uniform_plan,
+)
 from planner.report import layout_label  # noqa: E402
+from planner.search import SearchSpace  # noqa: E402
 from planner.specfiles import cluster_from_dict, load_cluster, load_model  # noqa: E402
 
 CASES = (  # cluster file, model, seq, global batch
@@ -87,9 +93,8 @@ def run_case(path: Path, model_name: str, seq: int, gbs: int) -> list[dict]:
     ours, default = hs.placed[0], default_plan(model, cluster, fab, seq, gbs)
     rows = [_row("meshplan", ours, model, cluster, fab, names),
             _row("megatron default", default, model, cluster, fab, names)]
-    layouts = list(dict.fromkeys(replace(p.result.estimate.layout, layers_per_stage=None)
-                                 for p in hs.placed))
-    layouts.append(default.result.estimate.layout)
+    _, shortlist = candidate_layouts(model, cluster, fab, seq, gbs, SearchSpace())
+    layouts = list(dict.fromkeys([*shortlist, default.result.estimate.layout]))
     start_bf = time.perf_counter()
     brute, tried = brute_force(model, cluster, fab, layouts, headroom=0.05)
     if brute is not None:

@@ -45,7 +45,7 @@ PLACEMENT_BUDGET_S = 6.0
 """Wall time shared by the placement ILPs (one per layout shape, each given 0.5-5 s)."""
 SWAP_BUDGET_S = 1.5
 """Wall time for improving each of the leading plans' node orders by pairwise swaps."""
-MAX_LAYOUTS = 16
+MAX_LAYOUTS = 24
 """Candidate layouts that get a placement and a partition (the vectorised search ranks all)."""
 PER_SHAPE = 3
 """At most this many candidates per (tp, cp, dp, pp) shape, so the shapes stay diverse."""
@@ -300,6 +300,17 @@ def _shortlist(plans, limit: int = MAX_LAYOUTS, per_shape: int = PER_SHAPE) -> l
     return out
 
 
+def candidate_layouts(model: ModelSpec, cluster: ClusterSpec, fab: hetero.Fabric, seq_len: int,
+                      global_batch_size: int, space: SearchSpace) -> tuple[SearchResult, list[Layout]]:
+    """(the first nominal search's result, the shortlist): the leaders of the vectorised
+    search on each nominal cluster, taken in turn, at most PER_SHAPE per shape."""
+    bases = [search(model, nominal_cluster(cluster, fab, space.dtype, link), seq_len,
+                    global_batch_size, replace(space, refine_top=0), top_k=MAX_LAYOUTS * PER_SHAPE)
+             for link in nominal_links(fab)]
+    mixed = [e for rank in itertools.zip_longest(*(b.plans for b in bases)) for e in rank if e]
+    return bases[0], _shortlist(mixed)
+
+
 def search_hetero(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_batch_size: int,
                   space: SearchSpace | None = None, top_k: int = 5, style: str = "pipette",
                   placement_budget_s: float = PLACEMENT_BUDGET_S) -> HeteroSearch:
@@ -308,12 +319,7 @@ def search_hetero(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_b
     start = time.perf_counter()
     megatron.require_dense(model)
     fab = hetero.fabric(cluster, style)
-    bases = [search(model, nominal_cluster(cluster, fab, space.dtype, link), seq_len,
-                    global_batch_size, replace(space, refine_top=0), top_k=MAX_LAYOUTS * PER_SHAPE)
-             for link in nominal_links(fab)]
-    base = bases[0]
-    mixed = [e for rank in itertools.zip_longest(*(b.plans for b in bases)) for e in rank if e]
-    layouts = _shortlist(mixed)
+    base, layouts = candidate_layouts(model, cluster, fab, seq_len, global_batch_size, space)
     shapes = {(lay.tp, lay.cp, lay.dp, lay.pp) for lay in layouts}
     time_limit_s = min(5.0, max(0.5, placement_budget_s / max(1, len(shapes))))
     orders_by_shape, placed = {}, []
