@@ -183,6 +183,7 @@ def checkpoint_state(chunks: Sequence[GPTChunk], optimizers: Sequence[torch.opti
 
 
 def save_state(state: dict, path: str) -> None:
+    """Write `state` (from `checkpoint_state`) as a DCP checkpoint into directory `path`."""
     dcp.save(state, checkpoint_id=path)
 
 
