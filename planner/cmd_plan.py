@@ -114,11 +114,12 @@ def _gpu_label(cluster) -> str:
 
 
 def _placement_json(hs) -> list[dict]:
-    """Per ranked plan: where its node order and layer split came from (solver status, gap)."""
-    return [{"source": p.placement, "placement_status": p.placement_status,
+    """Per ranked plan: where its node order and layer split came from (solver status, gap);
+    the winner also says where slow hosts went."""
+    return [{"source": p.placement, **({"slow_hosts": list(hs.slow_hosts)} if i == 0 else {}), "placement_status": p.placement_status,
              "partition_status": p.partition_status, "critical_stage": p.result.critical_stage,
              "critical_replica": p.result.critical_replica, "stage_gpu": list(p.result.stage_gpu)}
-            for p in hs.placed]
+            for i, p in enumerate(hs.placed)]
 
 
 def _print_placement(console: Console, hs) -> None:
@@ -136,6 +137,8 @@ def _print_placement(console: Console, hs) -> None:
     for s in range(lay.pp):
         nodes = ", ".join(names[i] for i in dict.fromkeys(where[s].ravel().tolist()))
         console.print(f"  stage {s} ({best.result.stage_gpu[s]}): {nodes}")
+    for line in hs.slow_hosts:
+        console.print(f"  {line}")
 
 
 def _json(res: SearchResult, plans: list[Plan]) -> dict:

@@ -75,6 +75,8 @@ class HeteroSearch:
     style: str
     placements_solved: int
     """Placement ILPs run (one per layout shape)."""
+    slow_hosts: tuple[str, ...] = ()
+    """Where the winner put each slow host (`slow_host_notes`)."""
 
     @property
     def node_orders(self) -> tuple[tuple[str, ...], ...]:
@@ -340,8 +342,39 @@ def search_hetero(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_b
         seconds=time.perf_counter() - start, solver=", ".join(solvers) or "heuristic",
         partitions=(), cluster=cluster, alternatives=(),
         nearest=base.nearest if not placed else ())
+    notes = slow_host_notes(cluster, fab, placed[0]) if placed else []
     return HeteroSearch(result, tuple(placed), style,
-                        sum(1 for o in orders_by_shape.values() if o[0][1].startswith("ilp")))
+                        sum(1 for o in orders_by_shape.values() if o[0][1].startswith("ilp")),
+                        tuple(notes))
+
+
+def slow_host_notes(cluster: ClusterSpec, fab: hetero.Fabric, placed: PlacedPlan,
+                    ratio: float = 0.5) -> list[str]:
+    """One line per slow host (median link below `ratio` x the cluster's median): where the
+    plan put it — alone in its stage (no DP ring through its links) or, if not, why."""
+    n = fab.num_nodes
+    if n < 3:
+        return []
+    off = ~np.eye(n, dtype=bool)
+    median = np.median(fab.bw_Bps[off])
+    own = np.array([np.median(np.delete(fab.bw_Bps[i], i)) for i in range(n)])
+    lay = placed.result.estimate.layout
+    where = hetero.rank_nodes(lay, fab.gpus_per_node, placed.node_order)
+    notes = []
+    for i in np.flatnonzero(own < ratio * median):
+        stages = sorted({int(s) for s in np.argwhere(where == i)[:, 0]})
+        peers = {int(x) for s in stages for x in np.unique(where[s])} - {int(i)}
+        hops = sum((s > 0) + (s < lay.pp - 1) for s in stages)
+        head = (f"slow host {cluster.nodes[i].name} (median link {own[i] / 1e9:.1f} GB/s vs "
+                f"{median / 1e9:.1f} GB/s): stage {', '.join(map(str, stages))}, {hops} pipeline hop(s)")
+        if not peers:
+            notes.append(f"{head}; alone in its stage, so no DP ring runs over its links")
+        else:
+            worst = min(min(fab.bw_Bps[i, j], fab.bw_Bps[j, i]) for j in peers) / 1e9
+            notes.append(f"{head}; shares its stage's DP ring with {len(peers)} node(s) over "
+                         f"links of >= {worst:.1f} GB/s: every stage of this layout spans "
+                         f"{len(peers) + 1} nodes, and the layouts that would isolate it ranked slower")
+    return notes
 
 
 # --------------------------------------------------------------------------------------------

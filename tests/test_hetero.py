@@ -140,6 +140,8 @@ def test_measured_plan_beats_uniform_assumption_and_avoids_slow_host(tmp_path, r
     doc = json.loads(out)
     assert doc["plans"][0]["estimate"]["cost_model"] == "pipette"
     assert doc["search"]["placement"][0]["placement_status"]
+    assert doc["search"]["placement"][0]["slow_hosts"][0].startswith("slow host n3")
+    assert "alone in its stage" in doc["search"]["placement"][0]["slow_hosts"][0]
     plan = read_plan(tmp_path / "plan.yaml")
     cluster = cluster_from_dict(data, "t")
     model = load_model("llama3.1-8b")
