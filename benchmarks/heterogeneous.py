@@ -72,7 +72,7 @@ def random_best(model, cluster, fab, placed: PlacedPlan, count: int, seed: int =
     """Best of `count` random node orders for the plan's layout (same layer split)."""
     rng = np.random.default_rng(seed)
     lay = placed.result.estimate.layout
-    costs = hetero._Costs(model, cluster, lay)
+    costs = hetero.GroupCosts(model, cluster, lay)
     best = None
     for _ in range(count):
         order = tuple(int(i) for i in rng.permutation(cluster.num_nodes))

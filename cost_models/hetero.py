@@ -190,8 +190,9 @@ def stage_views(cluster: ClusterSpec, fab: Fabric, layout: Layout, node_order) -
     return out
 
 
-class _Costs:
-    """Megatron primitives of one layout on memoised views (keyed by GPU type and link)."""
+class GroupCosts:
+    """Megatron primitives of one layout on memoised views (keyed by GPU type and link);
+    pass one to `evaluate` to reuse them across placements of that layout."""
 
     def __init__(self, model: ModelSpec, cluster: ClusterSpec, layout: Layout):
         self.model, self.cluster, self.layout = model, cluster, layout
@@ -268,12 +269,12 @@ def rank_layers(layout: Layout, num_layers: int) -> tuple[int, ...]:
 
 
 def evaluate(model: ModelSpec, cluster: ClusterSpec, fab: Fabric, layout: Layout, node_order,
-             headroom: float = megatron.DEFAULT_HEADROOM, costs: _Costs | None = None) -> HeteroResult:
+             headroom: float = megatron.DEFAULT_HEADROOM, costs: GroupCosts | None = None) -> HeteroResult:
     """Step time and memory of `layout` with node rank k on node `node_order[k]` (module doc).
 
     `costs` may be passed to reuse memoised primitives across placements of one layout."""
     megatron.require_dense(model)
-    costs = costs or _Costs(model, cluster, layout)
+    costs = costs or GroupCosts(model, cluster, layout)
     views = stage_views(cluster, fab, layout, node_order)
     p, v, m = layout.pp, layout.vp, layout.num_microbatches
     layers = rank_layers(layout, model.num_layers)
@@ -310,7 +311,7 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, fab: Fabric, layout: Layout
         stage_capacity_GiB=tuple(r[3] for r in ranks))
 
 
-def _stage_ranks(cluster, costs: _Costs, views, layers, headroom):
+def _stage_ranks(cluster, costs: GroupCosts, views, layers, headroom):
     """Per stage: (exposed DP s, optimizer s, MemoryBreakdown, capacity GiB) on its slowest GPU
     (the DP reduction is bounded by the stage's DP link; memory by its smallest GPU)."""
     out = []
@@ -365,7 +366,7 @@ def step_tasks(model: ModelSpec, cluster: ClusterSpec, fab: Fabric, layout: Layo
     uses its DP group's slowest link."""
     megatron.require_dense(model)
     views = stage_views(cluster, fab, layout, node_order)
-    costs = _Costs(model, cluster, layout)
+    costs = GroupCosts(model, cluster, layout)
     p, v = layout.pp, layout.vp
     fwd, bwd, dp, opt = [], [], [], []
     for s in range(p):

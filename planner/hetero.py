@@ -121,7 +121,7 @@ def nominal_cluster(cluster: ClusterSpec, fab: hetero.Fabric, dtype: str,
 
 def node_speeds(model: ModelSpec, cluster: ClusterSpec, fab: hetero.Fabric, layout: Layout) -> np.ndarray:
     """Relative speed per node (1.0 = the fastest GPU type): ratio of one layer's time."""
-    costs = hetero._Costs(model, cluster, layout)
+    costs = hetero.GroupCosts(model, cluster, layout)
     intra = (fab.bw_Bps[0, 0], fab.latency_s[0, 0])
     layer = {g: float(costs.layer(g, intra)[0].total[0]) for g in set(fab.gpu)}
     fastest = min(layer.values())
@@ -136,7 +136,7 @@ def node_speeds(model: ModelSpec, cluster: ClusterSpec, fab: hetero.Fabric, layo
 def _traffic(model, cluster, fab, layout: Layout):
     """(stage DP bytes, hop bytes, stage work s) of `layout` for the placement ILP: times at a
     1 GB/s, zero-latency link, times 1e9, so that the ILP's bytes/bandwidth is those times."""
-    costs = hetero._Costs(model, cluster, layout)
+    costs = hetero.GroupCosts(model, cluster, layout)
     unit = (1e9, 0.0)
     fast = min(set(fab.gpu), key=lambda g: -cluster.gpu_types[g].peak_flops(layout.dtype))
     layers = hetero.rank_layers(layout, model.num_layers)
@@ -236,7 +236,7 @@ def best_of(model, cluster, fab, layout: Layout, orders, headroom: float) -> Pla
         split, pstatus = splits[kinds]
         for lay, why in ((split, pstatus), (layout, "even split")):
             key = lay.layers_per_stage
-            costs.setdefault(key, hetero._Costs(model, cluster, lay))
+            costs.setdefault(key, hetero.GroupCosts(model, cluster, lay))
             res = hetero.evaluate(model, cluster, fab, lay, order, headroom, costs[key])
             if not res.fits:
                 continue
@@ -252,7 +252,7 @@ def improve_by_swaps(model, cluster, fab, placed: PlacedPlan, headroom: float,
     kept. Never returns a slower plan."""
     deadline = time.perf_counter() + budget_s
     lay = placed.result.estimate.layout
-    costs = hetero._Costs(model, cluster, lay)
+    costs = hetero.GroupCosts(model, cluster, lay)
     order, best = list(placed.node_order), placed.result
     pairs = [(a, b) for a in range(len(order)) for b in range(a + 1, len(order))]
     np.random.default_rng(seed).shuffle(pairs)  # no systematic bias towards the first ranks
