@@ -86,9 +86,11 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
             for line in advise(prob.model, res.cluster, seq_len, global_batch_size, space,
                                res.nearest):
                 click.echo(f"  {line}", err=True)
+        hint = ("see the suggestions above" if hs is None else
+                "allow recompute (--recompute full), or add nodes or GPUs with more memory")
         click.echo(f"error: no layout of {prob.model.name} fits on {res.cluster.world_size} "
                    f"{_gpu_label(res.cluster)} GPUs ({res.candidates} valid layouts tried); "
-                   "see the suggestions above or add recompute/pipeline stages", err=True)
+                   f"{hint}", err=True)
         sys.exit(3)
     if output:
         write_plan(plans[0], output)
