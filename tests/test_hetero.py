@@ -183,12 +183,14 @@ def test_plan_128_measured_nodes_within_30_s():
     assert sorted(hs.placed[0].node_order) == list(range(128))
 
 
-def test_auto_picks_styles(run_cli, tmp_path):
+def test_auto_picks_styles():
     from planner.engine import resolve_cost_model
 
     assert resolve_cost_model("auto", load_cluster("dgx-h100", nodes=2)) == "megatron"
     assert resolve_cost_model("auto", cluster_from_dict(slow_node_dict(), "t")) == "pipette"
-    assert resolve_cost_model("auto", load_cluster(str(CLUSTERS / "mixed-a100-h100.yaml"))) == "holmes"
+    expected = {"mixed-a100-h100": "holmes", "holmes-ib-roce": "holmes", "pipette-16": "pipette"}
+    for name, style in expected.items():
+        assert resolve_cost_model("auto", load_cluster(str(CLUSTERS / f"{name}.yaml"))) == style
 
 
 # --------------------------------------------------------------------------------------------
