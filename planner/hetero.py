@@ -377,6 +377,22 @@ def slow_host_notes(cluster: ClusterSpec, fab: hetero.Fabric, placed: PlacedPlan
     return notes
 
 
+def plan_node_indices(plan) -> tuple[int, ...]:
+    """Physical node index (row of the plan's cluster node list) for each node rank."""
+    index = {n.name: i for i, n in enumerate(plan.cluster.nodes)}
+    return tuple(index[name] for name in plan.node_order)
+
+
+def plan_step_tasks(plan):
+    """StepTasks of a pipette/holmes plan's slowest replica (per-stage views, actual hop
+    links), for `cost_models.simulator.simulate_step` / `meshplan simulate`."""
+    style = plan.estimate.get("cost_model") if isinstance(plan.estimate, dict) else None
+    fab = hetero.fabric(plan.cluster, style if style in hetero.STYLES else "pipette")
+    order = plan_node_indices(plan)
+    _, _, replica = hetero.simulate(plan.model, plan.cluster, fab, plan.layout, order)
+    return hetero.step_tasks(plan.model, plan.cluster, fab, plan.layout, order, replica)
+
+
 # --------------------------------------------------------------------------------------------
 # baselines for the benchmark and the tests
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from cost_models import hetero, megatron
 from cost_models.simulator import SimResult, simulate_step
 from cost_models.specs import SpecError
 
+from .hetero import plan_node_indices, plan_step_tasks
 from .planfile import Plan
 from .report import layout_label
 from .specfiles import write_atomic
@@ -75,22 +76,12 @@ def write_report(path: str | Path, plans: list[Plan], search_result) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def node_indices(plan: Plan) -> tuple[int, ...]:
-    """Physical node index (row of the cluster's node list) for each node rank."""
-    index = {n.name: i for i, n in enumerate(plan.cluster.nodes)}
-    return tuple(index[name] for name in plan.node_order)
-
-
 def simulate_plan(plan: Plan) -> tuple[SimResult, tuple[int, ...]]:
     """Simulate the plan's step with the cost model it was ranked by; (result, node order)."""
-    order = node_indices(plan)
-    style = plan.estimate.get("cost_model", "megatron")
-    if style in hetero.STYLES:
-        fab = hetero.fabric(plan.cluster, style)
-        _, sim, _ = hetero.simulate(plan.model, plan.cluster, fab, plan.layout, order)
-    else:
-        sim = simulate_step(megatron.step_tasks(plan.model, plan.cluster, plan.layout))
-    return sim, order
+    order = plan_node_indices(plan)
+    if plan.estimate.get("cost_model", "megatron") in hetero.STYLES:
+        return simulate_step(plan_step_tasks(plan)), order
+    return simulate_step(megatron.step_tasks(plan.model, plan.cluster, plan.layout)), order
 
 
 # --------------------------------------------------------------------------------------------
