@@ -171,6 +171,25 @@ def test_within_two_percent_of_brute_force_over_placements():
     assert ours <= best.result.estimate.step_time_s * 1.02
 
 
+def test_measured_matrix_placement_within_two_percent_of_all_orders():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from hetero_clusters import measured_cluster_dict
+
+    data = measured_cluster_dict(6, slow_fraction=0.3, seed=3)
+    for node in data["nodes"]:
+        node["gpus"] = 2
+    cluster, model = cluster_from_dict(data, "t"), load_model("llama3.1-8b")
+    hs = search_hetero(model, cluster, 4096, 48, style="pipette", top_k=1)
+    ours = hs.placed[0].result.estimate
+    fab = hetero.fabric(cluster, "pipette")
+    best, tried = brute_force(model, cluster, fab, [replace(ours.layout, layers_per_stage=None)])
+    assert tried == 720  # 6! orders: measured links make every node distinct
+    assert ours.step_time_s <= best.result.estimate.step_time_s * 1.02
+    worst = max(hetero.evaluate(model, cluster, fab, ours.layout, o).estimate.step_time_s
+                for o in [(0, 1, 2, 3, 4, 5), (5, 4, 3, 2, 1, 0), (2, 0, 4, 1, 5, 3)])
+    assert ours.step_time_s < worst  # the placement matters on this matrix
+
+
 def test_plan_128_measured_nodes_within_30_s():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from hetero_clusters import measured_cluster_dict
