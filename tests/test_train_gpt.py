@@ -172,3 +172,27 @@ def test_fault_variables_target_one_rank_and_reject_malformed_values(monkeypatch
                         ("MESHPLAN_FAULT_SLOW", "0:fast"), ("MESHPLAN_FAULT_SLOW", "0:0.5")):
         with pytest.raises(SpecError, match=name):
             train_gpt.parse_faults({name: value}, 0)
+
+
+def test_chunks_share_names_and_weights_with_the_whole_model(monkeypatch):
+    """Weights depend on (seed, parameter name) only, names carry global layer indices, and
+    uneven chunks composed in order compute the whole model (tied head included)."""
+    monkeypatch.syspath_prepend(str(TRAINER.parent))
+    torch = pytest.importorskip("torch")
+    gpt_model = pytest.importorskip("gpt_model")
+    spec = load_model("tiny-gpt")
+    whole = gpt_model.build_chunk(spec, 0, spec.num_layers, seed=7)
+    parts = [gpt_model.build_chunk(spec, a, b, seed=7) for a, b in ((0, 1), (1, 5), (5, 8))]
+    full = dict(whole.named_parameters())
+    for part in parts:
+        for name, param in part.named_parameters():
+            assert torch.equal(param, full[name]), name
+    assert "layers.5.attention.wq.weight" in dict(parts[2].named_parameters())
+    assert parts[2].output.weight is parts[2].tok_embeddings.weight  # tied on the last chunk
+    tokens = torch.randint(0, spec.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    hidden = tokens
+    for part in parts:
+        hidden = part(hidden)
+    torch.testing.assert_close(hidden, whole(tokens), rtol=0, atol=0)
+    other = gpt_model.build_chunk(spec, 0, spec.num_layers, seed=8)
+    assert not torch.equal(other.layers["0"].attention.wq.weight, whole.layers["0"].attention.wq.weight)
