@@ -20,15 +20,18 @@ from planner.planfile import Plan, read_plan
 
 
 def plan_step_tasks(plan: Plan) -> StepTasks:
-    """The cost model's per-stage durations for the plan (lazy import: the cost model is the
-    lead's `cost_models.megatron.step_tasks(model, cluster, layout)`)."""
+    """The cost model's per-stage durations for the plan: the uniform Megatron model on a
+    homogeneous cluster, the placement-aware one (actual hop links, per-stage GPUs) when the
+    cluster has measured links or mixes NIC kinds / GPU types."""
     from cost_models import megatron
 
-    step_tasks = getattr(megatron, "step_tasks", None)
-    if step_tasks is None:
-        raise click.ClickException("this build's cost model has no step_tasks(); "
-                                   "meshplan simulate needs a newer meshplan")
-    return step_tasks(plan.model, plan.cluster, plan.layout)
+    from .engine import resolve_cost_model
+
+    if resolve_cost_model("auto", plan.cluster) == "megatron":
+        return megatron.step_tasks(plan.model, plan.cluster, plan.layout)
+    from .hetero import plan_step_tasks as hetero_step_tasks
+
+    return hetero_step_tasks(plan)
 
 
 def compare(result: SimResult, plan: Plan) -> dict:
