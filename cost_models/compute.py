@@ -19,14 +19,16 @@ def gemm_time(flops, kernels, gpu: GpuSpec, dtype: str):
     return flops / (eff.max_fraction * gpu.peak_flops(dtype)) + kernels * eff.overhead_s
 
 
-def attention_time(flops, gpu: GpuSpec, dtype: str):
-    """Fused (flash) attention of `flops` (causal count): flops / (attention_fraction · peak).
+def attention_time(flops, gpu: GpuSpec, dtype: str, kernels=1):
+    """Fused (flash) attention of `flops` (causal count) in `kernels` launches:
+    flops / (attention_fraction · peak) + kernels · overhead (ring attention launches one
+    kernel per context-parallel step).
 
     Attention runs in bf16 even in FP8 recipes (Transformer Engine), so fp8 uses the bf16 peak.
     """
     kernel_dtype = "bf16"
     eff = gpu.efficiency[kernel_dtype]
-    return flops / (eff.attention_fraction * gpu.peak_flops(kernel_dtype))
+    return flops / (eff.attention_fraction * gpu.peak_flops(kernel_dtype)) + kernels * eff.overhead_s
 
 
 def memory_bound_time(nbytes, gpu: GpuSpec):

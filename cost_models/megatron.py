@@ -157,14 +157,16 @@ def _attention_times(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, causal_flops
     softmax and dropout: ~11 bytes per score forward (write 2, softmax read 2 + write 2,
     dropout mask 1 + output 2, read 2 for scores·V) and twice that backward.
     """
-    fused_f = compute.attention_time(causal_flops, gpu, g.dtype)
+    fused_f = compute.attention_time(causal_flops, gpu, g.dtype, kernels=g.cp)
     scores = model.num_heads * g.micro_batch_size * g.seq_len * (g.seq_len / g.cp) / g.tp
     unfused_f = (compute.gemm_time(2 * causal_flops, 2, gpu, g.dtype)
                  + compute.memory_bound_time(11 * scores, gpu))
     unfused_b = (compute.gemm_time(4 * causal_flops, 4, gpu, g.dtype)
                  + compute.memory_bound_time(22 * scores, gpu))
+    fused_b = ATTENTION_BACKWARD_FACTOR * (fused_f - g.cp * gpu.efficiency["bf16"].overhead_s) \
+        + 2 * g.cp * gpu.efficiency["bf16"].overhead_s  # backward: dQ and dK/dV kernels per step
     return (np.where(g.flash_attention, fused_f, unfused_f),
-            np.where(g.flash_attention, ATTENTION_BACKWARD_FACTOR * fused_f, unfused_b))
+            np.where(g.flash_attention, fused_b, unfused_b))
 
 
 def head_time(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid) -> np.ndarray:
