@@ -45,6 +45,10 @@ PLACEMENT_BUDGET_S = 6.0
 """Wall time shared by the placement ILPs (one per layout shape, each given 0.5-5 s)."""
 SWAP_BUDGET_S = 1.5
 """Wall time for improving each of the leading plans' node orders by pairwise swaps."""
+EXHAUSTIVE_MAX_ORDERS = 800
+"""Distinct node orders (up to interchangeable nodes) below which the leading plans' placement
+is settled by evaluating every order with the Pipette/Holmes model itself: the placement ILP
+optimises a proxy (no TP/CP groups spanning nodes) and swaps can stop in a local optimum."""
 MAX_LAYOUTS = 24
 """Candidate layouts that get a placement and a partition (the vectorised search ranks all)."""
 PER_SHAPE = 3
@@ -275,6 +279,17 @@ def improve_by_swaps(model, cluster, fab, placed: PlacedPlan, headroom: float,
     return replace(placed, result=best, node_order=tuple(order), placement=f"{placed.placement}+swaps")
 
 
+def _exhaustive(model, cluster, fab, placed: PlacedPlan, orders, headroom: float) -> PlacedPlan:
+    """The best of every node order for `placed`'s layout (each with its partition-ILP split);
+    never slower than `placed`."""
+    lay = replace(placed.result.estimate.layout, layers_per_stage=None)
+    found = best_of(model, cluster, fab, lay,
+                    [(o, "exhaustive", f"all {len(orders)} orders") for o in orders], headroom)
+    if found is None or found.result.estimate.step_time_s >= placed.result.estimate.step_time_s:
+        return placed
+    return found
+
+
 def _same_links(fab: hetero.Fabric, i: int, j: int) -> bool:
     """Nodes i and j see identical links to every other node (and to each other both ways)."""
     rows = np.delete(fab.bw_Bps[[i, j]], [i, j], axis=1)
@@ -334,6 +349,9 @@ def search_hetero(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_b
             placed.append(found)
     placed.sort(key=lambda p: p.result.estimate.step_time_s)
     lead = [improve_by_swaps(model, cluster, fab, p, space.headroom) for p in placed[:2]]
+    orders = distinct_orders(cluster, fab, limit=EXHAUSTIVE_MAX_ORDERS)
+    if orders is not None:
+        lead = [_exhaustive(model, cluster, fab, p, orders, space.headroom) for p in lead]
     placed = sorted(lead + placed[2:], key=lambda p: p.result.estimate.step_time_s)[:top_k]
     solvers = sorted({status.split("(")[-1].rstrip(")") for p in placed
                       for status in (p.placement_status, p.partition_status) if "(" in status})
