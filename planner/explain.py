@@ -34,7 +34,8 @@ def why_slower(winner: Estimate, other: Estimate) -> str:
     name = part.removesuffix("_s")
     slower = 100 * (other.step_time_s / winner.step_time_s - 1)
     return (f"{layout_label(other.layout)}: +{slower:.1f}% — {PART_NAMES[name]} "
-            f"{100 * os_[name]:.1f}% vs {100 * ws[name]:.1f}% of the step")
+            f"{o[part]:.3g} s vs {w[part]:.3g} s ({100 * os_[name]:.1f}% vs "
+            f"{100 * ws[name]:.1f}% of the step)")
 
 
 def explain(plans: tuple[Estimate, ...], alternatives: tuple[Estimate, ...]) -> list[str]:
