@@ -10,8 +10,9 @@ is physics rather than memorised rows, it also reports leave-one-source-out erro
 source's rows predicted with parameters fitted on the other sources only.
 
 The fit starts from the shipped values. TP overlap and the GEMM fraction trade off against each
-other (a second local optimum: overlap 0.67 with GEMM 0.70 gives 5.3% instead of 4.5%), so the
-overlap is the least certain parameter; the README says how parity claims depend on it.
+other: besides the shipped optimum (GEMM 0.70, overlap 0.67: 5.3%) there is one at GEMM 0.77,
+overlap 0.09 (4.5%) that contradicts Hopper recipes' TE userbuffer overlap and is not shipped;
+the overlap is the least certain parameter (README, "Validation").
 
 Run: python benchmarks/calibrate.py [--loso]   (prints values for planner/data/gpus.yaml)
 """
