@@ -76,3 +76,16 @@ def overlapped(comm_s, window_s, fraction):
     """
     hidden = np.minimum(comm_s * fraction, window_s)
     return comm_s - hidden
+
+
+def all_to_all_time(nbytes, size, stride, gpus_per_node, intra_Bps, inter_Bps, intra_latency_s,
+                    inter_latency_s):
+    """All-to-all where each of `size` ranks sends `nbytes` split evenly over the group
+    (MoE token dispatch/combine): the (size - k)/size share leaving the node goes through the
+    rank's own NIC, the (k - 1)/size share to node-mates over NVLink (k = ranks per node),
+    plus log2(size) latencies of the pipelined exchange."""
+    n = np.maximum(size, 1)
+    k = members_per_node(n, stride, gpus_per_node)
+    wire = nbytes / n * ((n - k) / inter_Bps + (k - 1) / intra_Bps)
+    alpha = group_latency_s(n, stride, gpus_per_node, intra_latency_s, inter_latency_s)
+    return np.where(n > 1, wire + np.log2(n) * alpha, 0.0)

@@ -40,12 +40,29 @@ def attention_core_flops(model: ModelSpec, batch, seq_len, causal: bool = True):
     return full // 2 if causal else full
 
 
-def mlp_flops(model: ModelSpec, tokens):
+def dense_mlp_flops(model: ModelSpec, tokens):
     """Dense MLP of one layer, forward, FLOPs: 2·T·h·f per weight matrix
     (3 matrices for gated SwiGLU: gate, up, down; 2 for GELU / squared ReLU)."""
-    if model.is_moe:
-        raise NotImplementedError("use moe_mlp_flops for MoE layers")
     return model.mlp_matrices * linear_flops(tokens, model.hidden_size, model.ffn_hidden_size)
+
+
+def moe_mlp_flops(model: ModelSpec, tokens):
+    """Mixture-of-experts MLP of one layer, forward, FLOPs: the router (2·T·h·E), each token's
+    top-k routed experts (k · matrices · 2·T·h·f_e) and the shared experts (matrices ·
+    2·T·h·f_shared). Only active experts count (Fedus et al. 2022, Switch Transformers Sec. 2)."""
+    h, m = model.hidden_size, model.mlp_matrices
+    return (linear_flops(tokens, h, model.num_experts)
+            + model.experts_top_k * m * linear_flops(tokens, h, model.expert_ffn_hidden_size)
+            + m * linear_flops(tokens, h, model.shared_expert_ffn_hidden_size))
+
+
+def mlp_flops(model: ModelSpec, tokens):
+    """MLP FLOPs of one layer, forward: the dense MLP, or for MoE models the average over
+    layers of dense (first num_dense_layers) and MoE layers."""
+    if not model.is_moe:
+        return dense_mlp_flops(model, tokens)
+    return (model.num_dense_layers * dense_mlp_flops(model, tokens)
+            + model.num_moe_layers * moe_mlp_flops(model, tokens)) / model.num_layers
 
 
 def layer_gemm_flops(model: ModelSpec, tokens):
@@ -112,10 +129,14 @@ def parameter_count(model: ModelSpec) -> int:
     h = model.hidden_size
     attn = h * (model.q_width + 2 * model.kv_width) + model.q_width * h
     mlp = model.mlp_matrices * h * model.ffn_hidden_size
-    per_layer = attn + mlp + 2 * h
+    total = model.num_layers * (attn + 2 * h) + (model.num_layers - model.num_moe_layers) * mlp
+    if model.is_moe:  # every expert's weights, the shared experts and the router
+        experts = (model.num_experts * model.expert_ffn_hidden_size
+                   + model.shared_expert_ffn_hidden_size) * model.mlp_matrices * h
+        total += model.num_moe_layers * (experts + h * model.num_experts)
     embed = model.vocab_size * h
     head = 0 if model.tied_embeddings else model.vocab_size * h
-    return model.num_layers * per_layer + embed + head + h
+    return total + embed + head + h
 
 
 def megatron_paper_params(layers: int, hidden: int, vocab: int, seq_len: int) -> int:

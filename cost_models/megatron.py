@@ -44,6 +44,9 @@ ATTENTION_BACKWARD_FACTOR = 2.5
 """Flash-attention backward costs ~2.5x its forward (it recomputes Q·K^T; Dao 2023, FA2 Sec. 3)."""
 P2P_STEADY_EXPOSED = 0.5
 """Fraction of steady-state pipeline send/recv not hidden by batched isend/irecv."""
+MOE_PERMUTE_PASSES = 4
+"""HBM passes over each routed token copy per MoE layer forward: permute (read, write) and
+unpermute (read, write) around the expert GEMMs (Megatron-Core token dispatcher)."""
 ADAM_BYTES_PER_PARAM = 30
 """Adam step HBM traffic per local parameter: read grad 4, read+write master/m/v 24, write bf16 2."""
 
@@ -55,6 +58,7 @@ class GridResult:
     compute: np.ndarray
     tp_comm: np.ndarray
     cp_comm: np.ndarray
+    ep_comm: np.ndarray
     pp_bubble: np.ndarray
     pp_p2p: np.ndarray
     dp_comm: np.ndarray
@@ -70,7 +74,7 @@ class GridResult:
     @property
     def step_time_s(self) -> np.ndarray:
         return (self.compute + self.tp_comm + self.cp_comm + self.pp_bubble + self.pp_p2p
-                + self.dp_comm + self.optimizer)
+                + self.dp_comm + self.optimizer + self.ep_comm)
 
     @property
     def peak_bytes(self) -> np.ndarray:
@@ -86,6 +90,8 @@ class LayerTimes:
     recompute: np.ndarray
     tp_comm: np.ndarray
     cp_comm: np.ndarray
+    ep_comm: np.ndarray | float = 0.0
+    """Expert-parallel all-to-all (MoE), averaged over layers."""
 
     @property
     def compute(self) -> np.ndarray:
@@ -93,14 +99,15 @@ class LayerTimes:
 
     @property
     def total(self) -> np.ndarray:
-        return self.compute + self.tp_comm + self.cp_comm
+        return self.compute + self.tp_comm + self.cp_comm + self.ep_comm
 
 
 def require_dense(model: ModelSpec) -> None:
+    """For cost models without MoE support (pipette, holmes)."""
     if model.is_moe:
         raise SpecError(
             f"model {model.name} is a mixture-of-experts model ({model.num_experts} experts); "
-            "the dense cost model does not support MoE yet — choose a dense model"
+            "the heterogeneous cost models do not support MoE yet — use --cost-model megatron"
         )
 
 
@@ -117,10 +124,13 @@ def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutG
     tokens = b * s / c  # tokens each GPU processes per micro-batch (CP splits the sequence)
     gemm = flops.layer_gemm_flops(model, tokens) / t
     attn = flops.attention_core_flops(model, b, s) / (t * c)  # causal; CP shares the work
-    h, f = model.hidden_size, model.ffn_hidden_size
+    h = model.hidden_size
     outside = np.where(g.sequence_parallel, h / t, h)
-    inside = (f * model.mlp_matrices + model.q_width + 2 * model.kv_width) / t
+    inside = (model.active_ffn_width * model.mlp_matrices + model.q_width + 2 * model.kv_width) / t
     elem_bytes = 2 * tokens * (ELEMENTWISE_PASSES_OUTSIDE * outside + ELEMENTWISE_PASSES_INSIDE * inside)
+    if model.is_moe:  # permute before and unpermute after the experts: read + write each copy
+        elem_bytes = elem_bytes + (model.num_moe_layers / model.num_layers) * MOE_PERMUTE_PASSES \
+            * 2 * tokens * model.experts_top_k * h
     attn_f, attn_b = _attention_times(model, gpu, g, attn)
     fwd = (compute.gemm_time(gemm, 4, gpu, g.dtype) + attn_f
            + compute.memory_bound_time(elem_bytes, gpu))
@@ -145,7 +155,24 @@ def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutG
     cp_fwd = np.maximum(ring_f - window, 0.0)
     cp_bwd = np.maximum(2 * ring_f - ATTENTION_BACKWARD_FACTOR * window, 0.0)
     cp_comm = np.where(c > 1, cp_fwd * (1 + (g.recompute == 2)) + cp_bwd, 0.0)
-    return LayerTimes(fwd, bwd, recompute, tp_comm, cp_comm)
+    return LayerTimes(fwd, bwd, recompute, tp_comm, cp_comm,
+                      expert_all_to_all(model, cluster, g, tokens, tp_count // 2))
+
+
+def expert_all_to_all(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, tokens,
+                      per_pass) -> np.ndarray | float:
+    """MoE token dispatch + combine per layer (averaged over layers), exposed: each forward,
+    backward and recomputed forward moves every local token's top-k copies (h wide, bf16) to
+    their experts and back, over the expert-parallel group (rank stride tp*cp, Megatron-Core's
+    order tp-cp-ep-dp-pp). With sequence parallelism each tp rank sends its 1/tp of the tokens."""
+    if not model.is_moe:
+        return 0.0
+    intra, inter, a_intra, a_inter, gpn = _links(cluster)
+    local = np.where(g.sequence_parallel, tokens / g.tp, tokens)
+    nbytes = 2 * local * model.experts_top_k * model.hidden_size
+    one = comm.all_to_all_time(nbytes, g.ep, g.tp * g.cp, gpn, intra, inter, a_intra, a_inter)
+    share = model.num_moe_layers / model.num_layers
+    return share * 2 * per_pass * one  # dispatch + combine in each of the passes
 
 
 def _attention_times(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, causal_flops):
@@ -184,14 +211,17 @@ def embedding_time(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid) -> np.ndarray:
     return compute.memory_bound_time(3 * 2 * tokens * model.hidden_size, gpu)
 
 
-def rank_params(model: ModelSpec, g: LayoutGrid, layers: np.ndarray, first: bool, last: bool):
-    """Parameters held by one GPU of a pipeline rank with `layers` layers (`first`/`last`:
-    boolean arrays, whether the rank holds the embedding / the LM head)."""
+def rank_params(model: ModelSpec, g: LayoutGrid, layers: np.ndarray, first, last):
+    """(replicated, expert) parameters held by one GPU of a pipeline rank with `layers` layers
+    (`first`/`last`: boolean arrays, whether the rank holds the embedding / the LM head).
+    Replicated parameters are split over tp and reduced over dp*cp; routed experts are split
+    over tp (expert tensor parallel = tp) and ep, and reduced over dp*cp/ep."""
     table = model.vocab_size * model.hidden_size / g.tp
-    params = layers * memory.layer_params(model) / g.tp + np.where(first, table, 0.0)
+    dense = layers * memory.dense_layer_params(model) / g.tp + np.where(first, table, 0.0)
     # The last rank holds the LM head (a copy of the embedding when tied and pp > 1).
     head = np.where(model.tied_embeddings & (g.pp == 1), 0.0, table) + model.hidden_size
-    return params + np.where(last, head, 0.0)
+    expert = layers * memory.expert_layer_params(model) / (g.tp * g.ep)
+    return dense + np.where(last, head, 0.0), expert
 
 
 def pp_hop_time(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid) -> np.ndarray:
@@ -207,7 +237,6 @@ def pp_hop_time(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid) -> np.nda
 
 def evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid) -> GridResult:
     """Step time and peak memory of every layout in `g` (vectorised)."""
-    require_dense(model)
     gpu = cluster.gpu
     lt = layer_times(model, gpu, cluster, g)
     m, p, v = g.num_microbatches, g.pp, g.vp
@@ -231,6 +260,7 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid) -> GridResul
     return GridResult(
         compute=m * (layers_crit * lt.compute + ends_crit),
         tp_comm=m * layers_crit * lt.tp_comm, cp_comm=m * layers_crit * lt.cp_comm,
+        ep_comm=m * layers_crit * lt.ep_comm,
         pp_bubble=bubble, pp_p2p=p2p, dp_comm=dp_exposed, optimizer=opt_time, **mem,
         model_flops=float(flops.model_flops_per_step(model, 1, g.seq_len)),
         hardware_flops=_hardware_flops(model, g),
@@ -272,16 +302,18 @@ def rank_costs(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerT
     dp_alpha = comm.group_latency_s(dpc, g.tp, gpn, a_intra, a_inter)
     first = np.asarray(first) | (g.pp == 1)
     last = np.asarray(last) | (g.pp == 1)
-    params = rank_params(model, g, layers, first, last)
+    dense, expert = rank_params(model, g, layers, first, last)
+    params = dense + expert
     grad_bytes = params * memory.GRAD_BYTES
-    comm_s = np.where(
-        g.distributed_optimizer,
-        comm.reduce_scatter_time(grad_bytes, dpc, dp_bw, dp_alpha)
-        + comm.all_gather_time(params * memory.WEIGHT_BYTES, dpc, dp_bw, dp_alpha),
-        comm.all_reduce_time(grad_bytes, dpc, dp_bw, dp_alpha))
+    edp = dpc // g.ep  # expert data-parallel group: ranks holding the same experts
+    edp_bw = comm.group_bandwidth_Bps(edp, g.tp * g.ep, gpn, intra, inter)
+    edp_alpha = comm.group_latency_s(edp, g.tp * g.ep, gpn, a_intra, a_inter)
+    comm_s = (_grad_sync(dense, dpc, dp_bw, dp_alpha, g.distributed_optimizer)
+              + _grad_sync(expert, edp, edp_bw, edp_alpha, g.distributed_optimizer))
     window = layers * lt.compute + np.where(first, emb, 0.0) + np.where(last, head, 0.0)
     exposed = comm.overlapped(comm_s, window, gpu.dp_comm_overlap)
-    local_opt = params / np.where(g.distributed_optimizer, dpc, 1)
+    local_opt = dense / np.where(g.distributed_optimizer, dpc, 1) \
+        + expert / np.where(g.distributed_optimizer, edp, 1)
     opt = compute.memory_bound_time(ADAM_BYTES_PER_PARAM * local_opt, gpu)
     fp8 = g.dtype == "fp8"
     act_args = (model, g.micro_batch_size, g.seq_len, g.tp, g.cp, g.sequence_parallel)
@@ -298,6 +330,16 @@ def rank_costs(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerT
         activations=act, buffers=memory.BUFFER_FIXED_BYTES + memory.FRAGMENTATION * act,
     )
     return RankCosts(comm_s, exposed, opt, mem)
+
+
+def _grad_sync(params, size, bw, alpha, distributed):
+    """Gradient reduction of `params` parameters over `size` ranks: reduce-scatter of fp32
+    grads + all-gather of bf16 params (distributed optimizer), else an fp32 all-reduce."""
+    grad_bytes = params * memory.GRAD_BYTES
+    return np.where(distributed,
+                    comm.reduce_scatter_time(grad_bytes, size, bw, alpha)
+                    + comm.all_gather_time(params * memory.WEIGHT_BYTES, size, bw, alpha),
+                    comm.all_reduce_time(grad_bytes, size, bw, alpha))
 
 
 def _dp_optimizer_memory(model, cluster, gpu, g, lt, emb, head):
@@ -323,7 +365,6 @@ def capacity_GiB(gpu: GpuSpec, headroom: float = DEFAULT_HEADROOM) -> float:
 def estimate(model: ModelSpec, cluster: ClusterSpec, layout: Layout,
              headroom: float = DEFAULT_HEADROOM) -> Estimate:
     """Predict one layout (validated first; SpecError explains what is wrong)."""
-    require_dense(model)
     layout.validate(model, cluster.world_size)
     gpu = cluster.gpu
     r = evaluate(model, cluster, LayoutGrid.from_layout(layout, model.num_layers))
@@ -335,7 +376,7 @@ def result_estimate(r: GridResult, i: int, layout: Layout, gpu: GpuSpec,
     """Row i of a GridResult as an Estimate."""
     time = TimeBreakdown(*(float(getattr(r, k)[i]) for k in
                            ("compute", "tp_comm", "cp_comm", "pp_bubble", "pp_p2p", "dp_comm",
-                            "optimizer")))
+                            "optimizer", "ep_comm")))
     mem = MemoryBreakdown(*(float(getattr(r, k)[i]) for k in
                             ("weights", "grads", "optimizer_state", "activations", "buffers")))
     gbs = layout.global_batch_size
@@ -382,7 +423,6 @@ def stage_costs(model: ModelSpec, cluster: ClusterSpec, layout: Layout,
                 headroom: float = DEFAULT_HEADROOM) -> StageCosts:
     """Linear per-rank time and memory model of `layout`, exact for any layer split: memory
     and time of rank r are affine in its layer count (see `rank_costs`)."""
-    require_dense(model)
     g, gpu, lt, emb, head = _single(layout, model, cluster)
     p = layout.pp
     ranks = np.arange(p)
@@ -397,14 +437,14 @@ def stage_costs(model: ModelSpec, cluster: ClusterSpec, layout: Layout,
 
 def step_tasks(model: ModelSpec, cluster: ClusterSpec, layout: Layout) -> StepTasks:
     """Durations of one step per pipeline rank and virtual stage, for the event simulator."""
-    require_dense(model)
     g, gpu, lt, emb, head = _single(layout, model, cluster)
     p, v = layout.pp, layout.vp
     stages = layout.stage_layers(model.num_layers)
     tp_count = 4 + (2 if layout.recompute == "full" else 0)
     tp_f = float(lt.tp_comm[0]) * 2 / tp_count  # two forward collectives per layer
     cp_f = float(lt.cp_comm[0]) / 3             # forward ring of three (fwd, bwd x2)
-    fwd_layer = float(lt.fwd[0]) + tp_f + cp_f
+    ep_f = float(np.asarray(lt.ep_comm).ravel()[0]) * 2 / tp_count  # forward's share of a2a
+    fwd_layer = float(lt.fwd[0]) + tp_f + cp_f + ep_f
     bwd_layer = float(lt.total[0]) - fwd_layer
     last = p * v - 1
     fwd = [[0.0] * v for _ in range(p)]

@@ -44,11 +44,30 @@ def bytes_per_parameter(distributed_optimizer, dp, dtype_fp8=False):
     return weights + GRAD_BYTES + opt
 
 
-def layer_params(model: ModelSpec) -> int:
-    """Parameters of one transformer layer (attention, MLP, two norm weights)."""
+def dense_layer_params(model: ModelSpec) -> float:
+    """Parameters of one layer that every expert-parallel rank holds, averaged over layers:
+    attention, two norms, the dense MLP (dense layers) or shared experts + router (MoE layers)."""
     h = model.hidden_size
-    attn = h * (model.q_width + 2 * model.kv_width) + model.q_width * h
-    return attn + model.mlp_matrices * h * model.ffn_hidden_size + 2 * h
+    attn = h * (model.q_width + 2 * model.kv_width) + model.q_width * h + 2 * h
+    dense_mlp = model.mlp_matrices * h * model.ffn_hidden_size
+    if not model.is_moe:
+        return attn + dense_mlp
+    moe_shared = model.mlp_matrices * h * model.shared_expert_ffn_hidden_size + h * model.num_experts
+    return attn + (model.num_dense_layers * dense_mlp + model.num_moe_layers * moe_shared) \
+        / model.num_layers
+
+
+def expert_layer_params(model: ModelSpec) -> float:
+    """Routed-expert parameters of one layer averaged over layers (split over ep ranks)."""
+    if not model.is_moe:
+        return 0.0
+    experts = model.num_experts * model.mlp_matrices * model.hidden_size * model.expert_ffn_hidden_size
+    return experts * model.num_moe_layers / model.num_layers
+
+
+def layer_params(model: ModelSpec) -> float:
+    """Parameters of one transformer layer (attention, MLP or all experts, two norm weights)."""
+    return dense_layer_params(model) + expert_layer_params(model)
 
 
 def activation_bytes_per_layer(model: ModelSpec, micro_batch, seq_len, tp, cp=1,
@@ -84,7 +103,7 @@ def activation_bytes_per_layer(model: ModelSpec, micro_batch, seq_len, tp, cp=1,
     # Terms inside the tensor-parallel region (split over tp):
     qkv = 2 * sb * (model.q_width + 2 * model.kv_width)  # Q, K, V kept for the core
     proj_in = gemm_in * sb * model.q_width               # input of the output projection
-    f = model.ffn_hidden_size
+    f = model.active_ffn_width  # = ffn_hidden_size for dense models
     if model.mlp_kind == "gated_silu":
         mlp = 2 * sb * 2 * f + gemm_in * sb * f  # gate and up outputs, activation output
     else:
@@ -95,6 +114,11 @@ def activation_bytes_per_layer(model: ModelSpec, micro_batch, seq_len, tp, cp=1,
     core = np.where(flash_attention, flash_core, score_core)
     # Korthikanti's GPT: outside 10sbh; inside Q,K,V 6 + proj 2 + MLP 16 = 24sbh (/t).
     inside_no_core = qkv + proj_in + mlp
+    if model.is_moe:
+        # The top-k permuted copies of each token are the routed experts' GEMM input; with
+        # expert tensor parallelism every tp rank holds them all (counted unsplit: x tp).
+        moe_share = model.num_moe_layers / model.num_layers
+        inside_no_core = inside_no_core + moe_share * gemm_in * model.experts_top_k * sbh * tp
     split_outside = np.where(sequence_parallel, outside / tp, outside)
     none = split_outside + (inside_no_core + core) / tp
     selective = split_outside + inside_no_core / tp + np.where(flash_attention, core / tp, 0.0)

@@ -120,6 +120,19 @@ class ModelSpec:
         return self.num_experts > 0
 
     @property
+    def num_moe_layers(self) -> int:
+        """Layers whose MLP is a mixture of experts (the rest use the dense MLP)."""
+        return self.num_layers - self.num_dense_layers if self.is_moe else 0
+
+    @property
+    def active_ffn_width(self) -> float:
+        """MLP inner width one token passes through, averaged over layers: f for dense layers,
+        top_k·f_expert + f_shared for MoE layers (the width activations and FLOPs scale with)."""
+        moe = self.experts_top_k * self.expert_ffn_hidden_size + self.shared_expert_ffn_hidden_size
+        return (self.num_dense_layers * self.ffn_hidden_size + self.num_moe_layers * moe) \
+            / self.num_layers if self.is_moe else float(self.ffn_hidden_size)
+
+    @property
     def mlp_matrices(self) -> int:
         """Weight matrices in one MLP: 3 for gated (gate, up, down), else 2."""
         return 3 if self.mlp_kind == "gated_silu" else 2
@@ -555,6 +568,8 @@ class TimeBreakdown:
     """Exposed data-parallel gradient reduction / parameter gather."""
     optimizer: float
     """Optimizer step."""
+    ep_comm: float = 0.0
+    """Exposed expert-parallel all-to-all (token dispatch and combine; MoE only)."""
 
     @property
     def total(self) -> float:

@@ -38,6 +38,7 @@ from .search import SearchResult, SearchSpace, search_nodes
 @click.option("--cp", type=int, callback=_positive, help="Fix the context-parallel degree.")
 @click.option("--vp", type=int, callback=_positive, help="Fix the virtual stages per rank.")
 @click.option("--dp", type=int, callback=_positive, help="Fix the data-parallel degree.")
+@click.option("--ep", type=int, callback=_positive, help="Fix the expert-parallel degree (MoE).")
 @click.option("--micro-batch-size", "--mbs", "micro_batch_size", type=int, callback=_positive,
               help="Fix the micro-batch size.")
 @click.option("--recompute", type=click.Choice(RECOMPUTE_KINDS), multiple=True,
@@ -47,14 +48,14 @@ from .search import SearchResult, SearchSpace, search_nodes
 @click.option("--max-tp", type=int, callback=_positive,
               help="Allow tp beyond one node's GPUs (default: tp stays inside a node).")
 def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model,
-         as_json, top_k, output, report, tp, pp, cp, vp, dp, micro_batch_size, recompute,
+         as_json, top_k, output, report, tp, pp, cp, vp, dp, ep, micro_batch_size, recompute,
          mem_headroom, max_tp):
     """Rank every valid TP/PP/CP/DP layout and write the fastest one that fits."""
     prob = resolve_problem(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size,
                            dtype, cost_model)
     name = resolve_cost_model(cost_model, prob.cluster)
     space = SearchSpace(dtype=dtype, recompute=tuple(recompute) or RECOMPUTE_KINDS,
-                        headroom=mem_headroom, max_tp=max_tp, tp=tp, pp=pp, cp=cp, vp=vp, dp=dp,
+                        headroom=mem_headroom, max_tp=max_tp, tp=tp, pp=pp, cp=cp, vp=vp, dp=dp, ep=ep,
                         micro_batch_size=micro_batch_size)
     console = Console(stderr=as_json)
     hs = None
@@ -167,7 +168,7 @@ def _print(console: Console, prob, res: SearchResult) -> None:
         table.add_column(col, justify="left" if col == "layout" else "right")
     for i, e in enumerate(res.plans, 1):
         t = e.time
-        comm = (t.tp_comm + t.cp_comm + t.pp_p2p + t.dp_comm) / e.step_time_s
+        comm = (t.tp_comm + t.cp_comm + t.ep_comm + t.pp_p2p + t.dp_comm) / e.step_time_s
         table.add_row(str(i), layout_label(e.layout), f"{e.step_time_s:.3f}",
                       f"{e.tokens_per_s:,.0f}", f"{100 * e.mfu:.1f}%",
                       f"{e.peak_GiB:.1f}", f"{100 * t.pp_bubble / e.step_time_s:.1f}%",

@@ -10,7 +10,7 @@ from cost_models.specs import ClusterSpec, Estimate, ModelSpec, SpecError
 from .report import layout_label
 from .search import SearchSpace, scaled_cluster, search_nodes
 
-PART_NAMES = {"compute": "compute", "tp_comm": "TP comm", "cp_comm": "CP comm",
+PART_NAMES = {"compute": "compute", "tp_comm": "TP comm", "cp_comm": "CP comm", "ep_comm": "EP all-to-all",
               "pp_bubble": "pipeline bubble", "pp_p2p": "pipeline p2p", "dp_comm": "DP comm",
               "optimizer": "optimizer"}
 

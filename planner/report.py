@@ -14,6 +14,8 @@ def layout_label(lay: Layout) -> str:
     if lay.cp > 1:
         parts.append(f"cp{lay.cp}")
     parts.append(f"dp{lay.dp}")
+    if lay.ep > 1:
+        parts.append(f"ep{lay.ep}")
     if lay.vp > 1:
         parts.append(f"vp{lay.vp}")
     parts.append(f"mbs{lay.micro_batch_size}")

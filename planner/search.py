@@ -63,6 +63,7 @@ class SearchSpace:
     cp: int | None = None
     vp: int | None = None
     dp: int | None = None
+    ep: int | None = None
     micro_batch_size: int | None = None
 
 
@@ -103,8 +104,10 @@ def _allowed(value: int | None, options: list[int]) -> list[int]:
 
 def degree_combos(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
                   space: SearchSpace) -> np.ndarray:
-    """Rows (tp, cp, pp, dp) with tp*cp*pp*dp = world, tp dividing the (KV) heads and within
-    an NVLink domain, cp splitting the sequence into 2*cp chunks, pp <= layers."""
+    """Rows (tp, cp, pp, dp, ep) with tp*cp*pp*dp = world, tp dividing the (KV) heads and within
+    an NVLink domain, cp splitting the sequence into 2*cp chunks, pp <= layers, and for MoE
+    models ep dividing both the experts and dp*cp (experts are spread over data-parallel ranks,
+    Megatron-Core); ep = 1 for dense models."""
     max_tp = space.max_tp or gpus_per_node
     tps = [t for t in divisors(world) if model.num_heads % t == 0 and model.num_kv_heads % t == 0
            and t <= max_tp]
@@ -116,9 +119,12 @@ def degree_combos(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int
                 continue
             for pp in _allowed(space.pp, divisors(world // (tp * cp))):
                 dp = world // (tp * cp * pp)
-                if pp <= model.num_layers and (space.dp is None or dp == space.dp):
-                    rows.append((tp, cp, pp, dp))
-    return np.array(rows, dtype=np.int64).reshape(-1, 4)
+                if pp > model.num_layers or (space.dp is not None and dp != space.dp):
+                    continue
+                eps = [e for e in divisors(model.num_experts) if (dp * cp) % e == 0] \
+                    if model.is_moe else [1]
+                rows.extend((tp, cp, pp, dp, ep) for ep in _allowed(space.ep, eps))
+    return np.array(rows, dtype=np.int64).reshape(-1, 5)
 
 
 @cache
@@ -139,18 +145,18 @@ def generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
     dopts = np.array(space.distributed_optimizer)
     axes = np.meshgrid(np.arange(len(base)), vps, mbs, recs, sps, dopts, indexing="ij")
     b, v, mb, rc, sp, do = (a.ravel() for a in axes)
-    tp, cp, pp, dp = base[b].T
+    tp, cp, pp, dp, ep = base[b].T
     m = global_batch_size // np.maximum(dp * mb, 1)
     ok = (global_batch_size % (dp * mb) == 0) & (pp * v <= model.num_layers)
     ok &= (v == 1) | ((pp > 1) & (m % pp == 0))           # Megatron: interleaving needs m % pp == 0
     ok &= np.where(tp == 1, ~sp, (seq_len // cp) % tp == 0)  # SP only with tp > 1, s/cp split by tp
     ok &= do | (dp * cp > 1)                                  # without DP both optimisers coincide
     idx = np.nonzero(ok)[0]
-    tp, cp, pp, dp, v, mb = tp[idx], cp[idx], pp[idx], dp[idx], v[idx], mb[idx]
+    tp, cp, pp, dp, v, mb, ep = tp[idx], cp[idx], pp[idx], dp[idx], v[idx], mb[idx], ep[idx]
     counts = np.array([_rank_counts(model.num_layers, int(p), int(q)) for p, q in zip(pp, v, strict=False)],
                       dtype=np.int64).reshape(-1, 3)
     return LayoutGrid(
-        tp=tp, pp=pp, dp=dp, cp=cp, ep=np.ones_like(tp), vp=v, micro_batch_size=mb,
+        tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, vp=v, micro_batch_size=mb,
         global_batch_size=np.full_like(tp, global_batch_size), recompute=rc[idx],
         sequence_parallel=sp[idx], distributed_optimizer=do[idx],
         flash_attention=np.full(len(idx), space.flash_attention), layers_first=counts[:, 0],
@@ -197,7 +203,6 @@ def search(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_batch_si
     """Rank every valid layout for `model` on `cluster` (homogeneous cost model)."""
     space = space or SearchSpace()
     start = time.perf_counter()
-    megatron.require_dense(model)
     gpu = cluster.gpu
     grid = generate(model, cluster.world_size, cluster.gpus_per_node, seq_len, global_batch_size,
                     space)
@@ -284,7 +289,7 @@ def _sub(matrix, keep: int):
 def _no_candidate_reason(model: ModelSpec, cluster: ClusterSpec, seq_len: int, gbs: int,
                          space: SearchSpace) -> str:
     world = cluster.world_size
-    if any(getattr(space, k) for k in ("tp", "pp", "cp", "dp", "vp", "micro_batch_size")):
+    if any(getattr(space, k) for k in ("tp", "pp", "cp", "dp", "vp", "ep", "micro_batch_size")):
         return ("no valid layout satisfies the fixed degrees on "
                 f"{world} GPUs with global batch {gbs}; relax --tp/--pp/--cp/--vp/--dp/--mbs")
     return (f"no valid layout for {world} GPUs, global batch {gbs}, sequence {seq_len}: the batch "
@@ -300,7 +305,7 @@ def scaled_cluster(cluster: ClusterSpec, factor: int) -> ClusterSpec:
 
 
 def layout_key(lay: Layout) -> tuple:
-    return (lay.tp, lay.pp, lay.cp, lay.dp, lay.vp, lay.micro_batch_size, lay.recompute,
+    return (lay.tp, lay.pp, lay.cp, lay.dp, lay.ep, lay.vp, lay.micro_batch_size, lay.recompute,
             lay.sequence_parallel, lay.distributed_optimizer)
 
 
