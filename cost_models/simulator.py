@@ -214,7 +214,8 @@ def simulate_step(tasks: StepTasks, schedule: str | None = None) -> SimResult:
     follows its own forward. A transfer starts when its producer finishes and the directed
     link sender -> receiver is free (transfers on one link are serialised, compute is not
     blocked). After a rank's last backward its DP reduction starts early by
-    min(dp_overlap * dp_comm_s, duration of that backward); the optimizer starts when both the
+    min(dp_overlap * dp_comm_s, one micro-batch's forward + backward over the rank's chunks);
+    the optimizer starts when both the
     backward and the reduction are done. With vp == 1, "interleaved" degenerates to 1F1B
     (as in Megatron-LM); schedule None means "interleaved" if vp > 1 else "1f1b".
     """
@@ -223,8 +224,8 @@ def simulate_step(tasks: StepTasks, schedule: str | None = None) -> SimResult:
     _check_schedule(tasks, schedule)
     pp, vp, m = tasks.pp, tasks.vp, tasks.num_microbatches
     orders = [rank_order(pp, vp, m, r) for r in range(pp)]
-    raw, last_end, last_dur = _run_pipeline(tasks, orders)
-    step_s, tail = _dp_and_optimizer(tasks, last_end, last_dur)
+    raw, last_end, _ = _run_pipeline(tasks, orders)
+    step_s, tail = _dp_and_optimizer(tasks, last_end)
     busy = m * (np.sum(tasks.fwd_s, axis=1) + np.sum(tasks.bwd_s, axis=1)) + np.asarray(tasks.optimizer_s)
     raw.extend(tail)
     raw.sort(key=itemgetter(0, 4, 1))  # rank, start, kind: sort plain tuples, then wrap
@@ -301,7 +302,7 @@ def _run_pipeline(tasks: StepTasks, orders: list[list[Op]]) -> tuple[list[tuple]
     return events, free, last_dur
 
 
-def _dp_and_optimizer(tasks: StepTasks, last_end: list[float], last_dur: list[float]) -> tuple[float, list[tuple]]:
+def _dp_and_optimizer(tasks: StepTasks, last_end: list[float]) -> tuple[float, list[tuple]]:
     """Per rank: DP reduction (partly under the last backward), then the optimizer.
 
     Returns the step time (latest optimizer end, or latest backward end if there is
@@ -311,7 +312,12 @@ def _dp_and_optimizer(tasks: StepTasks, last_end: list[float], last_dur: list[fl
     step_s = max(last_end)
     for r in range(tasks.pp):
         comm = tasks.dp_comm_s[r]
-        hidden = min(tasks.dp_overlap * comm, last_dur[r])
+        # Gradient buckets of each chunk are reduced once that chunk's last backward is done
+        # and the parameter all-gather overlaps the next step's first forward, so the window
+        # is one micro-batch's forward + backward over all of the rank's chunks (the same
+        # window as the analytic model; with vp = 1 and no forward it is the last backward).
+        window = sum(tasks.fwd_s[r]) + sum(tasks.bwd_s[r])
+        hidden = min(tasks.dp_overlap * comm, window)
         dp_start = last_end[r] - hidden
         opt_start = max(last_end[r], dp_start + comm)
         opt_end = opt_start + tasks.optimizer_s[r]
