@@ -256,7 +256,7 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid) -> GridResul
     bubble = (tau_sum - tau_max) / v
     hop = pp_hop_time(model, cluster, g)
     p2p = np.where(single, 0.0, 2 * (p - 1) * hop + 2 * m * v * hop * P2P_STEADY_EXPOSED)
-    dp_exposed, opt_time, mem = _dp_optimizer_memory(model, cluster, gpu, g, lt, emb, head)
+    dp_exposed, opt_time, mem = _dp_optimizer_memory(model, cluster, g, lt, emb, head)
     return GridResult(
         compute=m * (layers_crit * lt.compute + ends_crit),
         tp_comm=m * layers_crit * lt.tp_comm, cp_comm=m * layers_crit * lt.cp_comm,
@@ -342,7 +342,7 @@ def _grad_sync(params, size, bw, alpha, distributed):
                     comm.all_reduce_time(grad_bytes, size, bw, alpha))
 
 
-def _dp_optimizer_memory(model, cluster, gpu, g, lt, emb, head):
+def _dp_optimizer_memory(model, cluster, g, lt, emb, head):
     """Exposed DP reduction, optimizer time and the memory breakdown of the fullest rank,
     over the first, last and busiest middle pipeline ranks."""
     kinds = ((g.layers_first, True, False, 0), (g.layers_last, False, True, g.pp - 1),

@@ -269,14 +269,12 @@ def search_nodes(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_ba
         n = cluster.num_nodes
         if n == 1:
             raise
-        first_error = None
         for keep in range(n - 1, max(0, n - max(1, n // 8)) - 1, -1):
             sub = replace(cluster, nodes=cluster.nodes[:keep], bandwidth_GBps=_sub(cluster.bandwidth_GBps, keep),
                           latency_s=_sub(cluster.latency_s, keep))
             try:
                 res = search(model, sub, seq_len, global_batch_size, space, top_k)
-            except NoCandidates as exc:
-                first_error = first_error or exc
+            except NoCandidates:
                 continue
             return replace(res, idle_nodes=tuple(x.name for x in cluster.nodes[keep:]))
         raise
