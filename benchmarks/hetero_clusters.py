@@ -50,7 +50,8 @@ def measured_cluster_dict(n: int, slow_fraction: float = 0.2, seed: int = 7,
 
 
 def main() -> None:
-    from planner.specfiles import dump_yaml, write_atomic
+    from planner.fileio import write_atomic
+    from planner.specfiles import dump_yaml
 
     path = Path(__file__).resolve().parent.parent / "examples" / "clusters" / "pipette-16.yaml"
     head = ("# Pipette-like measured cluster: 16 x 8 H100, per-pair bandwidths as `meshplan profile`\n"

@@ -18,6 +18,17 @@ from typing import Literal
 
 GiB = 1 << 30
 
+MAX_GPUS = 1_000_000
+"""Largest cluster meshplan plans (the largest built today are ~200,000 GPUs)."""
+MAX_GPUS_PER_NODE = 1000
+"""Largest GPU (or process) count of one node."""
+MAX_MODEL_DIM = 100_000_000
+"""Largest value of any model size field (layers, widths, heads, vocabulary, experts)."""
+MAX_SEQ_LEN = 100_000_000
+"""Longest sequence, tokens (10x the longest context trained today)."""
+MAX_GLOBAL_BATCH = 100_000_000
+"""Largest global batch, sequences."""
+
 Recompute = Literal["none", "selective", "full"]
 RECOMPUTE_KINDS: tuple[str, ...] = ("none", "selective", "full")
 Dtype = Literal["bf16", "fp8"]
@@ -44,11 +55,34 @@ class InfeasibleLayout(Exception):  # noqa: N818 - the domain name used across m
         self.estimate = estimate
 
 
+def _is_number(value: object) -> bool:
+    """A finite int or float (bool, NaN and infinities are not numbers here)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _require_positive(obj: object, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(obj, name)
-        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-            raise SpecError(f"{type(obj).__name__}.{name} must be a positive number, got {value!r}")
+        if not _is_number(value) or value <= 0:
+            raise SpecError(f"{name} must be a finite positive number, got {_short(value)}")
+
+
+def _require_range(obj: object, names: tuple[str, ...], low: float, high: float,
+                   low_open: bool = False) -> None:
+    """Each named field a finite number in [low, high] ((low, high] with low_open)."""
+    for name in names:
+        value = getattr(obj, name)
+        ok = _is_number(value) and (value > low if low_open else value >= low) and value <= high
+        if not ok:
+            bracket = "(" if low_open else "["
+            raise SpecError(f"{name} must be a finite number in {bracket}{low:g}, {high:g}], "
+                            f"got {_short(value)}")
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters (error messages stay one short line)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,6 +137,11 @@ class ModelSpec:
             ("num_layers", "hidden_size", "ffn_hidden_size", "num_heads", "num_kv_heads",
              "head_dim", "vocab_size", "max_seq_len"),
         )
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if _is_number(value) and not isinstance(value, bool) and value > MAX_MODEL_DIM:
+                raise SpecError(f"model {self.name}: {f.name}={value} is over the "
+                                f"{MAX_MODEL_DIM:,} limit; check the config")
         if self.num_heads % self.num_kv_heads:
             raise SpecError(
                 f"model {self.name}: num_heads={self.num_heads} is not a multiple of "
@@ -167,10 +206,8 @@ class GemmEfficiency:
     """Fraction of dense peak fused (flash) attention reaches (0..1)."""
 
     def __post_init__(self) -> None:
-        if not 0 < self.max_fraction <= 1 or not 0 < self.attention_fraction <= 1:
-            raise SpecError("GEMM efficiency fractions must be in (0, 1]")
-        if self.overhead_s < 0:
-            raise SpecError("GEMM overhead_s must be >= 0")
+        _require_range(self, ("max_fraction", "attention_fraction"), 0, 1, low_open=True)
+        _require_range(self, ("overhead_s",), 0, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +233,14 @@ class GpuSpec:
 
     def __post_init__(self) -> None:
         _require_positive(self, ("memory_GiB", "hbm_bandwidth_GBps"))
+        _require_range(self, ("hbm_efficiency",), 0, 1, low_open=True)
+        _require_range(self, ("tp_comm_overlap", "dp_comm_overlap"), 0, 1)
+        if not isinstance(self.peak_tflops, dict) or not isinstance(self.efficiency, dict):
+            raise SpecError(f"GPU {self.name}: peak_tflops and efficiency must map dtype names")
+        for dtype, peak in self.peak_tflops.items():
+            if not _is_number(peak) or peak <= 0:
+                raise SpecError(f"GPU {self.name}: peak_tflops.{dtype} must be a finite positive "
+                                f"number, got {_short(peak)}")
         if "bf16" not in self.peak_tflops:
             raise SpecError(f"GPU {self.name}: peak_tflops needs a bf16 entry")
         for dtype in self.peak_tflops:
@@ -227,8 +272,8 @@ class LinkSpec:
 
     def __post_init__(self) -> None:
         _require_positive(self, ("bandwidth_GBps",))
-        if self.latency_s < 0 or not 0 < self.efficiency <= 1:
-            raise SpecError(f"link {self.kind}: latency must be >= 0 and efficiency in (0, 1]")
+        _require_range(self, ("latency_s",), 0, 1)
+        _require_range(self, ("efficiency",), 0, 1, low_open=True)
 
     @property
     def effective_Bps(self) -> float:
@@ -248,7 +293,13 @@ class NodeSpec:
     rack: str = "rack0"
 
     def __post_init__(self) -> None:
-        _require_positive(self, ("gpus",))
+        if not isinstance(self.name, str) or not self.name.strip() or len(self.name) > 253:
+            raise SpecError(f"node name must be a non-empty string of at most 253 characters, "
+                            f"got {_short(self.name)}")
+        if not isinstance(self.gpus, int) or isinstance(self.gpus, bool) \
+                or not 0 < self.gpus <= MAX_GPUS_PER_NODE:
+            raise SpecError(f"node {self.name}: gpus must be an integer in 1..{MAX_GPUS_PER_NODE}, "
+                            f"got {_short(self.gpus)}")
         if self.nic not in NIC_KINDS:
             raise SpecError(f"node {self.name}: nic {self.nic!r} is not one of {NIC_KINDS}")
 
@@ -270,10 +321,20 @@ class ClusterSpec:
     """Per NIC kind inter-node link (heterogeneous fabrics); falls back to inter_node."""
     bandwidth_GBps: tuple[tuple[float, ...], ...] | None = None
     latency_s: tuple[tuple[float, ...], ...] | None = None
+    _world_size: int = field(default=0, init=False, repr=False, compare=False)
+    """GPUs over all nodes, computed once (planning 100,000 GPUs asks for it often)."""
+    _gpu_counts: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
+    _gpu_kinds: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.nodes:
             raise SpecError(f"cluster {self.name}: has no nodes")
+        object.__setattr__(self, "_world_size", sum(n.gpus for n in self.nodes))
+        object.__setattr__(self, "_gpu_counts", frozenset(n.gpus for n in self.nodes))
+        object.__setattr__(self, "_gpu_kinds", frozenset(n.gpu for n in self.nodes))
+        if self.world_size > MAX_GPUS:
+            raise SpecError(f"cluster {self.name}: {self.world_size:,} GPUs is over meshplan's "
+                            f"limit of {MAX_GPUS:,}; plan a part of it")
         names = [n.name for n in self.nodes]
         if len(set(names)) != len(names):
             raise SpecError(f"cluster {self.name}: node names must be unique")
@@ -306,12 +367,12 @@ class ClusterSpec:
 
     @property
     def world_size(self) -> int:
-        return sum(n.gpus for n in self.nodes)
+        return self._world_size
 
     @property
     def gpus_per_node(self) -> int:
         """GPUs per node; SpecError if nodes differ (the homogeneous cost model needs one)."""
-        counts = {n.gpus for n in self.nodes}
+        counts = set(self._gpu_counts)
         if len(counts) != 1:
             raise SpecError(f"cluster {self.name}: nodes have different GPU counts {sorted(counts)}")
         return counts.pop()
@@ -325,7 +386,7 @@ class ClusterSpec:
     @property
     def gpu(self) -> GpuSpec:
         """The GPU type when all nodes share one; SpecError otherwise."""
-        kinds = {n.gpu for n in self.nodes}
+        kinds = set(self._gpu_kinds)
         if len(kinds) != 1:
             raise SpecError(
                 f"cluster {self.name} mixes GPU types {sorted(kinds)}; use --cost-model "
@@ -417,8 +478,12 @@ class Layout:
         """Raise SpecError explaining the first rule this layout breaks."""
         for name in ("tp", "pp", "dp", "cp", "ep", "vp", "micro_batch_size", "global_batch_size", "seq_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise SpecError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_SEQ_LEN:
+                raise SpecError(f"{name.replace('_', '-')} must be an integer in 1..{MAX_SEQ_LEN:,}, "
+                                f"got {_short(value)}")
+        if self.seq_len > MAX_SEQ_LEN or self.global_batch_size > MAX_GLOBAL_BATCH:
+            raise SpecError(f"seq-len {self.seq_len} / global-batch-size {self.global_batch_size} "
+                            f"over the limits ({MAX_SEQ_LEN:,} tokens, {MAX_GLOBAL_BATCH:,} sequences)")
         if self.recompute not in RECOMPUTE_KINDS:
             raise SpecError(f"recompute must be one of {RECOMPUTE_KINDS}, got {self.recompute!r}")
         if self.dtype not in DTYPES:

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cost_models.specs import SpecError
+from planner.fileio import read_text, write_atomic
 from planner.planfile import Plan, write_plan
-from planner.specfiles import write_atomic
 
 from . import frameworks, k8s, slurm
 from .torchrun import (
@@ -68,10 +68,7 @@ def _bash_array_file(name: str, args: Sequence[str], what: str) -> str:
 def _read_hosts(plan: Plan, hosts_file: str | os.PathLike | None) -> dict[str, str] | None:
     if hosts_file is None:
         return None
-    try:
-        text = Path(hosts_file).read_text()
-    except OSError as exc:
-        raise SpecError(f"cannot read hosts file {hosts_file}: {exc.strerror}") from None
+    text = read_text(Path(hosts_file), "hosts")
     return resolve_hosts(plan, parse_hosts_file(text, plan))
 
 

@@ -5,7 +5,6 @@ See docs/supervisor.md for what is detected, how fast, and what happens next.
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from pathlib import Path
@@ -13,6 +12,8 @@ from pathlib import Path
 import click
 
 from cost_models.specs import SpecError
+from planner.jsonout import to_json
+from planner.options import _positive, finite_range
 from planner.planfile import read_plan
 
 from .monitor import MonitorConfig
@@ -28,34 +29,34 @@ def _terminate(signum: int, frame: object) -> None:
 @click.argument("plan_file", metavar="PLAN.yaml", type=click.Path(dir_okay=False))
 @click.option("--script", required=True, type=click.Path(dir_okay=False),
               help="Training script; gets --plan, --ckpt-dir (and --steps) + SCRIPT_ARGS.")
-@click.option("--steps", type=int, default=None, help="Steps to train (passed to the script).")
+@click.option("--steps", type=int, default=None, callback=_positive, help="Steps to train (passed to the script).")
 @click.option("-o", "--out", "out_dir", default="meshplan-run", show_default=True,
               type=click.Path(file_okay=False), help="Run directory (attempts, logs, run.json).")
 @click.option("--ckpt-dir", type=click.Path(file_okay=False), default=None,
               help="Checkpoint directory the script resumes from [default: OUT/ckpt].")
 @click.option("--incident-log", type=click.Path(dir_okay=False), default=None,
               help="Incident log, JSON lines, appended [default: OUT/incidents.jsonl].")
-@click.option("--max-restarts", type=int, default=3, show_default=True,
+@click.option("--max-restarts", type=click.IntRange(0, 1000), default=3, show_default=True,
               help="Relaunches allowed after incidents (0: stop at the first).")
 @click.option("--on-straggler", type=click.Choice(["exclude", "log"]), default="exclude",
               show_default=True, help="Exclude a persistent straggler's node, or only log it.")
-@click.option("--hang-k", type=float, default=3.0, show_default=True,
+@click.option("--hang-k", type=float, default=3.0, show_default=True, callback=finite_range(1.0, 1000.0),
               help="Hang after no progress for hang-k x median step period ...")
-@click.option("--hang-floor", type=float, default=60.0, show_default=True,
+@click.option("--hang-floor", type=float, default=60.0, show_default=True, callback=finite_range(0.0, 86400.0),
               help="... but never sooner than this many seconds.")
-@click.option("--startup-timeout", type=float, default=300.0, show_default=True,
+@click.option("--startup-timeout", type=float, default=300.0, show_default=True, callback=finite_range(1.0, 86400.0),
               help="Seconds allowed for start-up (before the step period is known).")
-@click.option("--dead-after", type=float, default=5.0, show_default=True,
+@click.option("--dead-after", type=float, default=5.0, show_default=True, callback=finite_range(0.1, 86400.0),
               help="A rank whose heartbeat is this many seconds old is dead.")
-@click.option("--heartbeat", type=float, default=1.0, show_default=True,
+@click.option("--heartbeat", type=float, default=1.0, show_default=True, callback=finite_range(0.01, 3600.0),
               help="Heartbeat interval of the ranks, seconds.")
-@click.option("--straggler-threshold", type=float, default=0.7, show_default=True,
+@click.option("--straggler-threshold", type=float, default=0.7, show_default=True, callback=finite_range(0.01, 1.0),
               help="Relative speed score (peer median / own) below which a rank is slow.")
-@click.option("--straggler-window", type=int, default=3, show_default=True,
+@click.option("--straggler-window", type=int, default=3, show_default=True, callback=_positive,
               help="Steps in each score's rolling median.")
-@click.option("--straggler-steps", type=int, default=3, show_default=True,
+@click.option("--straggler-steps", type=int, default=3, show_default=True, callback=_positive,
               help="Consecutive slow steps before a rank is a persistent straggler.")
-@click.option("--poll", type=float, default=0.25, show_default=True,
+@click.option("--poll", type=float, default=0.25, show_default=True, callback=finite_range(0.01, 60.0),
               help="Seconds between looks at the ranks' records.")
 @click.option("--json", "as_json", is_flag=True, help="Print run.json's object on stdout.")
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
@@ -88,9 +89,10 @@ def run(plan_file: str, script: str, steps: int | None, out_dir: str, ckpt_dir: 
     finally:
         signal.signal(signal.SIGTERM, previous)
     if as_json:
-        click.echo(json.dumps(run_summary(result), indent=2))
+        click.echo(to_json(run_summary(result)))
     else:
-        click.echo(f"{'ok' if result.ok else 'FAILED'}: {result.message}; "
-                   f"incidents in {opts.log_path}")
+        where = (f"incidents in {opts.log_path}" if opts.log_path.exists()
+                 else "no incident was logged")
+        click.echo(f"{'ok' if result.ok else 'FAILED'}: {result.message}; {where}")
     if not result.ok:
         sys.exit(1)

@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cost_models.specs import ClusterSpec, SpecError
+from planner.fileio import write_atomic
 from planner.planfile import Plan, write_plan
-from planner.specfiles import write_atomic
 
 from .monitor import (
     Incident,

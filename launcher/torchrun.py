@@ -20,7 +20,9 @@ passed by torchrun to the OS without a shell.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -113,30 +115,61 @@ def resolve_hosts(plan: Plan, hosts: Mapping[str, str] | Sequence[str] | None) -
             )
         mapping = dict(zip(names, (str(h) for h in hosts), strict=True))
     for name, host in mapping.items():
-        if not host.strip() or "\n" in host or "\0" in host:
-            raise SpecError(f"hosts file: host for node {name} is empty or has a line break")
+        check_host(host, f"{name} {host}")
     return mapping
+
+
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def check_host(host: str, where: str) -> str:
+    """`host` if it is an RFC 1123 host name or an IPv4/IPv6 address; SpecError quoting
+    `where` (the hosts-file line) otherwise."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    if 0 < len(name) <= 253 and all(_HOST_LABEL.fullmatch(p) for p in name.split(".")):
+        return host
+    raise SpecError(f"hosts file: {_quote_line(where)} is not a valid host name (RFC 1123: "
+                    "letters, digits, '-' and dots) or IP address; fix that line")
+
+
+def _quote_line(line: str, limit: int = 80) -> str:
+    return repr(line if len(line) <= limit else line[: limit - 3] + "...")
 
 
 def parse_hosts_file(text: str, plan: Plan) -> dict[str, str] | list[str]:
     """Hosts file: one node per line, '#' comments. Either 'NODE_NAME HOST' (NODE_NAME a plan
-    node; HOST is the rest of the line) on every line, or just 'HOST' per line in the
-    cluster's node order."""
-    names = {n.name for n in plan.cluster.nodes}
+    node) on every line, or just 'HOST' per line in the cluster's node order. Every HOST must
+    be an RFC 1123 host name or an IP address; any other line is refused, quoted."""
+    names = [n.name for n in plan.cluster.nodes]
     lines = [ln.strip() for ln in text.splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith("#")]
-    named = [ln.split(None, 1) for ln in lines]
-    is_named = [len(p) == 2 and p[0] in names for p in named]
-    if any(is_named) and not all(is_named):
+    fields = [ln.split() for ln in lines]
+    for ln, parts in zip(lines, fields, strict=True):
+        if len(parts) > 2:
+            raise SpecError(f"hosts file: line {_quote_line(ln)} has {len(parts)} fields; write "
+                            "'NODE HOST' or 'HOST' per line")
+        if len(parts) == 2 and parts[0] not in names:
+            raise SpecError(f"hosts file: line {_quote_line(ln)} names {parts[0]!r}, which is not "
+                            f"a plan node (plan nodes: {', '.join(names[:6])}"
+                            f"{', ...' if len(names) > 6 else ''})")
+    named = [len(p) == 2 for p in fields]
+    if any(named) and not all(named):
         raise SpecError("hosts file mixes 'NODE HOST' lines with bare HOST lines; use one form")
-    if lines and all(is_named):
+    for ln, parts in zip(lines, fields, strict=True):
+        check_host(parts[-1], ln)
+    if lines and all(named):
         out: dict[str, str] = {}
-        for name, host in named:
+        for name, host in fields:
             if name in out:
                 raise SpecError(f"hosts file names node {name} twice")
-            out[name] = host.strip()
+            out[name] = host
         return out
-    return lines
+    return [p[0] for p in fields]
 
 
 def _endpoint(plan: Plan, host_of: dict[str, str], rdzv_endpoint: str | None) -> str:

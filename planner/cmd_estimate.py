@@ -9,7 +9,6 @@ Exit status: 0 fits, 3 does not fit (the estimate is still printed), 2 bad input
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
@@ -17,6 +16,7 @@ import click
 from cost_models.specs import RECOMPUTE_KINDS, Layout, SpecError
 
 from .engine import estimate_layout
+from .jsonout import to_json
 from .options import _positive, problem_options, resolve_problem
 from .report import print_estimate
 
@@ -64,7 +64,7 @@ def estimate(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, d
     )
     est = estimate_layout(prob, layout)
     if as_json:
-        click.echo(json.dumps(est.to_dict(), indent=2))
+        click.echo(to_json(est.to_dict()))
     else:
         print_estimate(est)
     if not est.fits:

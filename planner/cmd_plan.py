@@ -9,7 +9,6 @@ Exit status: 0 a plan was found, 3 nothing fits (advice printed), 2 bad input.
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
@@ -20,7 +19,8 @@ from cost_models.specs import RECOMPUTE_KINDS, Estimate
 
 from .engine import resolve_cost_model
 from .explain import advise, explain
-from .options import _positive, problem_options, resolve_problem
+from .jsonout import to_json
+from .options import _positive, finite_range, problem_options, resolve_problem
 from .planfile import Plan, stage_ranges, write_plan
 from .report import layout_label
 from .search import SearchResult, SearchSpace, search_nodes
@@ -43,8 +43,8 @@ from .search import SearchResult, SearchSpace, search_nodes
               help="Fix the micro-batch size.")
 @click.option("--recompute", type=click.Choice(RECOMPUTE_KINDS), multiple=True,
               help="Allowed recompute settings (repeatable) [default: all].")
-@click.option("--mem-headroom", type=click.FloatRange(0.0, 0.5), default=0.05, show_default=True,
-              help="Fraction of GPU memory to keep free.")
+@click.option("--mem-headroom", type=float, default=0.05, show_default=True,
+              callback=finite_range(0.0, 0.5), help="Fraction of GPU memory to keep free.")
 @click.option("--max-tp", type=int, callback=_positive,
               help="Allow tp beyond one node's GPUs (default: tp stays inside a node).")
 def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model,
@@ -77,7 +77,7 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
         out = _json(res, plans)
         if hs is not None:
             out["search"]["placement"] = _placement_json(hs)
-        click.echo(json.dumps(out, indent=2))
+        click.echo(to_json(out))
     else:
         _print(console, prob, res)
         if hs is not None:

@@ -8,7 +8,6 @@ can draw the timeline as a Gantt chart.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import click
 
 from cost_models.simulator import SimResult, StepTasks, simulate_step
 from cost_models.specs import SpecError
+from planner.jsonout import to_json
 from planner.planfile import Plan, read_plan
 
 
@@ -98,6 +98,6 @@ def simulate(plan_path: Path, gantt_path: Path | None, as_json: bool) -> None:
     if as_json:
         out = {**cmp, "simulation": result.summary(),
                "gantt": None if gantt_path is None else str(gantt_path)}
-        click.echo(json.dumps(out, indent=2))
+        click.echo(to_json(out))
     else:
         click.echo(_text_report(plan, result, cmp, gantt_path))

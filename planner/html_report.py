@@ -21,10 +21,10 @@ from cost_models import hetero, megatron
 from cost_models.simulator import SimResult, simulate_step
 from cost_models.specs import SpecError
 
+from .fileio import write_atomic
 from .hetero import plan_node_indices, plan_step_tasks
 from .planfile import Plan
 from .report import layout_label
-from .specfiles import write_atomic
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1150px}

@@ -7,8 +7,13 @@ stops the search the best incumbent is returned with status "feasible" and its g
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
+import os
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,7 +106,8 @@ def solve(problem: pulp.LpProblem, time_limit_s: float,
             if var.name in start:
                 var.setInitialValue(start[var.name])
     start = time.perf_counter()
-    problem.solve(solver)
+    with quiet_stdout():
+        problem.solve(solver)
     seconds = time.perf_counter() - start
     status = _SOLUTION_STATUS.get(problem.sol_status, "not_solved")
     return SolveOutcome(solver.name, status, _relative_gap(problem, status), seconds)
@@ -115,3 +121,36 @@ def _relative_gap(problem: pulp.LpProblem, status: str) -> float | None:
         gap = float(model.getInfo().mip_gap)
         return gap if math.isfinite(gap) else 0.0  # an LP (no integers) has no MIP gap
     return 0.0 if status == "optimal" else None
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """Send whatever C code writes to file descriptor 1 (HiGHS' banner, CBC's log) to
+    /dev/null while the block runs, so `--json` output stays one JSON object.
+
+    Python-level buffers are flushed before and C stdio buffers after, so nothing written
+    inside leaks out when the descriptor is restored, and nothing written before is lost.
+    """
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no descriptor 1 (closed stdout): nothing to protect
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        _flush_c_stdio()
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _flush_c_stdio() -> None:
+    """fflush(NULL): push out C stdio buffers (HiGHS prints through printf)."""
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass

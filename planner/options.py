@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import click
@@ -14,10 +15,25 @@ from .specfiles import load_cluster, load_model
 COST_MODELS = ("auto", "megatron", "pipette", "holmes")
 
 
+MAX_OPTION_INT = 100_000_000
+"""Largest integer any size option takes (--nodes, --seq-len, degrees...); larger is a typo."""
+
+
 def _positive(ctx: click.Context, param: click.Parameter, value):
-    if value is not None and value <= 0:
-        raise click.BadParameter(f"must be a positive integer, got {value}")
+    """Click callback: a positive integer no larger than MAX_OPTION_INT (None passes)."""
+    if value is not None and not 0 < value <= MAX_OPTION_INT:
+        shown = f"{value}" if abs(value) < 10**12 else f"{str(value)[:12]}... ({len(str(value))} digits)"
+        raise click.BadParameter(f"must be an integer in 1..{MAX_OPTION_INT:,}, got {shown}")
     return value
+
+
+def finite_range(low: float, high: float):
+    """Click callback factory: a finite float in [low, high] (click's FloatRange lets NaN by)."""
+    def check(ctx: click.Context, param: click.Parameter, value):
+        if value is not None and not (math.isfinite(value) and low <= value <= high):
+            raise click.BadParameter(f"must be a finite number in [{low:g}, {high:g}], got {value}")
+        return value
+    return check
 
 
 def problem_options(func):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from cost_models.specs import ClusterSpec, Layout, ModelSpec, SpecError
 
+from .fileio import write_atomic
 from .specfiles import (
     cluster_from_dict,
     cluster_to_dict,
@@ -31,7 +32,6 @@ from .specfiles import (
     model_from_dict,
     model_to_dict,
     read_mapping,
-    write_atomic,
 )
 
 PLAN_FORMAT = 1
@@ -147,7 +147,48 @@ def plan_from_dict(data: dict, where: str) -> Plan:
         raise SpecError(
             f"{where}: placement.node_order {list(order)} must list each cluster node once"
         )
-    return Plan(model, cluster, layout, order, data.get("estimate") or {})
+    estimate = data.get("estimate") or {}
+    if not isinstance(estimate, dict):
+        raise SpecError(f"{where}: estimate must be a mapping; regenerate the plan")
+    plan = Plan(model, cluster, layout, order, estimate)
+    if "stages" in data:
+        _check_stages(data["stages"], plan, where)
+    return plan
+
+
+_STAGE_KEYS = ("index", "pp_rank", "chunk", "first_layer", "last_layer")
+
+
+def _check_stages(stages, plan: Plan, where: str) -> None:
+    """The file's stage list must be the layout's: every layer in exactly one stage, in model
+    order, on the pipeline rank the interleaved assignment gives (a hand edit that drops or
+    doubles a layer is refused rather than silently re-derived)."""
+    if not isinstance(stages, list) or not all(isinstance(s, dict) for s in stages):
+        raise SpecError(f"{where}: stages must be a list of mappings; regenerate the plan")
+    expected = plan.stages
+    layers = plan.model.num_layers
+    covered = [0] * layers
+    for i, st in enumerate(stages):
+        if set(st) != set(_STAGE_KEYS) or not all(
+                isinstance(st[k], int) and not isinstance(st[k], bool) for k in _STAGE_KEYS):
+            raise SpecError(f"{where}: stages[{i}] must have integer keys {list(_STAGE_KEYS)}")
+        first, last = st["first_layer"], st["last_layer"]
+        if not 0 <= first < last <= layers:
+            raise SpecError(f"{where}: stages[{i}] layers [{first}, {last}) are outside the "
+                            f"model's 0..{layers}; regenerate the plan")
+        for layer in range(first, last):
+            covered[layer] += 1
+    missing = [k for k, c in enumerate(covered) if c == 0]
+    doubled = [k for k, c in enumerate(covered) if c > 1]
+    if missing or doubled:
+        raise SpecError(f"{where}: stages must hold every layer exactly once; missing layers "
+                        f"{missing[:8]}, layers in two stages {doubled[:8]}; regenerate the plan "
+                        "or fix layout.layers_per_stage")
+    found = tuple(Stage(**{k: st[k] for k in _STAGE_KEYS}) for st in stages)
+    if found != expected:
+        sizes = [s.num_layers for s in expected]
+        raise SpecError(f"{where}: stages disagree with layout.layers_per_stage (which gives "
+                        f"{len(expected)} stages of {sizes[:16]} layers); edit both or regenerate")
 
 
 def read_plan(path: str | Path) -> Plan:

@@ -9,6 +9,7 @@ re-split the layers of the leaders (uneven stages where it pays).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 from functools import cache
@@ -94,8 +95,15 @@ class SearchResult:
         return self.candidates / self.seconds if self.seconds else float("inf")
 
 
+@cache
+def _divisors(n: int) -> tuple[int, ...]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return tuple(small + [n // d for d in reversed(small) if d * d != n])
+
+
 def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """Divisors of n in increasing order (trial division up to sqrt(n))."""
+    return list(_divisors(n))
 
 
 def _allowed(value: int | None, options: list[int]) -> list[int]:
@@ -269,7 +277,11 @@ def search_nodes(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_ba
         n = cluster.num_nodes
         if n == 1:
             raise
+        gpn = cluster.gpus_per_node
         for keep in range(n - 1, max(0, n - max(1, n // 8)) - 1, -1):
+            if not _may_have_candidates(model, keep * gpn, gpn, seq_len, global_batch_size,
+                                        space or SearchSpace()):
+                continue
             sub = replace(cluster, nodes=cluster.nodes[:keep], bandwidth_GBps=_sub(cluster.bandwidth_GBps, keep),
                           latency_s=_sub(cluster.latency_s, keep))
             try:
@@ -278,6 +290,19 @@ def search_nodes(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_ba
                 continue
             return replace(res, idle_nodes=tuple(x.name for x in cluster.nodes[keep:]))
         raise
+
+
+def _may_have_candidates(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
+                         global_batch_size: int, space: SearchSpace) -> bool:
+    """Cheap necessary condition for `generate` to yield a layout on `world` GPUs: some degree
+    combination whose dp times an allowed micro-batch size divides the global batch."""
+    rows = degree_combos(model, world, gpus_per_node, seq_len, space)
+    if not len(rows):
+        return False
+    mbs = [b for b in space.micro_batch_sizes if space.micro_batch_size in (None, b)] \
+        or [space.micro_batch_size]
+    dp = np.unique(rows[:, 3])
+    return any(global_batch_size % (int(d) * b) == 0 for d in dp for b in mbs)
 
 
 def _sub(matrix, keep: int):

@@ -10,8 +10,6 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, fields
 from functools import cache
 from pathlib import Path
@@ -20,6 +18,8 @@ from typing import Any
 import yaml
 
 from cost_models.specs import (
+    MAX_GPUS,
+    MAX_GPUS_PER_NODE,
     ClusterSpec,
     GemmEfficiency,
     GpuSpec,
@@ -29,9 +29,10 @@ from cost_models.specs import (
     SpecError,
 )
 
+from .fileio import read_text
+
 DATA_DIR = Path(__file__).parent / "data"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-MODELS_DIR = REPO_ROOT / "examples" / "models"
+MODELS_DIR = DATA_DIR / "models"
 CLUSTER_FORMAT = 1
 
 
@@ -47,38 +48,40 @@ def closest(name: str, options: list[str]) -> str:
     return f" (closest: {', '.join(lookup[h] for h in hits)})" if hits else ""
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without anchors and aliases: a spec file has no use for them, and nested aliases
+    expand a kilobyte into gigabytes ("billion laughs")."""
+
+    def compose_node(self, parent, index):  # noqa: D102 - PyYAML's hook
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"YAML aliases (*{event.anchor[:40]}) are not allowed in "
+                                 f"meshplan files (line {event.start_mark.line + 1}); write the "
+                                 "values out")
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str):
+    """Parse YAML text (safe types only, no aliases)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_mapping(path: Path, what: str) -> dict:
     """Parse a JSON or YAML file that must hold a mapping; SpecError otherwise."""
+    text = read_text(path, what)
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise SpecError(f"{what} file {path} does not exist") from None
-    except OSError as exc:
-        raise SpecError(f"cannot read {what} file {path}: {exc.strerror}") from None
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        first = str(exc).splitlines()[0]
+        data = json.loads(text, parse_constant=_reject_constant) if path.suffix == ".json" \
+            else load_yaml(text)
+    except (json.JSONDecodeError, yaml.YAMLError, RecursionError) as exc:
+        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise SpecError(f"{what} file {path} is not valid {path.suffix[1:] or 'YAML'}: {first}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{what} file {path} must hold a mapping of keys, got {type(data).__name__}")
     return data
 
 
-def write_atomic(path: Path | str, text: str) -> None:
-    """Write `text` to `path` via a temporary file and rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _reject_constant(name: str):
+    raise json.JSONDecodeError(f"{name} is not a number JSON allows; write a finite value", name, 0)
 
 
 def _strict(cls, data: dict, where: str, renames: dict | None = None):
@@ -93,6 +96,8 @@ def _strict(cls, data: dict, where: str, renames: dict | None = None):
     try:
         return cls(**data)
     except TypeError as exc:
+        raise SpecError(f"{where}: {exc}") from None
+    except SpecError as exc:
         raise SpecError(f"{where}: {exc}") from None
 
 
@@ -133,7 +138,7 @@ def gpu_preset(name: str) -> GpuSpec:
 
 
 def model_presets() -> dict[str, Path]:
-    """Preset name -> config file under examples/models/."""
+    """Preset name -> config file under planner/data/models/ (package data)."""
     if not MODELS_DIR.is_dir():
         return {}
     return {
@@ -315,6 +320,11 @@ def _preset_cluster(name: str, raw: dict, nodes: int, gpus_per_node: int | None)
                 f"fewer (1..{gpn})"
             )
         gpn = gpus_per_node
+    if gpn > MAX_GPUS_PER_NODE:
+        raise SpecError(f"--gpus-per-node {gpn} is over the limit of {MAX_GPUS_PER_NODE}")
+    if nodes * gpn > MAX_GPUS:
+        raise SpecError(f"--nodes {nodes} x {gpn} GPUs = {nodes * gpn:,} GPUs is over meshplan's "
+                        f"limit of {MAX_GPUS:,}; plan a part of the cluster")
     gpu = gpu_preset(raw["gpu"])
     node_list = tuple(
         NodeSpec(f"{raw.get('node_prefix', 'node')}{i}", gpn, gpu.name, raw["nic"],

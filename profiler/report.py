@@ -8,13 +8,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cost_models.specs import ClusterSpec, GpuSpec, LinkSpec, NodeSpec
+from planner.fileio import write_atomic
 from planner.specfiles import (
     cluster_presets,
     cluster_to_dict,
     dump_yaml,
     gpu_preset,
     load_cluster,
-    write_atomic,
 )
 from profiler.p2p import fmt_rate
 

@@ -102,8 +102,14 @@ def test_torchrun_commands_hosts_and_bad_input():
 
 def test_hosts_file_forms():
     plan = make_plan()
-    assert parse_hosts_file("# c\nlocalnode1 b host\nlocalnode0 a\n", plan) == {
-        "localnode1": "b host", "localnode0": "a"}
+    assert parse_hosts_file("# c\nlocalnode1 b-host\nlocalnode0 10.0.0.7\n", plan) == {
+        "localnode1": "b-host", "localnode0": "10.0.0.7"}
+    with pytest.raises(SpecError, match="'n0 host-a'.*not a plan node"):
+        parse_hosts_file("n0 host-a\nlocalnode1 b\n", plan)
+    with pytest.raises(SpecError, match="not a valid host name"):
+        parse_hosts_file("localnode0 a;$(touch)\nlocalnode1 b\n", plan)
+    with pytest.raises(SpecError, match="3 fields"):
+        parse_hosts_file("localnode0 b host\nlocalnode1 b\n", plan)
     assert parse_hosts_file("h0\n\nh1\n", plan) == ["h0", "h1"]
     with pytest.raises(SpecError, match="mixes"):
         parse_hosts_file("localnode0 a\nh1\n", plan)
@@ -252,12 +258,12 @@ def test_injection_node_scripts_run_intended_command_only(fakes):
     tmp, script, env = fakes
     plan = make_plan()
     hosts = tmp / "hosts"
-    hosts.write_text(f"localnode0 host {EVIL} zero\nlocalnode1 {EVIL}\n")
+    hosts.write_text("localnode0 host-zero\nlocalnode1 host-one.example\n")
     out = tmp / f"out {EVIL}"
     write_launch(plan, str(script), out, hosts_file=hosts, script_args=[EVIL, "--n", "1"],
                  python=sys.executable)
     cmds = torchrun_commands(plan, str(script), ["--plan", str(out / "plan.yaml"), EVIL, "--n", "1"],
-                             hosts={"localnode0": f"host {EVIL} zero", "localnode1": EVIL},
+                             hosts={"localnode0": "host-zero", "localnode1": "host-one.example"},
                              run_id=None, dump_dir=str(out / "nccl_dumps"), python=sys.executable)
     for cmd in cmds:
         subprocess.run(["bash", str(out / f"node-{cmd.node_rank}.sh"), "extra arg"], env=env,
@@ -277,7 +283,7 @@ def test_sbatch_passes_bash_n_and_runs_per_node(fakes):
     tmp, script, env = fakes
     plan = make_plan()
     hosts = tmp / "hosts"
-    hosts.write_text(f"{EVIL}\nslurm-b\n")  # cluster node order: localnode0, localnode1
+    hosts.write_text("slurm-a\nslurm-b\n")  # cluster node order: localnode0, localnode1
     out = tmp / "out"
     write_launch(plan, str(script), out, "slurm", hosts_file=hosts, python=sys.executable)
     sbatch = out / "launch.sbatch"
@@ -285,7 +291,7 @@ def test_sbatch_passes_bash_n_and_runs_per_node(fakes):
     text = sbatch.read_text()
     assert "#SBATCH --nodes=2" in text and "scontrol show hostnames" in text and "srun" in text
     # SLURM allocates in its own order; node ranks still follow the plan (by host name).
-    env = dict(env, FAKE_HOSTS=f"{EVIL}\nslurm-b", SLURM_JOB_NODELIST="whatever")
+    env = dict(env, FAKE_HOSTS="slurm-a\nslurm-b", SLURM_JOB_NODELIST="whatever")
     subprocess.run(["bash", str(sbatch)], env=env, cwd=tmp, check=True, timeout=60)
     launched = [r for r in _records(tmp) if "argv" in r]
     assert [r["node_rank"] for r in launched] == ["1", "0"]

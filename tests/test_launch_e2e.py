@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 
 from planner.planfile import Plan, read_plan, write_plan
-from planner.specfiles import REPO_ROOT
 
 pytestmark = pytest.mark.torchrun
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAINER = REPO_ROOT / "examples" / "train_gpt.py"
 STEPS = 5
 RUN_TIMEOUT_S = 240

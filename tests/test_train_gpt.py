@@ -21,8 +21,9 @@ import pytest
 
 from cost_models.specs import Layout, SpecError
 from planner.planfile import Plan, write_plan
-from planner.specfiles import REPO_ROOT, load_cluster, load_model
+from planner.specfiles import load_cluster, load_model
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAINER = REPO_ROOT / "examples" / "train_gpt.py"
 STEPS = 5
 CKPT_STEP = 3
