@@ -104,7 +104,7 @@ def activation_bytes_per_layer(model: ModelSpec, micro_batch, seq_len, tp, cp=1,
     qkv = 2 * sb * (model.q_width + 2 * model.kv_width)  # Q, K, V kept for the core
     proj_in = gemm_in * sb * model.q_width               # input of the output projection
     f = model.active_ffn_width  # = ffn_hidden_size for dense models
-    if model.mlp_kind == "gated_silu":
+    if model.gated_mlp:
         mlp = 2 * sb * 2 * f + gemm_in * sb * f  # gate and up outputs, activation output
     else:
         mlp = 2 * sb * f + gemm_in * sb * f      # activation input, second matrix input

@@ -33,8 +33,8 @@ Recompute = Literal["none", "selective", "full"]
 RECOMPUTE_KINDS: tuple[str, ...] = ("none", "selective", "full")
 Dtype = Literal["bf16", "fp8"]
 DTYPES: tuple[str, ...] = ("bf16", "fp8")
-MlpKind = Literal["gated_silu", "gelu", "squared_relu"]
-MLP_KINDS: tuple[str, ...] = ("gated_silu", "gelu", "squared_relu")
+MlpKind = Literal["gated_silu", "gated_gelu", "gelu", "squared_relu"]
+MLP_KINDS: tuple[str, ...] = ("gated_silu", "gated_gelu", "gelu", "squared_relu")
 Schedule = Literal["1f1b", "interleaved"]
 NicKind = Literal["infiniband", "roce", "ethernet", "nvlink", "loopback"]
 NIC_KINDS: tuple[str, ...] = ("infiniband", "roce", "ethernet", "nvlink", "loopback")
@@ -115,7 +115,8 @@ class ModelSpec:
     tied_embeddings: bool = False
     """Input embedding and LM head share one matrix."""
     mlp_kind: MlpKind = "gated_silu"
-    """gated_silu (SwiGLU: 3 matrices), gelu (2 matrices), squared_relu (Nemotron, 2 matrices)."""
+    """gated_silu (SwiGLU: 3 matrices), gated_gelu (GeGLU, Gemma: 3 matrices), gelu (2 matrices),
+    squared_relu (Nemotron, 2 matrices)."""
     dropout: bool = False
     """Dropout after attention/MLP (GPT-2/3 era); adds mask bytes to activations."""
     num_experts: int = 0
@@ -172,9 +173,14 @@ class ModelSpec:
             / self.num_layers if self.is_moe else float(self.ffn_hidden_size)
 
     @property
+    def gated_mlp(self) -> bool:
+        """The MLP multiplies an activated gate by an up projection (SwiGLU, GeGLU)."""
+        return self.mlp_kind in ("gated_silu", "gated_gelu")
+
+    @property
     def mlp_matrices(self) -> int:
         """Weight matrices in one MLP: 3 for gated (gate, up, down), else 2."""
-        return 3 if self.mlp_kind == "gated_silu" else 2
+        return 3 if self.gated_mlp else 2
 
     @property
     def q_width(self) -> int:
@@ -564,6 +570,15 @@ class Layout:
             return cls(**kwargs)
         except TypeError as exc:
             raise SpecError(f"layout is incomplete: {exc}") from None
+
+
+def check_degrees_divide(tp: int, pp: int, cp: int, num_gpus: int) -> None:
+    """SpecError unless tp*pp*cp divides the GPU count (dp is what is left over)."""
+    if num_gpus % (tp * pp * cp):
+        raise SpecError(
+            f"tp*pp*cp = {tp}*{pp}*{cp} = {tp * pp * cp} does not divide the cluster's {num_gpus} "
+            "GPUs; choose degrees whose product divides the GPU count"
+        )
 
 
 def _check_divides(degree: int, count: int, flag: str, what: str, reason: str) -> None:

@@ -85,19 +85,22 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """MLP: gelu / squared_relu use w1 (up) and w2 (down); gated_silu adds w3 (SwiGLU)."""
+    """MLP: gelu / squared_relu use w1 (up) and w2 (down); gated_silu / gated_gelu add w3
+    (SwiGLU / GeGLU)."""
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.kind = spec.mlp_kind
         self.w1 = nn.Linear(spec.hidden_size, spec.ffn_hidden_size, bias=False)
         self.w2 = nn.Linear(spec.ffn_hidden_size, spec.hidden_size, bias=False)
-        if self.kind == "gated_silu":
+        if self.kind in ("gated_silu", "gated_gelu"):
             self.w3 = nn.Linear(spec.hidden_size, spec.ffn_hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "gated_silu":
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.kind == "gated_gelu":
+            return self.w2(F.gelu(self.w1(x), approximate="tanh") * self.w3(x))
         if self.kind == "squared_relu":
             return self.w2(F.relu(self.w1(x)).square())
         return self.w2(F.gelu(self.w1(x), approximate="tanh"))

@@ -7,6 +7,7 @@ Subcommands living in other packages (launch, run, profile) are imported lazily,
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -63,21 +64,42 @@ def cli() -> None:
     """meshplan: plan, launch and supervise distributed LLM training."""
 
 
+MAX_MESSAGE_CHARS = 300
+"""Longest error line printed (a pasted-in value never floods the terminal)."""
+
+
+def one_line(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`message` on one line of at most `limit` characters, keeping its start (what is wrong)
+    and its end (what to do)."""
+    text = " ".join(str(message).split())
+    if len(text) <= limit:
+        return text
+    tail = limit // 3
+    return f"{text[: limit - tail - 5]} ... {text[-tail:]}"
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(one_line(f"error: {message}"), err=True)
+    sys.exit(code)
+
+
 def main() -> None:
-    """Console entry: user mistakes become one line on stderr and exit code 2."""
+    """Console entry: user mistakes become one line on stderr and exit code 2 (3: does not
+    fit); never a traceback for bad input."""
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
-        click.echo(f"error: {exc.format_message()}", err=True)
-        sys.exit(exc.exit_code if exc.exit_code else 2)
+        _fail(exc.format_message(), exc.exit_code if exc.exit_code else 2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except (SpecError, InfeasibleLayout) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2 if isinstance(exc, SpecError) else 3)
+        _fail(str(exc), 2 if isinstance(exc, SpecError) else 3)
+    except BrokenPipeError:  # `meshplan plan | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)

@@ -13,11 +13,17 @@ import sys
 
 import click
 
-from cost_models.specs import RECOMPUTE_KINDS, Layout, SpecError
+from cost_models.specs import RECOMPUTE_KINDS, Layout, SpecError, check_degrees_divide
 
 from .engine import estimate_layout
 from .jsonout import to_json
-from .options import _positive, problem_options, resolve_problem
+from .options import (
+    DEFAULT_PLAN_HEADROOM,
+    _positive,
+    finite_range,
+    problem_options,
+    resolve_problem,
+)
 from .report import print_estimate
 
 
@@ -40,18 +46,17 @@ from .report import print_estimate
               help="Megatron sequence parallelism [default: on when tp > 1].")
 @click.option("--distributed-optimizer/--no-distributed-optimizer", default=True, show_default=True,
               help="Shard optimizer states over data-parallel ranks (ZeRO-1).")
+@click.option("--mem-headroom", type=float, default=DEFAULT_PLAN_HEADROOM, show_default=True,
+              callback=finite_range(0.0, 0.5),
+              help="Fraction of GPU memory to keep free when judging fit (the same rule as plan).")
 def estimate(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model,
              as_json, tp, pp, cp, ep, vp, dp, micro_batch_size, recompute, sequence_parallel,
-             distributed_optimizer):
+             distributed_optimizer, mem_headroom):
     """Predict step time, throughput, MFU and peak memory of one layout."""
     prob = resolve_problem(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size,
                            dtype, cost_model)
     world = prob.cluster.world_size
-    if world % (tp * pp * cp):
-        raise SpecError(
-            f"tp*pp*cp = {tp}*{pp}*{cp} = {tp * pp * cp} does not divide the cluster's {world} "
-            "GPUs; choose degrees whose product divides the GPU count"
-        )
+    check_degrees_divide(tp, pp, cp, world)
     derived = world // (tp * pp * cp)
     if dp is not None and dp != derived:
         raise SpecError(f"--dp {dp} does not match GPUs/(tp*pp*cp) = {world}/{tp * pp * cp} = "
@@ -62,16 +67,16 @@ def estimate(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, d
         sequence_parallel=tp > 1 if sequence_parallel is None else sequence_parallel,
         distributed_optimizer=distributed_optimizer, dtype=dtype,
     )
-    est = estimate_layout(prob, layout)
+    est = estimate_layout(prob, layout, mem_headroom)
     if as_json:
-        click.echo(to_json(est.to_dict()))
+        click.echo(to_json({**est.to_dict(), "mem_headroom": mem_headroom}))
     else:
-        print_estimate(est)
+        print_estimate(est, headroom=mem_headroom)
     if not est.fits:
         click.echo(
             f"error: layout does not fit: {est.peak_GiB:.1f} GiB per GPU needed, "
-            f"{est.capacity_GiB:.1f} GiB available (over by {est.over_GiB:.1f} GiB); try "
-            "recompute, a larger tp/pp, or more GPUs",
+            f"{est.capacity_GiB:.1f} GiB usable ({100 * mem_headroom:g}% kept free; over by "
+            f"{est.over_GiB:.1f} GiB); try recompute, a larger tp/pp, or more GPUs",
             err=True,
         )
         sys.exit(3)

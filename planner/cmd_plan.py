@@ -19,10 +19,17 @@ from cost_models.specs import RECOMPUTE_KINDS, Estimate
 
 from .engine import resolve_cost_model
 from .explain import advise, explain
+from .fileio import check_output_file
 from .jsonout import to_json
-from .options import _positive, finite_range, problem_options, resolve_problem
+from .options import (
+    DEFAULT_PLAN_HEADROOM,
+    _positive,
+    finite_range,
+    problem_options,
+    resolve_problem,
+)
 from .planfile import Plan, stage_ranges, write_plan
-from .report import layout_label
+from .report import cli_console, layout_label
 from .search import SearchResult, SearchSpace, search_nodes
 
 
@@ -43,7 +50,7 @@ from .search import SearchResult, SearchSpace, search_nodes
               help="Fix the micro-batch size.")
 @click.option("--recompute", type=click.Choice(RECOMPUTE_KINDS), multiple=True,
               help="Allowed recompute settings (repeatable) [default: all].")
-@click.option("--mem-headroom", type=float, default=0.05, show_default=True,
+@click.option("--mem-headroom", type=float, default=DEFAULT_PLAN_HEADROOM, show_default=True,
               callback=finite_range(0.0, 0.5), help="Fraction of GPU memory to keep free.")
 @click.option("--max-tp", type=int, callback=_positive,
               help="Allow tp beyond one node's GPUs (default: tp stays inside a node).")
@@ -51,13 +58,16 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
          as_json, top_k, output, report, tp, pp, cp, vp, dp, ep, micro_batch_size, recompute,
          mem_headroom, max_tp):
     """Rank every valid TP/PP/CP/DP layout and write the fastest one that fits."""
+    for path, option in ((output, "-o"), (report, "--report")):
+        if path:
+            check_output_file(path, option)
     prob = resolve_problem(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size,
                            dtype, cost_model)
     name = resolve_cost_model(cost_model, prob.cluster)
     space = SearchSpace(dtype=dtype, recompute=tuple(recompute) or RECOMPUTE_KINDS,
                         headroom=mem_headroom, max_tp=max_tp, tp=tp, pp=pp, cp=cp, vp=vp, dp=dp, ep=ep,
                         micro_batch_size=micro_batch_size)
-    console = Console(stderr=as_json)
+    console = cli_console(stderr=as_json)
     hs = None
     if name != "megatron":  # heterogeneous: layouts, node placement and layer split together
         from .hetero import search_hetero
@@ -75,11 +85,12 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
     plans = [_plan_of(prob.model, res, e, o) for e, o in zip(res.plans, orders, strict=True)]
     if as_json:
         out = _json(res, plans)
+        out["search"]["mem_headroom"] = mem_headroom
         if hs is not None:
             out["search"]["placement"] = _placement_json(hs)
         click.echo(to_json(out))
     else:
-        _print(console, prob, res)
+        _print(console, prob, res, mem_headroom)
         if hs is not None:
             _print_placement(console, hs)
     if not res.plans:
@@ -158,14 +169,15 @@ def _json(res: SearchResult, plans: list[Plan]) -> dict:
     }
 
 
-def _print(console: Console, prob, res: SearchResult) -> None:
+def _print(console: Console, prob, res: SearchResult, headroom: float) -> None:
     c = res.cluster
     console.print(f"[b]{prob.model.name}[/b] on {c.world_size} x {_gpu_label(c)} "
                   f"({c.num_nodes} nodes), seq {prob.seq_len}, global batch "
                   f"{prob.global_batch_size}, {prob.dtype}")
     table = Table(show_edge=False, title=f"Top {len(res.plans)} layouts that fit")
     for col in ("#", "layout", "step s", "tokens/s", "MFU", "GiB/GPU", "bubble", "comm"):
-        table.add_column(col, justify="left" if col == "layout" else "right")
+        table.add_column(col, justify="left" if col == "layout" else "right",
+                         no_wrap=col == "layout")
     for i, e in enumerate(res.plans, 1):
         t = e.time
         comm = (t.tp_comm + t.cp_comm + t.ep_comm + t.pp_p2p + t.dp_comm) / e.step_time_s
@@ -175,7 +187,8 @@ def _print(console: Console, prob, res: SearchResult) -> None:
                       f"{100 * comm:.1f}%")
     if res.plans:
         console.print(table)
-    console.print(f"searched {res.candidates:,} valid layouts ({res.feasible:,} fit) in "
+    console.print(f"searched {res.candidates:,} valid layouts ({res.feasible:,} fit with "
+                  f"{100 * headroom:g}% of memory kept free) in "
                   f"{res.seconds:.2f} s ({res.rate:,.0f}/s); layer split by ILP ({res.solver})")
     console.print("[dim]MFU = model FLOPs (causal attention, no recompute) / dense "
                   f"{prob.dtype} peak[/dim]")

@@ -8,13 +8,13 @@ can draw the timeline as a Gantt chart.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
 from cost_models.simulator import SimResult, StepTasks, simulate_step
 from cost_models.specs import SpecError
+from planner.fileio import check_output_file
 from planner.jsonout import to_json
 from planner.planfile import Plan, read_plan
 
@@ -47,13 +47,7 @@ def _check_gantt_path(path: Path) -> None:
     """Fail before simulating if the chart could not be written."""
     if path.suffix.lower() != ".png":
         raise SpecError(f"--gantt writes a PNG image; give a path ending in .png, not {path}")
-    if path.is_dir():
-        raise SpecError(f"--gantt {path} is a directory; give a file path such as {path}/gantt.png")
-    parent = path.parent if str(path.parent) else Path(".")
-    existing = next((p for p in (parent, *parent.parents) if p.exists()), Path("."))
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise SpecError(f"cannot write the Gantt chart to {path}: {existing} is not a writable "
-                        "directory; choose another --gantt path")
+    check_output_file(path, "--gantt")
 
 
 def _text_report(plan: Plan, result: SimResult, cmp: dict, gantt: Path | None) -> str:

@@ -15,6 +15,10 @@ from .specfiles import load_cluster, load_model
 COST_MODELS = ("auto", "megatron", "pipette", "holmes")
 
 
+DEFAULT_PLAN_HEADROOM = 0.05
+"""Fraction of GPU memory `plan` and `estimate` keep free when judging fit (prediction error,
+allocator spikes); one rule for both commands, printed by both."""
+
 MAX_OPTION_INT = 100_000_000
 """Largest integer any size option takes (--nodes, --seq-len, degrees...); larger is a typo."""
 
@@ -79,4 +83,15 @@ def resolve_problem(model: str, cluster: str, nodes: int | None, gpus_per_node: 
                 f"GPU {gpu} has no {dtype} support (has {sorted(clus.gpu_types[gpu].peak_tflops)}); "
                 "use --dtype bf16"
             )
+    if seq_len > spec.max_seq_len:
+        click.echo(one_line_warning(
+            f"--seq-len {seq_len} is beyond {spec.name}'s max_position_embeddings "
+            f"({spec.max_seq_len}); planning it anyway, but the model needs position scaling "
+            "or long-context training to use it"), err=True)
     return Problem(spec, clus, seq_len, global_batch_size, dtype, cost_model)
+
+
+def one_line_warning(text: str) -> str:
+    """'warning: ...' on one line of at most 300 characters."""
+    text = "warning: " + " ".join(text.split())
+    return text if len(text) <= 300 else text[:297] + "..."

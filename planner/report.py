@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 from rich.console import Console
 from rich.table import Table
 
@@ -51,8 +54,22 @@ def memory_table(est: Estimate) -> Table:
     return t
 
 
-def print_estimate(est: Estimate, console: Console | None = None) -> None:
-    console = console or Console()
+PIPE_WIDTH = 160
+"""Columns of text written to a pipe or file (rich would wrap at 80 and split layout names)."""
+
+
+def cli_console(stderr: bool = False) -> Console:
+    """A rich Console for command output: the terminal's width on a terminal, PIPE_WIDTH
+    columns when piped (set COLUMNS to choose another)."""
+    stream = sys.stderr if stderr else sys.stdout
+    piped = not stream.isatty() and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, width=PIPE_WIDTH if piped else None)
+
+
+def print_estimate(est: Estimate, console: Console | None = None, headroom: float = 0.0) -> None:
+    """The human-readable `estimate` report; `headroom` is the fraction of memory kept free
+    that `est.capacity_GiB` already excludes (said in the verdict)."""
+    console = console or cli_console()
     lay = est.layout
     console.print(
         f"[b]{layout_label(lay)}[/b]  world {lay.world}, {lay.num_microbatches} micro-batches, "
@@ -66,8 +83,10 @@ def print_estimate(est: Estimate, console: Console | None = None) -> None:
                   f"{lay.dtype} peak[/dim]")
     console.print(breakdown_table(est))
     console.print(memory_table(est))
+    kept = f" ({100 * headroom:g}% of memory kept free)" if headroom else ""
     if est.fits:
-        console.print(f"[green]fits[/green]: {est.peak_GiB:.1f} of {est.capacity_GiB:.1f} GiB")
+        console.print(f"[green]fits[/green]: {est.peak_GiB:.1f} of {est.capacity_GiB:.1f} GiB "
+                      f"usable{kept}, {est.capacity_GiB - est.peak_GiB:.1f} GiB to spare")
     else:
         console.print(f"[red]does not fit[/red]: {est.peak_GiB:.1f} GiB needed, "
-                      f"{est.capacity_GiB:.1f} GiB available — over by {est.over_GiB:.1f} GiB")
+                      f"{est.capacity_GiB:.1f} GiB usable{kept} — over by {est.over_GiB:.1f} GiB")

@@ -30,6 +30,7 @@ from cost_models.specs import (
     even_split,
 )
 
+from .fixed_degrees import FIXED_AXES, explain_fixed
 from .ilp_partition import Partition, partition_layers
 
 
@@ -312,9 +313,14 @@ def _sub(matrix, keep: int):
 def _no_candidate_reason(model: ModelSpec, cluster: ClusterSpec, seq_len: int, gbs: int,
                          space: SearchSpace) -> str:
     world = cluster.world_size
-    if any(getattr(space, k) for k in ("tp", "pp", "cp", "dp", "vp", "ep", "micro_batch_size")):
-        return ("no valid layout satisfies the fixed degrees on "
-                f"{world} GPUs with global batch {gbs}; relax --tp/--pp/--cp/--vp/--dp/--mbs")
+    if any(getattr(space, k) for k in FIXED_AXES):
+        specific = explain_fixed(model, cluster, seq_len, gbs, space)
+        if specific:
+            return specific
+        fixed = ", ".join(f"--{k.replace('micro_batch_size', 'mbs')} {getattr(space, k)}"
+                          for k in FIXED_AXES if getattr(space, k))
+        return (f"{fixed}: each is possible on {world} GPUs with global batch {gbs}, but not "
+                "together; fix fewer of them and let the search choose")
     return (f"no valid layout for {world} GPUs, global batch {gbs}, sequence {seq_len}: the batch "
             "must be divisible by the data-parallel degree; use a global batch that is a "
             f"multiple of a divisor of {world}")

@@ -182,6 +182,7 @@ _MLP_FROM_ACT = {
     "gelu": "gelu", "gelu_new": "gelu", "gelu_fast": "gelu", "gelu_pytorch_tanh": "gelu",
     "relu2": "squared_relu", "squared_relu": "squared_relu",
 }
+_GEMMA = {"gemma"}
 _LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "nemotron", "gpt_neox", "mixtral",
                "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "gemma", "phi3"}
 
@@ -214,6 +215,9 @@ def model_from_config(cfg: dict, where: str) -> ModelSpec:
         raise SpecError(f"model config {where}: hidden_act {act!r} is not supported")
     if kind in ("gpt_neox", "nemotron") and mlp == "gated_silu":
         mlp = "gelu"
+    if kind in _GEMMA:  # Gemma's MLP is GeGLU (gate, up, down), whatever hidden_act says
+        act = str(g("hidden_activation", "hidden_act", default="gelu_pytorch_tanh")).lower()
+        mlp = "gated_gelu" if act.startswith("gelu") else _MLP_FROM_ACT.get(act, mlp)
     ffn = _int(g("intermediate_size", "ffn_hidden_size"), "intermediate_size", where)
     spec = dict(
         name=where, num_layers=_int(g("num_hidden_layers"), "num_hidden_layers", where),
@@ -222,7 +226,8 @@ def model_from_config(cfg: dict, where: str) -> ModelSpec:
         vocab_size=_int(g("vocab_size"), "vocab_size", where),
         max_seq_len=_int(g("max_position_embeddings", "max_seq_len", default=4096),
                          "max_position_embeddings", where),
-        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        # HF defaults: Gemma ties its embeddings unless told otherwise; Llama-style models do not
+        tied_embeddings=bool(cfg.get("tie_word_embeddings", kind in _GEMMA)),
         mlp_kind=mlp,
         dropout=bool(cfg.get("hidden_dropout", 0) or cfg.get("attention_dropout", 0)),
     )
