@@ -71,7 +71,9 @@ def watchdog_env(dump_dir: str) -> dict[str, str]:
     (torch 2.13): ASYNC_ERROR_HANDLING=3 (SkipCleanUp) kills the process on a collective
     error/timeout without ncclCommAbort, which can itself hang; the monitoring thread aborts
     a stuck watchdog after HEARTBEAT_TIMEOUT_SEC; DUMP_ON_TIMEOUT writes the flight recorder
-    ring buffer (TRACE_BUFFER_SIZE entries) to <dump_dir>/nccl_trace_rank_<rank>.
+    ring buffer (TORCH_FR_BUFFER_SIZE entries) to <dump_dir>/nccl_trace_rank_<rank>. Only the
+    flight recorder's TORCH_FR_* names are set: torch 2.13 warns that TORCH_NCCL_TRACE_BUFFER_SIZE
+    is deprecated (its old name for the buffer size) and reads the FR names first.
     """
     prefix = str(Path(dump_dir) / "nccl_trace_rank_")
     return {
@@ -79,10 +81,8 @@ def watchdog_env(dump_dir: str) -> dict[str, str]:
         "TORCH_NCCL_ENABLE_MONITORING": "1",
         "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": "300",
         "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
-        "TORCH_NCCL_TRACE_BUFFER_SIZE": "20000",
-        "TORCH_FR_BUFFER_SIZE": "20000",  # newer name (torch >= 2.8 reads it first)
-        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": prefix,
-        "TORCH_FR_DUMP_TEMP_FILE": prefix,  # newer name of the same setting
+        "TORCH_FR_BUFFER_SIZE": "20000",
+        "TORCH_FR_DUMP_TEMP_FILE": prefix,
         "MESHPLAN_DUMP_DIR": str(dump_dir),
     }
 

@@ -214,11 +214,21 @@ def _gantt_png(sim: SimResult) -> bytes:
         return path.read_bytes()
 
 
+def _link_colour_limits(slowest_GBps: float, fastest_GBps: float) -> tuple[float, float]:
+    """Colour-scale limits for link speeds: the cluster's slowest (red) to fastest (green)
+    pair; when every pair is as fast (within 1%), the scale runs from 0 so the links show
+    green, not "slow" red."""
+    if fastest_GBps - slowest_GBps <= 0.01 * fastest_GBps:
+        return 0.0, max(fastest_GBps, 1e-9)
+    return slowest_GBps, fastest_GBps
+
+
 def _placement_chart(plan: Plan, order: tuple[int, ...]) -> bytes:
     """Node-rank grid (columns: pipeline stages, rows: replica blocks), node boxes coloured by
     GPU type, the pipeline hops and the DP ring links of each stage coloured by GB/s."""
     from matplotlib import pyplot as plt
     from matplotlib.collections import LineCollection
+    from matplotlib.ticker import FormatStrFormatter
 
     style = plan.estimate.get("cost_model", "megatron")
     fab = hetero.fabric(plan.cluster, style if style in hetero.STYLES else "pipette")
@@ -237,9 +247,11 @@ def _placement_chart(plan: Plan, order: tuple[int, ...]) -> bytes:
         # the scale spans every node pair of the cluster: red is its slowest link, not the plan's
         lines = LineCollection(segments, cmap="RdYlGn", linewidths=3, zorder=1)
         lines.set_array(np.array(speeds))
-        lines.set_clim(min(span[0], min(speeds)), max(span[1], max(speeds)) + 1e-9)
+        lines.set_clim(*_link_colour_limits(min(span[0], min(speeds)), max(span[1], max(speeds))))
         ax.add_collection(lines)
-        fig.colorbar(lines, ax=ax, label="link GB/s (achieved, per GPU)", shrink=0.8)
+        bar = fig.colorbar(lines, ax=ax, label="link GB/s (achieved, per GPU)", shrink=0.8)
+        bar.formatter = FormatStrFormatter("%.3g")  # plain GB/s, never an offset like 1e-10+4.5e1
+        bar.update_ticks()
     gpu_colours = dict(zip(sorted({n.gpu for n in plan.cluster.nodes}),
                            ("#cfe2f3", "#f9dfc4", "#d9ead3", "#ead1dc"), strict=False))
     for n, (x, y) in pos.items():

@@ -355,7 +355,7 @@ def test_launch_env_keeps_nccl_watchdog_and_flight_recorder(tmp_path):
 
     cmds = torchrun_commands(two_node_plan(), str(SCRIPT), dump_dir=str(tmp_path / "dumps"))
     env = node_env(cmds[1].env, cmds[1].node_name, tmp_path / "m", options(tmp_path, 5), True)
-    assert env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1" and int(env["TORCH_NCCL_TRACE_BUFFER_SIZE"]) > 0
+    assert env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1" and int(env["TORCH_FR_BUFFER_SIZE"]) > 0
     assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
     assert env["MESHPLAN_NODE"] == "localnode1"
 
