@@ -56,7 +56,11 @@ def estimate(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, d
     prob = resolve_problem(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size,
                            dtype, cost_model)
     world = prob.cluster.world_size
-    check_degrees_divide(tp, pp, cp, world)
+    if world % (tp * pp * cp):  # the model's own rules (heads, layers...) say more, if broken
+        Layout(tp=tp, pp=pp, dp=1, cp=cp, ep=ep, vp=vp, micro_batch_size=micro_batch_size,
+               global_batch_size=global_batch_size, seq_len=seq_len, recompute=recompute,
+               dtype=dtype).validate(prob.model)
+        check_degrees_divide(tp, pp, cp, world)
     derived = world // (tp * pp * cp)
     if dp is not None and dp != derived:
         raise SpecError(f"--dp {dp} does not match GPUs/(tp*pp*cp) = {world}/{tp * pp * cp} = "

@@ -83,8 +83,13 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
                       f"{len(res.idle_nodes)} idle ({', '.join(res.idle_nodes[:4])})")
     orders = hs.node_orders if hs is not None else [None] * len(res.plans)
     plans = [_plan_of(prob.model, res, e, o) for e, o in zip(res.plans, orders, strict=True)]
+    advice = []
+    if not res.plans and hs is None:
+        advice = advise(prob.model, res.cluster, seq_len, global_batch_size, space, res.nearest)
     if as_json:
         out = _json(res, plans)
+        if advice:
+            out["advice"] = advice
         out["search"]["mem_headroom"] = mem_headroom
         if hs is not None:
             out["search"]["placement"] = _placement_json(hs)
@@ -94,11 +99,10 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
         if hs is not None:
             _print_placement(console, hs)
     if not res.plans:
-        if hs is None:
-            for line in advise(prob.model, res.cluster, seq_len, global_batch_size, space,
-                               res.nearest):
-                click.echo(f"  {line}", err=True)
-        hint = ("see the suggestions above" if hs is None else
+        if not as_json:  # the report's last part: stderr keeps the one error line
+            for line in advice:
+                console.print(f"  {line}")
+        hint = (f"see the suggestions {'above' if not as_json else 'under advice'}" if advice else
                 "allow recompute (--recompute full), or add nodes or GPUs with more memory")
         click.echo(f"error: no layout of {prob.model.name} fits on {res.cluster.world_size} "
                    f"{_gpu_label(res.cluster)} GPUs ({res.candidates} valid layouts tried); "

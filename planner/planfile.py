@@ -174,8 +174,8 @@ def _check_stages(stages, plan: Plan, where: str) -> None:
             raise SpecError(f"{where}: stages[{i}] must have integer keys {list(_STAGE_KEYS)}")
         first, last = st["first_layer"], st["last_layer"]
         if not 0 <= first < last <= layers:
-            raise SpecError(f"{where}: stages[{i}] layers [{first}, {last}) are outside the "
-                            f"model's 0..{layers}; regenerate the plan")
+            raise SpecError(f"{where}: stages[{i}] layers [{first}, {last}) must be a non-empty "
+                            f"range inside the model's 0..{layers}; regenerate the plan")
         for layer in range(first, last):
             covered[layer] += 1
     missing = [k for k, c in enumerate(covered) if c == 0]
