@@ -122,7 +122,7 @@ def resolve_hosts(plan: Plan, hosts: Mapping[str, str] | Sequence[str] | None) -
 _HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
-def check_host(host: str, where: str) -> str:
+def check_host(host: str, where: str, source: str = "hosts file") -> str:
     """`host` if it is an RFC 1123 host name or an IPv4/IPv6 address; SpecError quoting
     `where` (the hosts-file line) otherwise."""
     try:
@@ -133,8 +133,8 @@ def check_host(host: str, where: str) -> str:
     name = host[:-1] if host.endswith(".") else host
     if 0 < len(name) <= 253 and all(_HOST_LABEL.fullmatch(p) for p in name.split(".")):
         return host
-    raise SpecError(f"hosts file: {_quote_line(where)} is not a valid host name (RFC 1123: "
-                    "letters, digits, '-' and dots) or IP address; fix that line")
+    raise SpecError(f"{source}: {_quote_line(where)} is not a valid host name (RFC 1123: "
+                    "letters, digits, '-' and dots) or IP address; fix it")
 
 
 def _quote_line(line: str, limit: int = 80) -> str:
@@ -177,7 +177,9 @@ def _endpoint(plan: Plan, host_of: dict[str, str], rdzv_endpoint: str | None) ->
         return f"{host_of[plan.node_order[0]]}:{DEFAULT_RDZV_PORT}"
     host, sep, port = rdzv_endpoint.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise SpecError(f"rendezvous endpoint {rdzv_endpoint!r} must be HOST:PORT, e.g. node0:29500")
+        raise SpecError(f"rendezvous endpoint {rdzv_endpoint[:80]!r} must be HOST:PORT, e.g. "
+                        "node0:29500")
+    check_host(host.strip("[]"), rdzv_endpoint, "--rdzv-endpoint")  # [v6]:port or name:port
     return rdzv_endpoint
 
 

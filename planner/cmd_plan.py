@@ -29,6 +29,7 @@ from .options import (
     resolve_problem,
 )
 from .planfile import Plan, stage_ranges, write_plan
+from .progress import progress
 from .report import cli_console, layout_label
 from .search import SearchResult, SearchSpace, search_nodes
 
@@ -69,14 +70,15 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
                         micro_batch_size=micro_batch_size)
     console = cli_console(stderr=as_json)
     hs = None
-    if name != "megatron":  # heterogeneous: layouts, node placement and layer split together
-        from .hetero import search_hetero
+    with progress(f"planning {prob.model.name} on {prob.cluster.world_size:,} GPUs"):
+        if name != "megatron":  # heterogeneous: layouts, node placement and layer split together
+            from .hetero import search_hetero
 
-        hs = search_hetero(prob.model, prob.cluster, seq_len, global_batch_size, space, top_k,
-                           style=name)
-        res = hs.result
-    else:
-        res = search_nodes(prob.model, prob.cluster, seq_len, global_batch_size, space, top_k)
+            hs = search_hetero(prob.model, prob.cluster, seq_len, global_batch_size, space,
+                               top_k, style=name)
+            res = hs.result
+        else:
+            res = search_nodes(prob.model, prob.cluster, seq_len, global_batch_size, space, top_k)
     if res.idle_nodes:
         console.print(f"[yellow]warning[/yellow]: no valid layout uses all {prob.cluster.num_nodes} "
                       f"nodes; planning for {res.cluster.num_nodes} and leaving "
@@ -85,7 +87,9 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
     plans = [_plan_of(prob.model, res, e, o) for e, o in zip(res.plans, orders, strict=True)]
     advice = []
     if not res.plans and hs is None:
-        advice = advise(prob.model, res.cluster, seq_len, global_batch_size, space, res.nearest)
+        with progress("nothing fits; searching what would (more GPUs, recompute, fp8)"):
+            advice = advise(prob.model, res.cluster, seq_len, global_batch_size, space,
+                            res.nearest)
     if as_json:
         out = _json(res, plans)
         if advice:
@@ -173,6 +177,15 @@ def _json(res: SearchResult, plans: list[Plan]) -> dict:
     }
 
 
+def _split_note(res: SearchResult) -> str:
+    """How the leaders' layers were split across stages."""
+    if res.solver != "none":
+        return f"layer split by ILP ({res.solver})"
+    if res.plans and res.plans[0].layout.pp > 1:
+        return "even layer split (meets the exact lower bound: no ILP needed)"
+    return "no pipeline to split"
+
+
 def _print(console: Console, prob, res: SearchResult, headroom: float) -> None:
     c = res.cluster
     console.print(f"[b]{prob.model.name}[/b] on {c.world_size} x {_gpu_label(c)} "
@@ -193,7 +206,7 @@ def _print(console: Console, prob, res: SearchResult, headroom: float) -> None:
         console.print(table)
     console.print(f"searched {res.candidates:,} valid layouts ({res.feasible:,} fit with "
                   f"{100 * headroom:g}% of memory kept free) in "
-                  f"{res.seconds:.2f} s ({res.rate:,.0f}/s); layer split by ILP ({res.solver})")
+                  f"{res.seconds:.2f} s ({res.rate:,.0f}/s); {_split_note(res)}")
     console.print("[dim]MFU = model FLOPs (causal attention, no recompute) / dense "
                   f"{prob.dtype} peak[/dim]")
     for line in explain(res.plans, res.alternatives):

@@ -48,6 +48,8 @@ def check_output_file(path: str | Path, option: str) -> Path:
     if path.is_dir():
         raise SpecError(f"{option} {path} is a directory; give a file name")
     parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise SpecError(f"{option} {path}: {parent} is a file, not a directory; choose another path")
     if not parent.is_dir():
         raise SpecError(f"{option} {path}: directory {parent} does not exist; create it first")
     _probe_writable(parent, f"{option} {path}")

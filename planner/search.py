@@ -190,6 +190,9 @@ def refine_partition(model: ModelSpec, cluster: ClusterSpec, est: Estimate,
     average = (costs.layer_time_s * model.num_layers + costs.extra_time_s.sum()) / lay.pp
     if times.max() <= average * (1 + 1e-3) and ranks.size:
         return est, None  # the even split already meets the average-load lower bound
+    if times.max() <= min_max_rank_time(costs.layer_time_s, costs.extra_time_s,
+                                        model.num_layers, lay.vp) * (1 + 1e-9):
+        return est, None  # ... or the exact integer optimum: the ILP cannot do better
     try:
         part = partition_layers(model.num_layers, lay.pp, costs.layer_time_s, np.ones(lay.pp),
                                 costs.extra_time_s, costs.layer_mem_bytes, costs.fixed_mem_bytes,
@@ -200,6 +203,32 @@ def refine_partition(model: ModelSpec, cluster: ClusterSpec, est: Estimate,
                             headroom)
     better = new.fits and (not est.fits or new.step_time_s < est.step_time_s - 1e-12)
     return (new, part) if better else (est, part)
+
+
+def min_max_rank_time(layer_time_s: float, extra_time_s: np.ndarray, num_layers: int,
+                      vp: int) -> float:
+    """The smallest slowest-rank time any integer split of `num_layers` identical layers over
+    the ranks can reach, memory ignored (so a lower bound for the partition ILP, whose stage
+    times are layer_time_s * n_r + extra_time_s[r] with n_r >= vp layers per rank).
+
+    T is achievable iff sum_r floor((T - extra_r) / t) >= num_layers with every term >= vp;
+    the optimum is one of the values extra_r + k * t, found by bisection over them.
+    """
+    extra = np.asarray(extra_time_s, dtype=float)
+    if layer_time_s <= 0:
+        return float(extra.max())
+    counts = np.arange(vp, num_layers + 1)
+    values = np.unique((extra[:, None] + layer_time_s * counts[None, :]).ravel())
+
+    def enough(t_max: float) -> bool:
+        n = np.floor((t_max - extra) / layer_time_s * (1 + 1e-12) + 1e-9)
+        return bool(n.min() >= vp and n.sum() >= num_layers)
+
+    lo, hi = 0, len(values) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if enough(values[mid]) else (mid + 1, hi)
+    return float(values[lo])
 
 
 def _per_rank_layers(lay: Layout, num_layers: int) -> np.ndarray:
@@ -272,6 +301,7 @@ def search_nodes(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_ba
                  space: SearchSpace | None = None, top_k: int = 5) -> SearchResult:
     """`search`, and if no layout can use every node (e.g. 641 nodes, a prime), the largest
     subset of nodes (at most 1/8 left idle) that admits one; `idle_nodes` says which."""
+    start = time.perf_counter()
     try:
         return search(model, cluster, seq_len, global_batch_size, space, top_k)
     except NoCandidates:
@@ -289,7 +319,9 @@ def search_nodes(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_ba
                 res = search(model, sub, seq_len, global_batch_size, space, top_k)
             except NoCandidates:
                 continue
-            return replace(res, idle_nodes=tuple(x.name for x in cluster.nodes[keep:]))
+            # seconds: the whole search, the probing of smaller node counts included
+            return replace(res, idle_nodes=tuple(x.name for x in cluster.nodes[keep:]),
+                           seconds=time.perf_counter() - start)
         raise
 
 

@@ -43,8 +43,8 @@ def test_acceptance_command_prints_contract_json():
     (["--tp", "16"], "KV heads"),
     (["--global-batch-size", "130"], "not divisible by dp*mbs"),
     (["--cp", "2", "--seq-len", "8190"], "divisible by 2*cp"),
-    (["--seq-len", "0"], "positive integer"),
-    (["--micro-batch-size", "-1"], "positive integer"),
+    (["--seq-len", "0"], "integer in 1..100,000,000"),
+    (["--micro-batch-size", "-1"], "integer in 1.."),
     (["--dp", "3"], "does not match"),
     (["--dtype", "fp8", "--cluster", "dgx-a100"], "no fp8 support"),
 ])

@@ -39,10 +39,13 @@ def _strict_json(text: str):
 
 
 def test_plan_json_is_one_object_when_the_ilp_runs(tmp_path):
-    proc = _run(["plan", *PLAN_70B, "--json"], tmp_path)
+    # pp 8 without interleaving: the LM-head stage is heavy, so the partition ILP runs (and
+    # HiGHS prints its banner from C unless it is kept off descriptor 1)
+    proc = _run(["plan", *PLAN_70B, "--pp", "8", "--vp", "1", "--json"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = _strict_json(proc.stdout)  # nothing before or after the object
     assert out["search"]["solver"] in ("HiGHS", "PULP_CBC_CMD"), "the partition ILP ran"
+    assert len(set(out["plans"][0]["layout"]["layers_per_stage"])) > 1  # an uneven split
     assert "Running HiGHS" not in proc.stdout + proc.stderr
     assert set(out["search"]) >= {"candidates", "feasible", "seconds", "solver", "mem_headroom"}
 
@@ -131,3 +134,39 @@ def test_wheel_in_a_fresh_venv_has_its_presets(wheel_venv, tmp_path):
                  "--seq-len", "8192", "--global-batch-size", "32", "--json"], tmp_path, exe)
     assert plan.returncode == 0, plan.stderr
     assert _strict_json(plan.stdout)["plans"]
+
+
+class _Terminal:
+    """A stand-in for a terminal stream: isatty() True, text collected."""
+
+    def __init__(self):
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_speaks_only_for_long_work_on_a_terminal():
+    import io
+    import time
+
+    from planner.progress import progress
+
+    term = _Terminal()
+    with progress("planning x", after_s=0.05, stream=term):
+        time.sleep(0.3)
+    assert term.text.startswith("planning x ...\n") and "done in" in term.text
+    quick = _Terminal()
+    with progress("planning y", after_s=5.0, stream=quick):
+        pass
+    assert quick.text == ""
+    piped = io.StringIO()
+    with progress("planning z", after_s=0.0, stream=piped):
+        time.sleep(0.05)
+    assert piped.getvalue() == ""  # logs and captures stay clean

@@ -219,6 +219,8 @@ CASES = [
       "--rdzv-endpoint", "nohostport"], 2, "HOST:PORT", ("{d}/out_r",)),
     (["launch", "{d}/plan.yaml", "--script", "{d}/train.py", "-o", "{d}/out_b", "--backend", "mpi"],
      2, "--backend", ("{d}/out_b",)),
+    (["launch", "{d}/plan.yaml", "--script", "{d}/train.py", "-o", "{d}/out_r2",
+      "--rdzv-endpoint", "a;b:29500"], 2, "valid host name", ("{d}/out_r2",)),
     (["run", "{d}/plan.yaml", "--script", "{d}/train.py", "-o", "{d}/run1", "--hang-k", "nan"], 2,
      "--hang-k", ("{d}/run1",)),
     (["run", "{d}/plan.yaml", "--script", "{d}/train.py", "-o", "{d}/run2", "--steps", "0"], 2,

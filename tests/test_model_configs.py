@@ -82,3 +82,30 @@ def test_bad_configs_raise_spec_error(cfg, needle, tmp_path):
     path.write_text(json.dumps(cfg))
     with pytest.raises(SpecError, match=needle):
         load_model(str(path))
+
+
+# Gemma Team 2024, "Gemma: Open Models Based on Gemini Research and Technology", Table 2:
+# embedding + non-embedding parameters, 2B: 524,550,144 + 1,981,622,272; 7B: 786,432,000 +
+# 7,751,248,896. Configs as google/gemma-2b and google/gemma-7b publish them (GeGLU MLP,
+# tie_word_embeddings left to its Gemma default, true).
+GEMMA = {
+    "gemma-2b": ({"hidden_size": 2048, "intermediate_size": 16384, "num_attention_heads": 8,
+                  "num_key_value_heads": 1, "num_hidden_layers": 18}, 2_506_172_416),
+    "gemma-7b": ({"hidden_size": 3072, "intermediate_size": 24576, "num_attention_heads": 16,
+                  "num_key_value_heads": 16, "num_hidden_layers": 28}, 8_537_680_896),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GEMMA))
+def test_gemma_is_geglu_with_tied_embeddings(name, tmp_path):
+    from cost_models.flops import parameter_count
+
+    shape, params = GEMMA[name]
+    cfg = {"model_type": "gemma", "head_dim": 256, "vocab_size": 256000,
+           "max_position_embeddings": 8192, "hidden_act": "gelu",
+           "hidden_activation": "gelu_pytorch_tanh", **shape}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    spec = load_model(str(path))
+    assert spec.mlp_kind == "gated_gelu" and spec.mlp_matrices == 3 and spec.tied_embeddings
+    assert parameter_count(spec) == params

@@ -86,3 +86,11 @@ def test_report_renders_in_headless_chromium(hetero_report, tmp_path):
     rgb = pixels[..., :3]
     coloured = (rgb.max(axis=2) - rgb.min(axis=2)) > 0.25
     assert coloured.mean() > 0.01
+
+
+def test_link_colour_scale_uniform_links_are_not_slow():
+    from planner.html_report import _link_colour_limits
+
+    assert _link_colour_limits(45.0, 45.0) == (0.0, 45.0)  # all the same: green, not red
+    assert _link_colour_limits(45.0, 45.2) == (0.0, 45.2)  # within 1%: measurement noise
+    assert _link_colour_limits(1.1, 45.0) == (1.1, 45.0)   # a real spread: slowest is red

@@ -3,6 +3,7 @@
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -97,7 +98,7 @@ def test_fixed_degrees_restrict_the_space():
     res = search(model, load_cluster("dgx-h100", nodes=8), 8192, 128,
                  SearchSpace(tp=8, pp=2), top_k=3)
     assert all((e.layout.tp, e.layout.pp) == (8, 2) for e in res.plans)
-    with pytest.raises(SpecError, match="fixed degrees"):
+    with pytest.raises(SpecError, match=r"--tp 3 .*attention heads.*--tp may be \[1, 2, 4, 8\]"):
         search(model, load_cluster("dgx-h100", nodes=8), 8192, 128, SearchSpace(tp=3))
 
 
@@ -135,18 +136,19 @@ def test_plan_cli_json_contract_and_plan_file(tmp_path, run_cli):
 
 
 def test_plan_cli_nothing_fits_gives_numbers(run_cli):
-    code, _, err = run_cli(
+    code, out, err = run_cli(
         ["plan", "--model", "llama3.1-405b", "--cluster", "dgx-h100", "--nodes", "1",
          "--seq-len", "8192", "--global-batch-size", "128"])
     assert code == 3
-    assert "closest:" in err and "GiB" in err
-    assert "x the GPUs" in err  # a scale-up that fits, with its layout and memory
+    assert "closest:" in out and "GiB" in out  # the advice ends the report (stdout)
+    assert "x the GPUs" in out  # a scale-up that fits, with its layout and memory
+    assert len(err.strip().splitlines()) == 1 and "see the suggestions above" in err
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--nodes", "0"], "positive integer"),
-    (["--global-batch-size", "-8"], "positive integer"),
-    (["--tp", "5"], "fixed degrees"),
+    (["--nodes", "0"], "integer in 1.."),
+    (["--global-batch-size", "-8"], "integer in 1.."),
+    (["--tp", "5"], "attention heads"),
     (["--mem-headroom", "0.9"], "0.9"),
 ])
 def test_plan_cli_bad_input_one_line(args, needle, run_cli):
@@ -156,3 +158,23 @@ def test_plan_cli_bad_input_one_line(args, needle, run_cli):
     code, _, err = run_cli(["plan", *[x for kv in base.items() for x in kv]])
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and needle in err
+
+
+def test_min_max_rank_time_equals_brute_force():
+    """The exact lower bound that lets the search skip the partition ILP: the best slowest-rank
+    time over every integer split (>= vp layers per rank), by enumeration."""
+    import itertools
+    import random
+
+    from planner.search import min_max_rank_time
+
+    rng = random.Random(7)
+    for _ in range(200):
+        pp, vp = rng.randint(1, 4), rng.randint(1, 2)
+        layers = rng.randint(pp * vp, 10)
+        t = rng.choice([1.0, 0.37, 2.5])
+        extra = np.array([rng.choice([0.0, 0.0, 0.5, 1.3, 3.0]) for _ in range(pp)])
+        best = min(max(t * n + extra[r] for r, n in enumerate(split))
+                   for split in itertools.product(range(vp, layers + 1), repeat=pp)
+                   if sum(split) == layers)
+        assert min_max_rank_time(t, extra, layers, vp) == pytest.approx(best, rel=1e-12)
