@@ -24,6 +24,7 @@ LAZY_COMMANDS = {
     "run": ("launcher.run_cli:run", "Launch a plan under supervision: detect faults, re-plan, resume."),
     "profile": ("profiler.cli:profile", "Measure this cluster (under torchrun) into cluster.yaml."),
     "simulate": ("planner.cmd_simulate:simulate", "Simulate a plan's step event by event (Gantt chart)."),
+    "goodput": ("planner.cmd_goodput:goodput", "Expected training-time ratio under failures; checkpoint interval."),
 }
 
 

@@ -228,6 +228,9 @@ CASES = [
     (["run", "{d}/plan.yaml", "--script", "{d}/train.py", "-o", "{d}/run3", "--poll", "inf"], 2,
      "--poll", ("{d}/run3",)),
     (["models", "extra"], 2, "extra", ()),
+    (["goodput", "{d}/plan.yaml", "--mtbf-gpu-hours", "nan"], 2, "--mtbf-gpu-hours", ()),
+    (["goodput", "{d}/plan.yaml", "--restart-s", "-1"], 2, "--restart-s", ()),
+    (["goodput", "{d}/plan_gap.yaml"], 2, "every layer", ()),
 ]
 
 
