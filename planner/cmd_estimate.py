@@ -10,6 +10,7 @@ Exit status: 0 fits, 3 does not fit (the estimate is still printed), 2 bad input
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import click
 
@@ -25,6 +26,7 @@ from .options import (
     resolve_problem,
 )
 from .report import print_estimate
+from .verdict import TIGHT_FRACTION, memory_verdict
 
 
 @click.command("estimate")
@@ -72,15 +74,24 @@ def estimate(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, d
         distributed_optimizer=distributed_optimizer, dtype=dtype,
     )
     est = estimate_layout(prob, layout, mem_headroom)
+    verdict = memory_verdict(est, mem_headroom, _recompute_options(prob, layout, est,
+                                                                   mem_headroom))
     if as_json:
-        click.echo(to_json({**est.to_dict(), "mem_headroom": mem_headroom}))
+        click.echo(to_json({**est.to_dict(), "mem_headroom": mem_headroom,
+                            "verdict": verdict.to_dict()}))
     else:
-        print_estimate(est, headroom=mem_headroom)
+        print_estimate(est, headroom=mem_headroom, verdict=verdict)
     if not est.fits:
-        click.echo(
-            f"error: layout does not fit: {est.peak_GiB:.1f} GiB per GPU needed, "
-            f"{est.capacity_GiB:.1f} GiB usable ({100 * mem_headroom:g}% kept free; over by "
-            f"{est.over_GiB:.1f} GiB); try recompute, a larger tp/pp, or more GPUs",
-            err=True,
-        )
+        hint = verdict.remedy or "try a larger tp/pp or more GPUs"
+        click.echo(f"error: layout does not fit: {verdict.line().split(';')[0]}; {hint}", err=True)
         sys.exit(3)
+
+
+def _recompute_options(prob, layout: Layout, est, headroom: float) -> dict:
+    """Estimates of the same layout with heavier recompute, when the fit is missing or tight
+    (the verdict names the lightest one that fits)."""
+    usable = est.capacity_GiB
+    if est.fits and usable - est.peak_GiB >= TIGHT_FRACTION * usable:
+        return {}
+    heavier = RECOMPUTE_KINDS[RECOMPUTE_KINDS.index(layout.recompute) + 1:]
+    return {r: estimate_layout(prob, replace(layout, recompute=r), headroom) for r in heavier}

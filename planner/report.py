@@ -66,9 +66,12 @@ def cli_console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, width=PIPE_WIDTH if piped else None)
 
 
-def print_estimate(est: Estimate, console: Console | None = None, headroom: float = 0.0) -> None:
-    """The human-readable `estimate` report; `headroom` is the fraction of memory kept free
-    that `est.capacity_GiB` already excludes (said in the verdict)."""
+def print_estimate(est: Estimate, console: Console | None = None, headroom: float = 0.0,
+                   verdict=None) -> None:
+    """The human-readable `estimate` report, ending with the memory verdict (planner.verdict;
+    `headroom` is the fraction of memory kept free that `est.capacity_GiB` already excludes)."""
+    from .verdict import memory_verdict
+
     console = console or cli_console()
     lay = est.layout
     console.print(
@@ -83,10 +86,7 @@ def print_estimate(est: Estimate, console: Console | None = None, headroom: floa
                   f"{lay.dtype} peak[/dim]")
     console.print(breakdown_table(est))
     console.print(memory_table(est))
-    kept = f" ({100 * headroom:g}% of memory kept free)" if headroom else ""
-    if est.fits:
-        console.print(f"[green]fits[/green]: {est.peak_GiB:.1f} of {est.capacity_GiB:.1f} GiB "
-                      f"usable{kept}, {est.capacity_GiB - est.peak_GiB:.1f} GiB to spare")
-    else:
-        console.print(f"[red]does not fit[/red]: {est.peak_GiB:.1f} GiB needed, "
-                      f"{est.capacity_GiB:.1f} GiB usable{kept} — over by {est.over_GiB:.1f} GiB")
+    verdict = verdict or memory_verdict(est, headroom)
+    colour = "red" if not verdict.fits else "yellow" if verdict.tight else "green"
+    word, _, rest = verdict.line().partition(":")
+    console.print(f"[{colour}]{word}[/{colour}]:{rest}", highlight=False)
