@@ -14,80 +14,15 @@ from __future__ import annotations
 
 from planner.planfile import Plan
 
+from .megatron import megatron_args, megatron_env, megatron_notes, megatron_pipeline_args
+
+__all__ = ["megatron_args", "megatron_env", "megatron_notes", "megatron_pipeline_args"]
+
 TITAN_SCHEDULES = {"1f1b": "1F1B", "interleaved": "Interleaved1F1B"}
 
 
 def _flag(name: str, value: object) -> list[str]:
     return [f"--{name}", str(value)]
-
-
-def megatron_pipeline_args(plan: Plan) -> list[str]:
-    """Megatron's pipeline split for the plan's (possibly uneven, interleaved) stages.
-
-    Even stages: nothing (vp = 1) or --num-layers-per-virtual-pipeline-stage. Uneven with
-    vp = 1 and equal middle stages: --decoder-first/last-pipeline-num-layers. Anything else:
-    --pipeline-model-parallel-layout, one '|'-separated entry per virtual stage in model order
-    (E = embedding, t = transformer layer, L = loss), which Megatron assigns to pp rank k % pp
-    like planner.planfile.stage_ranges.
-    """
-    layout, sizes = plan.layout, [s.num_layers for s in plan.stages]
-    if layout.pp == 1 or len(set(sizes)) == 1:
-        return _flag("num-layers-per-virtual-pipeline-stage", sizes[0]) if layout.vp > 1 else []
-    middle = sizes[1:-1]
-    if layout.vp == 1 and len(set(middle)) <= 1:
-        return (_flag("decoder-first-pipeline-num-layers", sizes[0])
-                + _flag("decoder-last-pipeline-num-layers", sizes[-1]))
-    parts = [f"t*{n}" for n in sizes]
-    parts[0], parts[-1] = "E" + parts[0], parts[-1] + "L"
-    return _flag("pipeline-model-parallel-layout", "|".join(parts))
-
-
-def megatron_args(plan: Plan) -> list[str]:
-    """Megatron-LM pretrain_gpt.py arguments for the plan's layout and model shape."""
-    lay, m = plan.layout, plan.model
-    args = (
-        _flag("tensor-model-parallel-size", lay.tp) + _flag("pipeline-model-parallel-size", lay.pp)
-        + _flag("context-parallel-size", lay.cp)
-    )
-    if lay.ep > 1:
-        args += _flag("expert-model-parallel-size", lay.ep)
-    args += megatron_pipeline_args(plan)
-    args += (_flag("micro-batch-size", lay.micro_batch_size)
-             + _flag("global-batch-size", lay.global_batch_size) + _flag("seq-length", lay.seq_len)
-             + _flag("max-position-embeddings", max(m.max_seq_len, lay.seq_len)))
-    if lay.recompute != "none":
-        args += _flag("recompute-granularity", lay.recompute)
-        if lay.recompute == "full":  # recompute every layer (Megatron needs a method with full)
-            args += _flag("recompute-method", "uniform") + _flag("recompute-num-layers", 1)
-    if lay.sequence_parallel:
-        args.append("--sequence-parallel")
-    if lay.distributed_optimizer:
-        args.append("--use-distributed-optimizer")
-    args.append("--bf16")
-    if lay.dtype == "fp8":
-        args += _flag("fp8-format", "hybrid")
-    return args + _megatron_model_args(plan)
-
-
-def _megatron_model_args(plan: Plan) -> list[str]:
-    m = plan.model
-    args = (_flag("num-layers", m.num_layers) + _flag("hidden-size", m.hidden_size)
-            + _flag("ffn-hidden-size", m.ffn_hidden_size)
-            + _flag("num-attention-heads", m.num_heads) + _flag("kv-channels", m.head_dim))
-    if m.num_kv_heads != m.num_heads:
-        args += ["--group-query-attention"] + _flag("num-query-groups", m.num_kv_heads)
-    if m.mlp_kind == "gated_silu":
-        args.append("--swiglu")
-    elif m.mlp_kind == "squared_relu":
-        args.append("--squared-relu")
-    if not m.tied_embeddings:
-        args.append("--untie-embeddings-and-output-weights")
-    if m.is_moe:
-        args += (_flag("num-experts", m.num_experts) + _flag("moe-router-topk", m.experts_top_k)
-                 + _flag("moe-ffn-hidden-size", m.expert_ffn_hidden_size))
-        if m.shared_expert_ffn_hidden_size:
-            args += _flag("moe-shared-expert-intermediate-size", m.shared_expert_ffn_hidden_size)
-    return args
 
 
 def torchtitan_settings(plan: Plan) -> dict[str, object]:

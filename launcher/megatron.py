@@ -1,0 +1,228 @@
+"""Megatron-LM `pretrain_gpt.py` arguments for a plan: layout, schedule, model, overlaps, fp8.
+
+Every flag is a real one of NVIDIA/Megatron-LM@d98e8a64 (tests/data/framework_args_megatron.txt
+lists them all; benchmarks/check_megatron_args.py feeds the arguments to Megatron's own
+parse_args, validate_args and core_transformer_config_from_args and compares the result
+with the plan). What the arguments say, term by term:
+
+- layout: --tensor/pipeline/context/expert-model-parallel-size; the pipeline split as
+  --num-layers-per-virtual-pipeline-stage, --decoder-first/last-pipeline-num-layers or
+  --pipeline-model-parallel-layout (one entry per virtual stage, model order).
+- the network: every architecture flag the planned model needs (launcher.architecture),
+  dropout 0 unless the model was trained with it.
+- what the cost model assumed (cost_models/megatron.py): TE userbuffer TP overlap when the
+  GPU's tp_comm_overlap > 0 and sequence parallelism is on (--tp-comm-overlap), the DP
+  reduction overlapped with the last backward (--overlap-grad-reduce, and
+  --overlap-param-gather with the distributed optimizer), the MoE token all-to-all
+  (--moe-token-dispatcher-type alltoall, --moe-grouped-gemm).
+- Megatron asserts CUDA_DEVICE_MAX_CONNECTIONS=1 for tp > 1 or cp > 1 before Blackwell
+  (megatron/training/arguments.py, validate_args): `megatron_env` exports it.
+"""
+
+from __future__ import annotations
+
+from planner.planfile import Plan
+
+from .architecture import Architecture, architecture
+
+# GPU preset name -> CUDA compute capability major (arguments.py get_device_arch_version).
+_ARCH_MAJOR = {"A100-40": 8, "A100-80": 8, "H100-SXM": 9, "H200": 9, "B200": 10}
+FP8_RECIPE = "tensorwise"  # per-tensor current scaling (Megatron-Bridge's H100 FP8 recipes)
+
+
+def _flag(name: str, value: object) -> list[str]:
+    return [f"--{name}", str(value)]
+
+
+def cuda_arch_major(plan: Plan) -> int | None:
+    """Compute capability major of the plan's GPU (None: not an NVIDIA GPU / unknown)."""
+    return _ARCH_MAJOR.get(plan.cluster.gpu.name)
+
+
+def megatron_env(plan: Plan) -> dict[str, str]:
+    """Environment Megatron-LM requires for this plan (validate_args asserts it)."""
+    lay, arch = plan.layout, cuda_arch_major(plan)
+    if (lay.tp > 1 or lay.cp > 1) and (arch is None or arch < 10):  # unknown GPU: set it
+        return {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    return {}
+
+
+def megatron_pipeline_args(plan: Plan) -> list[str]:
+    """Megatron's pipeline split for the plan's (possibly uneven, interleaved) stages.
+
+    Even stages: nothing (vp = 1) or --num-layers-per-virtual-pipeline-stage. Uneven with
+    vp = 1 and equal middle stages: --decoder-first/last-pipeline-num-layers. Anything else:
+    --pipeline-model-parallel-layout, one '|'-separated entry per virtual stage in model order
+    (E = embedding, t = transformer layer, L = loss), which Megatron assigns to pp rank k % pp
+    like planner.planfile.stage_ranges.
+    """
+    layout, sizes = plan.layout, [s.num_layers for s in plan.stages]
+    if layout.pp == 1 or len(set(sizes)) == 1:
+        return _flag("num-layers-per-virtual-pipeline-stage", sizes[0]) if layout.vp > 1 else []
+    middle = sizes[1:-1]
+    if layout.vp == 1 and len(set(middle)) <= 1:
+        return (_flag("decoder-first-pipeline-num-layers", sizes[0])
+                + _flag("decoder-last-pipeline-num-layers", sizes[-1]))
+    parts = [f"t*{n}" for n in sizes]
+    parts[0], parts[-1] = "E" + parts[0], parts[-1] + "L"
+    return _flag("pipeline-model-parallel-layout", "|".join(parts))
+
+
+def _parallel_args(plan: Plan) -> list[str]:
+    lay = plan.layout
+    args = (_flag("tensor-model-parallel-size", lay.tp)
+            + _flag("pipeline-model-parallel-size", lay.pp) + _flag("context-parallel-size", lay.cp))
+    if lay.ep > 1:
+        args += _flag("expert-model-parallel-size", lay.ep)
+    if lay.sequence_parallel and lay.tp > 1:
+        args.append("--sequence-parallel")
+    return args + megatron_pipeline_args(plan)
+
+
+def _batch_args(plan: Plan) -> list[str]:
+    lay, m = plan.layout, plan.model
+    return (_flag("micro-batch-size", lay.micro_batch_size)
+            + _flag("global-batch-size", lay.global_batch_size) + _flag("seq-length", lay.seq_len)
+            + _flag("max-position-embeddings", max(m.max_seq_len, lay.seq_len)))
+
+
+def _recompute_args(plan: Plan) -> list[str]:
+    kind = plan.layout.recompute
+    if kind == "none":
+        return []
+    args = _flag("recompute-granularity", kind)
+    if kind == "full":  # every layer (Megatron needs a method with full)
+        args += _flag("recompute-method", "uniform") + _flag("recompute-num-layers", 1)
+    return args
+
+
+def tp_overlap_assumed(plan: Plan) -> bool:
+    """The cost model hid TP communication behind GEMMs (TE userbuffers; needs SP)."""
+    lay = plan.layout
+    return lay.tp > 1 and lay.sequence_parallel and plan.cluster.gpu.tp_comm_overlap > 0
+
+
+def _overlap_args(plan: Plan) -> list[str]:
+    lay, gpu = plan.layout, plan.cluster.gpu
+    args = ["--tp-comm-overlap"] if tp_overlap_assumed(plan) else []
+    if lay.distributed_optimizer:
+        args.append("--use-distributed-optimizer")
+    if lay.dp * lay.cp > 1 and gpu.dp_comm_overlap > 0:
+        args.append("--overlap-grad-reduce")
+        if lay.distributed_optimizer:
+            args.append("--overlap-param-gather")
+    return args
+
+
+def _precision_args(plan: Plan) -> list[str]:
+    args = ["--bf16"]
+    if plan.layout.dtype == "fp8":
+        args += _flag("fp8-format", "hybrid") + _flag("fp8-recipe", FP8_RECIPE)
+    return args
+
+
+def _shape_args(plan: Plan, arch: Architecture) -> list[str]:
+    m = plan.model
+    args = (_flag("num-layers", m.num_layers) + _flag("hidden-size", m.hidden_size)
+            + _flag("ffn-hidden-size", m.ffn_hidden_size)
+            + _flag("num-attention-heads", m.num_heads) + _flag("kv-channels", m.head_dim))
+    if m.num_kv_heads != m.num_heads and arch.mla is None:
+        args += ["--group-query-attention"] + _flag("num-query-groups", m.num_kv_heads)
+    if not m.tied_embeddings:
+        args.append("--untie-embeddings-and-output-weights")
+    return args
+
+
+def _position_args(arch: Architecture) -> list[str]:
+    if arch.position_embedding != "rope":
+        return _flag("position-embedding-type", "learned_absolute")
+    args = _flag("position-embedding-type", "rope") + _flag("rotary-base", _num(arch.rope_theta))
+    if arch.rotary_fraction != 1.0:
+        args += _flag("rotary-percent", arch.rotary_fraction)
+    scaling = arch.rope_scaling
+    if scaling is not None and scaling.kind == "llama3":
+        args += ["--use-rope-scaling"] + _flag("rope-scaling-factor", _num(scaling.factor))
+    return args
+
+
+def _layer_args(arch: Architecture, plan: Plan) -> list[str]:
+    norm = "LayerNorm" if arch.norm == "LayerNorm1p" else arch.norm
+    args = _flag("normalization", norm) + _flag("norm-epsilon", arch.norm_eps)
+    if arch.norm == "LayerNorm1p":
+        args.append("--apply-layernorm-1p")
+    if not arch.linear_bias:
+        args.append("--disable-bias-linear")
+        if arch.qkv_bias:
+            args.append("--add-qkv-bias")
+    if arch.qk_norm:
+        args.append("--qk-layernorm")
+    kind = plan.model.mlp_kind
+    if kind == "gated_silu":
+        args.append("--swiglu")
+    elif kind == "squared_relu":
+        args.append("--squared-relu")
+    return args + _flag("attention-dropout", arch.dropout) + _flag("hidden-dropout", arch.dropout)
+
+
+def _mla_args(arch: Architecture) -> list[str]:
+    mla = arch.mla
+    if mla is None:
+        return []
+    args = ["--multi-latent-attention"] + _flag("kv-lora-rank", mla.kv_lora_rank)
+    if mla.q_lora_rank:
+        args += _flag("q-lora-rank", mla.q_lora_rank)
+    args += (_flag("qk-head-dim", mla.qk_nope_head_dim)
+             + _flag("qk-pos-emb-head-dim", mla.qk_rope_head_dim) + _flag("v-head-dim", mla.v_head_dim))
+    scaling = arch.rope_scaling
+    if scaling is not None and scaling.kind == "yarn":
+        args += (_flag("rope-type", "yarn") + _flag("rotary-scaling-factor", _num(scaling.factor))
+                 + _flag("mscale", _num(scaling.mscale))
+                 + _flag("mscale-all-dim", _num(scaling.mscale_all_dim)))
+    return args
+
+
+def _moe_args(plan: Plan, arch: Architecture) -> list[str]:
+    m = plan.model
+    if not m.is_moe:
+        return []
+    args = (_flag("num-experts", m.num_experts) + _flag("moe-router-topk", m.experts_top_k)
+            + _flag("moe-ffn-hidden-size", m.expert_ffn_hidden_size)
+            + _flag("moe-token-dispatcher-type", "alltoall") + ["--moe-grouped-gemm"])
+    if m.shared_expert_ffn_hidden_size:
+        args += _flag("moe-shared-expert-intermediate-size", m.shared_expert_ffn_hidden_size)
+    if m.num_dense_layers:
+        pattern = f"([0]*{m.num_dense_layers}+[1]*{m.num_moe_layers})"
+        args += _flag("moe-layer-freq", pattern)
+    if arch.moe_router_score == "sigmoid":
+        args += _flag("moe-router-score-function", "sigmoid") + ["--moe-router-enable-expert-bias"]
+    return args
+
+
+def _num(value: float) -> str:
+    """A float as Megatron's argparse reads it back exactly ('500000', '0.5')."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def megatron_args(plan: Plan) -> list[str]:
+    """Megatron-LM pretrain_gpt.py arguments: layout, batch, recompute, overlaps, precision,
+    and the complete network of the planned model."""
+    arch, _ = architecture(plan.model)
+    return (_parallel_args(plan) + _batch_args(plan) + _recompute_args(plan)
+            + _overlap_args(plan) + _precision_args(plan) + _shape_args(plan, arch)
+            + _position_args(arch) + _layer_args(arch, plan) + _mla_args(arch)
+            + _moe_args(plan, arch))
+
+
+def megatron_notes(plan: Plan) -> list[str]:
+    """What Megatron-LM will run differently from the plan (one line each, for stderr)."""
+    arch, guessed = architecture(plan.model)
+    notes = [guessed] if guessed else []
+    if arch.parallel_residual:
+        notes.append(f"Megatron's GPT model has no parallel residual ({arch.family}); "
+                     "it builds sequential attention and MLP blocks")
+    s = arch.rope_scaling
+    if s is not None and s.kind == "llama3" and (s.low_freq_factor, s.high_freq_factor,
+                                                 s.original_max_position_embeddings) != (1.0, 4.0, 8192):
+        notes.append("Megatron's --use-rope-scaling fixes low/high frequency factors 1/4 and "
+                     "original length 8192; this model's rope_scaling differs")
+    return notes
