@@ -35,6 +35,7 @@ from .torchrun import (
     resolve_hosts,
     torchrun_commands,
 )
+from .torchtitan import DEFAULT_VERSION as TITAN_DEFAULT
 
 __all__ = ["BACKENDS", "FRAMEWORKS", "NodeCommand", "torchrun_commands", "write_launch"]
 
@@ -43,18 +44,20 @@ FRAMEWORKS = ("plain", "megatron", "torchtitan")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-def training_args(plan: Plan, framework: str, plan_path: str, script_args: Sequence[str]) -> list[str]:
+def training_args(plan: Plan, framework: str, plan_path: str, script_args: Sequence[str],
+                  titan_version: str = TITAN_DEFAULT) -> list[str]:
     """Arguments the launch files give the training script for `framework`."""
     if framework == "plain":
         return ["--plan", plan_path, *script_args]
     if framework == "megatron":
         return [*frameworks.megatron_args(plan), *script_args]
     if framework == "torchtitan":  # the activation-checkpoint subcommand must come last
-        return [*script_args, *frameworks.torchtitan_args(plan)]
+        return [*script_args, *frameworks.torchtitan_args(plan, titan_version)]
     raise SpecError(f"unknown framework {framework!r}; use one of {FRAMEWORKS}")
 
 
-def _bash_array_file(name: str, args: Sequence[str], what: str) -> str:
+def _bash_array_file(name: str, args: Sequence[str], what: str,
+                     env: dict[str, str] | None = None) -> str:
     lines: list[list[str]] = []
     for arg in args:  # one line per flag with its values
         if arg.startswith("-") or not lines:
@@ -62,7 +65,9 @@ def _bash_array_file(name: str, args: Sequence[str], what: str) -> str:
         else:
             lines[-1].append(arg)
     body = "\n".join("  " + " ".join(shlex.quote(a) for a in line) for line in lines)
-    return f"# {what}\n# usage: source this file, then pass \"${{{name}[@]}}\"\n{name}=(\n{body}\n)\n"
+    exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted((env or {}).items()))
+    return (f"# {what}\n# usage: source this file, then pass \"${{{name}[@]}}\"\n{exports}"
+            f"{name}=(\n{body}\n)\n")
 
 
 def _read_hosts(plan: Plan, hosts_file: str | os.PathLike | None) -> dict[str, str] | None:
@@ -76,29 +81,38 @@ def render_launch(plan: Plan, script: str, out_dir: Path, backend: str = "torchr
                   framework: str = "plain", hosts: dict[str, str] | None = None,
                   script_args: Sequence[str] = (), *, rdzv_endpoint: str | None = None,
                   run_id: str | None = None, max_restarts: int = 0,
-                  python: str = DEFAULT_PYTHON, image: str = k8s.DEFAULT_IMAGE) -> dict[str, str]:
+                  python: str = DEFAULT_PYTHON, image: str = k8s.DEFAULT_IMAGE,
+                  torchtitan_version: str = TITAN_DEFAULT) -> dict[str, str]:
     """File name -> text of every artifact (nothing written). out_dir must be absolute."""
     if backend not in BACKENDS:
         raise SpecError(f"unknown backend {backend!r}; use one of {BACKENDS}")
     run_id = run_id or default_run_id(plan)
     if not _RUN_ID.match(run_id):
         raise SpecError(f"run id {run_id!r} must be 1-64 characters of letters, digits, '.', '_', '-'")
-    args = training_args(plan, framework, str(out_dir / "plan.yaml"), script_args)
+    if framework not in FRAMEWORKS:
+        raise SpecError(f"unknown framework {framework!r}; use one of {FRAMEWORKS}")
+    args = training_args(plan, framework, str(out_dir / "plan.yaml"), script_args,
+                         torchtitan_version)
     dump_dir = str(out_dir / "nccl_dumps")
+    env = frameworks.framework_env(plan, framework)
     cmds = torchrun_commands(plan, script, args, hosts, rdzv_endpoint, run_id, max_restarts,
-                             dump_dir=dump_dir, python=python)
+                             dump_dir=dump_dir, python=python, extra_env=env)
     plan_hosts = [cmd.host for cmd in cmds] if hosts is not None else []
     common = dict(run_id=run_id, max_restarts=max_restarts, dump_dir=dump_dir,
-                  plan_hosts=plan_hosts, python=python)
+                  plan_hosts=plan_hosts, python=python, extra_env=env)
     files = {f"node-{c.node_rank}.sh": node_script(c, plan.nnodes) for c in cmds}
     files["launch.sbatch"] = slurm.sbatch_script(plan, script, args, **common)
     files["pytorchjob.yaml"] = k8s.pytorchjob_yaml(plan, script, args, image=image, **common)
     files["megatron_args.sh"] = _bash_array_file(
-        "MEGATRON_ARGS", frameworks.megatron_args(plan), "Megatron-LM arguments for this plan")
+        "MEGATRON_ARGS", frameworks.megatron_args(plan),
+        "Megatron-LM arguments for this plan (NVIDIA/Megatron-LM@d98e8a64 names)",
+        frameworks.megatron_env(plan))
     files["torchtitan_args.sh"] = _bash_array_file(
-        "TORCHTITAN_ARGS", frameworks.torchtitan_args(plan), "torchtitan CLI overrides for this plan")
-    files["torchtitan_config.py"] = frameworks.torchtitan_config_py(plan)
-    files["README.md"] = readme(plan, cmds, backend, framework, out_dir)
+        "TORCHTITAN_ARGS", frameworks.torchtitan_args(plan, torchtitan_version),
+        f"torchtitan {torchtitan_version} CLI overrides for this plan")
+    files["torchtitan_config.py"] = frameworks.torchtitan_config_py(plan, torchtitan_version)
+    notes = frameworks.launch_notes(plan, framework, torchtitan_version)
+    files["README.md"] = readme(plan, cmds, backend, framework, out_dir, notes)
     return files
 
 
@@ -135,7 +149,7 @@ def write_launch(plan: Plan, script: str, out_dir: str | os.PathLike, backend: s
 
 
 def readme(plan: Plan, cmds: Sequence[NodeCommand], backend: str, framework: str,
-           out_dir: Path) -> str:
+           out_dir: Path, notes: Sequence[str] = ()) -> str:
     """README.md of the launch directory; the chosen backend comes first."""
     lay = plan.layout
     sections = {
@@ -162,6 +176,9 @@ def readme(plan: Plan, cmds: Sequence[NodeCommand], backend: str, framework: str
         "NCCL hangs/timeouts write flight-recorder dumps to nccl_dumps/ and end the process.",
         "",
     ]
+    if notes:
+        head += [f"What {framework} will run differently from the plan:", ""]
+        head += [f"- {note}" for note in notes] + [""]
     order = [backend] + [b for b in BACKENDS if b != backend]
     return "\n".join(head) + "\n" + "\n".join(sections[b] for b in order)
 

@@ -1,102 +1,116 @@
-"""A plan's layout as framework arguments: Megatron-LM flags and torchtitan settings.
+"""A plan as framework arguments: one mapping per framework, and what it cannot express.
 
-Names are the real ones of those projects; tests/test_launch.py checks every flag we emit
-against lists taken from their sources (tests/data/framework_args_*.txt name the commits):
-- Megatron-LM: megatron/training/arguments.py (argparse flags, many generated from the
-  TransformerConfig / ModelParallelConfig dataclasses).
-- torchtitan: torchtitan/config/configs.py (ParallelismConfig, TrainingConfig) selected on
-  the command line as `--section.field`, activation checkpointing as the tyro subcommand
-  `activation-checkpoint:{selective,full,none}` (torchtitan/distributed/activation_checkpoint.py);
-  pipeline schedule names from torch.distributed.pipelining.schedules.get_schedule_class.
+- Megatron-LM (launcher/megatron.py): pretrain_gpt.py flags for the layout, the schedule and
+  the whole network, the overlaps the estimate assumed, the FP8 recipe, and the environment
+  Megatron asserts (CUDA_DEVICE_MAX_CONNECTIONS=1).
+- torchtitan (launcher/torchtitan.py): `--section.field` overrides and a recipe hook, for
+  the released 0.3.0 (default) or the main branch.
+
+Where a framework will run something other than what the plan assumed, `launch_notes` says
+so, and where the cost model can price what will really run, it re-estimates the step.
+
+Names are the real ones of those projects: tests/data/framework_args_*.txt list them (commits
+named there), benchmarks/check_megatron_args.py runs Megatron-LM's own parser on them and
+tests/test_framework_torchtitan.py torchtitan 0.3.0's ConfigManager and ParallelDims.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+from cost_models import megatron as cost_model
+from cost_models.specs import SpecError
 from planner.planfile import Plan
 
+from . import torchtitan
 from .megatron import megatron_args, megatron_env, megatron_notes, megatron_pipeline_args
 
-__all__ = ["megatron_args", "megatron_env", "megatron_notes", "megatron_pipeline_args"]
+__all__ = ["megatron_args", "megatron_env", "megatron_notes", "megatron_pipeline_args",
+           "framework_env", "launch_notes", "torchtitan_args", "torchtitan_settings",
+           "torchtitan_config_py", "torchtitan_model_parts", "TITAN_SCHEDULES"]
 
-TITAN_SCHEDULES = {"1f1b": "1F1B", "interleaved": "Interleaved1F1B"}
-
-
-def _flag(name: str, value: object) -> list[str]:
-    return [f"--{name}", str(value)]
-
-
-def torchtitan_settings(plan: Plan) -> dict[str, object]:
-    """torchtitan `section.field` -> value for the plan's layout.
-
-    dp maps to FSDP sharding (data_parallel_shard_degree) when the plan shards the optimizer,
-    else to plain replication (data_parallel_replicate_degree). torchtitan counts batches in
-    tokens: per micro-batch per dp rank = mbs * seq_len, per step = gbs * seq_len.
-    """
-    lay = plan.layout
-    shard = lay.distributed_optimizer
-    out: dict[str, object] = {
-        "parallelism.tensor_parallel_degree": lay.tp,
-        "parallelism.pipeline_parallel_degree": lay.pp,
-        "parallelism.context_parallel_degree": lay.cp,
-        "parallelism.expert_parallel_degree": lay.ep,
-        "parallelism.data_parallel_shard_degree": lay.dp if shard else 1,
-        "parallelism.data_parallel_replicate_degree": 1 if shard else lay.dp,
-        "training.max_context_length": lay.seq_len,
-        "training.num_tokens_per_microbatch_per_dp_rank": lay.micro_batch_size * lay.seq_len,
-        "training.num_tokens_per_train_step": lay.global_batch_size * lay.seq_len,
-    }
-    if lay.tp > 1:
-        out["parallelism.enable_sequence_parallel"] = lay.sequence_parallel
-    if lay.pp > 1:
-        out["parallelism.pipeline_parallel_schedule"] = TITAN_SCHEDULES[lay.schedule]
-        out["parallelism.num_pp_microbatches"] = lay.num_microbatches
-        sizes = {s.num_layers for s in plan.stages}
-        if len(sizes) == 1:
-            out["parallelism.pipeline_parallel_layers_per_stage"] = sizes.pop()
-    return out
+TITAN_SCHEDULES = torchtitan.SCHEDULES
+TITAN_VERSIONS = torchtitan.VERSIONS
 
 
-def torchtitan_args(plan: Plan) -> list[str]:
-    """torchtitan command-line overrides (`--section.field value`, tyro bool flags, and the
-    activation-checkpoint subcommand last)."""
-    args: list[str] = []
-    for key, value in torchtitan_settings(plan).items():
-        if isinstance(value, bool):
-            section, field = key.split(".", 1)
-            args.append(f"--{key}" if value else f"--{section}.no-{field}")
-        else:
-            args += [f"--{key}", str(value)]
-    return args + [f"activation-checkpoint:{plan.layout.recompute}"]
+def _check_version(version: str) -> None:
+    if version not in TITAN_VERSIONS:
+        raise SpecError(f"unknown torchtitan version {version!r}; use one of {TITAN_VERSIONS}")
+
+
+def torchtitan_settings(plan: Plan, version: str = torchtitan.DEFAULT_VERSION) -> dict[str, object]:
+    _check_version(version)
+    return torchtitan.settings(plan, version)
+
+
+def torchtitan_args(plan: Plan, version: str = torchtitan.DEFAULT_VERSION) -> list[str]:
+    _check_version(version)
+    return torchtitan.args(plan, version)
+
+
+def torchtitan_config_py(plan: Plan, version: str = torchtitan.DEFAULT_VERSION) -> str:
+    _check_version(version)
+    return torchtitan.config_py(plan, version)
 
 
 def torchtitan_model_parts(plan: Plan) -> list[list[str]]:
-    """Module FQNs per model chunk (torchtitan `module_fqns_per_model_part`), for the llama-style
-    module names tok_embeddings, layers.<i>, norm, output."""
-    parts = [[f"layers.{i}" for i in range(s.first_layer, s.last_layer)] for s in plan.stages]
-    parts[0].insert(0, "tok_embeddings")
-    parts[-1] += ["norm", "output"]
-    return parts
+    return torchtitan.model_parts(plan)
 
 
-def torchtitan_config_py(plan: Plan) -> str:
-    """A Python module with `apply_meshplan(config)`, setting the plan's layout on a
-    torchtitan Trainer.Config (the way torchtitan recipes are written), incl. uneven stages."""
-    lines = [
-        '"""meshplan layout for torchtitan: call apply_meshplan(config) in your recipe."""',
-        "",
-        "",
-        "def apply_meshplan(config):",
-        '    """Set parallelism, batch and activation checkpointing from the meshplan plan."""',
-    ]
-    for key, value in torchtitan_settings(plan).items():
-        lines.append(f"    config.{key} = {value!r}")
-    if plan.layout.pp > 1:
-        lines.append(f"    config.parallelism.module_fqns_per_model_part = {torchtitan_model_parts(plan)!r}")
-    kind = {"none": None, "full": "FullAC", "selective": "SelectiveAC"}[plan.layout.recompute]
-    if kind is None:
-        lines.append("    config.activation_checkpoint = None")
-    else:
-        lines.append(f"    from torchtitan.distributed.activation_checkpoint import {kind}")
-        lines.append(f"    config.activation_checkpoint = {kind}.Config()")
-    lines.append("    return config")
-    return "\n".join(lines) + "\n"
+def framework_env(plan: Plan, framework: str) -> dict[str, str]:
+    """Environment the framework needs on every rank (exported by every launch file)."""
+    return megatron_env(plan) if framework == "megatron" else {}
+
+
+def _step_s(plan: Plan) -> float | None:
+    est = plan.estimate or {}
+    value = est.get("step_time_s")
+    return float(value) if isinstance(value, int | float) else None
+
+
+def reestimate(plan: Plan, *, gpu_changes: dict | None = None,
+               layout_changes: dict | None = None) -> float:
+    """Step time (s) of what will really run: the plan with GPU/layout fields replaced."""
+    cluster = plan.cluster
+    if gpu_changes:
+        gpu_types = {name: dataclasses.replace(spec, **gpu_changes)
+                     for name, spec in cluster.gpu_types.items()}
+        cluster = dataclasses.replace(cluster, gpu_types=gpu_types)
+    layout = dataclasses.replace(plan.layout, **(layout_changes or {}))
+    return cost_model.estimate(plan.model, cluster, layout).step_time_s
+
+
+def _reestimate_note(plan: Plan, what: str, **changes) -> str:
+    new = reestimate(plan, **changes)
+    old = _step_s(plan)
+    was = f" (plan: {old:.3f} s)" if old is not None else ""
+    return f"estimate re-done for what torchtitan will run ({what}): {new:.3f} s/step{was}"
+
+
+def _torchtitan_reestimates(plan: Plan) -> list[str]:
+    lay, gpu = plan.layout, plan.cluster.gpu
+    gpu_changes, layout_changes, what = {}, {}, []
+    if lay.tp > 1 and lay.sequence_parallel and gpu.tp_comm_overlap > 0:
+        gpu_changes["tp_comm_overlap"] = 0.0
+        what.append("no TP overlap")
+    if lay.dtype == "fp8":
+        layout_changes["dtype"] = "bf16"
+        what.append("bf16")
+    if not what:
+        return []
+    try:
+        return [_reestimate_note(plan, ", ".join(what), gpu_changes=gpu_changes,
+                                 layout_changes=layout_changes)]
+    except SpecError as exc:  # e.g. a plan file whose cluster the cost model cannot price
+        return [f"estimate not re-done: {exc}"]
+
+
+def launch_notes(plan: Plan, framework: str,
+                 titan_version: str = torchtitan.DEFAULT_VERSION) -> list[str]:
+    """One line per way the chosen framework departs from the plan (for stderr)."""
+    if framework == "megatron":
+        return megatron_notes(plan)
+    if framework == "torchtitan":
+        _check_version(titan_version)
+        return torchtitan.notes(plan, titan_version) + _torchtitan_reestimates(plan)
+    return []

@@ -81,14 +81,16 @@ def _replica(plan: Plan, replicas: int, snippet: str, env: dict[str, str], image
 
 def pytorchjob(plan: Plan, script: str, script_args: Sequence[str], *, run_id: str,
                max_restarts: int, dump_dir: str, plan_hosts: Sequence[str] = (),
-               image: str = DEFAULT_IMAGE, python: str = DEFAULT_PYTHON) -> dict:
+               image: str = DEFAULT_IMAGE, python: str = DEFAULT_PYTHON,
+               extra_env: dict[str, str] | None = None) -> dict:
     """The PyTorchJob as a mapping (see pytorchjob_yaml)."""
     name = job_name(run_id)
     endpoint = f"{name}-master-0:{DEFAULT_RDZV_PORT}"
     argv = torchrun_argv(plan, script, script_args, node_rank="@NODE_RANK@", endpoint=endpoint,
                          run_id=run_id, max_restarts=max_restarts, is_host=None, python=python)
     snippet = pod_snippet(plan, argv, plan_hosts)
-    env = dict(watchdog_env(dump_dir), MESHPLAN_NNODES=str(plan.nnodes), MESHPLAN_JOB=name)
+    env = dict(watchdog_env(dump_dir), MESHPLAN_NNODES=str(plan.nnodes), MESHPLAN_JOB=name,
+               **(extra_env or {}))
     specs = {"Master": _replica(plan, 1, snippet, env, image, plan_hosts)}
     if plan.nnodes > 1:
         specs["Worker"] = _replica(plan, plan.nnodes - 1, snippet, env, image, plan_hosts)

@@ -7,8 +7,10 @@ import click
 from planner.planfile import read_plan
 
 from .artifacts import BACKENDS, FRAMEWORKS, write_launch
+from .frameworks import TITAN_VERSIONS, launch_notes
 from .k8s import DEFAULT_IMAGE
 from .torchrun import DEFAULT_PYTHON
+from .torchtitan import DEFAULT_VERSION
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,9 +31,11 @@ from .torchrun import DEFAULT_PYTHON
 @click.option("--python", default=DEFAULT_PYTHON, show_default=True,
               help="Python interpreter on the nodes.")
 @click.option("--image", default=DEFAULT_IMAGE, show_default=True, help="Container image (k8s).")
+@click.option("--torchtitan-version", type=click.Choice(TITAN_VERSIONS), default=DEFAULT_VERSION,
+              show_default=True, help="torchtitan config names: the PyPI release or main.")
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
 def launch(plan_file, script, backend, framework, hosts_file, out_dir, rdzv_endpoint, run_id,
-           max_restarts, python, image, script_args):
+           max_restarts, python, image, torchtitan_version, script_args):
     """Write torchrun / SLURM / Kubernetes launch files for PLAN.yaml into DIR.
 
     Arguments after `--` are passed to the training script.
@@ -39,5 +43,7 @@ def launch(plan_file, script, backend, framework, hosts_file, out_dir, rdzv_endp
     plan = read_plan(plan_file)
     paths = write_launch(plan, script, out_dir, backend, framework, hosts_file, script_args,
                          rdzv_endpoint=rdzv_endpoint, run_id=run_id, max_restarts=max_restarts,
-                         python=python, image=image)
+                         python=python, image=image, torchtitan_version=torchtitan_version)
+    for note in launch_notes(plan, framework, torchtitan_version):
+        click.echo(f"meshplan launch: note: {note}", err=True)
     click.echo(f"wrote {len(paths)} files to {paths[0].parent}; start it as README.md says")

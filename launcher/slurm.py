@@ -64,7 +64,8 @@ def node_snippet(plan: Plan, argv: Sequence[str], plan_hosts: Sequence[str]) -> 
 
 def sbatch_script(plan: Plan, script: str, script_args: Sequence[str], *, run_id: str,
                   max_restarts: int, dump_dir: str, plan_hosts: Sequence[str] = (),
-                  port: int = DEFAULT_RDZV_PORT, python: str = DEFAULT_PYTHON) -> str:
+                  port: int = DEFAULT_RDZV_PORT, python: str = DEFAULT_PYTHON,
+                  extra_env: dict[str, str] | None = None) -> str:
     """The sbatch script. plan_hosts: SLURM node names in node-rank order (may be empty)."""
     q = shlex.quote
     argv = torchrun_argv(plan, script, script_args, node_rank="@NODE_RANK@",
@@ -80,7 +81,7 @@ def sbatch_script(plan: Plan, script: str, script_args: Sequence[str], *, run_id
         header.append(f"#SBATCH --gpus-per-node={plan.gpus_per_node}")
     if plan_hosts and all(_SAFE_SLURM_WORD.match(h) for h in plan_hosts):
         header.append(f"#SBATCH --nodelist={','.join(plan_hosts)}")
-    env = dict(watchdog_env(dump_dir), MESHPLAN_NNODES=str(plan.nnodes))
+    env = dict(watchdog_env(dump_dir), MESHPLAN_NNODES=str(plan.nnodes), **(extra_env or {}))
     body = [
         f"# meshplan launch for a {plan.nnodes}-node plan; submit with: sbatch launch.sbatch",
         "set -euo pipefail",

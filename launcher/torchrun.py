@@ -210,7 +210,8 @@ def torchrun_commands(plan: Plan, script: str, script_args: Sequence[str] = (),
                       hosts: Mapping[str, str] | Sequence[str] | None = None,
                       rdzv_endpoint: str | None = None, run_id: str | None = None,
                       max_restarts: int = 0, *, dump_dir: str | None = None,
-                      python: str = DEFAULT_PYTHON) -> list[NodeCommand]:
+                      python: str = DEFAULT_PYTHON,
+                      extra_env: Mapping[str, str] | None = None) -> list[NodeCommand]:
     """One NodeCommand per node rank, in node-rank order (plan.node_order).
 
     hosts: plan node name -> host (or hosts in cluster node order); default: the node names.
@@ -223,7 +224,7 @@ def torchrun_commands(plan: Plan, script: str, script_args: Sequence[str] = (),
     host_of = resolve_hosts(plan, hosts)
     endpoint = _endpoint(plan, host_of, rdzv_endpoint)
     run_id = run_id or default_run_id(plan)
-    base_env = watchdog_env(dump_dir or f"/tmp/{run_id}-dumps")
+    base_env = dict(watchdog_env(dump_dir or f"/tmp/{run_id}-dumps"), **(extra_env or {}))
     out = []
     for rank, name in enumerate(plan.node_order):
         # MESHPLAN_NODE: the node name launcher.runtime's StepMonitor records for each rank.

@@ -1,0 +1,164 @@
+"""torchtitan settings for a plan, for the released 0.3.0 (default) or the main branch.
+
+`pip install torchtitan` installs 0.3.0, whose TrainingConfig counts batches in sequences
+(`training.local_batch_size`, `global_batch_size`, `seq_len`) and pipeline micro-batches by
+size (`parallelism.pipeline_parallel_microbatch_size`). torchtitan's main branch since
+2026-08-20 (names checked at pytorch/torchtitan@b5bcd76c) counts tokens
+(`training.num_tokens_per_microbatch_per_dp_rank`, `num_tokens_per_train_step`,
+`max_context_length`) and micro-batches by number (`parallelism.num_pp_microbatches`).
+
+What both need and what the mapping decides:
+- The model: `--module M --config C` of a torchtitan config registry whose model has the
+  plan's shape (TITAN_MODELS); a model torchtitan does not ship gets no --module/--config and
+  a note (the user registers one).
+- dp -> `data_parallel_shard_degree` (FSDP2). torchtitan has no ZeRO-1; sharding with
+  `fsdp_reshard_after_forward never` keeps the gathered weights from the forward to the
+  backward, so weights are gathered once and gradients reduce-scattered once per micro-batch
+  step, the communication the plan's distributed optimizer has. Expert parallelism needs it
+  too: the sparse mesh is efsdp x ep with efsdp = dp_shard * cp * tp / ep
+  (torchtitan/distributed/parallel_dims.py).
+- The pipeline split: `parallelism.module_fqns_per_model_part`, one comma-separated list of
+  module names per virtual stage (tok_embeddings, layers.<i>, norm, lm_head), so uneven and
+  interleaved splits are exactly the plan's; stage k runs on pp rank k % pp (looped schedules).
+- Pipelines need `training.disable_cuda_graphs` (Trainer.Config._validate_cuda_graphs:
+  "CUDA graphs do not support pipeline parallelism yet"), and so does expert parallelism with
+  the default token dispatcher. It precedes the activation-checkpoint subcommand, which tyro
+  requires last.
+- Batches: pp > 1 runs all the plan's micro-batches in one pipeline pass (local batch =
+  gbs / dp sequences split into micro-batches of mbs); pp = 1 accumulates gradients over
+  gbs / (mbs * dp) micro-batches of mbs, as Megatron does.
+"""
+
+from __future__ import annotations
+
+from planner.planfile import Plan
+
+VERSIONS = ("0.3.0", "main")
+DEFAULT_VERSION = "0.3.0"
+MAIN_COMMIT = "b5bcd76c66d0acb1a08b176d9639425bc55e0b2a"
+SCHEDULES = {"1f1b": "1F1B", "interleaved": "Interleaved1F1B"}
+# meshplan preset -> (torchtitan module, config registry function) building the same model.
+TITAN_MODELS = {
+    "llama3.1-8b": ("llama3", "llama3_8b"),
+    "llama3.1-70b": ("llama3", "llama3_70b"),
+    "llama3.1-405b": ("llama3", "llama3_405b"),
+    "deepseek-v3": ("deepseek_v3", "deepseek_v3_671b"),
+}
+
+
+def titan_model(plan: Plan) -> tuple[str, str] | None:
+    """(--module, --config) of the torchtitan model that is the plan's model, if shipped."""
+    return TITAN_MODELS.get(plan.model.name)
+
+
+def model_parts(plan: Plan) -> list[list[str]]:
+    """Module FQNs per model chunk (torchtitan `module_fqns_per_model_part`), names of
+    torchtitan's Decoder (models/common/decoder.py): tok_embeddings, layers.<i>, norm, lm_head."""
+    parts = [[f"layers.{i}" for i in range(s.first_layer, s.last_layer)] for s in plan.stages]
+    parts[0].insert(0, "tok_embeddings")
+    parts[-1] += ["norm", "lm_head"]
+    return parts
+
+
+def _batch_settings(plan: Plan, version: str) -> dict[str, object]:
+    lay = plan.layout
+    if version == "main":
+        out: dict[str, object] = {
+            "training.max_context_length": lay.seq_len,
+            "training.num_tokens_per_microbatch_per_dp_rank": lay.micro_batch_size * lay.seq_len,
+            "training.num_tokens_per_train_step": lay.global_batch_size * lay.seq_len,
+        }
+        if lay.pp > 1:
+            out["parallelism.num_pp_microbatches"] = lay.num_microbatches
+        return out
+    local = lay.global_batch_size // lay.dp if lay.pp > 1 else lay.micro_batch_size
+    out = {"training.local_batch_size": local, "training.global_batch_size": lay.global_batch_size,
+           "training.seq_len": lay.seq_len}
+    if lay.pp > 1:
+        out["parallelism.pipeline_parallel_microbatch_size"] = lay.micro_batch_size
+    return out
+
+
+def settings(plan: Plan, version: str = DEFAULT_VERSION) -> dict[str, object]:
+    """torchtitan `section.field` -> value for the plan (without the pipeline split)."""
+    lay = plan.layout
+    out: dict[str, object] = {
+        "parallelism.tensor_parallel_degree": lay.tp,
+        "parallelism.pipeline_parallel_degree": lay.pp,
+        "parallelism.context_parallel_degree": lay.cp,
+        "parallelism.expert_parallel_degree": lay.ep,
+        "parallelism.data_parallel_shard_degree": lay.dp,
+        "parallelism.data_parallel_replicate_degree": 1,
+        "parallelism.fsdp_reshard_after_forward": "never",
+    }
+    if lay.tp > 1:
+        out["parallelism.enable_sequence_parallel"] = lay.sequence_parallel
+    if lay.pp > 1:
+        out["parallelism.pipeline_parallel_schedule"] = SCHEDULES[lay.schedule]
+    out.update(_batch_settings(plan, version))
+    if lay.pp > 1 or lay.ep > 1:
+        out["training.disable_cuda_graphs"] = True
+    return out
+
+
+def args(plan: Plan, version: str = DEFAULT_VERSION) -> list[str]:
+    """Command-line overrides: --module/--config when torchtitan ships the model, the
+    settings (tyro bool flags as --x / --section.no-x), the stage split, and the
+    activation-checkpoint subcommand last."""
+    out: list[str] = []
+    model = titan_model(plan)
+    if model is not None:
+        out += ["--module", model[0], "--config", model[1]]
+    for key, value in settings(plan, version).items():
+        if isinstance(value, bool):
+            section, field = key.split(".", 1)
+            out.append(f"--{key}" if value else f"--{section}.no-{field}")
+        else:
+            out += [f"--{key}", str(value)]
+    if plan.layout.pp > 1:
+        out += ["--parallelism.module_fqns_per_model_part",
+                *(",".join(part) for part in model_parts(plan))]
+    return out + [f"activation-checkpoint:{plan.layout.recompute}"]
+
+
+def config_py(plan: Plan, version: str = DEFAULT_VERSION) -> str:
+    """A Python module with `apply_meshplan(config)`, setting the plan's layout on a
+    torchtitan Trainer.Config (the way torchtitan recipes are written), incl. the split."""
+    lines = [
+        f'"""meshplan layout for torchtitan {version}: call apply_meshplan(config) in your recipe."""',
+        "",
+        "",
+        "def apply_meshplan(config):",
+        '    """Set parallelism, batch, stage split and activation checkpointing from the plan."""',
+    ]
+    for key, value in settings(plan, version).items():
+        lines.append(f"    config.{key} = {value!r}")
+    if plan.layout.pp > 1:
+        lines.append(f"    config.parallelism.module_fqns_per_model_part = {model_parts(plan)!r}")
+    kind = {"none": None, "full": "FullAC", "selective": "SelectiveAC"}[plan.layout.recompute]
+    if kind is None:
+        lines.append("    config.activation_checkpoint = None")
+    else:
+        lines.append(f"    from torchtitan.distributed.activation_checkpoint import {kind}")
+        lines.append(f"    config.activation_checkpoint = {kind}.Config()")
+    lines.append("    return config")
+    return "\n".join(lines) + "\n"
+
+
+def notes(plan: Plan, version: str = DEFAULT_VERSION) -> list[str]:
+    """What torchtitan will run differently from the plan (one line each, for stderr)."""
+    lay, out = plan.layout, []
+    if titan_model(plan) is None:
+        out.append(f"torchtitan {version} ships no {plan.model.name} model: torchtitan_args.sh "
+                   "has the layout only; add --module/--config of a model you registered")
+    if lay.dp > 1 and not lay.distributed_optimizer:
+        out.append("torchtitan shards dp with FSDP2 (no plain DDP with expert/fsdp meshes here); "
+                   "the plan modelled replicated optimizer state, so memory will be lower")
+    if lay.dtype == "fp8":
+        out.append("torchtitan fp8 needs a float8 model converter in the recipe "
+                   "(e.g. llama3_8b's *_float8 configs); the arguments keep bf16 unless you add it")
+    if lay.tp > 1 and plan.cluster.gpu.tp_comm_overlap > 0 and lay.sequence_parallel:
+        out.append("torchtitan overlaps TP communication only with async TP under torch.compile "
+                   "(--compile.enable --compile.enable_async_tensor_parallel); without it the "
+                   "TP communication the estimate hid is exposed")
+    return out

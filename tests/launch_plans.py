@@ -1,0 +1,56 @@
+"""The plans issue 16's acceptance names, as `meshplan plan` picks them (dgx-h100, seq 8192,
+global batch 128), plus one plan per other model family; shared by the framework tests.
+
+Layouts and uneven splits are the ones `meshplan plan` chose for these problems:
+  8b        --model llama3.1-8b  --nodes 1                            -> tp2 dp4 sp
+  70b-vp    --model llama3.1-70b --nodes 8 --tp 4 --pp 4 --vp 2 --cp 2 -> tp4 pp4 cp2 dp2 vp2
+  70b-pp3   --model llama3.1-70b --nodes 6 --pp 3                      -> tp4 pp3 cp2 dp2, 27/27/26
+  70b-fp8   --model llama3.1-70b --nodes 6 --pp 6 --dtype fp8          -> tp2 pp6 cp4, 13/14/14/13/13/13
+  mixtral   --model mixtral-8x7b --nodes 2 --ep 8                      -> pp2 cp4 dp2 ep8 vp3, 5/6/6/5/5/5
+(FSDP is not modelled yet, so the acceptance's FSDP plan is not among them.)
+"""
+
+from __future__ import annotations
+
+from cost_models import megatron as cost_model
+from cost_models.specs import Layout
+from planner.planfile import Plan
+from planner.specfiles import load_cluster, load_model
+
+ACCEPTANCE = {
+    "8b": ("llama3.1-8b", 1, dict(tp=2, pp=1, dp=4, sequence_parallel=True)),
+    "70b-vp": ("llama3.1-70b", 8, dict(tp=4, pp=4, dp=2, cp=2, vp=2, sequence_parallel=True)),
+    "70b-pp3": ("llama3.1-70b", 6, dict(tp=4, pp=3, dp=2, cp=2, sequence_parallel=True,
+                                        layers_per_stage=(27, 27, 26))),
+    "70b-fp8": ("llama3.1-70b", 6, dict(tp=2, pp=6, dp=1, cp=4, sequence_parallel=True,
+                                        dtype="fp8", layers_per_stage=(13, 14, 14, 13, 13, 13))),
+    "mixtral-ep8": ("mixtral-8x7b", 2, dict(tp=1, pp=2, dp=2, cp=4, ep=8, vp=3,
+                                            layers_per_stage=(5, 6, 6, 5, 5, 5))),
+}
+FAMILIES = {
+    "qwen2.5-7b": ("qwen2.5-7b", 1, dict(tp=2, pp=1, dp=4, sequence_parallel=True)),
+    "qwen3-8b": ("qwen3-8b", 1, dict(tp=2, pp=2, dp=2, sequence_parallel=True)),
+    "mistral-7b": ("mistral-7b", 1, dict(tp=1, pp=2, dp=4)),
+    "nemotron-4-15b": ("nemotron-4-15b", 2, dict(tp=4, pp=2, dp=2, sequence_parallel=True)),
+    "gpt3-175b": ("gpt3-175b", 16, dict(tp=8, pp=8, dp=2, vp=3, sequence_parallel=True,
+                                        recompute="selective")),
+    "deepseek-v3": ("deepseek-v3", 32, dict(tp=2, pp=8, dp=16, ep=16, recompute="full",
+                                            layers_per_stage=(7, 8, 8, 8, 8, 8, 8, 6))),
+}
+
+
+def make(name: str, table: dict = ACCEPTANCE) -> Plan:
+    """The named plan, with its estimate (as `meshplan plan -o` writes it)."""
+    model_name, nodes, dims = table[name]
+    model, cluster = load_model(model_name), load_cluster("dgx-h100", nodes=nodes)
+    seq = 2048 if model_name.startswith("gpt") else 8192
+    layout = Layout(micro_batch_size=1, global_batch_size=128 if nodes < 16 else 512,
+                    seq_len=seq, **dims)
+    layout.validate(model, cluster.world_size)
+    est = cost_model.estimate(model, cluster, layout)
+    return Plan(model, cluster, layout, tuple(n.name for n in cluster.nodes),
+                {"step_time_s": est.step_time_s})
+
+
+def all_plans() -> dict[str, Plan]:
+    return {**{k: make(k) for k in ACCEPTANCE}, **{k: make(k, FAMILIES) for k in FAMILIES}}
