@@ -122,11 +122,11 @@ def _user_args(plan) -> list[str]:
             "--vocab-size", str(plan.model.vocab_size), "--train-iters", "10", "--lr", "1e-4"]
 
 
-def _run_megatron(mega, plan):
+def _run_megatron(mega, plan, with_env: bool = True):
     arguments, argument_utils, _, _ = mega
     for key in ("CUDA_DEVICE_MAX_CONNECTIONS", "NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN"):
         os.environ.pop(key, None)
-    os.environ.update(megatron_env(plan), WORLD_SIZE=str(plan.layout.world), RANK="0",
+    os.environ.update(megatron_env(plan) if with_env else {}, WORLD_SIZE=str(plan.layout.world), RANK="0",
                       LOCAL_RANK="0")
     _simulate_gpu_node(arguments, cuda_arch_major(plan) or 9)
     sys.argv = ["pretrain_gpt.py", *megatron_args(plan), *_user_args(plan)]
@@ -215,11 +215,11 @@ def _activation_name(config) -> str:
     return getattr(config.activation_func, "__name__", str(config.activation_func))
 
 
-def check_plan(mega, plan) -> dict:
+def check_plan(mega, plan, with_env: bool = True) -> dict:
     """Run Megatron on the plan's arguments; 'differences' lists each mismatch."""
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # Megatron prints every argument
-            args, config = _run_megatron(mega, plan)
+            args, config = _run_megatron(mega, plan, with_env)
     except (AssertionError, ValueError, TypeError, SystemExit) as exc:
         return {"accepted": False, "differences": [f"rejected: {type(exc).__name__}: {exc}"]}
     diffs = []
@@ -260,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--megatron-src", required=True, type=Path)
     parser.add_argument("--commit", help="Megatron-LM commit of --megatron-src (default: git HEAD)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--without-env", action="store_true",
+                        help="leave out the environment launch writes (shows Megatron's assertion)")
     parser.add_argument("plans", nargs="+", type=Path)
     opts = parser.parse_args(argv)
     if not (opts.megatron_src / "megatron" / "training" / "arguments.py").is_file():
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     mega = _import_megatron(opts.megatron_src.resolve())
     results = {}
     for path in opts.plans:
-        results[str(path)] = check_plan(mega, read_plan(path))
+        results[str(path)] = check_plan(mega, read_plan(path), not opts.without_env)
     commit = opts.commit or _commit(opts.megatron_src)
     bad = {p: r for p, r in results.items() if not r["accepted"] or r["differences"]}
     if opts.json:
