@@ -76,6 +76,10 @@ def sbatch_script(plan: Plan, script: str, script_args: Sequence[str], *, run_id
         f"#SBATCH --job-name={run_id}",
         f"#SBATCH --nodes={plan.nnodes}",
         "#SBATCH --ntasks-per-node=1",
+        # The plan uses whole nodes: every CPU and all memory go to the one torchrun task
+        # per node and its workers (without, SLURM gives the task one CPU for all of them).
+        "#SBATCH --exclusive",
+        "#SBATCH --mem=0",
     ]
     if plan.cluster.gpu.name != "CPU":
         header.append(f"#SBATCH --gpus-per-node={plan.gpus_per_node}")
@@ -91,7 +95,8 @@ def sbatch_script(plan: Plan, script: str, script_args: Sequence[str], *, run_id
         _bash_array("PLAN_HOSTS", plan_hosts),
         'if ((${#PLAN_HOSTS[@]})); then HEAD_HOST="${PLAN_HOSTS[0]}"; else HEAD_HOST="${ALLOCATED[0]}"; fi',
         f'export MESHPLAN_RDZV_ENDPOINT="${{MESHPLAN_RDZV_ENDPOINT:-$HEAD_HOST:{port}}}"',
-        f"srun --nodes={plan.nnodes} --ntasks-per-node=1 --kill-on-bad-exit=1 "
+        f"srun --nodes={plan.nnodes} --ntasks-per-node=1 "
+        '--cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" --kill-on-bad-exit=1 '
         f"bash -c {q(node_snippet(plan, argv, plan_hosts))} meshplan-node",
     ]
     return "\n".join(header + [""] + body) + "\n"
