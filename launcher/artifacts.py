@@ -4,7 +4,7 @@ DIR gets, whatever the backend (the backend only decides what README.md leads wi
     plan.yaml             copy of the plan (the training script reads it: --plan DIR/plan.yaml)
     node-<r>.sh           per-node torchrun command for node rank r (run on that node's host)
     launch.sbatch         SLURM batch script (srun torchrun on every node)
-    pytorchjob.yaml       Kubeflow PyTorchJob (kubeflow.org/v1, Master/Worker, elasticPolicy)
+    pytorchjob.yaml       ConfigMap (plan.yaml) + Kubeflow PyTorchJob (training-operator v1.9)
     megatron_args.sh      MEGATRON_ARGS=( ... ) bash array for Megatron-LM pretrain_gpt.py
     torchtitan_args.sh    TORCHTITAN_ARGS=( ... ) bash array of torchtitan CLI overrides
     torchtitan_config.py  apply_meshplan(config) for a torchtitan recipe (incl. uneven stages)
@@ -102,7 +102,8 @@ def render_launch(plan: Plan, script: str, out_dir: Path, backend: str = "torchr
                   plan_hosts=plan_hosts, python=python, extra_env=env)
     files = {f"node-{c.node_rank}.sh": node_script(c, plan.nnodes) for c in cmds}
     files["launch.sbatch"] = slurm.sbatch_script(plan, script, args, **common)
-    files["pytorchjob.yaml"] = k8s.pytorchjob_yaml(plan, script, args, image=image, **common)
+    files["pytorchjob.yaml"] = k8s.pytorchjob_yaml(plan, script, args, image=image,
+                                                   launch_dir=str(out_dir), **common)
     files["megatron_args.sh"] = _bash_array_file(
         "MEGATRON_ARGS", frameworks.megatron_args(plan),
         "Megatron-LM arguments for this plan (NVIDIA/Megatron-LM@d98e8a64 names)",
@@ -159,8 +160,8 @@ def readme(plan: Plan, cmds: Sequence[NodeCommand], backend: str, framework: str
                  "Node ranks follow the hosts file (or SLURM's node order without one).\n",
         "k8s": "## Kubernetes (Kubeflow training operator)\n\n```\n"
                f"kubectl apply -f {shlex.quote(str(out_dir / 'pytorchjob.yaml'))}\n```\n\n"
-               "The image must hold the training script, and this directory must be mounted at "
-               "the same path.\n",
+               f"Targets {k8s.OPERATOR}. The image must hold the training script; plan.yaml "
+               "comes from the ConfigMap in the same file, mounted at this directory's path.\n",
     }
     head = [
         f"# Launch files for {plan.model.name} on {plan.cluster.name}",

@@ -1,8 +1,20 @@
-"""A Kubeflow training-operator `PyTorchJob` (kubeflow.org/v1) for a plan.
+"""A Kubeflow training-operator `PyTorchJob` (kubeflow.org/v1) for a plan, and its ConfigMap.
+
+Target: training-operator v1.9 (branch release-1.9), whose CRD and admission webhook
+(pkg/webhooks/pytorch/pytorchjob_webhook.go) this manifest is checked against in
+tests/test_k8s_schema.py. The PyTorchJob CRD is gone from training-operator's main branch
+(Kubeflow Trainer v2 replaces it with TrainJob); this file does not target Trainer v2.
 
 One pod per node: Master (replicas 1) + Worker (replicas nnodes-1), torchrun in each with
 c10d rendezvous on the master pod (`<job>-master-0`, whose host name torch matches to host
-the store). With a hosts file the pods are confined to the plan's Kubernetes nodes (node
+the store). The webhook allows `elasticPolicy` only with Worker replicas, so a one-node plan
+(Master only) has none; the layout's world size is fixed anyway (min = max replicas).
+
+Each pod mounts the launch directory's plan.yaml from the ConfigMap `<job>-launch` at the
+launch directory's path (read-only; the plain trainer reads DIR/plan.yaml), a memory-backed
+/dev/shm (dataloader workers and NCCL need more than the runtime's 64 MiB default), and an
+emptyDir for flight-recorder dumps. Pods request CPUs and memory per process
+(CPUS_PER_PROCESS, MEMORY_PER_PROCESS_GiB) besides their GPUs. With a hosts file the pods are confined to the plan's Kubernetes nodes (node
 affinity on kubernetes.io/hostname, one pod per node) and each pod takes its plan node rank
 from the node it landed on (downward API spec.nodeName); without one, the master is node
 rank 0 and worker-<i> is node rank i+1.
@@ -20,12 +32,19 @@ from .slurm import _bash_array, quote_with_placeholders
 from .torchrun import DEFAULT_PYTHON, DEFAULT_RDZV_PORT, torchrun_argv, watchdog_env
 
 DEFAULT_IMAGE = "pytorch/pytorch:latest"
+OPERATOR = "Kubeflow training-operator v1.9 (release-1.9)"
+K8S_DUMP_DIR = "/var/log/meshplan/nccl_dumps"
+CPUS_PER_PROCESS = 4
+MEMORY_PER_PROCESS_GiB = 16
 
 
 def job_name(run_id: str) -> str:
-    """A DNS-1123 name (lowercase alphanumerics and '-', at most 50 chars) from the run id."""
-    name = re.sub(r"[^a-z0-9-]+", "-", run_id.lower()).strip("-")[:50].strip("-")
-    return name or "meshplan"
+    """A DNS-1035 label (lowercase alphanumerics and '-', starting with a letter, at most 50
+    chars: the webhook's rule for the job name) from the run id."""
+    name = re.sub(r"[^a-z0-9-]+", "-", run_id.lower()).strip("-")
+    if not name or not name[0].isalpha():
+        name = "mp-" + name
+    return name[:50].strip("-")
 
 
 def pod_snippet(plan: Plan, argv: Sequence[str], plan_hosts: Sequence[str]) -> str:
@@ -51,8 +70,34 @@ def pod_snippet(plan: Plan, argv: Sequence[str], plan_hosts: Sequence[str]) -> s
     ]) + "\n"
 
 
+def _resources(plan: Plan) -> dict:
+    procs = plan.gpus_per_node
+    cpu = CPUS_PER_PROCESS * procs if plan.cluster.gpu.name != "CPU" else procs
+    mem = MEMORY_PER_PROCESS_GiB * procs if plan.cluster.gpu.name != "CPU" else 2 * procs
+    out: dict = {"requests": {"cpu": str(cpu), "memory": f"{mem}Gi"}}
+    if plan.cluster.gpu.name != "CPU":
+        out["limits"] = {"nvidia.com/gpu": procs}
+        out["requests"]["nvidia.com/gpu"] = procs
+    return out
+
+
+def _volumes(name: str, launch_dir: str) -> tuple[list[dict], list[dict]]:
+    volumes = [
+        {"name": "launch", "configMap": {"name": f"{name}-launch"}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        {"name": "dumps", "emptyDir": {}},
+    ]
+    mounts = [
+        {"name": "launch", "mountPath": launch_dir, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "dumps", "mountPath": K8S_DUMP_DIR},
+    ]
+    return volumes, mounts
+
+
 def _replica(plan: Plan, replicas: int, snippet: str, env: dict[str, str], image: str,
-             plan_hosts: Sequence[str]) -> dict:
+             plan_hosts: Sequence[str], launch_dir: str) -> dict:
+    volumes, mounts = _volumes(env["MESHPLAN_JOB"], launch_dir)
     container = {
         "name": "pytorch",  # the training operator looks for this container name
         "image": image,
@@ -60,10 +105,10 @@ def _replica(plan: Plan, replicas: int, snippet: str, env: dict[str, str], image
         "env": [{"name": k, "value": v} for k, v in sorted(env.items())]
         + [{"name": "MESHPLAN_K8S_NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
         "ports": [{"name": "pytorchjob-port", "containerPort": DEFAULT_RDZV_PORT}],
+        "resources": _resources(plan),
+        "volumeMounts": mounts,
     }
-    if plan.cluster.gpu.name != "CPU":
-        container["resources"] = {"limits": {"nvidia.com/gpu": plan.gpus_per_node}}
-    pod: dict = {"containers": [container]}
+    pod: dict = {"containers": [container], "volumes": volumes}
     if plan_hosts:
         term = {"matchExpressions": [
             {"key": "kubernetes.io/hostname", "operator": "In", "values": list(plan_hosts)}]}
@@ -80,10 +125,12 @@ def _replica(plan: Plan, replicas: int, snippet: str, env: dict[str, str], image
 
 
 def pytorchjob(plan: Plan, script: str, script_args: Sequence[str], *, run_id: str,
-               max_restarts: int, dump_dir: str, plan_hosts: Sequence[str] = (),
+               max_restarts: int, dump_dir: str = K8S_DUMP_DIR, plan_hosts: Sequence[str] = (),
                image: str = DEFAULT_IMAGE, python: str = DEFAULT_PYTHON,
-               extra_env: dict[str, str] | None = None) -> dict:
-    """The PyTorchJob as a mapping (see pytorchjob_yaml)."""
+               extra_env: dict[str, str] | None = None, launch_dir: str = "/meshplan") -> dict:
+    """The PyTorchJob as a mapping (see pytorchjob_yaml). dump_dir is ignored: pods write
+    flight-recorder dumps to their K8S_DUMP_DIR volume."""
+    dump_dir = K8S_DUMP_DIR
     name = job_name(run_id)
     endpoint = f"{name}-master-0:{DEFAULT_RDZV_PORT}"
     argv = torchrun_argv(plan, script, script_args, node_rank="@NODE_RANK@", endpoint=endpoint,
@@ -91,22 +138,29 @@ def pytorchjob(plan: Plan, script: str, script_args: Sequence[str], *, run_id: s
     snippet = pod_snippet(plan, argv, plan_hosts)
     env = dict(watchdog_env(dump_dir), MESHPLAN_NNODES=str(plan.nnodes), MESHPLAN_JOB=name,
                **(extra_env or {}))
-    specs = {"Master": _replica(plan, 1, snippet, env, image, plan_hosts)}
+    specs = {"Master": _replica(plan, 1, snippet, env, image, plan_hosts, launch_dir)}
+    spec: dict = {"nprocPerNode": str(plan.gpus_per_node)}
     if plan.nnodes > 1:
-        specs["Worker"] = _replica(plan, plan.nnodes - 1, snippet, env, image, plan_hosts)
-    return {
-        "apiVersion": "kubeflow.org/v1",
-        "kind": "PyTorchJob",
-        "metadata": {"name": name, "labels": {"meshplan/job": name}},
-        "spec": {
-            "nprocPerNode": str(plan.gpus_per_node),
-            "elasticPolicy": {"rdzvBackend": "c10d", "minReplicas": plan.nnodes,
-                              "maxReplicas": plan.nnodes, "maxRestarts": max_restarts},
-            "pytorchReplicaSpecs": specs,
-        },
-    }
+        specs["Worker"] = _replica(plan, plan.nnodes - 1, snippet, env, image, plan_hosts,
+                                   launch_dir)
+        spec["elasticPolicy"] = {"rdzvBackend": "c10d", "minReplicas": plan.nnodes,
+                                 "maxReplicas": plan.nnodes, "maxRestarts": max_restarts}
+    spec["pytorchReplicaSpecs"] = specs
+    return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
+            "metadata": {"name": name, "labels": {"meshplan/job": name}}, "spec": spec}
+
+
+def launch_configmap(plan: Plan, run_id: str) -> dict:
+    """The ConfigMap holding plan.yaml, mounted at the launch directory in every pod."""
+    name = job_name(run_id)
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": f"{name}-launch", "labels": {"meshplan/job": name}},
+            "data": {"plan.yaml": dump_yaml(plan.to_dict())}}
 
 
 def pytorchjob_yaml(plan: Plan, script: str, script_args: Sequence[str], **kwargs) -> str:
-    """The PyTorchJob manifest as YAML text (`kubectl apply -f pytorchjob.yaml`)."""
-    return dump_yaml(pytorchjob(plan, script, script_args, **kwargs))
+    """ConfigMap + PyTorchJob as one multi-document YAML (`kubectl apply -f pytorchjob.yaml`)."""
+    head = (f"# {OPERATOR} PyTorchJob (kubeflow.org/v1) and the ConfigMap it mounts.\n"
+            "# Not for Kubeflow Trainer v2 (TrainJob), which replaced PyTorchJob on main.\n")
+    return (head + dump_yaml(launch_configmap(plan, kwargs["run_id"])) + "---\n"
+            + dump_yaml(pytorchjob(plan, script, script_args, **kwargs)))

@@ -312,7 +312,8 @@ def test_pytorchjob_shape_and_pod_command(fakes):
     plan = make_plan(nodes=3)
     out = tmp / "out"
     write_launch(plan, str(script), out, "k8s", max_restarts=3, run_id="My_Job.1")
-    job = yaml.safe_load((out / "pytorchjob.yaml").read_text())
+    configmap, job = yaml.safe_load_all((out / "pytorchjob.yaml").read_text())
+    assert configmap["kind"] == "ConfigMap" and "plan.yaml" in configmap["data"]
     assert job["apiVersion"] == "kubeflow.org/v1" and job["kind"] == "PyTorchJob"
     name = job["metadata"]["name"]
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63
@@ -328,6 +329,7 @@ def test_pytorchjob_shape_and_pod_command(fakes):
     # Run the worker pod's command as the pod "<job>-worker-1" would: node rank 2.
     pod_env = dict(env, HOSTNAME=f"{name}-worker-1", MESHPLAN_K8S_NODE="k8s-node",
                    **{e["name"]: e["value"] for e in container["env"] if "value" in e})
+    pod_env["MESHPLAN_DUMP_DIR"] = str(tmp / "pod-dumps")  # the pod's volume, here
     subprocess.run(container["command"], env=pod_env, cwd=tmp, check=True, timeout=60)
     rec = _records(tmp)
     assert rec[0]["node_rank"] == "2" and f"--rdzv-endpoint={name}-master-0:29500" in rec[0]["argv"]
