@@ -6,6 +6,7 @@ DIR gets, whatever the backend (the backend only decides what README.md leads wi
     launch.sbatch         SLURM batch script (srun torchrun on every node)
     pytorchjob.yaml       ConfigMap (plan.yaml) + Kubeflow PyTorchJob (training-operator v1.9)
     megatron_args.sh      MEGATRON_ARGS=( ... ) bash array for Megatron-LM pretrain_gpt.py
+    megatron_bridge_override.py  apply_meshplan(cfg) for a Megatron-Bridge recipe
     torchtitan_args.sh    TORCHTITAN_ARGS=( ... ) bash array of torchtitan CLI overrides
     torchtitan_config.py  apply_meshplan(config) for a torchtitan recipe (incl. uneven stages)
     README.md             how to start it
@@ -25,7 +26,7 @@ from cost_models.specs import SpecError
 from planner.fileio import read_text, write_atomic
 from planner.planfile import Plan, write_plan
 
-from . import frameworks, k8s, slurm
+from . import bridge, frameworks, k8s, slurm
 from .torchrun import (
     DEFAULT_PYTHON,
     NodeCommand,
@@ -108,6 +109,7 @@ def render_launch(plan: Plan, script: str, out_dir: Path, backend: str = "torchr
         "MEGATRON_ARGS", frameworks.megatron_args(plan),
         "Megatron-LM arguments for this plan (NVIDIA/Megatron-LM@d98e8a64 names)",
         frameworks.megatron_env(plan))
+    files["megatron_bridge_override.py"] = bridge.recipe_override_py(plan)
     files["torchtitan_args.sh"] = _bash_array_file(
         "TORCHTITAN_ARGS", frameworks.torchtitan_args(plan, torchtitan_version),
         f"torchtitan {torchtitan_version} CLI overrides for this plan")

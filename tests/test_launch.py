@@ -353,7 +353,8 @@ def test_cli_writes_all_artifacts(tmp_path):
     assert res.exit_code == 0, res.output
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["plan.yaml", "node-0.sh", "node-1.sh", "launch.sbatch",
-                            "pytorchjob.yaml", "megatron_args.sh", "torchtitan_args.sh",
+                            "pytorchjob.yaml", "megatron_args.sh", "megatron_bridge_override.py",
+                            "torchtitan_args.sh",
                             "torchtitan_config.py", "README.md"])
     assert read_plan(out / "plan.yaml").layout == read_plan(plan_path).layout
     readme = (out / "README.md").read_text()

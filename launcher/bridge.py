@@ -1,0 +1,121 @@
+"""A Megatron-Bridge recipe override for a plan: `apply_meshplan(cfg)` on a ConfigContainer.
+
+Megatron-Bridge (`pip install megatron-bridge`, checked at 0.3.1 with megatron-core 0.16.1) is
+NVIDIA's current training entry point: a recipe builds a `ConfigContainer` whose `model` is a
+GPTModelProvider (a megatron-core TransformerConfig), with `train`, `dataset`, `ddp`,
+`optimizer`, `comm_overlap` and `mixed_precision` beside it. The override sets on it what
+launcher/megatron.py writes as Megatron-LM flags, field for field, so the two say the same:
+the same TransformerConfig values that benchmarks/check_megatron_args.py compares with the
+plan. tests/test_framework_bridge.py checks every field name against those classes' source in
+the released wheels (they do not import without transformers, TE and a GPU stack).
+"""
+
+from __future__ import annotations
+
+from planner.planfile import Plan
+
+from .architecture import architecture
+from .megatron import tp_overlap_assumed
+
+# Megatron-Bridge mixed-precision recipe names (training/mixed_precision.py, `register`).
+# fp8: per-tensor current scaling, the recipe of the Megatron-LM flags (FP8_RECIPE).
+PRECISION = {"bf16": "bf16_mixed", "fp8": "bf16_with_fp8_current_scaling_mixed"}
+
+
+def _pipeline_fields(plan: Plan) -> dict[str, object]:
+    lay, sizes = plan.layout, [s.num_layers for s in plan.stages]
+    out: dict[str, object] = {"virtual_pipeline_model_parallel_size": lay.vp if lay.vp > 1 else None}
+    if lay.pp == 1 or len(set(sizes)) == 1:
+        return out
+    if lay.vp == 1 and len(set(sizes[1:-1])) <= 1:
+        out.update(num_layers_in_first_pipeline_stage=sizes[0],
+                   num_layers_in_last_pipeline_stage=sizes[-1])
+        return out
+    parts = [f"t*{n}" for n in sizes]
+    parts[0], parts[-1] = "E" + parts[0], parts[-1] + "L"
+    out["pipeline_model_parallel_layout"] = "|".join(parts)
+    return out
+
+
+def model_fields(plan: Plan) -> dict[str, object]:
+    """GPTModelProvider / TransformerConfig field -> value."""
+    m, lay = plan.model, plan.layout
+    arch = architecture(m)[0]
+    out: dict[str, object] = {
+        "tensor_model_parallel_size": lay.tp, "pipeline_model_parallel_size": lay.pp,
+        "context_parallel_size": lay.cp, "expert_model_parallel_size": lay.ep,
+        "sequence_parallel": lay.sequence_parallel and lay.tp > 1,
+        "seq_length": lay.seq_len, "num_layers": m.num_layers, "hidden_size": m.hidden_size,
+        "ffn_hidden_size": m.ffn_hidden_size, "num_attention_heads": m.num_heads,
+        "num_query_groups": m.num_kv_heads, "kv_channels": m.head_dim,
+        "share_embeddings_and_output_weights": m.tied_embeddings,
+        "gated_linear_unit": m.mlp_kind == "gated_silu",
+        "normalization": "LayerNorm" if arch.norm == "LayerNorm1p" else arch.norm,
+        "layernorm_zero_centered_gamma": arch.norm == "LayerNorm1p",
+        "layernorm_epsilon": arch.norm_eps, "add_bias_linear": arch.linear_bias,
+        "add_qkv_bias": arch.qkv_bias or arch.linear_bias, "qk_layernorm": arch.qk_norm,
+        "hidden_dropout": arch.dropout, "attention_dropout": arch.dropout,
+        "position_embedding_type": arch.position_embedding,
+        "recompute_granularity": None if lay.recompute == "none" else lay.recompute,
+    }
+    if lay.recompute == "full":
+        out.update(recompute_method="uniform", recompute_num_layers=1)
+    if arch.position_embedding == "rope":
+        out.update(rotary_base=arch.rope_theta, rotary_percent=arch.rotary_fraction)
+        if arch.rope_scaling is not None and arch.rope_scaling.kind == "llama3":
+            out.update(rope_scaling=True, rope_scaling_factor=arch.rope_scaling.factor)
+    if m.is_moe:
+        out.update(num_moe_experts=m.num_experts, moe_router_topk=m.experts_top_k,
+                   moe_ffn_hidden_size=m.expert_ffn_hidden_size,
+                   moe_token_dispatcher_type="alltoall", moe_grouped_gemm=True)
+        if m.shared_expert_ffn_hidden_size:
+            out["moe_shared_expert_intermediate_size"] = m.shared_expert_ffn_hidden_size
+    out.update(_pipeline_fields(plan))
+    return out
+
+
+def other_fields(plan: Plan) -> dict[str, dict[str, object]]:
+    """ConfigContainer section -> field -> value, besides the model."""
+    lay, gpu = plan.layout, plan.cluster.gpu
+    overlap = lay.dp * lay.cp > 1 and gpu.dp_comm_overlap > 0
+    return {
+        "train": {"micro_batch_size": lay.micro_batch_size,
+                  "global_batch_size": lay.global_batch_size},
+        "dataset": {"sequence_length": lay.seq_len},
+        "ddp": {"use_distributed_optimizer": lay.distributed_optimizer,
+                "overlap_grad_reduce": overlap,
+                "overlap_param_gather": overlap and lay.distributed_optimizer},
+        "optimizer": {"use_distributed_optimizer": lay.distributed_optimizer},
+    }
+
+
+def recipe_override_py(plan: Plan) -> str:
+    """Python source of `apply_meshplan(cfg)` for a Megatron-Bridge recipe's ConfigContainer."""
+    lines = [
+        '"""meshplan plan as a Megatron-Bridge (0.3.x) recipe override.',
+        "",
+        "    cfg = llama31_70b_pretrain_config(...)   # any recipe building a ConfigContainer",
+        "    cfg = apply_meshplan(cfg)",
+        '"""',
+        "",
+        "",
+        "def apply_meshplan(cfg):",
+        '    """Set the plan\'s layout, model, batch, overlaps and precision on cfg."""',
+        "    from megatron.bridge.training.comm_overlap import CommOverlapConfig",
+        "",
+    ]
+    if plan.model.mlp_kind == "squared_relu":
+        lines.append("    from megatron.core.activations import squared_relu")
+        lines.append("    cfg.model.activation_func = squared_relu")
+    elif plan.model.mlp_kind == "gated_silu":
+        lines.append("    import torch.nn.functional as F")
+        lines.append("    cfg.model.activation_func = F.silu")
+    for key, value in model_fields(plan).items():
+        lines.append(f"    cfg.model.{key} = {value!r}")
+    for section, values in other_fields(plan).items():
+        for key, value in values.items():
+            lines.append(f"    cfg.{section}.{key} = {value!r}")
+    lines.append(f"    cfg.comm_overlap = CommOverlapConfig(tp_comm_overlap={tp_overlap_assumed(plan)!r})")
+    lines.append(f"    cfg.mixed_precision = {PRECISION[plan.layout.dtype]!r}")
+    lines.append("    return cfg")
+    return "\n".join(lines) + "\n"

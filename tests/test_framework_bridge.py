@@ -1,0 +1,102 @@
+"""The Megatron-Bridge recipe override names only real config fields, and says what the
+Megatron-LM arguments say.
+
+Megatron-Bridge's config classes do not import here (they pull in transformers, Transformer
+Engine and a GPU stack), so the released wheels' sources (megatron-bridge 0.3.1,
+megatron-core 0.16.1; `.ci/run` downloads them without dependencies into .ci/wheels, or
+MESHPLAN_WHEELS) are read with `ast`: every `cfg.<section>.<field>` the override sets must be
+a dataclass field of that section's class (or a base class), and the mixed-precision recipe a
+registered one. The override's model fields must equal the TransformerConfig values the
+Megatron-LM flags produce (the ones benchmarks/check_megatron_args.py compares with the plan).
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from launcher import bridge
+
+sys.path.insert(0, str(Path(__file__).parent))
+import launch_plans  # noqa: E402
+
+WHEELS = Path(os.environ.get("MESHPLAN_WHEELS", Path(__file__).resolve().parents[1] / ".ci" / "wheels"))
+SECTIONS = {  # ConfigContainer section -> (module path in the wheels, class), bases follow
+    "model": [("megatron/bridge/models/gpt_provider.py", "GPTModelProvider"),
+              ("megatron/core/transformer/transformer_config.py", "TransformerConfig"),
+              ("megatron/core/model_parallel_config.py", "ModelParallelConfig")],
+    "train": [("megatron/bridge/training/config.py", "TrainingConfig")],
+    "dataset": [("megatron/core/datasets/blended_megatron_dataset_config.py",
+                 "BlendedMegatronDatasetConfig")],
+    "ddp": [("megatron/core/distributed/distributed_data_parallel_config.py",
+             "DistributedDataParallelConfig")],
+    "optimizer": [("megatron/core/optimizer/optimizer_config.py", "OptimizerConfig")],
+}
+
+
+def _sources() -> dict[str, str]:
+    wheels = sorted(WHEELS.glob("megatron_bridge-0.3.1-*.whl")) + sorted(WHEELS.glob("megatron_core-0.16.1-*.whl"))
+    if len(wheels) < 2:
+        return {}
+    out = {}
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as zf:
+            for name in zf.namelist():
+                if name.endswith(".py"):
+                    out[name] = zf.read(name).decode()
+    return out
+
+
+SOURCES = _sources()
+pytestmark = pytest.mark.skipif(not SOURCES, reason=f"megatron-bridge 0.3.1 / megatron-core 0.16.1 "
+                                f"wheels not in {WHEELS} (.ci/run: pip download --no-deps)")
+
+
+def _fields(path: str, cls: str) -> set[str]:
+    tree = ast.parse(SOURCES[path])
+    (node,) = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == cls]
+    return {s.target.id for s in node.body if isinstance(s, ast.AnnAssign)
+            and isinstance(s.target, ast.Name)}
+
+
+def _known(section: str) -> set[str]:
+    return set().union(*(_fields(p, c) for p, c in SECTIONS[section]))
+
+
+@pytest.mark.parametrize("name", launch_plans.ACCEPTANCE)
+def test_override_fields_are_real(name):
+    plan = launch_plans.make(name)
+    text = bridge.recipe_override_py(plan)
+    ast.parse(text)
+    for section, field in re.findall(r"cfg\.(\w+)\.(\w+) =", text):
+        assert field in _known(section), f"cfg.{section}.{field}"
+    comm = _fields("megatron/bridge/training/comm_overlap.py", "CommOverlapConfig")
+    assert "tp_comm_overlap" in comm
+    recipe = re.search(r"cfg\.mixed_precision = '(\w+)'", text).group(1)
+    registered = re.findall(r"@register\ndef (\w+)\(", SOURCES["megatron/bridge/training/mixed_precision.py"])
+    assert recipe in registered
+
+
+@pytest.mark.parametrize("name", launch_plans.ACCEPTANCE)
+def test_override_says_what_the_megatron_flags_say(name):
+    from launcher.megatron import megatron_args
+
+    plan = launch_plans.make(name)
+    fields = bridge.model_fields(plan)
+    flags = megatron_args(plan)
+    pairs = dict(zip(flags, flags[1:], strict=False))
+    assert fields["tensor_model_parallel_size"] == int(pairs["--tensor-model-parallel-size"])
+    assert fields["num_layers"] == int(pairs["--num-layers"])
+    assert fields["normalization"] == pairs["--normalization"]
+    assert fields["rotary_base"] == float(pairs["--rotary-base"])
+    assert fields.get("pipeline_model_parallel_layout") == pairs.get("--pipeline-model-parallel-layout")
+    assert fields.get("num_layers_in_first_pipeline_stage") == (
+        int(pairs["--decoder-first-pipeline-num-layers"]) if "--decoder-first-pipeline-num-layers" in pairs else None)
+    assert bridge.other_fields(plan)["train"]["global_batch_size"] == int(pairs["--global-batch-size"])
+    assert ("--tp-comm-overlap" in flags) == ("tp_comm_overlap=True" in bridge.recipe_override_py(plan))
