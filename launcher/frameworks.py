@@ -3,6 +3,8 @@
 - Megatron-LM (launcher/megatron.py): pretrain_gpt.py flags for the layout, the schedule and
   the whole network, the overlaps the estimate assumed, the FP8 recipe, and the environment
   Megatron asserts (CUDA_DEVICE_MAX_CONNECTIONS=1).
+- Megatron-Bridge (launcher/bridge.py): the same values as a recipe override of its
+  ConfigContainer (model provider, train, dataset, ddp, optimizer, overlap, precision).
 - torchtitan (launcher/torchtitan.py): `--section.field` overrides and a recipe hook, for
   the released 0.3.0 (default) or the main branch.
 
