@@ -3,7 +3,7 @@
 `ModelSpec` holds what the cost model needs (layers, widths, heads, experts). Building the
 same network in Megatron-LM or torchtitan also needs the rotary base and scaling, the norm
 kind, biases, qk-norm, dropout and multi-head latent attention dims, which do not change the
-cost. They come from the model's HuggingFace config.json: the preset file (examples/models/)
+cost. They come from the model's HuggingFace config.json: the preset file (planner/data/models/)
 or the config path the plan was made from. Defaults per `model_type` are those of the
 transformers config classes (LlamaConfig, Qwen2Config, NemotronConfig, GPT2Config...).
 
