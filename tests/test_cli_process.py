@@ -27,8 +27,12 @@ ESTIMATE_KEYS = {"step_time_s", "tokens_per_s", "mfu", "tflops_per_gpu", "fits",
 
 
 def _run(argv: list[str], cwd: Path, exe: list[str] | None = None) -> subprocess.CompletedProcess:
+    env = None
+    if exe is not None:  # the wheel's venv: nothing from this checkout may leak in
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     exe = exe or [sys.executable, "-m", "planner.cli"]
-    return subprocess.run([*exe, *argv], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run([*exe, *argv], capture_output=True, text=True, cwd=cwd, timeout=300,
+                          env=env)
 
 
 def _strict_json(text: str):
@@ -121,9 +125,10 @@ def wheel_venv(tmp_path_factory) -> Path:
 
 def test_wheel_in_a_fresh_venv_has_its_presets(wheel_venv, tmp_path):
     exe = [str(wheel_venv / "bin" / "meshplan")]
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     where = subprocess.run([str(wheel_venv / "bin" / "python"), "-c",
                             "import planner; print(planner.__file__)"], capture_output=True,
-                           text=True, cwd=tmp_path)
+                           text=True, cwd=tmp_path, env=clean)
     assert str(wheel_venv) in where.stdout, f"imported {where.stdout} (not the wheel)"
     models = _run(["models"], tmp_path, exe)
     assert models.returncode == 0 and "llama3.1-70b" in models.stdout, models.stderr

@@ -3,8 +3,8 @@ Megatron-LM arguments say.
 
 Megatron-Bridge's config classes do not import here (they pull in transformers, Transformer
 Engine and a GPU stack), so the released wheels' sources (megatron-bridge 0.3.1,
-megatron-core 0.16.1; `.ci/run` downloads them without dependencies into .ci/wheels, or
-MESHPLAN_WHEELS) are read with `ast`: every `cfg.<section>.<field>` the override sets must be
+megatron-core 0.16.1; tests/external_packages.py downloads them without dependencies into .ci/wheels on
+first use, or MESHPLAN_WHEELS) are read with `ast`: every `cfg.<section>.<field>` the override sets must be
 a dataclass field of that section's class (or a base class), and the mixed-precision recipe a
 registered one. The override's model fields must equal the TransformerConfig values the
 Megatron-LM flags produce (the ones benchmarks/check_megatron_args.py compares with the plan).
@@ -24,9 +24,11 @@ import pytest
 from launcher import bridge
 
 sys.path.insert(0, str(Path(__file__).parent))
+import external_packages  # noqa: E402
 import launch_plans  # noqa: E402
 
 WHEELS = Path(os.environ.get("MESHPLAN_WHEELS", Path(__file__).resolve().parents[1] / ".ci" / "wheels"))
+external_packages.ensure_bridge_wheels(WHEELS)
 SECTIONS = {  # ConfigContainer section -> (module path in the wheels, class), bases follow
     "model": [("megatron/bridge/models/gpt_provider.py", "GPTModelProvider"),
               ("megatron/core/transformer/transformer_config.py", "TransformerConfig"),
@@ -55,7 +57,7 @@ def _sources() -> dict[str, str]:
 
 SOURCES = _sources()
 pytestmark = pytest.mark.skipif(not SOURCES, reason=f"megatron-bridge 0.3.1 / megatron-core 0.16.1 "
-                                f"wheels not in {WHEELS} (.ci/run: pip download --no-deps)")
+                                f"wheels not in {WHEELS} (tests/external_packages.py could not download them: no package index?)")
 
 
 def _fields(path: str, cls: str) -> set[str]:

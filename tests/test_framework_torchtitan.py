@@ -1,8 +1,8 @@
 """torchtitan 0.3.0 (what `pip install torchtitan` gives) accepts the arguments meshplan
 writes and builds the planned model with the planned stage split.
 
-The released wheel is installed without its dependencies (`.ci/run`: into .ci/torchtitan, or
-MESHPLAN_TORCHTITAN_PATH) with the few light packages its config path imports; tests/titan_check.py
+The released wheel is installed without its dependencies (on first use, by
+tests/external_packages.py into .ci/torchtitan, or MESHPLAN_TORCHTITAN_PATH) with the few light packages its config path imports; tests/titan_check.py
 then runs torchtitan's own ConfigManager.parse_args, ParallelDims.from_config and builds the
 model on the meta device, in one subprocess for all plans. Two cases reproduce the old
 mapping's failures (no --training.disable_cuda_graphs with pp > 1; the last stage naming
@@ -25,10 +25,12 @@ from launcher.architecture import architecture
 from launcher.torchtitan import titan_model
 
 sys.path.insert(0, str(Path(__file__).parent))
+import external_packages  # noqa: E402
 import launch_plans  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TITAN_PATH = os.environ.get("MESHPLAN_TORCHTITAN_PATH", str(ROOT / ".ci" / "torchtitan"))
+external_packages.ensure_torchtitan(Path(TITAN_PATH))
 STAND_IN = ["--module", "deepseek_v3", "--config", "deepseek_v3_debugmodel"]  # MoE, for layout only
 
 
@@ -47,8 +49,8 @@ def _titan_version() -> str | None:
 VERSION = _titan_version()
 pytestmark = pytest.mark.skipif(
     VERSION != "0.3.0",
-    reason=f"torchtitan 0.3.0 not installed (found {VERSION}); .ci/run installs it with "
-           f"pip install --no-deps --target {TITAN_PATH} torchtitan==0.3.0 ...")
+    reason=f"torchtitan 0.3.0 not in {TITAN_PATH} (found {VERSION}) and the package index "
+           "could not be reached to install it (tests/external_packages.py)")
 
 
 def _cases(plans) -> list[dict]:

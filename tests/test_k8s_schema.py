@@ -29,7 +29,7 @@ from planner.specfiles import load_cluster, load_model
 sys.path.insert(0, str(Path(__file__).parent))
 import launch_plans  # noqa: E402
 
-jsonschema = pytest.importorskip("jsonschema", reason="pip install jsonschema (.ci/run does)")
+jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is in the dev extra: pip install -e '.[dev]'")
 
 CRD = Path(__file__).parent / "data" / "kubeflow.org_pytorchjobs.yaml"
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
