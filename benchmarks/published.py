@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cost_models import flops
+from cost_models.dims import derived_dp
 from cost_models.specs import ClusterSpec, Layout, ModelSpec, SpecError
 from planner.specfiles import load_cluster, load_model
 
@@ -117,9 +118,9 @@ def row_cluster(row: dict, gpus: int) -> ClusterSpec:
 
 
 def row_layouts(row: dict, family: str, model: ModelSpec, gpus: int) -> tuple[Layout, ...]:
-    tp, pp, cp = (int(_num(row[k]) or 1) for k in ("tp", "pp", "cp"))
-    vp = int(_num(row["vp"]) or 1)
-    dp = gpus // (tp * pp * cp)
+    given = {k: int(_num(row[k]) or 1) for k in ("tp", "pp", "cp", "vp")}
+    degrees = {**given, "dp": derived_dp(gpus, **given)}
+    tp, dp = degrees["tp"], degrees["dp"]
     seq = int(_num(row["seq"]))
     gbs = _num(row["gbs"])
     mbs = _num(row["mbs"])
@@ -134,7 +135,7 @@ def row_layouts(row: dict, family: str, model: ModelSpec, gpus: int) -> tuple[La
     for mb in mbs_options:
         g = int(gbs) if gbs else dp * mb
         for r in recomputes:
-            lay = Layout(tp=tp, pp=pp, dp=dp, cp=cp, vp=vp, micro_batch_size=mb,
+            lay = Layout(**degrees, micro_batch_size=mb,
                          global_batch_size=g, seq_len=seq, recompute=r,
                          sequence_parallel=modern and tp > 1,
                          distributed_optimizer=family != "megatron2021",

@@ -4,7 +4,7 @@ Bus-bandwidth conventions follow nccl-tests (doc/PERFORMANCE.md): for n ranks an
 rank, a ring all-reduce moves 2·(n-1)/n·S per rank, all-gather and reduce-scatter (n-1)/n·S
 (S = the full, unsharded buffer). Time = bytes_on_wire / bus_bandwidth + latency terms.
 
-Group placement follows Megatron-LM's rank order tp-cp-dp-pp: a group of `size` ranks with
+A group is (size, rank stride), as `cost_models.dims.ParallelDims.group` gives it; a group with
 rank stride `stride` has min(size, gpus_per_node // stride) members per node (at least 1).
 A group inside one node uses NVLink; a group spanning nodes is limited by the NICs its members
 on one node drive together (one NIC per GPU, rail-optimised), capped by NVLink.

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .dims import DEGREES, ParallelDims
 from .specs import RECOMPUTE_KINDS, Layout
 
-INT_FIELDS = ("tp", "pp", "dp", "cp", "ep", "vp", "micro_batch_size", "global_batch_size")
+INT_FIELDS = (*DEGREES, "micro_batch_size", "global_batch_size")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,11 @@ class LayoutGrid:
 
     def __len__(self) -> int:
         return len(self.tp)
+
+    @property
+    def dims(self) -> ParallelDims:
+        """The degrees as arrays (group sizes and strides broadcast over the grid)."""
+        return ParallelDims.of(self)
 
     @property
     def num_microbatches(self) -> np.ndarray:

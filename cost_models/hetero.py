@@ -7,7 +7,8 @@ slowest member link — and hands that view to the Megatron-style primitives of
 `pp_hop_time`, `step_tasks`). On a uniform cluster every view is the cluster itself, so the
 step time equals `megatron.estimate` exactly.
 
-Groups under rank order tp-cp-dp-pp (node rank k holds global ranks [kG, (k+1)G)):
+Groups under the rank order of `cost_models.dims.ParallelDims` (node rank k holds global
+ranks [kG, (k+1)G)):
 - TP and CP groups of pipeline stage s, replica d: their collectives run at the slowest link
   between any two member nodes (a ring is as fast as its slowest hop; NCCL may order the ring
   freely, so every pair counts) [Pipette, Yim et al. 2024, Sec. 4.1];
@@ -96,16 +97,15 @@ def fabric(cluster: ClusterSpec, style: str = "pipette") -> Fabric:
 
 
 def rank_nodes(layout: Layout, gpus_per_node: int, node_order) -> np.ndarray:
-    """Physical node index of every global rank, shape (pp, dp, cp, tp) (rank order
-    tp-cp-dp-pp: global rank = tp + T·(cp + C·(dp + D·pp)); node rank = rank // G)."""
+    """Physical node index of every global rank, indexed like `ParallelDims.rank_grid`
+    ([pp, dp, cp, tp]); node rank = global rank // G."""
     order = np.asarray(node_order, dtype=int)
     if order.shape != (layout.world // gpus_per_node,) or layout.world % gpus_per_node:
         raise SpecError(
             f"node order has {order.size} entries but the layout's {layout.world} GPUs fill "
             f"{layout.world / gpus_per_node:g} nodes of {gpus_per_node}; give one node per node rank"
         )
-    ranks = np.arange(layout.world)
-    return order[ranks // gpus_per_node].reshape(layout.pp, layout.dp, layout.cp, layout.tp)
+    return order[layout.dims.rank_grid() // gpus_per_node]
 
 
 def worst_link(fab: Fabric, groups) -> tuple[float, float]:

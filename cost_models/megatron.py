@@ -139,16 +139,17 @@ def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutG
     recompute = np.where(g.recompute == 2, fwd, np.where(g.recompute == 1, attn_f, 0.0))
     # TP: 2 all-reduces (or RS+AG with SP, same bytes) forward, 2 backward, 2 more when the
     # forward is recomputed; each moves the full [tokens x h] bf16 activation.
-    tp_bw = comm.group_bandwidth_Bps(t, 1, gpn, intra, inter)
-    tp_alpha = comm.group_latency_s(t, 1, gpn, a_intra, a_inter)
+    tpg, cpg = g.dims.group("tp"), g.dims.group("cp")
+    tp_bw = comm.group_bandwidth_Bps(tpg.size, tpg.stride, gpn, intra, inter)
+    tp_alpha = comm.group_latency_s(tpg.size, tpg.stride, gpn, a_intra, a_inter)
     one_ar = comm.all_reduce_time(2 * tokens * h, t, tp_bw, tp_alpha)
     tp_count = 4 + np.where(g.recompute == 2, 2, 0)
     tp_hidden = np.where(g.sequence_parallel, gpu.tp_comm_overlap, 0.0)  # TE overlap needs SP
     tp_comm = tp_count * one_ar * (1 - tp_hidden)
     # CP: ring attention passes K and V chunks around cp ranks, overlapped with attention
     # compute of the chunk in hand; backward also returns dK, dV (2x bytes).
-    cp_bw = comm.group_bandwidth_Bps(c, t, gpn, intra, inter)
-    cp_alpha = comm.group_latency_s(c, t, gpn, a_intra, a_inter)
+    cp_bw = comm.group_bandwidth_Bps(cpg.size, cpg.stride, gpn, intra, inter)
+    cp_alpha = comm.group_latency_s(cpg.size, cpg.stride, gpn, a_intra, a_inter)
     kv_chunk = 2 * 2 * b * (s / c) * model.kv_width / t
     ring_f = (c - 1) * comm.p2p_time(kv_chunk, cp_bw, cp_alpha)
     window = attn_f * (c - 1) / c
@@ -163,14 +164,15 @@ def expert_all_to_all(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, tok
                       per_pass) -> np.ndarray | float:
     """MoE token dispatch + combine per layer (averaged over layers), exposed: each forward,
     backward and recomputed forward moves every local token's top-k copies (h wide, bf16) to
-    their experts and back, over the expert-parallel group (rank stride tp*cp, Megatron-Core's
-    order tp-cp-ep-dp-pp). With sequence parallelism each tp rank sends its 1/tp of the tokens."""
+    their experts and back, over the expert-parallel group (`ParallelDims.group("ep")`).
+    With sequence parallelism each tp rank sends its 1/tp of the tokens."""
     if not model.is_moe:
         return 0.0
     intra, inter, a_intra, a_inter, gpn = _links(cluster)
     local = np.where(g.sequence_parallel, tokens / g.tp, tokens)
     nbytes = 2 * local * model.experts_top_k * model.hidden_size
-    one = comm.all_to_all_time(nbytes, g.ep, g.tp * g.cp, gpn, intra, inter, a_intra, a_inter)
+    epg = g.dims.group("ep")
+    one = comm.all_to_all_time(nbytes, epg.size, epg.stride, gpn, intra, inter, a_intra, a_inter)
     share = model.num_moe_layers / model.num_layers
     return share * 2 * per_pass * one  # dispatch + combine in each of the passes
 
@@ -215,20 +217,22 @@ def rank_params(model: ModelSpec, g: LayoutGrid, layers: np.ndarray, first, last
     """(replicated, expert) parameters held by one GPU of a pipeline rank with `layers` layers
     (`first`/`last`: boolean arrays, whether the rank holds the embedding / the LM head).
     Replicated parameters are split over tp and reduced over dp*cp; routed experts are split
-    over tp (expert tensor parallel = tp) and ep, and reduced over dp*cp/ep."""
+    over expert tp and ep, and reduced over the expert data-parallel group."""
     table = model.vocab_size * model.hidden_size / g.tp
     dense = layers * memory.dense_layer_params(model) / g.tp + np.where(first, table, 0.0)
     # The last rank holds the LM head (a copy of the embedding when tied and pp > 1).
     head = np.where(model.tied_embeddings & (g.pp == 1), 0.0, table) + model.hidden_size
-    expert = layers * memory.expert_layer_params(model) / (g.tp * g.ep)
+    dims = g.dims
+    expert = layers * memory.expert_layer_params(model) / (dims.expert_tp * dims.ep)
     return dense + np.where(last, head, 0.0), expert
 
 
 def pp_hop_time(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid) -> np.ndarray:
     """One pipeline send of a micro-batch's activation, split over tp (Megatron-LM's
-    scatter/gather optimisation), between neighbouring stages (rank stride tp*cp*dp)."""
+    scatter/gather optimisation), between neighbouring stages (`ParallelDims.stage_size`
+    ranks apart)."""
     intra, inter, a_intra, a_inter, gpn = _links(cluster)
-    stride = g.tp * g.cp * g.dp
+    stride = g.dims.stage_size
     bw = np.where(stride >= gpn, inter, comm.group_bandwidth_Bps(2, stride, gpn, intra, inter))
     alpha = comm.group_latency_s(2, stride, gpn, a_intra, a_inter)
     nbytes = 2 * g.micro_batch_size * g.seq_len / g.cp * model.hidden_size / g.tp
@@ -297,17 +301,19 @@ def rank_costs(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerT
     gpu = cluster.gpu
     intra, inter, a_intra, a_inter, gpn = _links(cluster)
     # Megatron-LM reduces gradients over the data-parallel x context-parallel group.
-    dpc = g.dp * g.cp
-    dp_bw = comm.group_bandwidth_Bps(dpc, g.tp, gpn, intra, inter)
-    dp_alpha = comm.group_latency_s(dpc, g.tp, gpn, a_intra, a_inter)
+    dims = g.dims
+    dpg, edpg = dims.group("dp_cp"), dims.group("edp")
+    dpc = dpg.size
+    dp_bw = comm.group_bandwidth_Bps(dpc, dpg.stride, gpn, intra, inter)
+    dp_alpha = comm.group_latency_s(dpc, dpg.stride, gpn, a_intra, a_inter)
     first = np.asarray(first) | (g.pp == 1)
     last = np.asarray(last) | (g.pp == 1)
     dense, expert = rank_params(model, g, layers, first, last)
     params = dense + expert
     grad_bytes = params * memory.GRAD_BYTES
-    edp = dpc // g.ep  # expert data-parallel group: ranks holding the same experts
-    edp_bw = comm.group_bandwidth_Bps(edp, g.tp * g.ep, gpn, intra, inter)
-    edp_alpha = comm.group_latency_s(edp, g.tp * g.ep, gpn, a_intra, a_inter)
+    edp = edpg.size  # expert data-parallel group: ranks holding the same experts
+    edp_bw = comm.group_bandwidth_Bps(edp, edpg.stride, gpn, intra, inter)
+    edp_alpha = comm.group_latency_s(edp, edpg.stride, gpn, a_intra, a_inter)
     comm_s = (_grad_sync(dense, dpc, dp_bw, dp_alpha, g.distributed_optimizer)
               + _grad_sync(expert, edp, edp_bw, edp_alpha, g.distributed_optimizer))
     window = layers * lt.compute + np.where(first, emb, 0.0) + np.where(last, head, 0.0)

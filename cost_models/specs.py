@@ -16,6 +16,9 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
+from .dims import DEGREES, ParallelDims
+from .errors import InfeasibleLayout, SpecError  # noqa: F401 - InfeasibleLayout re-exported
+
 GiB = 1 << 30
 
 MAX_GPUS = 1_000_000
@@ -38,21 +41,6 @@ MLP_KINDS: tuple[str, ...] = ("gated_silu", "gated_gelu", "gelu", "squared_relu"
 Schedule = Literal["1f1b", "interleaved"]
 NicKind = Literal["infiniband", "roce", "ethernet", "nvlink", "loopback"]
 NIC_KINDS: tuple[str, ...] = ("infiniband", "roce", "ethernet", "nvlink", "loopback")
-
-
-class SpecError(ValueError):
-    """A user-supplied spec or layout is malformed; the message says what to change."""
-
-
-class InfeasibleLayout(Exception):  # noqa: N818 - the domain name used across meshplan
-    """A valid layout that cannot run, e.g. it does not fit in GPU memory.
-
-    `estimate` (if set) holds the `Estimate` whose memory breakdown shows by how much.
-    """
-
-    def __init__(self, message: str, estimate: Estimate | None = None):
-        super().__init__(message)
-        self.estimate = estimate
 
 
 def _is_number(value: object) -> bool:
@@ -428,14 +416,15 @@ class ClusterSpec:
 
 @dataclass(frozen=True, slots=True)
 class Layout:
-    """One way to split a training step over GPUs (Megatron-LM rank order tp-cp-dp-pp)."""
+    """One way to split a training step over GPUs; its degrees are `dims` (`ParallelDims`,
+    which owns the rank order, the groups and the rules they obey)."""
 
     tp: int
     """Tensor-parallel degree (splits heads and MLP columns)."""
     pp: int
     """Pipeline-parallel degree (splits layers into stages)."""
     dp: int
-    """Data-parallel degree (replicas); world = tp*pp*dp*cp."""
+    """Data-parallel degree (replicas)."""
     micro_batch_size: int
     """Sequences per micro-batch per replica."""
     global_batch_size: int
@@ -462,8 +451,12 @@ class Layout:
     """Layers per (virtual) stage in model order, length pp*vp; None means as even as possible."""
 
     @property
+    def dims(self) -> ParallelDims:
+        return ParallelDims.of(self)
+
+    @property
     def world(self) -> int:
-        return self.tp * self.pp * self.dp * self.cp
+        return self.dims.world
 
     @property
     def schedule(self) -> Schedule:
@@ -482,7 +475,7 @@ class Layout:
 
     def validate(self, model: ModelSpec, num_gpus: int | None = None) -> None:
         """Raise SpecError explaining the first rule this layout breaks."""
-        for name in ("tp", "pp", "dp", "cp", "ep", "vp", "micro_batch_size", "global_batch_size", "seq_len"):
+        for name in (*DEGREES, "micro_batch_size", "global_batch_size", "seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_SEQ_LEN:
                 raise SpecError(f"{name.replace('_', '-')} must be an integer in 1..{MAX_SEQ_LEN:,}, "
@@ -494,34 +487,15 @@ class Layout:
             raise SpecError(f"recompute must be one of {RECOMPUTE_KINDS}, got {self.recompute!r}")
         if self.dtype not in DTYPES:
             raise SpecError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if num_gpus is not None and self.world != num_gpus:
-            raise SpecError(
-                f"tp*pp*cp*dp = {self.tp}*{self.pp}*{self.cp}*{self.dp} = {self.world} but the "
-                f"cluster has {num_gpus} GPUs; choose degrees whose product is {num_gpus}"
-            )
-        _check_divides(self.tp, model.num_heads, "tp", "attention heads",
-                       "each tensor-parallel rank holds whole heads (Megatron-LM)")
-        _check_divides(self.tp, model.num_kv_heads, "tp", "KV heads",
-                       "each tensor-parallel rank needs whole KV heads (GQA)")
+        self.dims.validate(model, num_gpus, self.seq_len)
         if self.sequence_parallel and self.tp == 1:
             raise SpecError("sequence parallel needs tp > 1; drop --sequence-parallel or raise --tp")
-        if self.cp > 1 and self.seq_len % (2 * self.cp):
-            raise SpecError(
-                f"seq-len {self.seq_len} must be divisible by 2*cp = {2 * self.cp}: context "
-                "parallelism splits each sequence into 2*cp chunks for causal load balance"
-            )
         if self.sequence_parallel and (self.seq_len // self.cp) % self.tp:
             raise SpecError(
                 f"seq-len/cp = {self.seq_len // self.cp} must be divisible by tp = {self.tp} "
                 "with sequence parallelism"
             )
         chunks = self.pp * self.vp
-        if chunks > model.num_layers:
-            raise SpecError(
-                f"pp*vp = {chunks} exceeds the model's {model.num_layers} layers; lower --pp or --vp"
-            )
-        if self.vp > 1 and self.pp == 1:
-            raise SpecError("vp > 1 (interleaved schedule) needs pp > 1")
         if self.layers_per_stage is not None:
             if len(self.layers_per_stage) != chunks or sum(self.layers_per_stage) != model.num_layers:
                 raise SpecError(
@@ -541,13 +515,6 @@ class Layout:
                 f"the interleaved schedule needs the micro-batch count ({self.num_microbatches}) "
                 f"to be a multiple of pp = {self.pp} (Megatron-LM); change gbs or mbs"
             )
-        if self.ep > 1:
-            if not model.is_moe:
-                raise SpecError("ep > 1 needs a mixture-of-experts model")
-            if model.num_experts % self.ep:
-                raise SpecError(f"ep={self.ep} must divide the {model.num_experts} experts")
-            if self.dp * self.cp % self.ep:
-                raise SpecError(f"ep={self.ep} must divide dp*cp={self.dp * self.cp}")
 
     def to_dict(self) -> dict:
         """The JSON/YAML form of DESIGN.md (schedule added, layers_per_stage when set)."""
@@ -570,24 +537,6 @@ class Layout:
             return cls(**kwargs)
         except TypeError as exc:
             raise SpecError(f"layout is incomplete: {exc}") from None
-
-
-def check_degrees_divide(tp: int, pp: int, cp: int, num_gpus: int) -> None:
-    """SpecError unless tp*pp*cp divides the GPU count (dp is what is left over)."""
-    if num_gpus % (tp * pp * cp):
-        raise SpecError(
-            f"tp*pp*cp = {tp}*{pp}*{cp} = {tp * pp * cp} does not divide the cluster's {num_gpus} "
-            "GPUs; choose degrees whose product divides the GPU count"
-        )
-
-
-def _check_divides(degree: int, count: int, flag: str, what: str, reason: str) -> None:
-    if count % degree:
-        options = [d for d in range(1, count + 1) if count % d == 0 and d <= 64]
-        raise SpecError(
-            f"{flag}={degree} does not divide the model's {count} {what} ({reason}); "
-            f"use one of {options}"
-        )
 
 
 def even_split(total: int, parts: int) -> tuple[int, ...]:

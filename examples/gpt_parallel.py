@@ -1,7 +1,8 @@
 """PyTorch-native parallelism for the example trainer: mesh, TP, FSDP2, pipeline, checkpoints.
 
-- Device mesh: `init_device_mesh(device, (pp, dp, cp, tp), ("pp", "dp", "cp", "tp"))`. The mesh is
-  row-major, so global rank = tp + tp*(cp + cp*(dp + dp*pp)): meshplan's rank order tp-cp-dp-pp.
+- Device mesh: `init_device_mesh(device, dims.mesh_shape, dims.mesh_names)` with the layout's
+  `ParallelDims` (slowest dimension first); the mesh is row-major, so its ranks follow meshplan's
+  rank order exactly.
 - Tensor parallel: DTensor `parallelize_module` with Megatron's split (Colwise wq/wk/wv/w1/w3,
   Rowwise wo/w2, vocab-sharded embedding and LM head); with sequence parallelism the norms use
   `SequenceParallel` and activations between blocks stay sharded along the sequence.
@@ -39,16 +40,16 @@ from torch.distributed.tensor.parallel import (
 
 from cost_models.specs import Layout
 
-MESH_DIMS = ("pp", "dp", "cp", "tp")
 STATE_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 """Flattened optimizer keys ("state.<param name>.exp_avg") are independent of how parameters
 are grouped into optimizers, which lets pipeline layouts reshard (as torchtitan does)."""
 
 
 def build_mesh(layout: Layout, device_type: str) -> DeviceMesh:
-    """The 4-D mesh (pp, dp, cp, tp); the process group must already be initialised."""
-    shape = (layout.pp, layout.dp, layout.cp, layout.tp)
-    return init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+    """The layout's device mesh (`ParallelDims.mesh_shape` / `mesh_names`, slowest first,
+    pp the first dimension); the process group must already be initialised."""
+    dims = layout.dims
+    return init_device_mesh(device_type, dims.mesh_shape, mesh_dim_names=dims.mesh_names)
 
 
 def _block_plan(sequence_parallel: bool) -> dict:
@@ -136,7 +137,7 @@ def embedding_groups(mesh: DeviceMesh, tied: bool) -> dist.ProcessGroup | None:
     pp = mesh.size(0)
     if not tied or pp == 1:
         return None
-    grid = mesh.mesh  # (pp, dp, cp, tp) tensor of global ranks
+    grid = mesh.mesh  # global ranks, pp first (`build_mesh`)
     mine = None
     for rest in grid[0].flatten().tolist():
         index = (grid[0] == rest).nonzero()[0].tolist()

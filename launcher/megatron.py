@@ -68,12 +68,18 @@ def megatron_pipeline_args(plan: Plan) -> list[str]:
     return _flag("pipeline-model-parallel-layout", "|".join(parts))
 
 
+DEGREE_FLAGS = {"tp": "tensor-model-parallel-size", "pp": "pipeline-model-parallel-size",
+                "cp": "context-parallel-size", "ep": "expert-model-parallel-size"}
+"""ParallelDims degree -> Megatron-LM flag; ep is written only when > 1 (MoE)."""
+
+
 def _parallel_args(plan: Plan) -> list[str]:
     lay = plan.layout
-    args = (_flag("tensor-model-parallel-size", lay.tp)
-            + _flag("pipeline-model-parallel-size", lay.pp) + _flag("context-parallel-size", lay.cp))
-    if lay.ep > 1:
-        args += _flag("expert-model-parallel-size", lay.ep)
+    dims = lay.dims
+    args = []
+    for name, flag in DEGREE_FLAGS.items():
+        if name != "ep" or dims.ep > 1:
+            args += _flag(flag, dims.size(name))
     if lay.sequence_parallel and lay.tp > 1:
         args.append("--sequence-parallel")
     return args + megatron_pipeline_args(plan)
@@ -107,7 +113,7 @@ def _overlap_args(plan: Plan) -> list[str]:
     args = ["--tp-comm-overlap"] if tp_overlap_assumed(plan) else []
     if lay.distributed_optimizer:
         args.append("--use-distributed-optimizer")
-    if lay.dp * lay.cp > 1 and gpu.dp_comm_overlap > 0:
+    if lay.dims.group("dp_cp").size > 1 and gpu.dp_comm_overlap > 0:
         args.append("--overlap-grad-reduce")
         if lay.distributed_optimizer:
             args.append("--overlap-param-gather")

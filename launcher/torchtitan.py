@@ -37,6 +37,11 @@ VERSIONS = ("0.3.0", "main")
 DEFAULT_VERSION = "0.3.0"
 MAIN_COMMIT = "b5bcd76c66d0acb1a08b176d9639425bc55e0b2a"
 SCHEDULES = {"1f1b": "1F1B", "interleaved": "Interleaved1F1B"}
+DEGREE_SETTINGS = {"tp": "parallelism.tensor_parallel_degree",
+                   "pp": "parallelism.pipeline_parallel_degree",
+                   "cp": "parallelism.context_parallel_degree",
+                   "ep": "parallelism.expert_parallel_degree"}
+"""ParallelDims degree -> torchtitan setting (dp is the FSDP shard degree, below)."""
 # meshplan preset -> (torchtitan module, config registry function) building the same model.
 TITAN_MODELS = {
     "llama3.1-8b": ("llama3", "llama3_8b"),
@@ -82,11 +87,9 @@ def _batch_settings(plan: Plan, version: str) -> dict[str, object]:
 def settings(plan: Plan, version: str = DEFAULT_VERSION) -> dict[str, object]:
     """torchtitan `section.field` -> value for the plan (without the pipeline split)."""
     lay = plan.layout
-    out: dict[str, object] = {
-        "parallelism.tensor_parallel_degree": lay.tp,
-        "parallelism.pipeline_parallel_degree": lay.pp,
-        "parallelism.context_parallel_degree": lay.cp,
-        "parallelism.expert_parallel_degree": lay.ep,
+    dims = lay.dims
+    out: dict[str, object] = {key: dims.size(name) for name, key in DEGREE_SETTINGS.items()}
+    out |= {
         "parallelism.data_parallel_shard_degree": lay.dp,
         "parallelism.data_parallel_replicate_degree": 1,
         "parallelism.fsdp_reshard_after_forward": "never",

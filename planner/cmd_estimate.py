@@ -14,7 +14,8 @@ from dataclasses import replace
 
 import click
 
-from cost_models.specs import RECOMPUTE_KINDS, Layout, SpecError, check_degrees_divide
+from cost_models.dims import ParallelDims
+from cost_models.specs import RECOMPUTE_KINDS, Layout
 
 from .engine import estimate_layout
 from .jsonout import to_json
@@ -52,25 +53,21 @@ from .verdict import TIGHT_FRACTION, memory_verdict
               callback=finite_range(0.0, 0.5),
               help="Fraction of GPU memory to keep free when judging fit (the same rule as plan).")
 def estimate(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model,
-             as_json, tp, pp, cp, ep, vp, dp, micro_batch_size, recompute, sequence_parallel,
-             distributed_optimizer, mem_headroom):
+             as_json, micro_batch_size, recompute, sequence_parallel, distributed_optimizer,
+             mem_headroom, **degrees):
     """Predict step time, throughput, MFU and peak memory of one layout."""
     prob = resolve_problem(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size,
                            dtype, cost_model)
     world = prob.cluster.world_size
-    if world % (tp * pp * cp):  # the model's own rules (heads, layers...) say more, if broken
-        Layout(tp=tp, pp=pp, dp=1, cp=cp, ep=ep, vp=vp, micro_batch_size=micro_batch_size,
-               global_batch_size=global_batch_size, seq_len=seq_len, recompute=recompute,
-               dtype=dtype).validate(prob.model)
-        check_degrees_divide(tp, pp, cp, world)
-    derived = world // (tp * pp * cp)
-    if dp is not None and dp != derived:
-        raise SpecError(f"--dp {dp} does not match GPUs/(tp*pp*cp) = {world}/{tp * pp * cp} = "
-                        f"{derived}; drop --dp or change the other degrees")
+    one = {**degrees, "dp": 1}
+    if world % ParallelDims(**one).world:  # the model's own rules (heads, layers...) say more, if broken
+        Layout(**one, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
+               seq_len=seq_len, recompute=recompute, dtype=dtype).validate(prob.model)
+    dims = ParallelDims.fill(world, **degrees)  # dp derived (and checked)
     layout = Layout(
-        tp=tp, pp=pp, dp=derived, cp=cp, ep=ep, vp=vp, micro_batch_size=micro_batch_size,
+        **dims.to_dict(), micro_batch_size=micro_batch_size,
         global_batch_size=global_batch_size, seq_len=seq_len, recompute=recompute,
-        sequence_parallel=tp > 1 if sequence_parallel is None else sequence_parallel,
+        sequence_parallel=dims.tp > 1 if sequence_parallel is None else sequence_parallel,
         distributed_optimizer=distributed_optimizer, dtype=dtype,
     )
     est = estimate_layout(prob, layout, mem_headroom)

@@ -56,8 +56,8 @@ from .search import SearchResult, SearchSpace, search_nodes
 @click.option("--max-tp", type=int, callback=_positive,
               help="Allow tp beyond one node's GPUs (default: tp stays inside a node).")
 def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model,
-         as_json, top_k, output, report, tp, pp, cp, vp, dp, ep, micro_batch_size, recompute,
-         mem_headroom, max_tp):
+         as_json, top_k, output, report, micro_batch_size, recompute, mem_headroom, max_tp,
+         **degrees):
     """Rank every valid TP/PP/CP/DP layout and write the fastest one that fits."""
     for path, option in ((output, "-o"), (report, "--report")):
         if path:
@@ -66,8 +66,8 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
                            dtype, cost_model)
     name = resolve_cost_model(cost_model, prob.cluster)
     space = SearchSpace(dtype=dtype, recompute=tuple(recompute) or RECOMPUTE_KINDS,
-                        headroom=mem_headroom, max_tp=max_tp, tp=tp, pp=pp, cp=cp, vp=vp, dp=dp, ep=ep,
-                        micro_batch_size=micro_batch_size)
+                        headroom=mem_headroom, max_tp=max_tp, micro_batch_size=micro_batch_size,
+                        **degrees)
     console = cli_console(stderr=as_json)
     hs = None
     with progress(f"planning {prob.model.name} on {prob.cluster.world_size:,} GPUs"):

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from cost_models.specs import ClusterSpec, Layout, ModelSpec, SpecError, check_degrees_divide
+from cost_models.specs import ClusterSpec, Layout, ModelSpec, SpecError
 
 FIXED_AXES = ("tp", "pp", "cp", "dp", "ep", "vp", "micro_batch_size")
 """SearchSpace fields a user can fix, with the LayoutGrid/Layout field of the same name."""
@@ -52,7 +52,7 @@ def explain_fixed(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_b
 def _broken_rule(model: ModelSpec, world: int, gpus_per_node: int, space, axis: str, value: int,
                  witnesses: list[Layout]) -> str:
     """The rule `value` breaks: a search-space bound it exceeds, else the message
-    `check_degrees_divide` / `Layout.validate` (what `estimate` runs) gives for valid layouts
+    `ParallelDims.fill` / `Layout.validate` (what `estimate` runs) gives for valid layouts
     with `axis` set to `value` (the most common one over the witnesses)."""
     bound = _space_bound(space, gpus_per_node, axis, value)
     if bound:
@@ -63,8 +63,7 @@ def _broken_rule(model: ModelSpec, world: int, gpus_per_node: int, space, axis: 
         try:
             trial.validate(model)  # the model's rules first, then the GPU count
             if axis != "dp" and space.dp is None:  # dp is what the other degrees leave over
-                check_degrees_divide(trial.tp, trial.pp, trial.cp, world)
-                trial = replace(trial, dp=world // (trial.tp * trial.pp * trial.cp))
+                trial = replace(trial, dp=trial.dims.refill(world).dp)
             trial.validate(model, world)
         except SpecError as exc:
             text = str(exc).rstrip(".")

@@ -38,7 +38,7 @@ from cost_models.specs import (
 )
 
 from .ilp_partition import partition_layers
-from .ilp_placement import grid_shape, place_nodes
+from .ilp_placement import place_nodes
 from .search import SearchResult, SearchSpace, layout_key, search
 
 PLACEMENT_BUDGET_S = 6.0
@@ -177,7 +177,7 @@ def candidate_orders(model, cluster, fab, layout: Layout, time_limit_s: float = 
     if grouped != own:
         out.append((grouped, "grouped", "heuristic"))
     try:
-        stages, blocks = grid_shape(layout.tp, layout.cp, layout.dp, layout.pp, fab.gpus_per_node)
+        stages, blocks = layout.dims.node_grid(fab.gpus_per_node)
     except SpecError:
         return out  # a node holds several stages: no node-level placement to choose
     if n == 1:
@@ -306,7 +306,7 @@ def _shortlist(plans, limit: int = MAX_LAYOUTS, per_shape: int = PER_SHAPE) -> l
     seen, count, out = set(), {}, []
     for est in plans:
         lay = replace(est.layout, layers_per_stage=None)
-        shape = (lay.tp, lay.cp, lay.dp, lay.pp)
+        shape = lay.dims.mesh_key
         if layout_key(lay) in seen or count.get(shape, 0) >= per_shape:
             continue
         seen.add(layout_key(lay))
@@ -337,11 +337,11 @@ def search_hetero(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_b
     megatron.require_dense(model)
     fab = hetero.fabric(cluster, style)
     base, layouts = candidate_layouts(model, cluster, fab, seq_len, global_batch_size, space)
-    shapes = {(lay.tp, lay.cp, lay.dp, lay.pp) for lay in layouts}
+    shapes = {lay.dims.mesh_key for lay in layouts}
     time_limit_s = min(5.0, max(0.5, placement_budget_s / max(1, len(shapes))))
     orders_by_shape, placed = {}, []
     for lay in layouts:
-        shape = (lay.tp, lay.cp, lay.dp, lay.pp)
+        shape = lay.dims.mesh_key
         if shape not in orders_by_shape:
             orders_by_shape[shape] = candidate_orders(model, cluster, fab, lay, time_limit_s)
         found = best_of(model, cluster, fab, lay, orders_by_shape[shape], space.headroom)

@@ -270,7 +270,7 @@ def _cells(plan: Plan, order: tuple[int, ...]) -> list[tuple[int, int, int]]:
     """(node, column, row) per node rank: the stage x block grid when every node holds one
     stage, else one column per node rank."""
     lay = plan.layout
-    per_stage = lay.tp * lay.cp * lay.dp
+    per_stage = lay.dims.stage_size
     gpn = plan.gpus_per_node
     if per_stage % gpn == 0:
         blocks = per_stage // gpn

@@ -1,9 +1,9 @@
 """ILP for placing pipeline stages and data-parallel replica blocks onto non-uniform nodes.
 
-The rank grid. Under rank order tp-cp-dp-pp with G GPUs per node, node rank k holds global
-ranks [kG, (k+1)G). When tp*cp*dp is a multiple of G each node rank lies inside one pipeline
-stage, so node ranks form a grid of pp stages x R = tp*cp*dp/G replica blocks: node rank
-k -> stage k // R, block k % R (`grid_shape`). A placement maps node ranks to physical nodes.
+The rank grid. With G GPUs per node, node rank k holds global ranks [kG, (k+1)G). When a
+pipeline stage's ranks (`ParallelDims.stage_size`) are a multiple of G each node rank lies
+inside one stage, so node ranks form a grid of pp stages x R replica blocks: node rank
+k -> stage k // R, block k % R (`ParallelDims.node_grid`). A placement maps node ranks to physical nodes.
 
 The cost of a placement (`placement_cost`), all per training step, in seconds:
 
@@ -119,18 +119,6 @@ class _Problem:
 
     def hop_s(self, s: int, bw_GBps: float) -> float:
         return float(self.hop_bytes[s] / (GB * bw_GBps))
-
-
-def grid_shape(tp: int, cp: int, dp: int, pp: int, gpus_per_node: int) -> tuple[int, int]:
-    """(stages, replica blocks) of the node-rank grid; SpecError when a node would straddle
-    two pipeline stages (tp*cp*dp not a multiple of the GPUs per node)."""
-    per_stage = tp * cp * dp
-    if per_stage % gpus_per_node:
-        raise SpecError(
-            f"placement: tp*cp*dp = {per_stage} GPUs per pipeline stage is not a multiple of "
-            f"{gpus_per_node} GPUs per node, so a node would hold two stages; change tp/cp/dp"
-        )
-    return pp, per_stage // gpus_per_node
 
 
 def placement_cost(

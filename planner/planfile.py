@@ -10,7 +10,7 @@ Format (version `meshplan: 1`), self-contained so it can be re-read without the 
     stages:                      # one per virtual stage (model chunk), in model order
       - {index: 0, pp_rank: 0, chunk: 0, first_layer: 0, last_layer: 20}   # [first, last)
     placement:
-      rank_order: tp-cp-dp-pp    # global rank = tp + tp_size*(cp + cp_size*(dp + dp_size*pp))
+      rank_order: tp-cp-dp-pp    # cost_models.dims.RANK_ORDER (tp fastest)
       node_order: [node3, node0, ...]   # node rank i runs on node_order[i]
     estimate: {estimate --json object}
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cost_models.dims import RANK_ORDER
 from cost_models.specs import ClusterSpec, Layout, ModelSpec, SpecError
 
 from .fileio import write_atomic
@@ -35,7 +36,6 @@ from .specfiles import (
 )
 
 PLAN_FORMAT = 1
-RANK_ORDER = "tp-cp-dp-pp"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +55,7 @@ class Stage:
 
 @dataclass(frozen=True, slots=True)
 class RankCoords:
-    """Where a global rank sits in the (pp, dp, cp, tp) grid."""
+    """Where a global rank sits in the mesh (`ParallelDims.coords`)."""
 
     pp: int
     dp: int
@@ -115,12 +115,8 @@ def stage_ranges(layout: Layout, num_layers: int) -> tuple[Stage, ...]:
 
 
 def rank_coords(rank: int, layout: Layout) -> RankCoords:
-    """Coordinates of `rank` under rank order tp-cp-dp-pp (tp fastest, as Megatron-LM)."""
-    tp = rank % layout.tp
-    rest = rank // layout.tp
-    cp = rest % layout.cp
-    rest //= layout.cp
-    return RankCoords(pp=rest // layout.dp, dp=rest % layout.dp, cp=cp, tp=tp)
+    """Coordinates of `rank` in the layout's mesh (the owner's rank order)."""
+    return RankCoords(**layout.dims.coords(rank))
 
 
 def write_plan(plan: Plan, path: str | Path) -> None:

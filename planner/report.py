@@ -13,14 +13,7 @@ from cost_models.specs import Estimate, Layout
 
 def layout_label(lay: Layout) -> str:
     """Compact layout description, e.g. 'tp4 pp4 cp2 dp2 vp5 mbs1 sel sp'."""
-    parts = [f"tp{lay.tp}", f"pp{lay.pp}"]
-    if lay.cp > 1:
-        parts.append(f"cp{lay.cp}")
-    parts.append(f"dp{lay.dp}")
-    if lay.ep > 1:
-        parts.append(f"ep{lay.ep}")
-    if lay.vp > 1:
-        parts.append(f"vp{lay.vp}")
+    parts = lay.dims.label_parts()
     parts.append(f"mbs{lay.micro_batch_size}")
     if lay.recompute != "none":
         parts.append({"selective": "rc-sel", "full": "rc-full"}[lay.recompute])

@@ -9,14 +9,13 @@ re-split the layers of the leaders (uneven stages where it pays).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field, replace
 from functools import cache
 
 import numpy as np
 
-from cost_models import megatron
+from cost_models import dims, megatron
 from cost_models.grid import LayoutGrid, rank_layer_counts
 from cost_models.specs import (
     RECOMPUTE_KINDS,
@@ -96,44 +95,29 @@ class SearchResult:
         return self.candidates / self.seconds if self.seconds else float("inf")
 
 
-@cache
-def _divisors(n: int) -> tuple[int, ...]:
-    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
-    return tuple(small + [n // d for d in reversed(small) if d * d != n])
-
-
 def divisors(n: int) -> list[int]:
     """Divisors of n in increasing order (trial division up to sqrt(n))."""
-    return list(_divisors(n))
-
-
-def _allowed(value: int | None, options: list[int]) -> list[int]:
-    return [o for o in options if value is None or o == value]
+    return dims.divisors(n)
 
 
 def degree_combos(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
-                  space: SearchSpace) -> np.ndarray:
-    """Rows (tp, cp, pp, dp, ep) with tp*cp*pp*dp = world, tp dividing the (KV) heads and within
-    an NVLink domain, cp splitting the sequence into 2*cp chunks, pp <= layers, and for MoE
-    models ep dividing both the experts and dp*cp (experts are spread over data-parallel ranks,
-    Megatron-Core); ep = 1 for dense models."""
+                  space: SearchSpace) -> dict[str, np.ndarray]:
+    """Columns (one per degree of `ParallelDims` but vp) of every valid degree combination:
+    mesh degrees whose product is `world`, tp dividing the (KV) heads and within an NVLink
+    domain, cp splitting the sequence, pp <= layers, and ep among `dims.expert_degrees`."""
     max_tp = space.max_tp or gpus_per_node
-    tps = [t for t in divisors(world) if model.num_heads % t == 0 and model.num_kv_heads % t == 0
-           and t <= max_tp]
-    cps = [c for c in divisors(world) if c <= space.max_cp and (c == 1 or seq_len % (2 * c) == 0)]
+    allowed = {"tp": [t for t in divisors(world) if dims.tp_splits(t, model) and t <= max_tp],
+               "cp": [c for c in divisors(world) if c <= space.max_cp and dims.cp_splits(c, seq_len)]}
+    fixed = {name: getattr(space, name) for name in dims.MESH_ORDER}
     rows = []
-    for tp in _allowed(space.tp, tps):
-        for cp in _allowed(space.cp, cps):
-            if world % (tp * cp):
-                continue
-            for pp in _allowed(space.pp, divisors(world // (tp * cp))):
-                dp = world // (tp * cp * pp)
-                if pp > model.num_layers or (space.dp is not None and dp != space.dp):
-                    continue
-                eps = [e for e in divisors(model.num_experts) if (dp * cp) % e == 0] \
-                    if model.is_moe else [1]
-                rows.extend((tp, cp, pp, dp, ep) for ep in _allowed(space.ep, eps))
-    return np.array(rows, dtype=np.int64).reshape(-1, 5)
+    for combo in dims.mesh_degrees(world, fixed, allowed):
+        if combo["pp"] > model.num_layers:
+            continue
+        for ep in dims.expert_degrees(model, combo["dp"], combo["cp"]):
+            if space.ep in (None, ep):
+                rows.append({**combo, "ep": ep})
+    names = [n for n in dims.DEGREES if n != "vp"]
+    return {n: np.array([r[n] for r in rows], dtype=np.int64) for n in names}
 
 
 @cache
@@ -145,6 +129,7 @@ def generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
              global_batch_size: int, space: SearchSpace) -> LayoutGrid:
     """All valid candidates as a LayoutGrid (only valid rows are ever materialised)."""
     base = degree_combos(model, world, gpus_per_node, seq_len, space)
+    combos = len(base["tp"])
     vps = np.array([v for v in range(1, space.max_vp + 1) if space.vp in (None, v)])
     mbs = np.array([b for b in space.micro_batch_sizes if space.micro_batch_size in (None, b)])
     if space.micro_batch_size is not None and not len(mbs):
@@ -152,30 +137,38 @@ def generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
     recs = np.array([RECOMPUTE_KINDS.index(r) for r in space.recompute])
     sps = np.array(space.sequence_parallel)
     dopts = np.array(space.distributed_optimizer)
-    axes = np.meshgrid(np.arange(len(base)), vps, mbs, recs, sps, dopts, indexing="ij")
+    axes = np.meshgrid(np.arange(combos), vps, mbs, recs, sps, dopts, indexing="ij")
     b, v, mb, rc, sp, do = (a.ravel() for a in axes)
-    tp, cp, pp, dp, ep = base[b].T
-    m = global_batch_size // np.maximum(dp * mb, 1)
-    ok = (global_batch_size % (dp * mb) == 0) & (pp * v <= model.num_layers)
-    ok &= (v == 1) | ((pp > 1) & (m % pp == 0))           # Megatron: interleaving needs m % pp == 0
-    ok &= np.where(tp == 1, ~sp, (seq_len // cp) % tp == 0)  # SP only with tp > 1, s/cp split by tp
-    ok &= do | (dp * cp > 1)                                  # without DP both optimisers coincide
+    d = dims.ParallelDims(**{n: col[b] for n, col in base.items()}, vp=v)
+    m = global_batch_size // np.maximum(d.dp * mb, 1)
+    ok = (global_batch_size % (d.dp * mb) == 0) & (d.pp * d.vp <= model.num_layers)
+    ok &= (d.vp == 1) | ((d.pp > 1) & (m % d.pp == 0))  # Megatron: interleaving needs m % pp == 0
+    ok &= np.where(d.tp == 1, ~sp, (seq_len // d.cp) % d.tp == 0)  # SP only with tp > 1, s/cp split by tp
+    ok &= do | (d.group("dp_cp").size > 1)  # without DP both optimisers coincide
     idx = np.nonzero(ok)[0]
-    tp, cp, pp, dp, v, mb, ep = tp[idx], cp[idx], pp[idx], dp[idx], v[idx], mb[idx], ep[idx]
-    counts = np.array([_rank_counts(model.num_layers, int(p), int(q)) for p, q in zip(pp, v, strict=False)],
+    degrees = {n: col[idx] for n, col in d.to_dict().items()}
+    counts = np.array([_rank_counts(model.num_layers, int(p), int(q))
+                       for p, q in zip(degrees["pp"], degrees["vp"], strict=True)],
                       dtype=np.int64).reshape(-1, 3)
     return LayoutGrid(
-        tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, vp=v, micro_batch_size=mb,
-        global_batch_size=np.full_like(tp, global_batch_size), recompute=rc[idx],
+        **degrees, micro_batch_size=mb[idx],
+        global_batch_size=np.full_like(degrees["tp"], global_batch_size), recompute=rc[idx],
         sequence_parallel=sp[idx], distributed_optimizer=do[idx],
         flash_attention=np.full(len(idx), space.flash_attention), layers_first=counts[:, 0],
         layers_last=counts[:, 1], layers_mid=counts[:, 2], seq_len=seq_len, dtype=space.dtype,
     )
 
 
+SIMPLER_FIRST = ("tp", "pp", "cp", "vp", "recompute")
+"""Tie-break of equal step times: smaller values of these first, in this priority."""
+FAMILY = ("tp", "pp", "cp")
+"""Degrees that define a layout family (the explanation compares the best of each)."""
+
+
 def _order(grid: LayoutGrid, step: np.ndarray) -> np.ndarray:
-    """Deterministic ranking: step time, then simpler layouts (smaller tp, pp, cp, vp)."""
-    return np.lexsort((grid.recompute, grid.vp, grid.cp, grid.pp, grid.tp, np.round(step, 9)))
+    """Deterministic ranking: step time, then simpler layouts (`SIMPLER_FIRST`)."""
+    keys = [getattr(grid, name) for name in reversed(SIMPLER_FIRST)]
+    return np.lexsort((*keys, np.round(step, 9)))
 
 
 def refine_partition(model: ModelSpec, cluster: ClusterSpec, est: Estimate,
@@ -279,15 +272,15 @@ def search(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_batch_si
 
 def _family_leaders(res, grid: LayoutGrid, order, fits, gpu, headroom: float,
                     winner: Layout | None, count: int = 4) -> tuple[Estimate, ...]:
-    """The fastest fitting layout of each (tp, pp, cp) family other than the winner's."""
+    """The fastest fitting layout of each `FAMILY` other than the winner's."""
     if winner is None:
         return ()
-    seen = {(winner.tp, winner.pp, winner.cp)}
+    seen = {tuple(getattr(winner, name) for name in FAMILY)}
     out = []
     for i in order:
         if not fits[i]:
             break  # order puts every non-fitting candidate last
-        key = (int(grid.tp[i]), int(grid.pp[i]), int(grid.cp[i]))
+        key = tuple(int(getattr(grid, name)[i]) for name in FAMILY)
         if key in seen:
             continue
         seen.add(key)
@@ -330,11 +323,11 @@ def _may_have_candidates(model: ModelSpec, world: int, gpus_per_node: int, seq_l
     """Cheap necessary condition for `generate` to yield a layout on `world` GPUs: some degree
     combination whose dp times an allowed micro-batch size divides the global batch."""
     rows = degree_combos(model, world, gpus_per_node, seq_len, space)
-    if not len(rows):
+    if not len(rows["dp"]):
         return False
     mbs = [b for b in space.micro_batch_sizes if space.micro_batch_size in (None, b)] \
         or [space.micro_batch_size]
-    dp = np.unique(rows[:, 3])
+    dp = np.unique(rows["dp"])
     return any(global_batch_size % (int(d) * b) == 0 for d in dp for b in mbs)
 
 
@@ -366,8 +359,8 @@ def scaled_cluster(cluster: ClusterSpec, factor: int) -> ClusterSpec:
 
 
 def layout_key(lay: Layout) -> tuple:
-    return (lay.tp, lay.pp, lay.cp, lay.dp, lay.ep, lay.vp, lay.micro_batch_size, lay.recompute,
-            lay.sequence_parallel, lay.distributed_optimizer)
+    return (*lay.dims.key(), lay.micro_batch_size, lay.recompute, lay.sequence_parallel,
+            lay.distributed_optimizer)
 
 
 def plan_best(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_batch_size: int,

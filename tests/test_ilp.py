@@ -10,15 +10,11 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from cost_models.dims import ParallelDims
 from cost_models.specs import GiB, InfeasibleLayout, SpecError
 from planner import ilp_solver
-from planner.ilp import (
-    grid_shape,
-    node_classes,
-    partition_layers,
-    place_nodes,
-    placement_cost,
-)
+from planner.ilp_partition import partition_layers
+from planner.ilp_placement import node_classes, place_nodes, placement_cost
 
 # --------------------------------------------------------------------------------------------
 # brute force, written from the docstrings, independent of the ILP code
@@ -436,8 +432,8 @@ def test_placement_errors():
         placement_cost(np.full((4, 4), 10.0), [0, 1, 1, 2], 2, 2, np.ones(2), 1.0)
 
 
-def test_grid_shape():
-    assert grid_shape(tp=8, cp=1, dp=4, pp=2, gpus_per_node=8) == (2, 4)
-    assert grid_shape(tp=4, cp=2, dp=2, pp=3, gpus_per_node=8) == (3, 2)
+def test_node_grid():
+    assert ParallelDims(tp=8, cp=1, dp=4, pp=2).node_grid(8) == (2, 4)
+    assert ParallelDims(tp=4, cp=2, dp=2, pp=3).node_grid(8) == (3, 2)
     with pytest.raises(SpecError, match="not a multiple of 8"):
-        grid_shape(tp=2, cp=1, dp=2, pp=2, gpus_per_node=8)
+        ParallelDims(tp=2, cp=1, dp=2, pp=2).node_grid(8)
