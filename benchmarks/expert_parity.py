@@ -28,8 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from published import CSV, load_cases  # noqa: E402
 from validate_published import best_estimate  # noqa: E402
 
+from planner import engine  # noqa: E402
+from planner.options import Problem  # noqa: E402
 from planner.report import layout_label  # noqa: E402
-from planner.search import SearchSpace, layout_key, search_nodes  # noqa: E402
+from planner.search import SearchSpace, layout_key  # noqa: E402
 
 
 def rank_of(published_key: tuple, plans) -> int | None:
@@ -58,11 +60,11 @@ def main() -> None:
                       sequence_parallel=(lay.sequence_parallel,),
                       distributed_optimizer=(lay.distributed_optimizer,),
                       max_cp=full.max_cp if lay.flash_attention else 1)
+        prob = Problem(case.model, case.cluster, lay.seq_len, lay.global_batch_size, lay.dtype,
+                       "auto")
         try:
-            same = search_nodes(case.model, case.cluster, lay.seq_len, lay.global_batch_size,
-                                era, top_k=args.top_k)
-            free = search_nodes(case.model, case.cluster, lay.seq_len, lay.global_batch_size,
-                                full, top_k=1)
+            same = engine.plan(prob, era, top_k=args.top_k).result
+            free = engine.plan(prob, full, top_k=1).result
         except ValueError as exc:
             print(f"{case.label:<52} skipped: {exc}")
             continue

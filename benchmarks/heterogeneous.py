@@ -7,7 +7,7 @@ Clusters (examples/clusters/):
   pipette-16       16 H100 nodes with a measured pair-bandwidth matrix, ~20% of links slow
   mixed-a100-h100  4 A100 nodes + 4 H100 nodes
 
-For each: meshplan (`planner.hetero.search_hetero`, cost model as `--cost-model auto` picks);
+For each: meshplan (`planner.engine.plan`, cost model as `--cost-model auto` picks);
 the Megatron default (tp = GPUs per node, pp/dp/vp/mbs/recompute as a topology-blind planner
 picks them for the nominal uniform cluster, pipeline across nodes in node order, even layer
 split); and brute force over every distinct node order (nodes of one kind are
@@ -32,14 +32,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from cost_models import hetero  # noqa: E402
-from planner.engine import resolve_cost_model  # noqa: E402
+from planner import engine  # noqa: E402
 from planner.hetero import (  # noqa: E402
     PlacedPlan,
     brute_force,
     candidate_layouts,
-    search_hetero,
     uniform_plan,
 )
+from planner.options import Problem  # noqa: E402
 from planner.report import layout_label  # noqa: E402
 from planner.search import SearchSpace  # noqa: E402
 from planner.specfiles import cluster_from_dict, load_cluster, load_model  # noqa: E402
@@ -84,11 +84,11 @@ def random_best(model, cluster, fab, placed: PlacedPlan, count: int, seed: int =
 
 def run_case(path: Path, model_name: str, seq: int, gbs: int) -> list[dict]:
     cluster, model = load_cluster(str(path)), load_model(model_name)
-    style = resolve_cost_model("auto", cluster)
+    style = engine.resolve_cost_model("auto", cluster)
     fab = hetero.fabric(cluster, style)
     names = [n.name for n in cluster.nodes]
     start = time.perf_counter()
-    hs = search_hetero(model, cluster, seq, gbs, style=style, top_k=5)
+    hs = engine.plan(Problem(model, cluster, seq, gbs, "bf16", "auto"), top_k=5).hetero
     seconds = time.perf_counter() - start
     ours, default = hs.placed[0], default_plan(model, cluster, fab, seq, gbs)
     rows = [_row("meshplan", ours, model, cluster, fab, names),
@@ -129,7 +129,8 @@ def time_128() -> float:
 
     cluster = cluster_from_dict(measured_cluster_dict(128), "pipette-128")
     start = time.perf_counter()
-    hs = search_hetero(load_model("llama3.1-70b"), cluster, 4096, 1024, style="pipette")
+    prob = Problem(load_model("llama3.1-70b"), cluster, 4096, 1024, "bf16", "auto")
+    hs = engine.plan(prob).hetero  # auto: pipette (measured links)
     seconds = time.perf_counter() - start
     best = hs.placed[0]
     print(f"\n== 128-node measured cluster (1024 H100, 20% slow pairs): planned in {seconds:.1f} s; "

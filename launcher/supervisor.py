@@ -35,9 +35,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cost_models.specs import ClusterSpec, SpecError
+from cost_models.specs import ClusterSpec, InfeasibleLayout, SpecError
 from planner.fileio import write_atomic
-from planner.planfile import Plan, write_plan
+from planner.planfile import Plan, PlanRequest, write_plan
 
 from .monitor import (
     Incident,
@@ -176,12 +176,28 @@ def reduce_cluster(cluster: ClusterSpec, excluded: set[str]) -> ClusterSpec:
 
 
 def replan_best(plan: Plan, cluster: ClusterSpec) -> Plan:
-    """Default re-planner: the planner's best layout for the reduced cluster, same model,
-    sequence length, global batch size and dtype."""
-    from planner.search import plan_best  # lazy: the search is only needed after a fault
+    """Default re-planner: `meshplan plan`'s answer for the reduced cluster — same model,
+    sequence length, global batch size, dtype and the options the plan was made with (cost
+    model, fixed degrees, recompute, headroom; defaults for a plan file without them). A
+    fixed dp is dropped: it is derived from the GPU count, which just shrank.
+    InfeasibleLayout when nothing fits."""
+    # lazy: the planner is only needed after a fault
+    from planner import engine
+    from planner.options import Problem
+    from planner.search import SearchSpace
 
     lay = plan.layout
-    return plan_best(plan.model, cluster, lay.seq_len, lay.global_batch_size, dtype=lay.dtype)
+    request = plan.request or PlanRequest("auto", SearchSpace(dtype=lay.dtype))
+    prob = Problem(plan.model, cluster, lay.seq_len, lay.global_batch_size, lay.dtype,
+                   request.cost_model)
+    planned = engine.plan(prob, dataclasses.replace(request.space, dp=None), top_k=1)
+    if not planned.result.plans:
+        res = planned.result
+        raise InfeasibleLayout(
+            f"no layout of {plan.model.name} fits on {res.cluster.world_size} GPUs "
+            f"(closest needs {res.nearest[0].peak_GiB:.1f} GiB)" if res.nearest else
+            f"no layout of {plan.model.name} fits")
+    return planned.plans[0]
 
 
 # -- processes -------------------------------------------------------------------------------

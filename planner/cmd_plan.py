@@ -10,14 +10,15 @@ Exit status: 0 a plan was found, 3 nothing fits (advice printed), 2 bad input.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from cost_models.specs import RECOMPUTE_KINDS, Estimate
+from cost_models.specs import RECOMPUTE_KINDS
 
-from .engine import resolve_cost_model
+from . import engine
 from .explain import advise, explain
 from .fileio import check_output_file
 from .jsonout import to_json
@@ -31,7 +32,7 @@ from .options import (
 from .planfile import Plan, stage_ranges, write_plan
 from .progress import progress
 from .report import cli_console, layout_label
-from .search import SearchResult, SearchSpace, search_nodes
+from .search import SearchResult, SearchSpace
 
 
 @click.command("plan")
@@ -64,32 +65,21 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
             check_output_file(path, option)
     prob = resolve_problem(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size,
                            dtype, cost_model)
-    name = resolve_cost_model(cost_model, prob.cluster)
     space = SearchSpace(dtype=dtype, recompute=tuple(recompute) or RECOMPUTE_KINDS,
                         headroom=mem_headroom, max_tp=max_tp, micro_batch_size=micro_batch_size,
                         **degrees)
     console = cli_console(stderr=as_json)
-    hs = None
     with progress(f"planning {prob.model.name} on {prob.cluster.world_size:,} GPUs"):
-        if name != "megatron":  # heterogeneous: layouts, node placement and layer split together
-            from .hetero import search_hetero
-
-            hs = search_hetero(prob.model, prob.cluster, seq_len, global_batch_size, space,
-                               top_k, style=name)
-            res = hs.result
-        else:
-            res = search_nodes(prob.model, prob.cluster, seq_len, global_batch_size, space, top_k)
+        planned = engine.plan(prob, space, top_k)
+    res, hs, plans = planned.result, planned.hetero, list(planned.plans)
     if res.idle_nodes:
         console.print(f"[yellow]warning[/yellow]: no valid layout uses all {prob.cluster.num_nodes} "
                       f"nodes; planning for {res.cluster.num_nodes} and leaving "
                       f"{len(res.idle_nodes)} idle ({', '.join(res.idle_nodes[:4])})")
-    orders = hs.node_orders if hs is not None else [None] * len(res.plans)
-    plans = [_plan_of(prob.model, res, e, o) for e, o in zip(res.plans, orders, strict=True)]
     advice = []
     if not res.plans and hs is None:
         with progress("nothing fits; searching what would (more GPUs, recompute, fp8)"):
-            advice = advise(prob.model, res.cluster, seq_len, global_batch_size, space,
-                            res.nearest)
+            advice = advise(replace(prob, cluster=res.cluster), space, res.nearest)
     if as_json:
         out = _json(res, plans)
         if advice:
@@ -122,12 +112,6 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
         write_report(report, plans, hs if hs is not None else res)
         if not as_json:
             console.print(f"wrote {report}")
-
-
-def _plan_of(model, res: SearchResult, est: Estimate, order=None) -> Plan:
-    """order: node name per node rank (heterogeneous placement); None: the cluster's order."""
-    return Plan(model, res.cluster, est.layout, tuple(order or (n.name for n in res.cluster.nodes)),
-                est.to_dict())
 
 
 def _gpu_label(cluster) -> str:

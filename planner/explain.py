@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from cost_models.specs import ClusterSpec, Estimate, ModelSpec, SpecError
+from cost_models.specs import Estimate, SpecError
 
+from . import engine
+from .options import Problem
 from .report import layout_label
-from .search import SearchSpace, scaled_cluster, search_nodes
+from .search import SearchSpace, scaled_cluster
 
 PART_NAMES = {"compute": "compute", "tp_comm": "TP comm", "cp_comm": "CP comm", "ep_comm": "EP all-to-all",
               "pp_bubble": "pipeline bubble", "pp_p2p": "pipeline p2p", "dp_comm": "DP comm",
@@ -55,9 +57,10 @@ def explain(plans: tuple[Estimate, ...], alternatives: tuple[Estimate, ...]) -> 
     return lines
 
 
-def advise(model: ModelSpec, cluster: ClusterSpec, seq_len: int, gbs: int, space: SearchSpace,
-           nearest: tuple[Estimate, ...]) -> list[str]:
-    """When nothing fits: the closest miss, and variations that would fit (searched)."""
+def advise(prob: Problem, space: SearchSpace, nearest: tuple[Estimate, ...]) -> list[str]:
+    """When nothing fits: the closest miss, and variations of `prob` that would fit (each
+    planned by `engine.plan` with the same options)."""
+    cluster, seq_len = prob.cluster, prob.seq_len
     lines = []
     if nearest:
         n = nearest[0]
@@ -65,23 +68,24 @@ def advise(model: ModelSpec, cluster: ClusterSpec, seq_len: int, gbs: int, space
                      f"{n.capacity_GiB:.1f} GiB (over by {n.over_GiB:.1f} GiB)")
     tries = []
     if "full" not in space.recompute:
-        tries.append(("with --recompute full", model, cluster, seq_len,
+        tries.append(("with --recompute full", prob,
                       replace(space, recompute=("none", "selective", "full"))))
     for factor in (2, 4, 8, 16, 32, 64):
-        tries.append((f"with {factor}x the GPUs ({factor * cluster.world_size})", model,
-                      scaled_cluster(cluster, factor), seq_len, space))
+        tries.append((f"with {factor}x the GPUs ({factor * cluster.world_size})",
+                      replace(prob, cluster=scaled_cluster(cluster, factor)), space))
     for div in (2, 4):
         if seq_len % div == 0:
-            tries.append((f"with --seq-len {seq_len // div}", model, cluster, seq_len // div, space))
+            tries.append((f"with --seq-len {seq_len // div}", replace(prob, seq_len=seq_len // div),
+                          space))
     gpu = next(iter(cluster.gpu_types.values()))
-    if space.dtype == "bf16" and "fp8" in gpu.peak_tflops:
-        tries.append(("with --dtype fp8", model, cluster, seq_len, replace(space, dtype="fp8")))
+    if prob.dtype == "bf16" and "fp8" in gpu.peak_tflops:
+        tries.append(("with --dtype fp8", replace(prob, dtype="fp8"), space))
     found, more_gpus = 0, False
-    for label, m, c, s, sp in tries:
+    for label, variant, sp in tries:
         if more_gpus and "GPUs" in label:
             continue  # the smallest sufficient scale-up is enough
         try:
-            res = search_nodes(m, c, s, gbs, sp, top_k=1)
+            res = engine.plan(variant, sp, top_k=1).result
         except SpecError:
             continue
         if res.plans:

@@ -13,6 +13,9 @@ Format (version `meshplan: 1`), self-contained so it can be re-read without the 
       rank_order: tp-cp-dp-pp    # cost_models.dims.RANK_ORDER (tp fastest)
       node_order: [node3, node0, ...]   # node rank i runs on node_order[i]
     estimate: {estimate --json object}
+    planning:                    # how it was planned, so a re-plan uses the same options
+      cost_model: auto           # as given to --cost-model
+      space: {SearchSpace fields: recompute, headroom, fixed degrees, ...}
 
 Global rank r lives on node rank r // gpus_per_node, local rank r % gpus_per_node.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cost_models.dims import RANK_ORDER
 from cost_models.specs import ClusterSpec, Layout, ModelSpec, SpecError
@@ -34,6 +38,9 @@ from .specfiles import (
     model_to_dict,
     read_mapping,
 )
+
+if TYPE_CHECKING:
+    from .search import SearchSpace
 
 PLAN_FORMAT = 1
 
@@ -64,6 +71,25 @@ class RankCoords:
 
 
 @dataclass(frozen=True, slots=True)
+class PlanRequest:
+    """What the user asked the planner for: the cost model and the search space (options)."""
+
+    cost_model: str
+    space: SearchSpace
+
+    def to_dict(self) -> dict:
+        return {"cost_model": self.cost_model, "space": self.space.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data, where: str) -> PlanRequest:
+        from .search import SearchSpace
+
+        if not isinstance(data, dict) or not isinstance(data.get("cost_model"), str):
+            raise SpecError(f"{where}: planning must hold cost_model and space; regenerate the plan")
+        return cls(data["cost_model"], SearchSpace.from_dict(data.get("space") or {}, where))
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     model: ModelSpec
     cluster: ClusterSpec
@@ -72,6 +98,8 @@ class Plan:
     """Physical node name for each node rank."""
     estimate: dict
     """The estimate object (informative; launch does not depend on it)."""
+    request: PlanRequest | None = None
+    """How it was planned (None: unknown, e.g. a hand-written plan; re-plans use defaults)."""
 
     @property
     def stages(self) -> tuple[Stage, ...]:
@@ -89,7 +117,7 @@ class Plan:
         return rank_coords(rank, self.layout)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "meshplan": PLAN_FORMAT,
             "model": model_to_dict(self.model),
             "cluster": cluster_to_dict(self.cluster),
@@ -102,6 +130,9 @@ class Plan:
             "placement": {"rank_order": RANK_ORDER, "node_order": list(self.node_order)},
             "estimate": self.estimate,
         }
+        if self.request is not None:
+            out["planning"] = self.request.to_dict()
+        return out
 
 
 def stage_ranges(layout: Layout, num_layers: int) -> tuple[Stage, ...]:
@@ -146,7 +177,9 @@ def plan_from_dict(data: dict, where: str) -> Plan:
     estimate = data.get("estimate") or {}
     if not isinstance(estimate, dict):
         raise SpecError(f"{where}: estimate must be a mapping; regenerate the plan")
-    plan = Plan(model, cluster, layout, order, estimate)
+    request = PlanRequest.from_dict(data["planning"], f"{where}: planning") \
+        if data.get("planning") is not None else None
+    plan = Plan(model, cluster, layout, order, estimate, request)
     if "stages" in data:
         _check_stages(data["stages"], plan, where)
     return plan

@@ -10,7 +10,7 @@ re-split the layers of the leaders (uneven stages where it pays).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import cache
 
 import numpy as np
@@ -66,6 +66,23 @@ class SearchSpace:
     dp: int | None = None
     ep: int | None = None
     micro_batch_size: int | None = None
+
+    def to_dict(self) -> dict:
+        """The plan file's form (tuples as lists)."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str) -> SearchSpace:
+        known = {f.name: f for f in fields(cls)}
+        if not isinstance(data, dict) or set(data) - set(known):
+            extra = sorted(set(data) - set(known)) if isinstance(data, dict) else data
+            raise SpecError(f"{where}: unknown search-space keys {extra}; regenerate the plan")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise SpecError(f"{where}: bad search space: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,21 +378,3 @@ def scaled_cluster(cluster: ClusterSpec, factor: int) -> ClusterSpec:
 def layout_key(lay: Layout) -> tuple:
     return (*lay.dims.key(), lay.micro_batch_size, lay.recompute, lay.sequence_parallel,
             lay.distributed_optimizer)
-
-
-def plan_best(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_batch_size: int,
-              dtype: str = "bf16", space: SearchSpace | None = None):
-    """The fastest fitting plan for `cluster` as a `Plan` (used by `meshplan run` to re-plan
-    after excluding a node). SpecError/InfeasibleLayout when nothing fits."""
-    from .planfile import Plan
-
-    space = replace(space or SearchSpace(), dtype=dtype)
-    res = search_nodes(model, cluster, seq_len, global_batch_size, space, top_k=1)
-    if not res.plans:
-        raise InfeasibleLayout(
-            f"no layout of {model.name} fits on {res.cluster.world_size} GPUs "
-            f"(closest needs {res.nearest[0].peak_GiB:.1f} GiB)" if res.nearest else
-            f"no layout of {model.name} fits")
-    best = res.plans[0]
-    used = res.cluster
-    return Plan(model, used, best.layout, tuple(n.name for n in used.nodes), best.to_dict())

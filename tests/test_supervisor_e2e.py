@@ -53,15 +53,13 @@ def two_node_plan() -> Plan:
 
 
 def dp_replan(plan: Plan, cluster) -> Plan:
-    """Fallback re-planner (pure data parallel) while planner.search.plan_best is missing."""
+    """A re-planner that needs no search (pure data parallel), for the policy tests."""
     layout = dataclasses.replace(plan.layout, tp=1, pp=1, dp=cluster.world_size)
     return Plan(plan.model, cluster, layout, tuple(n.name for n in cluster.nodes), {})
 
 
 def default_replanner():
-    import planner.search as search
-
-    return replan_best if hasattr(search, "plan_best") else dp_replan
+    return replan_best
 
 
 @contextlib.contextmanager
