@@ -121,12 +121,6 @@ def worst_link(fab: Fabric, groups) -> tuple[float, float]:
     return float(bw), float(alpha)
 
 
-def hop_link(fab: Fabric, src: np.ndarray, dst: np.ndarray) -> tuple[float, float]:
-    """Slowest of the rank pairs' links src[i] -> dst[i] (intra-node where they coincide)."""
-    bw, alpha = fab.bw_Bps[src, dst], fab.latency_s[src, dst]
-    return float(bw.min()), float(alpha.max())
-
-
 def slowest_gpu(cluster: ClusterSpec, names, dtype: str) -> str:
     """The GPU type among `names` with the lowest dense peak of `dtype` (a stage runs at it)."""
     return min(sorted(set(names)), key=lambda k: cluster.gpu_types[k].peak_flops(dtype))
@@ -283,7 +277,7 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, fab: Fabric, layout: Layout
         for r, vw in enumerate(views[s]):
             lt, emb, head = costs.layer(vw.gpu, vw.tpcp)
             ends = (float(emb[0]) if s == 0 else 0.0) + (float(head[0]) if s == p - 1 else 0.0)
-            tau[s, r] = layers[s] * float(lt.total[0]) + ends
+            tau[s, r] = layers[s] * float(lt.total_s[0]) + ends
             hop[s, r] = costs.hop(vw.hop)
             parts[s, r] = (lt, ends)
     pipe = m * tau.max(axis=0) + (tau.sum(axis=0) - tau.max(axis=0)) / v
@@ -296,45 +290,55 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, fab: Fabric, layout: Layout
     lt, ends = parts[crit_s, crit_r]
     n = layers[crit_s]
     time = TimeBreakdown(
-        compute=m * (n * float(lt.compute[0]) + ends), tp_comm=m * n * float(lt.tp_comm[0]),
-        cp_comm=m * n * float(lt.cp_comm[0]),
-        pp_bubble=float(tau[:, crit_r].sum() - tau[crit_s, crit_r]) / v,
-        pp_p2p=float(p2p[crit_r]), dp_comm=max(r[0] for r in ranks),
-        optimizer=max(r[1] for r in ranks))
+        compute_s=m * (n * float(lt.compute_s[0]) + ends), tp_comm_s=m * n * float(lt.tp_comm_s[0]),
+        cp_comm_s=m * n * float(lt.cp_comm_s[0]),
+        pp_bubble_s=float(tau[:, crit_r].sum() - tau[crit_s, crit_r]) / v,
+        pp_p2p_s=float(p2p[crit_r]), dp_comm_s=max(r.dp_exposed_s for r in ranks),
+        optimizer_step_s=max(r.optimizer_step_s for r in ranks))
     est = _estimate(model, cluster, layout, time, ranks, fab.style)
     return HeteroResult(
         estimate=est, critical_replica=crit_r, critical_stage=crit_s,
         stage_time_s=tuple(tuple(map(float, row)) for row in tau),
         hop_s=tuple(tuple(map(float, row)) for row in hop),
         stage_gpu=tuple(slowest_gpu(cluster, [vw.gpu for vw in row], layout.dtype) for row in views),
-        stage_peak_GiB=tuple(r[2].peak / GiB for r in ranks),
-        stage_capacity_GiB=tuple(r[3] for r in ranks))
+        stage_peak_GiB=tuple(r.memory.peak_bytes / GiB for r in ranks),
+        stage_capacity_GiB=tuple(r.capacity_GiB for r in ranks))
 
 
-def _stage_ranks(cluster, costs: GroupCosts, views, layers, headroom):
-    """Per stage: (exposed DP s, optimizer s, MemoryBreakdown, capacity GiB) on its slowest GPU
-    (the DP reduction is bounded by the stage's DP link; memory by its smallest GPU)."""
+@dataclass(frozen=True, slots=True)
+class StageRank:
+    """One pipeline stage's DP reduction, optimizer and memory on its slowest GPU."""
+
+    dp_exposed_s: float
+    optimizer_step_s: float
+    memory: MemoryBreakdown
+    capacity_GiB: float
+    """Usable memory of the stage's smallest GPU."""
+
+
+def _stage_ranks(cluster, costs: GroupCosts, views, layers, headroom) -> list[StageRank]:
+    """Per stage, on its slowest GPU (the DP reduction is bounded by the stage's DP link;
+    memory by its smallest GPU)."""
     out = []
     dtype = costs.layout.dtype
     for s, row in enumerate(views):
         gpu = slowest_gpu(cluster, [vw.gpu for vw in row], dtype)
         rc = costs.rank(gpu, row[0].dp, layers[s], s)
-        mem = MemoryBreakdown(*(float(rc.memory[k][0]) for k in
-                                ("weights", "grads", "optimizer_state", "activations", "buffers")))
+        mem = MemoryBreakdown(**{k: float(v[0]) for k, v in rc.memory.items()})
         cap = min(megatron.capacity_GiB(cluster.gpu_types[vw.gpu], headroom) for vw in row)
-        out.append((float(rc.dp_exposed[0]), float(rc.optimizer[0]), mem, cap))
+        out.append(StageRank(float(rc.dp_exposed_s[0]), float(rc.optimizer_step_s[0]), mem, cap))
     return out
 
 
 def _estimate(model, cluster, layout, time: TimeBreakdown, ranks, style: str) -> Estimate:
     """The Estimate of DESIGN.md: memory of the tightest stage (peak / capacity), MFU against
     the mean dense peak of the GPUs that run the layout."""
-    tight = max(range(len(ranks)), key=lambda s: ranks[s][2].peak / GiB / ranks[s][3])
+    tight = max(range(len(ranks)), key=lambda s: ranks[s].memory.peak_bytes / GiB / ranks[s].capacity_GiB)
     peaks = [cluster.gpu_types[n.gpu].peak_flops(layout.dtype) * n.gpus for n in cluster.nodes]
     gbs = layout.global_batch_size
     hw = flops.hardware_flops_per_step(model, gbs, layout.seq_len, layout.recompute)
     return Estimate(
-        layout=layout, time=time, memory=ranks[tight][2], capacity_GiB=ranks[tight][3],
+        layout=layout, time=time, memory=ranks[tight].memory, capacity_GiB=ranks[tight].capacity_GiB,
         model_flops=float(flops.model_flops_per_step(model, gbs, layout.seq_len)),
         hardware_flops=float(hw), peak_flops_per_gpu=sum(peaks) / cluster.world_size,
         cost_model=style)

@@ -12,11 +12,12 @@ wraps it for one `Layout`. Both give the same numbers by construction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
 from . import comm, compute, flops, memory
+from .dims import Group
 from .grid import LayoutGrid
 from .simulator import StepTasks
 from .specs import (
@@ -55,51 +56,61 @@ ADAM_BYTES_PER_PARAM = 30
 class GridResult:
     """Vectorised estimate: every field an array over the grid's layouts (seconds, bytes)."""
 
-    compute: np.ndarray
-    tp_comm: np.ndarray
-    cp_comm: np.ndarray
-    ep_comm: np.ndarray
-    pp_bubble: np.ndarray
-    pp_p2p: np.ndarray
-    dp_comm: np.ndarray
-    optimizer: np.ndarray
-    weights: np.ndarray
-    grads: np.ndarray
-    optimizer_state: np.ndarray
-    activations: np.ndarray
-    buffers: np.ndarray
+    compute_s: np.ndarray
+    tp_comm_s: np.ndarray
+    cp_comm_s: np.ndarray
+    ep_comm_s: np.ndarray
+    pp_bubble_s: np.ndarray
+    pp_p2p_s: np.ndarray
+    dp_comm_s: np.ndarray
+    optimizer_step_s: np.ndarray
+    weights_bytes: np.ndarray
+    grads_bytes: np.ndarray
+    optimizer_state_bytes: np.ndarray
+    activations_bytes: np.ndarray
+    buffers_bytes: np.ndarray
     model_flops: float
     hardware_flops: np.ndarray
 
     @property
     def step_time_s(self) -> np.ndarray:
-        return (self.compute + self.tp_comm + self.cp_comm + self.pp_bubble + self.pp_p2p
-                + self.dp_comm + self.optimizer + self.ep_comm)
+        return (self.compute_s + self.tp_comm_s + self.cp_comm_s + self.pp_bubble_s + self.pp_p2p_s
+                + self.dp_comm_s + self.optimizer_step_s + self.ep_comm_s)
 
     @property
     def peak_bytes(self) -> np.ndarray:
-        return self.weights + self.grads + self.optimizer_state + self.activations + self.buffers
+        return (self.weights_bytes + self.grads_bytes + self.optimizer_state_bytes
+                + self.activations_bytes + self.buffers_bytes)
+
+    def time_row(self, i: int) -> TimeBreakdown:
+        """Row i's step-time parts (fields matched by name)."""
+        return TimeBreakdown(**{f.name: float(getattr(self, f.name)[i]) for f in fields(TimeBreakdown)})
+
+    def memory_row(self, i: int) -> MemoryBreakdown:
+        """Row i's memory parts (fields matched by name)."""
+        return MemoryBreakdown(**{f.name: float(getattr(self, f.name)[i])
+                                  for f in fields(MemoryBreakdown)})
 
 
 @dataclass(frozen=True, slots=True)
 class LayerTimes:
     """Per micro-batch, per layer, per GPU seconds (arrays over the grid)."""
 
-    fwd: np.ndarray
-    bwd: np.ndarray
-    recompute: np.ndarray
-    tp_comm: np.ndarray
-    cp_comm: np.ndarray
-    ep_comm: np.ndarray | float = 0.0
+    fwd_s: np.ndarray
+    bwd_s: np.ndarray
+    recompute_s: np.ndarray
+    tp_comm_s: np.ndarray
+    cp_comm_s: np.ndarray
+    ep_comm_s: np.ndarray | float = 0.0
     """Expert-parallel all-to-all (MoE), averaged over layers."""
 
     @property
-    def compute(self) -> np.ndarray:
-        return self.fwd + self.bwd + self.recompute
+    def compute_s(self) -> np.ndarray:
+        return self.fwd_s + self.bwd_s + self.recompute_s
 
     @property
-    def total(self) -> np.ndarray:
-        return self.compute + self.tp_comm + self.cp_comm + self.ep_comm
+    def total_s(self) -> np.ndarray:
+        return self.compute_s + self.tp_comm_s + self.cp_comm_s + self.ep_comm_s
 
 
 def require_dense(model: ModelSpec) -> None:
@@ -111,15 +122,39 @@ def require_dense(model: ModelSpec) -> None:
         )
 
 
-def _links(cluster: ClusterSpec):
-    """(intra Bps, inter Bps, intra alpha, inter alpha, gpus per node) of a homogeneous cluster."""
-    return (cluster.intra_node.effective_Bps, cluster.inter_node.effective_Bps,
-            cluster.intra_node.latency_s, cluster.inter_node.latency_s, cluster.gpus_per_node)
+@dataclass(frozen=True, slots=True)
+class Links:
+    """A homogeneous cluster's two link classes, as the collectives of a group see them."""
+
+    intra_Bps: float
+    inter_Bps: float
+    intra_latency_s: float
+    inter_latency_s: float
+    gpus_per_node: int
+
+    @classmethod
+    def of(cls, cluster: ClusterSpec) -> Links:
+        return cls(cluster.intra_node.effective_Bps, cluster.inter_node.effective_Bps,
+                   cluster.intra_node.latency_s, cluster.inter_node.latency_s,
+                   cluster.gpus_per_node)
+
+    def bandwidth_Bps(self, group: Group):
+        return comm.group_bandwidth_Bps(group.size, group.stride, self.gpus_per_node,
+                                        self.intra_Bps, self.inter_Bps)
+
+    def latency_s(self, group: Group):
+        return comm.group_latency_s(group.size, group.stride, self.gpus_per_node,
+                                    self.intra_latency_s, self.inter_latency_s)
+
+    def all_to_all_s(self, nbytes, group: Group):
+        return comm.all_to_all_time(nbytes, group.size, group.stride, self.gpus_per_node,
+                                    self.intra_Bps, self.inter_Bps, self.intra_latency_s,
+                                    self.inter_latency_s)
 
 
 def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutGrid) -> LayerTimes:
     """Time of one transformer layer for one micro-batch on one GPU, by part."""
-    intra, inter, a_intra, a_inter, gpn = _links(cluster)
+    links = Links.of(cluster)
     b, s, t, c = g.micro_batch_size, g.seq_len, g.tp, g.cp
     tokens = b * s / c  # tokens each GPU processes per micro-batch (CP splits the sequence)
     gemm = flops.layer_gemm_flops(model, tokens) / t
@@ -140,24 +175,23 @@ def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutG
     # TP: 2 all-reduces (or RS+AG with SP, same bytes) forward, 2 backward, 2 more when the
     # forward is recomputed; each moves the full [tokens x h] bf16 activation.
     tpg, cpg = g.dims.group("tp"), g.dims.group("cp")
-    tp_bw = comm.group_bandwidth_Bps(tpg.size, tpg.stride, gpn, intra, inter)
-    tp_alpha = comm.group_latency_s(tpg.size, tpg.stride, gpn, a_intra, a_inter)
+    tp_bw, tp_alpha = links.bandwidth_Bps(tpg), links.latency_s(tpg)
     one_ar = comm.all_reduce_time(2 * tokens * h, t, tp_bw, tp_alpha)
     tp_count = 4 + np.where(g.recompute == 2, 2, 0)
     tp_hidden = np.where(g.sequence_parallel, gpu.tp_comm_overlap, 0.0)  # TE overlap needs SP
     tp_comm = tp_count * one_ar * (1 - tp_hidden)
     # CP: ring attention passes K and V chunks around cp ranks, overlapped with attention
     # compute of the chunk in hand; backward also returns dK, dV (2x bytes).
-    cp_bw = comm.group_bandwidth_Bps(cpg.size, cpg.stride, gpn, intra, inter)
-    cp_alpha = comm.group_latency_s(cpg.size, cpg.stride, gpn, a_intra, a_inter)
+    cp_bw, cp_alpha = links.bandwidth_Bps(cpg), links.latency_s(cpg)
     kv_chunk = 2 * 2 * b * (s / c) * model.kv_width / t
     ring_f = (c - 1) * comm.p2p_time(kv_chunk, cp_bw, cp_alpha)
     window = attn_f * (c - 1) / c
     cp_fwd = np.maximum(ring_f - window, 0.0)
     cp_bwd = np.maximum(2 * ring_f - ATTENTION_BACKWARD_FACTOR * window, 0.0)
     cp_comm = np.where(c > 1, cp_fwd * (1 + (g.recompute == 2)) + cp_bwd, 0.0)
-    return LayerTimes(fwd, bwd, recompute, tp_comm, cp_comm,
-                      expert_all_to_all(model, cluster, g, tokens, tp_count // 2))
+    return LayerTimes(fwd_s=fwd, bwd_s=bwd, recompute_s=recompute, tp_comm_s=tp_comm,
+                      cp_comm_s=cp_comm,
+                      ep_comm_s=expert_all_to_all(model, cluster, g, tokens, tp_count // 2))
 
 
 def expert_all_to_all(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, tokens,
@@ -168,11 +202,9 @@ def expert_all_to_all(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, tok
     With sequence parallelism each tp rank sends its 1/tp of the tokens."""
     if not model.is_moe:
         return 0.0
-    intra, inter, a_intra, a_inter, gpn = _links(cluster)
     local = np.where(g.sequence_parallel, tokens / g.tp, tokens)
     nbytes = 2 * local * model.experts_top_k * model.hidden_size
-    epg = g.dims.group("ep")
-    one = comm.all_to_all_time(nbytes, epg.size, epg.stride, gpn, intra, inter, a_intra, a_inter)
+    one = Links.of(cluster).all_to_all_s(nbytes, g.dims.group("ep"))
     share = model.num_moe_layers / model.num_layers
     return share * 2 * per_pass * one  # dispatch + combine in each of the passes
 
@@ -231,10 +263,10 @@ def pp_hop_time(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid) -> np.nda
     """One pipeline send of a micro-batch's activation, split over tp (Megatron-LM's
     scatter/gather optimisation), between neighbouring stages (`ParallelDims.stage_size`
     ranks apart)."""
-    intra, inter, a_intra, a_inter, gpn = _links(cluster)
-    stride = g.dims.stage_size
-    bw = np.where(stride >= gpn, inter, comm.group_bandwidth_Bps(2, stride, gpn, intra, inter))
-    alpha = comm.group_latency_s(2, stride, gpn, a_intra, a_inter)
+    links = Links.of(cluster)
+    pair = Group(2, g.dims.stage_size)  # one rank and its neighbour in the next stage
+    bw = np.where(pair.stride >= links.gpus_per_node, links.inter_Bps, links.bandwidth_Bps(pair))
+    alpha = links.latency_s(pair)
     nbytes = 2 * g.micro_batch_size * g.seq_len / g.cp * model.hidden_size / g.tp
     return comm.p2p_time(nbytes, bw, alpha)
 
@@ -247,25 +279,25 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid) -> GridResul
     head, emb = head_time(model, gpu, g), embedding_time(model, gpu, g)
     single = p == 1
     # τ per rank kind (first, last, busiest middle); with pp == 1 one rank has both ends.
-    tau_first = g.layers_first * lt.total + emb + np.where(single, head, 0.0)
-    tau_last = np.where(single, tau_first, g.layers_last * lt.total + head)
-    tau_mid = g.layers_mid * lt.total
+    tau_first = g.layers_first * lt.total_s + emb + np.where(single, head, 0.0)
+    tau_last = np.where(single, tau_first, g.layers_last * lt.total_s + head)
+    tau_mid = g.layers_mid * lt.total_s
     taus = np.stack([tau_first, tau_last, tau_mid])
     crit = np.argmax(taus, axis=0)
     tau_max = np.max(taus, axis=0)
     layers_crit = np.choose(crit, [g.layers_first, g.layers_last, g.layers_mid])
     ends_crit = np.choose(crit, [emb + np.where(single, head, 0.0), head, np.zeros_like(head)])
     # Σ_r τ_r = all layers + both ends (pp == 1: the single rank's τ).
-    tau_sum = np.where(single, tau_first, model.num_layers * lt.total + emb + head)
+    tau_sum = np.where(single, tau_first, model.num_layers * lt.total_s + emb + head)
     bubble = (tau_sum - tau_max) / v
     hop = pp_hop_time(model, cluster, g)
     p2p = np.where(single, 0.0, 2 * (p - 1) * hop + 2 * m * v * hop * P2P_STEADY_EXPOSED)
     dp_exposed, opt_time, mem = _dp_optimizer_memory(model, cluster, g, lt, emb, head)
     return GridResult(
-        compute=m * (layers_crit * lt.compute + ends_crit),
-        tp_comm=m * layers_crit * lt.tp_comm, cp_comm=m * layers_crit * lt.cp_comm,
-        ep_comm=m * layers_crit * lt.ep_comm,
-        pp_bubble=bubble, pp_p2p=p2p, dp_comm=dp_exposed, optimizer=opt_time, **mem,
+        compute_s=m * (layers_crit * lt.compute_s + ends_crit),
+        tp_comm_s=m * layers_crit * lt.tp_comm_s, cp_comm_s=m * layers_crit * lt.cp_comm_s,
+        ep_comm_s=m * layers_crit * lt.ep_comm_s,
+        pp_bubble_s=bubble, pp_p2p_s=p2p, dp_comm_s=dp_exposed, optimizer_step_s=opt_time, **mem,
         model_flops=float(flops.model_flops_per_step(model, 1, g.seq_len)),
         hardware_flops=_hardware_flops(model, g),
     )
@@ -282,12 +314,12 @@ def _hardware_flops(model: ModelSpec, g: LayoutGrid) -> np.ndarray:
 class RankCosts:
     """One pipeline rank kind's DP reduction, optimizer and memory (arrays over the grid)."""
 
-    dp_comm: np.ndarray
-    """Full DP reduction time (before overlap), seconds."""
-    dp_exposed: np.ndarray
-    optimizer: np.ndarray
+    dp_comm_s: np.ndarray
+    """Full DP reduction time (before overlap)."""
+    dp_exposed_s: np.ndarray
+    optimizer_step_s: np.ndarray
     memory: dict
-    """weights, grads, optimizer_state, activations, buffers (bytes)."""
+    """Bytes by `MemoryBreakdown` field (`memory.rank_memory`)."""
 
     @property
     def total_bytes(self) -> np.ndarray:
@@ -299,42 +331,25 @@ def rank_costs(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerT
     """DP reduction, optimizer step and peak memory of pipeline rank `pp_rank` holding `layers`
     layers (`first`/`last`: it holds the embedding / the LM head)."""
     gpu = cluster.gpu
-    intra, inter, a_intra, a_inter, gpn = _links(cluster)
+    links = Links.of(cluster)
     # Megatron-LM reduces gradients over the data-parallel x context-parallel group.
     dims = g.dims
     dpg, edpg = dims.group("dp_cp"), dims.group("edp")
     dpc = dpg.size
-    dp_bw = comm.group_bandwidth_Bps(dpc, dpg.stride, gpn, intra, inter)
-    dp_alpha = comm.group_latency_s(dpc, dpg.stride, gpn, a_intra, a_inter)
+    dp_bw, dp_alpha = links.bandwidth_Bps(dpg), links.latency_s(dpg)
     first = np.asarray(first) | (g.pp == 1)
     last = np.asarray(last) | (g.pp == 1)
     dense, expert = rank_params(model, g, layers, first, last)
-    params = dense + expert
-    grad_bytes = params * memory.GRAD_BYTES
     edp = edpg.size  # expert data-parallel group: ranks holding the same experts
-    edp_bw = comm.group_bandwidth_Bps(edp, edpg.stride, gpn, intra, inter)
-    edp_alpha = comm.group_latency_s(edp, edpg.stride, gpn, a_intra, a_inter)
+    edp_bw, edp_alpha = links.bandwidth_Bps(edpg), links.latency_s(edpg)
     comm_s = (_grad_sync(dense, dpc, dp_bw, dp_alpha, g.distributed_optimizer)
               + _grad_sync(expert, edp, edp_bw, edp_alpha, g.distributed_optimizer))
-    window = layers * lt.compute + np.where(first, emb, 0.0) + np.where(last, head, 0.0)
+    window = layers * lt.compute_s + np.where(first, emb, 0.0) + np.where(last, head, 0.0)
     exposed = comm.overlapped(comm_s, window, gpu.dp_comm_overlap)
     local_opt = dense / np.where(g.distributed_optimizer, dpc, 1) \
         + expert / np.where(g.distributed_optimizer, edp, 1)
     opt = compute.memory_bound_time(ADAM_BYTES_PER_PARAM * local_opt, gpu)
-    fp8 = g.dtype == "fp8"
-    act_args = (model, g.micro_batch_size, g.seq_len, g.tp, g.cp, g.sequence_parallel)
-    per_layer = memory.activation_bytes_per_layer(*act_args, g.recompute, g.flash_attention, fp8)
-    no_recompute = memory.activation_bytes_per_layer(*act_args, "none", g.flash_attention, fp8)
-    inflight = memory.inflight_microbatches(g.pp, g.vp, g.num_microbatches, pp_rank)
-    act = per_layer * layers * inflight
-    act = act + np.where(g.recompute > 0, no_recompute - per_layer, 0.0)  # rematerialised layer
-    act = act + np.where(first, memory.embedding_output_bytes(*act_args) * inflight, 0.0)
-    act = act + np.where(last, memory.logits_bytes(*act_args[:5]), 0.0)
-    mem = dict(
-        weights=params * (memory.WEIGHT_BYTES + (memory.FP8_EXTRA_WEIGHT_BYTES if fp8 else 0)),
-        grads=grad_bytes, optimizer_state=local_opt * memory.OPTIMIZER_BYTES,
-        activations=act, buffers=memory.BUFFER_FIXED_BYTES + memory.FRAGMENTATION * act,
-    )
+    mem = memory.rank_memory(model, g, dense + expert, local_opt, layers, first, last, pp_rank)
     return RankCosts(comm_s, exposed, opt, mem)
 
 
@@ -358,9 +373,9 @@ def _dp_optimizer_memory(model, cluster, g, lt, emb, head):
     totals = np.stack([r.total_bytes for r in ranks[:2]] + [np.where(has_mid, ranks[2].total_bytes, -1.0)])
     worst = np.argmax(totals, axis=0)
     mem = {k: np.choose(worst, [r.memory[k] for r in ranks]) for k in ranks[0].memory}
-    exposed = np.max(np.stack([r.dp_exposed * (has_mid if i == 2 else 1)
+    exposed = np.max(np.stack([r.dp_exposed_s * (has_mid if i == 2 else 1)
                                for i, r in enumerate(ranks)]), axis=0)
-    opt = np.max(np.stack([r.optimizer for r in ranks]), axis=0)
+    opt = np.max(np.stack([r.optimizer_step_s for r in ranks]), axis=0)
     return exposed, opt, mem
 
 
@@ -380,14 +395,10 @@ def estimate(model: ModelSpec, cluster: ClusterSpec, layout: Layout,
 def result_estimate(r: GridResult, i: int, layout: Layout, gpu: GpuSpec,
                     headroom: float = DEFAULT_HEADROOM, cost_model: str = "megatron") -> Estimate:
     """Row i of a GridResult as an Estimate."""
-    time = TimeBreakdown(*(float(getattr(r, k)[i]) for k in
-                           ("compute", "tp_comm", "cp_comm", "pp_bubble", "pp_p2p", "dp_comm",
-                            "optimizer", "ep_comm")))
-    mem = MemoryBreakdown(*(float(getattr(r, k)[i]) for k in
-                            ("weights", "grads", "optimizer_state", "activations", "buffers")))
     gbs = layout.global_batch_size
     return Estimate(
-        layout=layout, time=time, memory=mem, capacity_GiB=capacity_GiB(gpu, headroom),
+        layout=layout, time=r.time_row(i), memory=r.memory_row(i),
+        capacity_GiB=capacity_GiB(gpu, headroom),
         model_flops=r.model_flops * gbs, hardware_flops=float(r.hardware_flops[i]) * gbs,
         peak_flops_per_gpu=gpu.peak_flops(layout.dtype), cost_model=cost_model,
     )
@@ -438,7 +449,7 @@ def stage_costs(model: ModelSpec, cluster: ClusterSpec, layout: Layout,
           for n in (0, 1)]
     extra = np.where(first, emb[0], 0.0) + np.where(last, head[0], 0.0)
     cap = capacity_GiB(gpu, headroom) * GiB
-    return StageCosts(float(lt.total[0]), extra, at[1] - at[0], at[0], np.full(p, cap))
+    return StageCosts(float(lt.total_s[0]), extra, at[1] - at[0], at[0], np.full(p, cap))
 
 
 def step_tasks(model: ModelSpec, cluster: ClusterSpec, layout: Layout) -> StepTasks:
@@ -447,11 +458,11 @@ def step_tasks(model: ModelSpec, cluster: ClusterSpec, layout: Layout) -> StepTa
     p, v = layout.pp, layout.vp
     stages = layout.stage_layers(model.num_layers)
     tp_count = 4 + (2 if layout.recompute == "full" else 0)
-    tp_f = float(lt.tp_comm[0]) * 2 / tp_count  # two forward collectives per layer
-    cp_f = float(lt.cp_comm[0]) / 3             # forward ring of three (fwd, bwd x2)
-    ep_f = float(np.asarray(lt.ep_comm).ravel()[0]) * 2 / tp_count  # forward's share of a2a
-    fwd_layer = float(lt.fwd[0]) + tp_f + cp_f + ep_f
-    bwd_layer = float(lt.total[0]) - fwd_layer
+    tp_f = float(lt.tp_comm_s[0]) * 2 / tp_count  # two forward collectives per layer
+    cp_f = float(lt.cp_comm_s[0]) / 3             # forward ring of three (fwd, bwd x2)
+    ep_f = float(np.asarray(lt.ep_comm_s).ravel()[0]) * 2 / tp_count  # forward's share of a2a
+    fwd_layer = float(lt.fwd_s[0]) + tp_f + cp_f + ep_f
+    bwd_layer = float(lt.total_s[0]) - fwd_layer
     last = p * v - 1
     fwd = [[0.0] * v for _ in range(p)]
     bwd = [[0.0] * v for _ in range(p)]
@@ -466,8 +477,8 @@ def step_tasks(model: ModelSpec, cluster: ClusterSpec, layout: Layout) -> StepTa
     for r in range(p):
         layers = np.array([sum(stages[r::p])])
         rc = rank_costs(model, cluster, g, lt, emb, head, layers, r == 0, r == p - 1, r)
-        dp.append(float(rc.dp_comm[0]))
-        opt.append(float(rc.optimizer[0]))
+        dp.append(float(rc.dp_comm_s[0]))
+        opt.append(float(rc.optimizer_step_s[0]))
     return StepTasks(
         pp=p, vp=v, num_microbatches=layout.num_microbatches,
         fwd_s=tuple(tuple(row) for row in fwd), bwd_s=tuple(tuple(row) for row in bwd),

@@ -65,11 +65,6 @@ def expert_layer_params(model: ModelSpec) -> float:
     return experts * model.num_moe_layers / model.num_layers
 
 
-def layer_params(model: ModelSpec) -> float:
-    """Parameters of one transformer layer (attention, MLP or all experts, two norm weights)."""
-    return dense_layer_params(model) + expert_layer_params(model)
-
-
 def activation_bytes_per_layer(model: ModelSpec, micro_batch, seq_len, tp, cp=1,
                                sequence_parallel=False, recompute="none",
                                flash_attention=True, fp8=False):
@@ -160,3 +155,28 @@ def embedding_output_bytes(model: ModelSpec, micro_batch, seq_len, tp, cp=1, seq
     sbh = micro_batch * (seq_len / cp) * model.hidden_size
     per = (2 + (1 if model.dropout else 0)) * sbh
     return np.where(sequence_parallel, per / tp, per)
+
+
+def rank_memory(model: ModelSpec, g, params, optimizer_params, layers, first, last,
+                pp_rank) -> dict[str, np.ndarray]:
+    """Peak bytes on one GPU of pipeline rank `pp_rank` of every layout in the grid `g`, by
+    part (`MemoryBreakdown` field names). The rank holds `params` parameters and the optimizer
+    state of `optimizer_params` of them (sharded over data parallelism with the distributed
+    optimizer), `layers` layers' activations for its in-flight micro-batches, and the
+    embedding output / logits when it is the first / last rank (`first`, `last`)."""
+    fp8 = g.dtype == "fp8"
+    act_args = (model, g.micro_batch_size, g.seq_len, g.tp, g.cp, g.sequence_parallel)
+    per_layer = activation_bytes_per_layer(*act_args, g.recompute, g.flash_attention, fp8)
+    no_recompute = activation_bytes_per_layer(*act_args, "none", g.flash_attention, fp8)
+    inflight = inflight_microbatches(g.pp, g.vp, g.num_microbatches, pp_rank)
+    act = per_layer * layers * inflight
+    act = act + np.where(g.recompute > 0, no_recompute - per_layer, 0.0)  # rematerialised layer
+    act = act + np.where(first, embedding_output_bytes(*act_args) * inflight, 0.0)
+    act = act + np.where(last, logits_bytes(*act_args[:5]), 0.0)
+    return {
+        "weights_bytes": params * (WEIGHT_BYTES + (FP8_EXTRA_WEIGHT_BYTES if fp8 else 0)),
+        "grads_bytes": params * GRAD_BYTES,
+        "optimizer_state_bytes": optimizer_params * OPTIMIZER_BYTES,
+        "activations_bytes": act,
+        "buffers_bytes": BUFFER_FIXED_BYTES + FRAGMENTATION * act,
+    }

@@ -562,50 +562,68 @@ def even_split(total: int, parts: int) -> tuple[int, ...]:
 class MemoryBreakdown:
     """Peak bytes on the most loaded GPU."""
 
-    weights: float
-    grads: float
-    optimizer: float
-    activations: float
-    buffers: float
+    weights_bytes: float
+    grads_bytes: float
+    optimizer_state_bytes: float
+    """Optimizer moments and fp32 master weights (the JSON's optimizer_GiB)."""
+    activations_bytes: float
+    buffers_bytes: float
     """Allowance for communication buffers, workspaces and allocator fragmentation."""
 
     @property
-    def peak(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations + self.buffers
+    def peak_bytes(self) -> float:
+        return (self.weights_bytes + self.grads_bytes + self.optimizer_state_bytes
+                + self.activations_bytes + self.buffers_bytes)
 
     def to_dict(self) -> dict:
-        out = {f"{f.name}_GiB": round(getattr(self, f.name) / GiB, 3) for f in fields(self)}
-        out["peak_GiB"] = round(self.peak / GiB, 3)
+        """weights_GiB, grads_GiB, optimizer_GiB, activations_GiB, buffers_GiB, peak_GiB."""
+        out = {_MEMORY_JSON.get(f.name, f.name.removesuffix("_bytes")) + "_GiB":
+               round(getattr(self, f.name) / GiB, 3) for f in fields(self)}
+        out["peak_GiB"] = round(self.peak_bytes / GiB, 3)
         return out
+
+
+_MEMORY_JSON = {"optimizer_state_bytes": "optimizer"}
+"""Field -> JSON name where they differ (the JSON names are DESIGN.md's contract)."""
+_TIME_JSON = {"optimizer_step_s": "optimizer_s"}
+COMM_FIELDS = ("tp_comm_s", "cp_comm_s", "ep_comm_s", "pp_p2p_s", "dp_comm_s")
+"""The communication parts of a step (TimeBreakdown fields and JSON keys alike): the "comm"
+column of every report."""
 
 
 @dataclass(frozen=True, slots=True)
 class TimeBreakdown:
     """Seconds of one step on the critical path, by cause (they add up to the step time)."""
 
-    compute: float
+    compute_s: float
     """Forward, backward and recompute of the slowest stage, all micro-batches."""
-    tp_comm: float
+    tp_comm_s: float
     """Exposed tensor-parallel collectives."""
-    cp_comm: float
+    cp_comm_s: float
     """Exposed context-parallel K/V exchange."""
-    pp_bubble: float
+    pp_bubble_s: float
     """Pipeline fill and drain idle time."""
-    pp_p2p: float
+    pp_p2p_s: float
     """Exposed pipeline point-to-point transfers."""
-    dp_comm: float
+    dp_comm_s: float
     """Exposed data-parallel gradient reduction / parameter gather."""
-    optimizer: float
-    """Optimizer step."""
-    ep_comm: float = 0.0
+    optimizer_step_s: float
+    """Optimizer step (the JSON's optimizer_s)."""
+    ep_comm_s: float = 0.0
     """Exposed expert-parallel all-to-all (token dispatch and combine; MoE only)."""
 
     @property
-    def total(self) -> float:
+    def total_s(self) -> float:
         return sum(getattr(self, f.name) for f in fields(self))
 
+    @property
+    def comm_s(self) -> float:
+        """Exposed communication of every kind (`COMM_FIELDS`)."""
+        return sum(getattr(self, name) for name in COMM_FIELDS)
+
     def to_dict(self) -> dict:
-        return {f"{f.name}_s": getattr(self, f.name) for f in fields(self)}
+        return {_TIME_JSON.get(f.name, f.name): getattr(self, f.name) for f in fields(self)}
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -627,7 +645,7 @@ class Estimate:
 
     @property
     def step_time_s(self) -> float:
-        return self.time.total
+        return self.time.total_s
 
     @property
     def tokens_per_s(self) -> float:
@@ -645,7 +663,7 @@ class Estimate:
 
     @property
     def peak_GiB(self) -> float:
-        return self.memory.peak / GiB
+        return self.memory.peak_bytes / GiB
 
     @property
     def fits(self) -> bool:

@@ -181,10 +181,10 @@ def _print(console: Console, prob, res: SearchResult, headroom: float) -> None:
                          no_wrap=col == "layout")
     for i, e in enumerate(res.plans, 1):
         t = e.time
-        comm = (t.tp_comm + t.cp_comm + t.ep_comm + t.pp_p2p + t.dp_comm) / e.step_time_s
+        comm = t.comm_s / e.step_time_s
         table.add_row(str(i), layout_label(e.layout), f"{e.step_time_s:.3f}",
                       f"{e.tokens_per_s:,.0f}", f"{100 * e.mfu:.1f}%",
-                      f"{e.peak_GiB:.1f}", f"{100 * t.pp_bubble / e.step_time_s:.1f}%",
+                      f"{e.peak_GiB:.1f}", f"{100 * t.pp_bubble_s / e.step_time_s:.1f}%",
                       f"{100 * comm:.1f}%")
     if res.plans:
         console.print(table)

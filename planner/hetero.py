@@ -127,7 +127,7 @@ def node_speeds(model: ModelSpec, cluster: ClusterSpec, fab: hetero.Fabric, layo
     """Relative speed per node (1.0 = the fastest GPU type): ratio of one layer's time."""
     costs = hetero.GroupCosts(model, cluster, layout)
     intra = (fab.bw_Bps[0, 0], fab.latency_s[0, 0])
-    layer = {g: float(costs.layer(g, intra)[0].total[0]) for g in set(fab.gpu)}
+    layer = {g: float(costs.layer(g, intra)[0].total_s[0]) for g in set(fab.gpu)}
     fastest = min(layer.values())
     return np.array([fastest / layer[g] for g in fab.gpu])
 
@@ -149,11 +149,11 @@ def _traffic(model, cluster, fab, layout: Layout):
     lt, emb, head = costs.layer(fast, (fab.bw_Bps[0, 0], fab.latency_s[0, 0]))
     for s in range(p):
         rc = costs.rank(fast, unit, layers[s], s)
-        comm = float(rc.dp_comm[0])
+        comm = float(rc.dp_comm_s[0])
         exposed = 1 - cluster.gpu_types[fast].dp_comm_overlap  # the part a slow link exposes
         coll[s] = comm * exposed * 1e9
         ends = (float(emb[0]) if s == 0 else 0.0) + (float(head[0]) if s == p - 1 else 0.0)
-        work[s] = m * (layers[s] * float(lt.total[0]) + ends)
+        work[s] = m * (layers[s] * float(lt.total_s[0]) + ends)
     # fill + drain cross each hop twice; the steady state adds ~m*v exposed sends per path
     weight = 2 + (m * v * 2 * megatron.P2P_STEADY_EXPOSED / (p - 1) if p > 1 else 0.0)
     hop = costs.hop(unit) * 1e9 * weight

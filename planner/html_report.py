@@ -19,7 +19,7 @@ import numpy as np
 
 from cost_models import hetero, megatron
 from cost_models.simulator import SimResult, simulate_step
-from cost_models.specs import SpecError
+from cost_models.specs import COMM_FIELDS, SpecError
 
 from .fileio import write_atomic
 from .hetero import plan_node_indices, plan_step_tasks
@@ -118,7 +118,7 @@ def _ranked_table(plans: list[Plan]) -> str:
     for i, p in enumerate(plans, 1):
         e, b = p.estimate, p.estimate.get("breakdown", {})
         step = e.get("step_time_s", float("nan"))
-        comm = sum(b.get(k, 0.0) for k in ("tp_comm_s", "cp_comm_s", "pp_p2p_s", "dp_comm_s"))
+        comm = sum(b.get(k, 0.0) for k in COMM_FIELDS)  # as the CLI's column, EP included
         split = " ".join(str(n) for n in p.layout.stage_layers(p.model.num_layers))
         rows.append(
             f"<tr class='{'win' if i == 1 else ''}'><td>{i}</td><td class='l'>{_esc(layout_label(p.layout))}</td>"
