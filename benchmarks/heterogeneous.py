@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from cost_models import hetero  # noqa: E402
+from cost_models import hetero, step_tasks  # noqa: E402
 from planner import engine  # noqa: E402
 from planner.hetero import (  # noqa: E402
     PlacedPlan,
@@ -54,7 +54,7 @@ RANDOM_ORDERS = 300
 
 def _row(name: str, placed: PlacedPlan, model, cluster, fab, names) -> dict:
     est = placed.result.estimate
-    sim, _, _ = hetero.simulate(model, cluster, fab, est.layout, placed.node_order)
+    sim, _, _ = step_tasks.simulate_placed(model, cluster, fab, est.layout, placed.node_order)
     return {"plan": name, "layout": layout_label(est.layout), "analytic_s": est.step_time_s,
             "simulated_s": sim, "order": placed.placement,
             "nodes": " ".join(names[i] for i in placed.node_order[:8])

@@ -4,7 +4,7 @@ Nothing here re-derives a formula. For every group of ranks the placement puts o
 nodes, the model builds the *homogeneous view* that group sees — its slowest GPU type and its
 slowest member link — and hands that view to the Megatron-style primitives of
 `cost_models.megatron` (`layer_times`, `embedding_time`, `head_time`, `rank_costs`,
-`pp_hop_time`, `step_tasks`). On a uniform cluster every view is the cluster itself, so the
+`pp_hop_time`; the simulator's inputs are `cost_models.step_tasks`). On a uniform cluster every view is the cluster itself, so the
 step time equals `megatron.estimate` exactly.
 
 Groups under the rank order of `cost_models.dims.ParallelDims` (node rank k holds global
@@ -23,10 +23,13 @@ Step time (generalising Narayanan et al. SC'21 Sec. 2.2 to per-stage τ_{s,d}):
     step = max_d T_d + max_s DP_exposed_s + max_s optimizer_s
 With equal τ and hops this is megatron.evaluate's formula term for term.
 
-Link styles (`fabric`):
-- pipette: `ClusterSpec.link_between` — measured per-pair matrices when the spec has them;
-- holmes: NIC-kind links only (the measured matrix ignored): a group inside one NIC kind uses
-  that fabric, a mixed group falls back to the common transport (`ClusterSpec._common_link`).
+Link styles (`STYLES`, used by `fabric`; `--cost-model pipette|holmes`):
+- pipette [Yim et al. 2024]: `ClusterSpec.link_between` — the measured per-pair matrices when
+  the spec has them (NIC-kind links where it has none); a pipeline hop costs its actual node
+  pair, a TP/CP/DP collective its slowest member link;
+- holmes [Yang et al. 2023]: NIC-kind links only (the measured matrix ignored): a group inside
+  one NIC kind uses that fabric, a mixed group falls back to the common transport
+  (`ClusterSpec._common_link`, e.g. TCP over Ethernet); stages run at their slowest GPU.
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ import numpy as np
 
 from . import flops, megatron
 from .grid import LayoutGrid
-from .simulator import StepTasks
 from .specs import (
     ClusterSpec,
     Estimate,
@@ -51,7 +53,8 @@ from .specs import (
     TimeBreakdown,
 )
 
-STYLES = ("pipette", "holmes")
+STYLES = {"pipette": True, "holmes": False}
+"""Link style -> whether it uses the cluster's measured per-pair links (module docstring)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +82,9 @@ class Fabric:
 def fabric(cluster: ClusterSpec, style: str = "pipette") -> Fabric:
     """The cluster's node-pair links under `style` (pipette: measured; holmes: NIC kinds)."""
     if style not in STYLES:
-        raise SpecError(f"link style must be one of {STYLES}, got {style!r}")
+        raise SpecError(f"link style must be one of {tuple(STYLES)}, got {style!r}")
     gpn = cluster.gpus_per_node  # SpecError when nodes differ in GPU count
-    source = cluster if style == "pipette" else replace(cluster, bandwidth_GBps=None, latency_s=None)
+    source = cluster if STYLES[style] else replace(cluster, bandwidth_GBps=None, latency_s=None)
     n = cluster.num_nodes
     bw, alpha = np.empty((n, n)), np.empty((n, n))
     for i in range(n):
@@ -354,52 +357,3 @@ def estimate(model: ModelSpec, cluster: ClusterSpec, layout: Layout,
     fab = fabric(cluster, style)
     order = range(cluster.num_nodes) if node_order is None else node_order
     return evaluate(model, cluster, fab, layout, order, headroom).estimate
-
-
-# --------------------------------------------------------------------------------------------
-# the step simulator's inputs
-# --------------------------------------------------------------------------------------------
-
-
-def step_tasks(model: ModelSpec, cluster: ClusterSpec, fab: Fabric, layout: Layout, node_order,
-               replica: int) -> StepTasks:
-    """Durations of one replica's pipeline (one DP rank) for `cost_models.simulator`.
-
-    Each pp rank's row is `megatron.step_tasks` on that stage's own view (GPU type and TP/CP
-    link), the transfers use the replica's actual hop links, and the DP reduction of a stage
-    uses its DP group's slowest link."""
-    megatron.require_dense(model)
-    views = stage_views(cluster, fab, layout, node_order)
-    costs = GroupCosts(model, cluster, layout)
-    p, v = layout.pp, layout.vp
-    fwd, bwd, dp, opt = [], [], [], []
-    for s in range(p):
-        vw = views[s][replica]
-        row = megatron.step_tasks(model, costs.view(vw.gpu, vw.tpcp), layout)
-        gpu = slowest_gpu(cluster, [x.gpu for x in views[s]], layout.dtype)
-        ranked = megatron.step_tasks(model, costs.view(gpu, vw.dp), layout)
-        fwd.append(row.fwd_s[s])
-        bwd.append(row.bwd_s[s])
-        dp.append(ranked.dp_comm_s[s])
-        opt.append(ranked.optimizer_s[s])
-    p2p = tuple(costs.hop(views[k % p][replica].hop) for k in range(p * v - 1))
-    overlap = min(cluster.gpu_types[g].dp_comm_overlap for g in set(fab.gpu))
-    return StepTasks(pp=p, vp=v, num_microbatches=layout.num_microbatches, fwd_s=tuple(fwd),
-                     bwd_s=tuple(bwd), p2p_s=p2p, dp_comm_s=tuple(dp), dp_overlap=overlap,
-                     optimizer_s=tuple(opt))
-
-
-def simulate(model: ModelSpec, cluster: ClusterSpec, fab: Fabric, layout: Layout, node_order):
-    """Simulated step of every distinct replica pipeline; returns (step seconds, SimResult of
-    the slowest replica, its index). Replicas with identical views are simulated once."""
-    from .simulator import simulate_step
-
-    views = stage_views(cluster, fab, layout, node_order)
-    seen: dict = {}
-    for r in range(layout.dp):
-        key = tuple(views[s][r] for s in range(layout.pp))
-        if key not in seen:
-            seen[key] = (simulate_step(step_tasks(model, cluster, fab, layout, node_order, r)), r)
-    sim, r = max(seen.values(), key=lambda sr: sr[0].step_time_s)
-    return sim.step_time_s, sim, r
-

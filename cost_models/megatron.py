@@ -19,7 +19,6 @@ import numpy as np
 from . import comm, compute, flops, memory
 from .dims import Group
 from .grid import LayoutGrid
-from .simulator import StepTasks
 from .specs import (
     ClusterSpec,
     Estimate,
@@ -409,7 +408,8 @@ def fits_mask(r: GridResult, gpu: GpuSpec, headroom: float = DEFAULT_HEADROOM) -
 
 
 # --------------------------------------------------------------------------------------------
-# Per-stage views of one layout: inputs of the partition ILP and of the step simulator.
+# Per-stage view of one layout: inputs of the partition ILP (the simulator's are in
+# cost_models/step_tasks.py).
 # --------------------------------------------------------------------------------------------
 
 
@@ -429,7 +429,8 @@ class StageCosts:
     capacity_bytes: np.ndarray
 
 
-def _single(layout: Layout, model: ModelSpec, cluster: ClusterSpec):
+def layout_parts(layout: Layout, model: ModelSpec, cluster: ClusterSpec):
+    """(grid of one, GPU, LayerTimes, embedding s, head s) of one layout on a uniform cluster."""
     g = LayoutGrid.from_layout(layout, model.num_layers)
     gpu = cluster.gpu
     return g, gpu, layer_times(model, gpu, cluster, g), embedding_time(model, gpu, g), \
@@ -440,7 +441,7 @@ def stage_costs(model: ModelSpec, cluster: ClusterSpec, layout: Layout,
                 headroom: float = DEFAULT_HEADROOM) -> StageCosts:
     """Linear per-rank time and memory model of `layout`, exact for any layer split: memory
     and time of rank r are affine in its layer count (see `rank_costs`)."""
-    g, gpu, lt, emb, head = _single(layout, model, cluster)
+    g, gpu, lt, emb, head = layout_parts(layout, model, cluster)
     p = layout.pp
     ranks = np.arange(p)
     first, last = ranks == 0, ranks == p - 1
@@ -450,38 +451,3 @@ def stage_costs(model: ModelSpec, cluster: ClusterSpec, layout: Layout,
     extra = np.where(first, emb[0], 0.0) + np.where(last, head[0], 0.0)
     cap = capacity_GiB(gpu, headroom) * GiB
     return StageCosts(float(lt.total_s[0]), extra, at[1] - at[0], at[0], np.full(p, cap))
-
-
-def step_tasks(model: ModelSpec, cluster: ClusterSpec, layout: Layout) -> StepTasks:
-    """Durations of one step per pipeline rank and virtual stage, for the event simulator."""
-    g, gpu, lt, emb, head = _single(layout, model, cluster)
-    p, v = layout.pp, layout.vp
-    stages = layout.stage_layers(model.num_layers)
-    tp_count = 4 + (2 if layout.recompute == "full" else 0)
-    tp_f = float(lt.tp_comm_s[0]) * 2 / tp_count  # two forward collectives per layer
-    cp_f = float(lt.cp_comm_s[0]) / 3             # forward ring of three (fwd, bwd x2)
-    ep_f = float(np.asarray(lt.ep_comm_s).ravel()[0]) * 2 / tp_count  # forward's share of a2a
-    fwd_layer = float(lt.fwd_s[0]) + tp_f + cp_f + ep_f
-    bwd_layer = float(lt.total_s[0]) - fwd_layer
-    last = p * v - 1
-    fwd = [[0.0] * v for _ in range(p)]
-    bwd = [[0.0] * v for _ in range(p)]
-    for k, n in enumerate(stages):
-        r, c = k % p, k // p
-        fwd[r][c] = n * fwd_layer + (float(emb[0]) / 3 if k == 0 else 0.0) \
-            + (float(head[0]) / 3 if k == last else 0.0)
-        bwd[r][c] = n * bwd_layer + (2 * float(emb[0]) / 3 if k == 0 else 0.0) \
-            + (2 * float(head[0]) / 3 if k == last else 0.0)
-    hop = float(pp_hop_time(model, cluster, g)[0])
-    dp, opt = [], []
-    for r in range(p):
-        layers = np.array([sum(stages[r::p])])
-        rc = rank_costs(model, cluster, g, lt, emb, head, layers, r == 0, r == p - 1, r)
-        dp.append(float(rc.dp_comm_s[0]))
-        opt.append(float(rc.optimizer_step_s[0]))
-    return StepTasks(
-        pp=p, vp=v, num_microbatches=layout.num_microbatches,
-        fwd_s=tuple(tuple(row) for row in fwd), bwd_s=tuple(tuple(row) for row in bwd),
-        p2p_s=tuple([hop] * (p * v - 1)), dp_comm_s=tuple(dp), dp_overlap=gpu.dp_comm_overlap,
-        optimizer_s=tuple(opt),
-    )

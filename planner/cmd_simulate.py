@@ -1,7 +1,7 @@
 """`meshplan simulate PLAN.yaml [--gantt out.png] [--json]`: a second opinion on a plan's step.
 
 The cost model turns the plan's model, cluster and layout into per-stage durations
-(`cost_models.megatron.step_tasks`); the event-driven simulator plays the pipeline schedule
+(`cost_models.step_tasks`); the event-driven simulator plays the pipeline schedule
 out op by op; the command prints the simulated step next to the plan's analytic estimate and
 can draw the timeline as a Gantt chart.
 """
@@ -23,12 +23,12 @@ def plan_step_tasks(plan: Plan) -> StepTasks:
     """The cost model's per-stage durations for the plan: the uniform Megatron model on a
     homogeneous cluster, the placement-aware one (actual hop links, per-stage GPUs) when the
     cluster has measured links or mixes NIC kinds / GPU types."""
-    from cost_models import megatron
+    from cost_models import step_tasks
 
     from .engine import resolve_cost_model
 
     if resolve_cost_model("auto", plan.cluster) == "megatron":
-        return megatron.step_tasks(plan.model, plan.cluster, plan.layout)
+        return step_tasks.uniform(plan.model, plan.cluster, plan.layout)
     from .hetero import plan_step_tasks as hetero_step_tasks
 
     return hetero_step_tasks(plan)

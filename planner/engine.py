@@ -12,19 +12,17 @@ types. `pipette` and `holmes` plan with `planner.hetero.search_hetero` (layout +
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, replace
 
-from cost_models import megatron
+from cost_models import hetero, megatron
 from cost_models.specs import ClusterSpec, Estimate, Layout, SpecError
 
 from .options import Problem
 from .planfile import Plan, PlanRequest
 from .search import SearchResult, SearchSpace, search_nodes
 
-# name -> module implementing `estimate(model, cluster, layout, headroom)`.
-MODULES = {"megatron": "cost_models.megatron", "pipette": "cost_models.pipette",
-           "holmes": "cost_models.holmes"}
+COST_MODELS = ("megatron", *hetero.STYLES)
+"""megatron (uniform clusters) and the heterogeneous model's link styles."""
 
 
 def resolve_cost_model(name: str, cluster: ClusterSpec) -> str:
@@ -35,20 +33,18 @@ def resolve_cost_model(name: str, cluster: ClusterSpec) -> str:
         if len({(n.gpu, n.nic) for n in cluster.nodes}) > 1:
             return "holmes"
         return "megatron"
-    if name not in MODULES:
-        raise SpecError(f"cost model {name!r} is not one of {sorted(MODULES)}; use megatron")
+    if name not in COST_MODELS:
+        raise SpecError(f"cost model {name!r} is not one of {sorted(COST_MODELS)}; use megatron")
     return name
-
-
-def cost_model_module(name: str):
-    return importlib.import_module(MODULES[name]) if name != "megatron" else megatron
 
 
 def estimate_layout(prob: Problem, layout: Layout, headroom: float = megatron.DEFAULT_HEADROOM
                     ) -> Estimate:
     """Validate and estimate one layout with the problem's cost model."""
     name = resolve_cost_model(prob.cost_model, prob.cluster)
-    return cost_model_module(name).estimate(prob.model, prob.cluster, layout, headroom)
+    if name == "megatron":
+        return megatron.estimate(prob.model, prob.cluster, layout, headroom)
+    return hetero.estimate(prob.model, prob.cluster, layout, headroom, style=name)
 
 
 @dataclass(frozen=True, slots=True)

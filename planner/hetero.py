@@ -404,11 +404,13 @@ def plan_node_indices(plan) -> tuple[int, ...]:
 def plan_step_tasks(plan):
     """StepTasks of a pipette/holmes plan's slowest replica (per-stage views, actual hop
     links), for `cost_models.simulator.simulate_step` / `meshplan simulate`."""
+    from cost_models import step_tasks
+
     style = plan.estimate.get("cost_model") if isinstance(plan.estimate, dict) else None
     fab = hetero.fabric(plan.cluster, style if style in hetero.STYLES else "pipette")
     order = plan_node_indices(plan)
-    _, _, replica = hetero.simulate(plan.model, plan.cluster, fab, plan.layout, order)
-    return hetero.step_tasks(plan.model, plan.cluster, fab, plan.layout, order, replica)
+    _, _, replica = step_tasks.simulate_placed(plan.model, plan.cluster, fab, plan.layout, order)
+    return step_tasks.placed(plan.model, plan.cluster, fab, plan.layout, order, replica)
 
 
 # --------------------------------------------------------------------------------------------

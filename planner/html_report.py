@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cost_models import hetero, megatron
+from cost_models import hetero, step_tasks
 from cost_models.simulator import SimResult, simulate_step
 from cost_models.specs import COMM_FIELDS, SpecError
 
@@ -81,7 +81,7 @@ def simulate_plan(plan: Plan) -> tuple[SimResult, tuple[int, ...]]:
     order = plan_node_indices(plan)
     if plan.estimate.get("cost_model", "megatron") in hetero.STYLES:
         return simulate_step(plan_step_tasks(plan)), order
-    return simulate_step(megatron.step_tasks(plan.model, plan.cluster, plan.layout)), order
+    return simulate_step(step_tasks.uniform(plan.model, plan.cluster, plan.layout)), order
 
 
 # --------------------------------------------------------------------------------------------

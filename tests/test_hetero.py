@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from cost_models import hetero, holmes, megatron, pipette
+from cost_models import hetero, megatron, step_tasks
 from cost_models.simulator import simulate_step
 from cost_models.specs import Layout
 from planner.hetero import brute_force, search_hetero, uniform_plan
@@ -47,11 +47,12 @@ def layouts(gbs=64, seq=4096):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("module", [pipette, holmes])
-def test_uniform_cluster_reproduces_megatron_exactly(module):
+@pytest.mark.parametrize("style", list(hetero.STYLES))
+def test_uniform_cluster_reproduces_megatron_exactly(style):
     model, cluster = load_model("llama3.1-70b"), load_cluster("dgx-h100", nodes=8)
     for lay in layouts():
-        ref, est = megatron.estimate(model, cluster, lay), module.estimate(model, cluster, lay)
+        ref = megatron.estimate(model, cluster, lay)
+        est = hetero.estimate(model, cluster, lay, style=style)
         assert est.step_time_s == pytest.approx(ref.step_time_s, rel=1e-9)
         for k, v in ref.time.to_dict().items():
             assert est.time.to_dict()[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
@@ -64,10 +65,10 @@ def test_analytic_and_simulated_agree_on_uniform_cluster():
     fab = hetero.fabric(cluster)
     for lay in layouts():
         analytic = hetero.evaluate(model, cluster, fab, lay, range(8)).estimate.step_time_s
-        simulated, _, _ = hetero.simulate(model, cluster, fab, lay, range(8))
+        simulated, _, _ = step_tasks.simulate_placed(model, cluster, fab, lay, range(8))
         assert simulated == pytest.approx(analytic, rel=0.05)
         # the per-replica tasks equal Megatron's on a uniform cluster
-        mt = simulate_step(megatron.step_tasks(model, cluster, lay)).step_time_s
+        mt = simulate_step(step_tasks.uniform(model, cluster, lay)).step_time_s
         assert simulated == pytest.approx(mt, rel=1e-9)
 
 
@@ -81,13 +82,13 @@ def test_measured_links_set_dp_and_hop_costs():
     assert views[0][1].hop[0] == pytest.approx(4.5e9)  # replica 1: n3 -> n2
     assert views[0][0].hop[0] == pytest.approx(45e9)   # replica 0: n0 -> n1
     model = load_model("llama3.1-8b")
-    measured = pipette.estimate(model, cluster, lay, node_order=(0, 3, 1, 2))
+    measured = hetero.estimate(model, cluster, lay, node_order=(0, 3, 1, 2), style="pipette")
     # Holmes ignores the matrix (every link is the NIC kind's 45 GB/s), so it is faster, and
     # every order costs the same on one NIC kind
-    nic = holmes.estimate(model, cluster, lay, node_order=(0, 3, 1, 2))
+    nic = hetero.estimate(model, cluster, lay, node_order=(0, 3, 1, 2), style="holmes")
     assert measured.time.dp_comm_s > 2 * nic.time.dp_comm_s
     assert measured.time.pp_p2p_s > nic.time.pp_p2p_s
-    assert nic.step_time_s == pytest.approx(holmes.estimate(model, cluster, lay).step_time_s)
+    assert nic.step_time_s == pytest.approx(hetero.estimate(model, cluster, lay, style="holmes").step_time_s)
 
 
 def test_mixed_nic_groups_fall_back_to_tcp():

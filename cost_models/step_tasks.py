@@ -1,0 +1,94 @@
+"""The event simulator's inputs: per-stage durations of one step from the cost models.
+
+`uniform` turns a layout on a uniform cluster into `StepTasks` with the Megatron model's
+primitives; `placed` does so for one data-parallel replica of a layout placed on a
+heterogeneous cluster (each stage on its own view, the replica's actual hop links), and
+`simulate_placed` simulates every distinct replica. `cost_models.simulator` plays them out.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import hetero, megatron
+from .hetero import Fabric
+from .simulator import StepTasks, simulate_step
+from .specs import ClusterSpec, Layout, ModelSpec
+
+
+def uniform(model: ModelSpec, cluster: ClusterSpec, layout: Layout) -> StepTasks:
+    """Durations of one step per pipeline rank and virtual stage on a uniform cluster (the
+    Megatron model's primitives)."""
+    g, gpu, lt, emb, head = megatron.layout_parts(layout, model, cluster)
+    p, v = layout.pp, layout.vp
+    stages = layout.stage_layers(model.num_layers)
+    tp_count = 4 + (2 if layout.recompute == "full" else 0)
+    tp_f = float(lt.tp_comm_s[0]) * 2 / tp_count  # two forward collectives per layer
+    cp_f = float(lt.cp_comm_s[0]) / 3             # forward ring of three (fwd, bwd x2)
+    ep_f = float(np.asarray(lt.ep_comm_s).ravel()[0]) * 2 / tp_count  # forward's share of a2a
+    fwd_layer = float(lt.fwd_s[0]) + tp_f + cp_f + ep_f
+    bwd_layer = float(lt.total_s[0]) - fwd_layer
+    last = p * v - 1
+    fwd = [[0.0] * v for _ in range(p)]
+    bwd = [[0.0] * v for _ in range(p)]
+    for k, n in enumerate(stages):
+        r, c = k % p, k // p
+        fwd[r][c] = n * fwd_layer + (float(emb[0]) / 3 if k == 0 else 0.0) \
+            + (float(head[0]) / 3 if k == last else 0.0)
+        bwd[r][c] = n * bwd_layer + (2 * float(emb[0]) / 3 if k == 0 else 0.0) \
+            + (2 * float(head[0]) / 3 if k == last else 0.0)
+    hop = float(megatron.pp_hop_time(model, cluster, g)[0])
+    dp, opt = [], []
+    for r in range(p):
+        layers = np.array([sum(stages[r::p])])
+        rc = megatron.rank_costs(model, cluster, g, lt, emb, head, layers, r == 0, r == p - 1, r)
+        dp.append(float(rc.dp_comm_s[0]))
+        opt.append(float(rc.optimizer_step_s[0]))
+    return StepTasks(
+        pp=p, vp=v, num_microbatches=layout.num_microbatches,
+        fwd_s=tuple(tuple(row) for row in fwd), bwd_s=tuple(tuple(row) for row in bwd),
+        p2p_s=tuple([hop] * (p * v - 1)), dp_comm_s=tuple(dp), dp_overlap=gpu.dp_comm_overlap,
+        optimizer_s=tuple(opt),
+    )
+
+
+def placed(model: ModelSpec, cluster: ClusterSpec, fab: Fabric, layout: Layout, node_order,
+           replica: int) -> StepTasks:
+    """Durations of one replica's pipeline (one DP rank) for `cost_models.simulator`.
+
+    Each pp rank's row is `uniform` on that stage's own view (GPU type and TP/CP
+    link), the transfers use the replica's actual hop links, and the DP reduction of a stage
+    uses its DP group's slowest link."""
+    megatron.require_dense(model)
+    views = hetero.stage_views(cluster, fab, layout, node_order)
+    costs = hetero.GroupCosts(model, cluster, layout)
+    p, v = layout.pp, layout.vp
+    fwd, bwd, dp, opt = [], [], [], []
+    for s in range(p):
+        vw = views[s][replica]
+        row = uniform(model, costs.view(vw.gpu, vw.tpcp), layout)
+        gpu = hetero.slowest_gpu(cluster, [x.gpu for x in views[s]], layout.dtype)
+        ranked = uniform(model, costs.view(gpu, vw.dp), layout)
+        fwd.append(row.fwd_s[s])
+        bwd.append(row.bwd_s[s])
+        dp.append(ranked.dp_comm_s[s])
+        opt.append(ranked.optimizer_s[s])
+    p2p = tuple(costs.hop(views[k % p][replica].hop) for k in range(p * v - 1))
+    overlap = min(cluster.gpu_types[g].dp_comm_overlap for g in set(fab.gpu))
+    return StepTasks(pp=p, vp=v, num_microbatches=layout.num_microbatches, fwd_s=tuple(fwd),
+                     bwd_s=tuple(bwd), p2p_s=p2p, dp_comm_s=tuple(dp), dp_overlap=overlap,
+                     optimizer_s=tuple(opt))
+
+
+def simulate_placed(model: ModelSpec, cluster: ClusterSpec, fab: Fabric, layout: Layout,
+                    node_order):
+    """Simulated step of every distinct replica pipeline; returns (step seconds, SimResult of
+    the slowest replica, its index). Replicas with identical views are simulated once."""
+    views = hetero.stage_views(cluster, fab, layout, node_order)
+    seen: dict = {}
+    for r in range(layout.dp):
+        key = tuple(views[s][r] for s in range(layout.pp))
+        if key not in seen:
+            seen[key] = (simulate_step(placed(model, cluster, fab, layout, node_order, r)), r)
+    sim, r = max(seen.values(), key=lambda sr: sr[0].step_time_s)
+    return sim.step_time_s, sim, r
