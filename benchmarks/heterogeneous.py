@@ -31,14 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from cost_models import hetero, step_tasks  # noqa: E402
+from baselines import brute_force, uniform_plan  # noqa: E402
+
+from cost_models import hetero_model, step_tasks  # noqa: E402
 from planner import engine  # noqa: E402
-from planner.hetero import (  # noqa: E402
-    PlacedPlan,
-    brute_force,
-    candidate_layouts,
-    uniform_plan,
-)
+from planner.hetero_search import PlacedPlan, candidate_layouts  # noqa: E402
 from planner.options import Problem  # noqa: E402
 from planner.report import layout_label  # noqa: E402
 from planner.search import SearchSpace  # noqa: E402
@@ -64,7 +61,7 @@ def _row(name: str, placed: PlacedPlan, model, cluster, fab, names) -> dict:
 def default_plan(model, cluster, fab, seq: int, gbs: int) -> PlacedPlan:
     """Megatron default: tp = GPUs per node, node order, even split (module docstring)."""
     lay = uniform_plan(model, cluster, seq, gbs, tp=cluster.gpus_per_node)
-    res = hetero.evaluate(model, cluster, fab, lay, range(cluster.num_nodes), 0.05)
+    res = hetero_model.evaluate(model, cluster, fab, lay, range(cluster.num_nodes), 0.05)
     return PlacedPlan(res, tuple(range(cluster.num_nodes)), "node order", "-", "even split")
 
 
@@ -72,11 +69,11 @@ def random_best(model, cluster, fab, placed: PlacedPlan, count: int, seed: int =
     """Best of `count` random node orders for the plan's layout (same layer split)."""
     rng = np.random.default_rng(seed)
     lay = placed.result.estimate.layout
-    costs = hetero.GroupCosts(model, cluster, lay)
+    costs = hetero_model.GroupCosts(model, cluster, lay)
     best = None
     for _ in range(count):
         order = tuple(int(i) for i in rng.permutation(cluster.num_nodes))
-        res = hetero.evaluate(model, cluster, fab, lay, order, 0.05, costs)
+        res = hetero_model.evaluate(model, cluster, fab, lay, order, 0.05, costs)
         if res.fits and (best is None or res.estimate.step_time_s < best.result.estimate.step_time_s):
             best = PlacedPlan(res, order, f"best of {count} random", "-", "same split")
     return best
@@ -85,7 +82,7 @@ def random_best(model, cluster, fab, placed: PlacedPlan, count: int, seed: int =
 def run_case(path: Path, model_name: str, seq: int, gbs: int) -> list[dict]:
     cluster, model = load_cluster(str(path)), load_model(model_name)
     style = engine.resolve_cost_model("auto", cluster)
-    fab = hetero.fabric(cluster, style)
+    fab = hetero_model.fabric(cluster, style)
     names = [n.name for n in cluster.nodes]
     start = time.perf_counter()
     hs = engine.plan(Problem(model, cluster, seq, gbs, "bf16", "auto"), top_k=5).hetero

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import hetero, megatron
-from .hetero import Fabric
+from . import hetero_model, megatron
+from .hetero_model import Fabric
 from .simulator import StepTasks, simulate_step
 from .specs import ClusterSpec, Layout, ModelSpec
 
@@ -60,14 +60,14 @@ def placed(model: ModelSpec, cluster: ClusterSpec, fab: Fabric, layout: Layout, 
     link), the transfers use the replica's actual hop links, and the DP reduction of a stage
     uses its DP group's slowest link."""
     megatron.require_dense(model)
-    views = hetero.stage_views(cluster, fab, layout, node_order)
-    costs = hetero.GroupCosts(model, cluster, layout)
+    views = hetero_model.stage_views(cluster, fab, layout, node_order)
+    costs = hetero_model.GroupCosts(model, cluster, layout)
     p, v = layout.pp, layout.vp
     fwd, bwd, dp, opt = [], [], [], []
     for s in range(p):
         vw = views[s][replica]
         row = uniform(model, costs.view(vw.gpu, vw.tpcp), layout)
-        gpu = hetero.slowest_gpu(cluster, [x.gpu for x in views[s]], layout.dtype)
+        gpu = hetero_model.slowest_gpu(cluster, [x.gpu for x in views[s]], layout.dtype)
         ranked = uniform(model, costs.view(gpu, vw.dp), layout)
         fwd.append(row.fwd_s[s])
         bwd.append(row.bwd_s[s])
@@ -84,7 +84,7 @@ def simulate_placed(model: ModelSpec, cluster: ClusterSpec, fab: Fabric, layout:
                     node_order):
     """Simulated step of every distinct replica pipeline; returns (step seconds, SimResult of
     the slowest replica, its index). Replicas with identical views are simulated once."""
-    views = hetero.stage_views(cluster, fab, layout, node_order)
+    views = hetero_model.stage_views(cluster, fab, layout, node_order)
     seen: dict = {}
     for r in range(layout.dp):
         key = tuple(views[s][r] for s in range(layout.pp))

@@ -130,7 +130,7 @@ def _placement_json(hs) -> list[dict]:
 
 def _print_placement(console: Console, hs) -> None:
     """Which nodes run each pipeline stage of the winner, and how the placement was found."""
-    from cost_models.hetero import rank_nodes
+    from cost_models.hetero_model import rank_nodes
 
     if not hs.placed:
         return

@@ -29,7 +29,7 @@ def plan_step_tasks(plan: Plan) -> StepTasks:
 
     if resolve_cost_model("auto", plan.cluster) == "megatron":
         return step_tasks.uniform(plan.model, plan.cluster, plan.layout)
-    from .hetero import plan_step_tasks as hetero_step_tasks
+    from .hetero_search import plan_step_tasks as hetero_step_tasks
 
     return hetero_step_tasks(plan)
 

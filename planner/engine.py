@@ -7,21 +7,21 @@ all call it, so the same problem and options give the same layout everywhere.
 
 auto: `megatron` for a uniform cluster; `pipette` when the cluster holds measured per-pair
 links (it also models mixed GPU types); otherwise `holmes` when nodes mix NIC kinds or GPU
-types. `pipette` and `holmes` plan with `planner.hetero.search_hetero` (layout + placement).
+types. `pipette` and `holmes` plan with `planner.hetero_search.search_hetero` (layout + placement).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from cost_models import hetero, megatron
+from cost_models import hetero_model, megatron
 from cost_models.specs import ClusterSpec, Estimate, Layout, SpecError
 
 from .options import Problem
 from .planfile import Plan, PlanRequest
 from .search import SearchResult, SearchSpace, search_nodes
 
-COST_MODELS = ("megatron", *hetero.STYLES)
+COST_MODELS = ("megatron", *hetero_model.STYLES)
 """megatron (uniform clusters) and the heterogeneous model's link styles."""
 
 
@@ -44,7 +44,7 @@ def estimate_layout(prob: Problem, layout: Layout, headroom: float = megatron.DE
     name = resolve_cost_model(prob.cost_model, prob.cluster)
     if name == "megatron":
         return megatron.estimate(prob.model, prob.cluster, layout, headroom)
-    return hetero.estimate(prob.model, prob.cluster, layout, headroom, style=name)
+    return hetero_model.estimate(prob.model, prob.cluster, layout, headroom, style=name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +58,7 @@ class PlanResult:
     """The concrete cost model used (auto resolved)."""
     result: SearchResult
     hetero: object | None = None
-    """`planner.hetero.HeteroSearch` for pipette/holmes, else None."""
+    """`planner.hetero_search.HeteroSearch` for pipette/holmes, else None."""
 
     @property
     def node_orders(self) -> tuple[tuple[str, ...], ...]:
@@ -86,7 +86,7 @@ def plan(problem: Problem, space: SearchSpace | None = None, top_k: int = 5) -> 
     args = (problem.model, problem.cluster, problem.seq_len, problem.global_batch_size, space, top_k)
     if name == "megatron":
         return PlanResult(problem, space, name, search_nodes(*args))
-    from .hetero import search_hetero  # layouts, node placement and layer split together
+    from .hetero_search import search_hetero  # layouts, node placement and layer split together
 
     hs = search_hetero(*args, style=name)
     return PlanResult(problem, space, name, hs.result, hs)

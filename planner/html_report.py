@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cost_models import hetero, step_tasks
+from cost_models import hetero_model, step_tasks
 from cost_models.simulator import SimResult, simulate_step
 from cost_models.specs import COMM_FIELDS, SpecError
 
 from .fileio import write_atomic
-from .hetero import plan_node_indices, plan_step_tasks
+from .hetero_search import plan_node_indices, plan_step_tasks
 from .planfile import Plan
 from .report import layout_label
 
@@ -79,7 +79,7 @@ def write_report(path: str | Path, plans: list[Plan], search_result) -> Path:
 def simulate_plan(plan: Plan) -> tuple[SimResult, tuple[int, ...]]:
     """Simulate the plan's step with the cost model it was ranked by; (result, node order)."""
     order = plan_node_indices(plan)
-    if plan.estimate.get("cost_model", "megatron") in hetero.STYLES:
+    if plan.estimate.get("cost_model", "megatron") in hetero_model.STYLES:
         return simulate_step(plan_step_tasks(plan)), order
     return simulate_step(step_tasks.uniform(plan.model, plan.cluster, plan.layout)), order
 
@@ -130,7 +130,7 @@ def _ranked_table(plans: list[Plan]) -> str:
 
 
 def _placement_table(plan: Plan, order: tuple[int, ...]) -> str:
-    where = hetero.rank_nodes(plan.layout, plan.gpus_per_node, order)
+    where = hetero_model.rank_nodes(plan.layout, plan.gpus_per_node, order)
     rows = []
     for k, i in enumerate(order):
         node = plan.cluster.nodes[i]
@@ -231,7 +231,7 @@ def _placement_chart(plan: Plan, order: tuple[int, ...]) -> bytes:
     from matplotlib.ticker import FormatStrFormatter
 
     style = plan.estimate.get("cost_model", "megatron")
-    fab = hetero.fabric(plan.cluster, style if style in hetero.STYLES else "pipette")
+    fab = hetero_model.fabric(plan.cluster, style if style in hetero_model.STYLES else "pipette")
     cells = _cells(plan, order)  # (node index, column, row)
     cols = max(c for _, c, _ in cells) + 1
     rows = max(r for _, _, r in cells) + 1

@@ -20,7 +20,7 @@ import pytest
 from cost_models import comm, megatron
 from cost_models.dims import DEGREES, MESH_ORDER, RANK_ORDER, ParallelDims
 from cost_models.grid import LayoutGrid
-from cost_models.hetero import rank_nodes
+from cost_models.hetero_model import rank_nodes
 from cost_models.specs import Layout, SpecError
 from planner.planfile import Plan, rank_coords
 from planner.specfiles import load_cluster, load_model

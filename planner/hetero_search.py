@@ -1,6 +1,6 @@
 """Planning on heterogeneous clusters: layouts, node placement and layer split together.
 
-    from planner.hetero import search_hetero
+    from planner.hetero_search import search_hetero
     hs = search_hetero(model, cluster, seq_len=4096, global_batch_size=256, style="pipette")
     hs.result.plans[0], hs.node_orders[0]   # best Estimate and its node order (node names)
 
@@ -13,7 +13,7 @@
    kept as alternatives.
 3. For each candidate and order, the partition ILP (`planner.ilp_partition`) splits the layers
    with stage_time_scale = 1 / the stage's slowest GPU speed, and the Pipette/Holmes model
-   (`cost_models.hetero.evaluate`) ranks the result. The fastest fitting one wins.
+   (`cost_models.hetero_model.evaluate`) ranks the result. The fastest fitting one wins.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from cost_models import hetero, megatron
+from cost_models import hetero_model, megatron
 from cost_models.specs import (
     ClusterSpec,
     GiB,
@@ -59,7 +59,7 @@ PER_SHAPE = 3
 class PlacedPlan:
     """One ranked heterogeneous plan: the model's verdict and how the placement was found."""
 
-    result: hetero.HeteroResult
+    result: hetero_model.HeteroResult
     node_order: tuple[int, ...]
     """Physical node index per node rank."""
     placement: str
@@ -93,7 +93,7 @@ class HeteroSearch:
 # --------------------------------------------------------------------------------------------
 
 
-def nominal_links(fab: hetero.Fabric) -> list[tuple[float, float]]:
+def nominal_links(fab: hetero_model.Fabric) -> list[tuple[float, float]]:
     """(bytes/s, latency s) stand-ins for the inter-node link: the slowest, median and fastest
     off-diagonal pair (distinct values only), so that layouts suited to each regime are ranked."""
     n = fab.num_nodes
@@ -111,11 +111,11 @@ def nominal_links(fab: hetero.Fabric) -> list[tuple[float, float]]:
     return out
 
 
-def nominal_cluster(cluster: ClusterSpec, fab: hetero.Fabric, dtype: str,
+def nominal_cluster(cluster: ClusterSpec, fab: hetero_model.Fabric, dtype: str,
                     link: tuple[float, float]) -> ClusterSpec:
     """A uniform stand-in to rank layouts: slowest GPU type (with the smallest memory of any
     type) and the inter-node `link` (bytes/s, latency s)."""
-    slow = hetero.slowest_gpu(cluster, fab.gpu, dtype)
+    slow = hetero_model.slowest_gpu(cluster, fab.gpu, dtype)
     memory = min(cluster.gpu_types[g].memory_GiB for g in set(fab.gpu))
     gpu = replace(cluster.gpu_types[slow], memory_GiB=memory)
     inter = LinkSpec("nominal", link[0] / 1e9, link[1], 1.0)
@@ -123,9 +123,9 @@ def nominal_cluster(cluster: ClusterSpec, fab: hetero.Fabric, dtype: str,
     return ClusterSpec(f"{cluster.name}-nominal", nodes, {slow: gpu}, cluster.intra_node, inter)
 
 
-def node_speeds(model: ModelSpec, cluster: ClusterSpec, fab: hetero.Fabric, layout: Layout) -> np.ndarray:
+def node_speeds(model: ModelSpec, cluster: ClusterSpec, fab: hetero_model.Fabric, layout: Layout) -> np.ndarray:
     """Relative speed per node (1.0 = the fastest GPU type): ratio of one layer's time."""
-    costs = hetero.GroupCosts(model, cluster, layout)
+    costs = hetero_model.GroupCosts(model, cluster, layout)
     intra = (fab.bw_Bps[0, 0], fab.latency_s[0, 0])
     layer = {g: float(costs.layer(g, intra)[0].total_s[0]) for g in set(fab.gpu)}
     fastest = min(layer.values())
@@ -140,10 +140,10 @@ def node_speeds(model: ModelSpec, cluster: ClusterSpec, fab: hetero.Fabric, layo
 def _traffic(model, cluster, fab, layout: Layout):
     """(stage DP bytes, hop bytes, stage work s) of `layout` for the placement ILP: times at a
     1 GB/s, zero-latency link, times 1e9, so that the ILP's bytes/bandwidth is those times."""
-    costs = hetero.GroupCosts(model, cluster, layout)
+    costs = hetero_model.GroupCosts(model, cluster, layout)
     unit = (1e9, 0.0)
     fast = min(set(fab.gpu), key=lambda g: -cluster.gpu_types[g].peak_flops(layout.dtype))
-    layers = hetero.rank_layers(layout, model.num_layers)
+    layers = hetero_model.rank_layers(layout, model.num_layers)
     p, m, v = layout.pp, layout.num_microbatches, layout.vp
     coll, work = np.zeros(p), np.zeros(p)
     lt, emb, head = costs.layer(fast, (fab.bw_Bps[0, 0], fab.latency_s[0, 0]))
@@ -206,11 +206,11 @@ def partition_for(model, cluster, fab, layout: Layout, order, speed: dict, headr
     or (layout, reason) when the even split is kept. `speed`: GPU type -> relative speed."""
     if layout.pp == 1:
         return layout, "single stage"
-    views = hetero.stage_views(cluster, fab, layout, order)
-    gpus = [hetero.slowest_gpu(cluster, [vw.gpu for vw in row], layout.dtype) for row in views]
+    views = hetero_model.stage_views(cluster, fab, layout, order)
+    gpus = [hetero_model.slowest_gpu(cluster, [vw.gpu for vw in row], layout.dtype) for row in views]
     scale = np.array([1.0 / speed[g] for g in gpus])
     fastest = max(speed, key=lambda g: (speed[g], g))
-    ref = hetero.view_cluster(cluster, fastest, views[0][0].tpcp)
+    ref = hetero_model.view_cluster(cluster, fastest, views[0][0].tpcp)
     costs = megatron.stage_costs(model, ref, replace(layout, layers_per_stage=None), headroom)
     cap = np.array([min(megatron.capacity_GiB(cluster.gpu_types[vw.gpu], headroom) for vw in row)
                     for row in views]) * GiB
@@ -233,15 +233,15 @@ def best_of(model, cluster, fab, layout: Layout, orders, headroom: float) -> Pla
     speed = {g: float(speeds[fab.gpu.index(g)]) for g in set(fab.gpu)}
     for order, source, status in orders:
         # the split depends on the order only through each stage's GPU types
-        where = hetero.rank_nodes(layout, fab.gpus_per_node, order)
+        where = hetero_model.rank_nodes(layout, fab.gpus_per_node, order)
         kinds = tuple(tuple(sorted({fab.gpu[n] for n in np.unique(where[s])})) for s in range(layout.pp))
         if kinds not in splits:
             splits[kinds] = partition_for(model, cluster, fab, layout, order, speed, headroom)
         split, pstatus = splits[kinds]
         for lay, why in ((split, pstatus), (layout, "even split")):
             key = lay.layers_per_stage
-            costs.setdefault(key, hetero.GroupCosts(model, cluster, lay))
-            res = hetero.evaluate(model, cluster, fab, lay, order, headroom, costs[key])
+            costs.setdefault(key, hetero_model.GroupCosts(model, cluster, lay))
+            res = hetero_model.evaluate(model, cluster, fab, lay, order, headroom, costs[key])
             if not res.fits:
                 continue
             if best is None or res.estimate.step_time_s < best.result.estimate.step_time_s - 1e-12:
@@ -256,7 +256,7 @@ def improve_by_swaps(model, cluster, fab, placed: PlacedPlan, headroom: float,
     kept. Never returns a slower plan."""
     deadline = time.perf_counter() + budget_s
     lay = placed.result.estimate.layout
-    costs = hetero.GroupCosts(model, cluster, lay)
+    costs = hetero_model.GroupCosts(model, cluster, lay)
     order, best = list(placed.node_order), placed.result
     pairs = [(a, b) for a in range(len(order)) for b in range(a + 1, len(order))]
     np.random.default_rng(seed).shuffle(pairs)  # no systematic bias towards the first ranks
@@ -269,7 +269,7 @@ def improve_by_swaps(model, cluster, fab, placed: PlacedPlan, headroom: float,
             if fab.gpu[order[a]] == fab.gpu[order[b]] and _same_links(fab, order[a], order[b]):
                 continue  # interchangeable nodes: the swap cannot change anything
             order[a], order[b] = order[b], order[a]
-            res = hetero.evaluate(model, cluster, fab, lay, order, headroom, costs)
+            res = hetero_model.evaluate(model, cluster, fab, lay, order, headroom, costs)
             if res.fits and res.estimate.step_time_s < best.estimate.step_time_s * (1 - 1e-9):
                 best, improved = res, True
             else:
@@ -290,7 +290,7 @@ def _exhaustive(model, cluster, fab, placed: PlacedPlan, orders, headroom: float
     return found
 
 
-def _same_links(fab: hetero.Fabric, i: int, j: int) -> bool:
+def _same_links(fab: hetero_model.Fabric, i: int, j: int) -> bool:
     """Nodes i and j see identical links to every other node (and to each other both ways)."""
     rows = np.delete(fab.bw_Bps[[i, j]], [i, j], axis=1)
     return bool(np.array_equal(rows[0], rows[1]) and fab.bw_Bps[i, j] == fab.bw_Bps[j, i])
@@ -317,7 +317,7 @@ def _shortlist(plans, limit: int = MAX_LAYOUTS, per_shape: int = PER_SHAPE) -> l
     return out
 
 
-def candidate_layouts(model: ModelSpec, cluster: ClusterSpec, fab: hetero.Fabric, seq_len: int,
+def candidate_layouts(model: ModelSpec, cluster: ClusterSpec, fab: hetero_model.Fabric, seq_len: int,
                       global_batch_size: int, space: SearchSpace) -> tuple[SearchResult, list[Layout]]:
     """(the first nominal search's result, the shortlist): the leaders of the vectorised
     search on each nominal cluster, taken in turn, at most PER_SHAPE per shape."""
@@ -335,7 +335,7 @@ def search_hetero(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_b
     space = space or SearchSpace()
     start = time.perf_counter()
     megatron.require_dense(model)
-    fab = hetero.fabric(cluster, style)
+    fab = hetero_model.fabric(cluster, style)
     base, layouts = candidate_layouts(model, cluster, fab, seq_len, global_batch_size, space)
     shapes = {lay.dims.mesh_key for lay in layouts}
     time_limit_s = min(5.0, max(0.5, placement_budget_s / max(1, len(shapes))))
@@ -366,7 +366,7 @@ def search_hetero(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_b
                         tuple(notes))
 
 
-def slow_host_notes(cluster: ClusterSpec, fab: hetero.Fabric, placed: PlacedPlan,
+def slow_host_notes(cluster: ClusterSpec, fab: hetero_model.Fabric, placed: PlacedPlan,
                     ratio: float = 0.5) -> list[str]:
     """One line per slow host (median link below `ratio` x the cluster's median): where the
     plan put it — alone in its stage (no DP ring through its links) or, if not, why."""
@@ -377,7 +377,7 @@ def slow_host_notes(cluster: ClusterSpec, fab: hetero.Fabric, placed: PlacedPlan
     median = np.median(fab.bw_Bps[off])
     own = np.array([np.median(np.delete(fab.bw_Bps[i], i)) for i in range(n)])
     lay = placed.result.estimate.layout
-    where = hetero.rank_nodes(lay, fab.gpus_per_node, placed.node_order)
+    where = hetero_model.rank_nodes(lay, fab.gpus_per_node, placed.node_order)
     notes = []
     for i in np.flatnonzero(own < ratio * median):
         stages = sorted({int(s) for s in np.argwhere(where == i)[:, 0]})
@@ -407,34 +407,13 @@ def plan_step_tasks(plan):
     from cost_models import step_tasks
 
     style = plan.estimate.get("cost_model") if isinstance(plan.estimate, dict) else None
-    fab = hetero.fabric(plan.cluster, style if style in hetero.STYLES else "pipette")
+    fab = hetero_model.fabric(plan.cluster, style if style in hetero_model.STYLES else "pipette")
     order = plan_node_indices(plan)
     _, _, replica = step_tasks.simulate_placed(plan.model, plan.cluster, fab, plan.layout, order)
     return step_tasks.placed(plan.model, plan.cluster, fab, plan.layout, order, replica)
 
 
-# --------------------------------------------------------------------------------------------
-# baselines for the benchmark and the tests
-# --------------------------------------------------------------------------------------------
-
-
-def uniform_plan(model, cluster, seq_len: int, global_batch_size: int, space: SearchSpace | None = None,
-                 tp: int | None = None) -> Layout:
-    """The layout a topology-blind planner picks: the homogeneous search on the cluster's
-    nominal `inter_node` link and first GPU type, even layer split (node order = cluster's).
-    `tp` fixes the tensor-parallel degree (Megatron's default: tp = GPUs per node)."""
-    space = replace(space or SearchSpace(), refine_top=0, tp=tp)
-    gpu = cluster.nodes[0].gpu
-    uniform = replace(cluster, bandwidth_GBps=None, latency_s=None, nic_links={},
-                      nodes=tuple(replace(n, gpu=gpu, nic=cluster.nodes[0].nic) for n in cluster.nodes),
-                      gpu_types={gpu: cluster.gpu_types[gpu]})
-    res = search(model, uniform, seq_len, global_batch_size, space, top_k=1)
-    if not res.plans:
-        raise InfeasibleLayout(f"no layout of {model.name} fits the uniform view of {cluster.name}")
-    return replace(res.plans[0].layout, layers_per_stage=None)
-
-
-def distinct_orders(cluster: ClusterSpec, fab: hetero.Fabric, limit: int = 2_000):
+def distinct_orders(cluster: ClusterSpec, fab: hetero_model.Fabric, limit: int = 2_000):
     """Every node order up to swapping interchangeable nodes, or None when there are more than
     `limit` (brute force intractable). Nodes are interchangeable when they share (GPU type, NIC
     kind) and every link depends only on the two nodes' kinds (NIC-kind fabrics); with a
@@ -475,20 +454,3 @@ def _multiset_permutations(counts: list[int]):
             for rest in _multiset_permutations(counts):
                 yield (c, *rest)
             counts[c] += 1
-
-
-def brute_force(model, cluster, fab, layouts, headroom: float = 0.05):
-    """The best (PlacedPlan) over every distinct node order of every layout in `layouts`,
-    each with its partition-ILP layer split; None when intractable."""
-    orders = distinct_orders(cluster, fab)
-    if orders is None:
-        return None, 0
-    best, tried = None, 0
-    for lay in layouts:
-        found = best_of(model, cluster, fab, lay, [(o, "brute-force", "exhaustive") for o in orders],
-                        headroom)
-        tried += len(orders)
-        if found is not None and (best is None or found.result.estimate.step_time_s
-                                  < best.result.estimate.step_time_s):
-            best = found
-    return best, tried
