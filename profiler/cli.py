@@ -19,6 +19,13 @@ import torch.distributed as dist
 
 from cost_models.specs import NIC_KINDS, SpecError
 from planner.specfiles import gpu_preset
+from profiler.cluster_builder import (
+    NodeFacts,
+    Summary,
+    build_cluster,
+    summarize,
+    write_cluster_yaml,
+)
 from profiler.collectives import measure_collectives
 from profiler.context import (
     BACKENDS,
@@ -31,7 +38,6 @@ from profiler.context import (
 )
 from profiler.device import DeviceReport, match_gpu_preset, measure_device
 from profiler.p2p import FULL_LADDER, QUICK_LADDER, P2PResult, fmt_rate, measure_p2p
-from profiler.report import NodeFacts, Summary, build_cluster, summarize, write_cluster_yaml
 from profiler.topology import has_nvlink, nic_report, nvidia_topology
 
 

@@ -16,11 +16,11 @@ import yaml
 
 from cost_models.specs import SpecError
 from planner.specfiles import load_cluster
+from profiler.cluster_builder import NodeFacts, build_cluster, summarize, write_cluster_yaml
 from profiler.collectives import CollectiveSample, bus_factor
 from profiler.context import layout_from_ranks
 from profiler.device import cpu_memory_GiB, match_gpu_preset
 from profiler.p2p import busy_message_bytes, fit_alpha_beta, tournament_rounds
-from profiler.report import NodeFacts, build_cluster, summarize, write_cluster_yaml
 from profiler.topology import (
     has_nvlink,
     nic_kind,
