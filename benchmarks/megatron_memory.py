@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cost_models.dims import derived_dp  # noqa: E402
 from planner.specfiles import load_model  # noqa: E402
 
 MiB = 1 << 20
@@ -66,7 +67,7 @@ def load_megatron(src: Path):
 def megatron_args(model, world: int, tp: int, pp: int, cp: int, vp: int, ep: int, mbs: int,
                   seq: int, recompute: str) -> argparse.Namespace:
     """The Megatron-LM arguments of the planned run (as meshplan launch writes them)."""
-    dp = world // (tp * pp * cp)
+    dp = derived_dp(world, tp=tp, pp=pp, cp=cp)
     divisible = 128 * tp  # --make-vocab-size-divisible-by 128, times tp (Megatron pads so)
     padded_vocab = -(-model.vocab_size // divisible) * divisible
     moe = model.is_moe
@@ -108,7 +109,7 @@ def compare(mlm, case) -> dict:
     model = load_model(name)
     world = nodes * 8
     args = megatron_args(model, world, tp, pp, cp, vp, ep, mbs, seq, recompute)
-    dp = world // (tp * pp * cp)
+    dp = derived_dp(world, tp=tp, pp=pp, cp=cp)
     with contextlib.redirect_stdout(io.StringIO()):  # it prints its own report
         weights_opt = mlm.compute_weight_and_optimizer_memory(args) / GiB
         if args.sequence_parallel and args.recompute_granularity == "selective":
