@@ -429,19 +429,31 @@ class StageCosts:
     capacity_bytes: np.ndarray
 
 
-def layout_parts(layout: Layout, model: ModelSpec, cluster: ClusterSpec):
-    """(grid of one, GPU, LayerTimes, embedding s, head s) of one layout on a uniform cluster."""
+@dataclass(frozen=True, slots=True)
+class LayoutParts:
+    """One layout on a uniform cluster, as the per-rank formulas take it."""
+
+    grid: LayoutGrid
+    """The layout as a grid of one."""
+    gpu: GpuSpec
+    layer: LayerTimes
+    embedding_s: np.ndarray
+    head_s: np.ndarray
+
+
+def layout_parts(layout: Layout, model: ModelSpec, cluster: ClusterSpec) -> LayoutParts:
     g = LayoutGrid.from_layout(layout, model.num_layers)
     gpu = cluster.gpu
-    return g, gpu, layer_times(model, gpu, cluster, g), embedding_time(model, gpu, g), \
-        head_time(model, gpu, g)
+    return LayoutParts(g, gpu, layer_times(model, gpu, cluster, g), embedding_time(model, gpu, g),
+                       head_time(model, gpu, g))
 
 
 def stage_costs(model: ModelSpec, cluster: ClusterSpec, layout: Layout,
                 headroom: float = DEFAULT_HEADROOM) -> StageCosts:
     """Linear per-rank time and memory model of `layout`, exact for any layer split: memory
     and time of rank r are affine in its layer count (see `rank_costs`)."""
-    g, gpu, lt, emb, head = layout_parts(layout, model, cluster)
+    parts = layout_parts(layout, model, cluster)
+    g, gpu, lt, emb, head = parts.grid, parts.gpu, parts.layer, parts.embedding_s, parts.head_s
     p = layout.pp
     ranks = np.arange(p)
     first, last = ranks == 0, ranks == p - 1

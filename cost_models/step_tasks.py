@@ -19,7 +19,8 @@ from .specs import ClusterSpec, Layout, ModelSpec
 def uniform(model: ModelSpec, cluster: ClusterSpec, layout: Layout) -> StepTasks:
     """Durations of one step per pipeline rank and virtual stage on a uniform cluster (the
     Megatron model's primitives)."""
-    g, gpu, lt, emb, head = megatron.layout_parts(layout, model, cluster)
+    parts = megatron.layout_parts(layout, model, cluster)
+    g, gpu, lt, emb, head = parts.grid, parts.gpu, parts.layer, parts.embedding_s, parts.head_s
     p, v = layout.pp, layout.vp
     stages = layout.stage_layers(model.num_layers)
     tp_count = 4 + (2 if layout.recompute == "full" else 0)
