@@ -329,7 +329,9 @@ def _stage_ranks(cluster, costs: GroupCosts, views, layers, headroom) -> list[St
         rc = costs.rank(gpu, row[0].dp, layers[s], s)
         mem = MemoryBreakdown(**{k: float(v[0]) for k, v in rc.memory.items()})
         cap = min(megatron.capacity_GiB(cluster.gpu_types[vw.gpu], headroom) for vw in row)
-        out.append(StageRank(float(rc.dp_exposed_s[0]), float(rc.optimizer_step_s[0]), mem, cap))
+        out.append(StageRank(dp_exposed_s=float(rc.dp_exposed_s[0]),
+                             optimizer_step_s=float(rc.optimizer_step_s[0]), memory=mem,
+                             capacity_GiB=cap))
     return out
 
 

@@ -349,7 +349,7 @@ def rank_costs(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerT
         + expert / np.where(g.distributed_optimizer, edp, 1)
     opt = compute.memory_bound_time(ADAM_BYTES_PER_PARAM * local_opt, gpu)
     mem = memory.rank_memory(model, g, dense + expert, local_opt, layers, first, last, pp_rank)
-    return RankCosts(comm_s, exposed, opt, mem)
+    return RankCosts(dp_comm_s=comm_s, dp_exposed_s=exposed, optimizer_step_s=opt, memory=mem)
 
 
 def _grad_sync(params, size, bw, alpha, distributed):
@@ -462,4 +462,6 @@ def stage_costs(model: ModelSpec, cluster: ClusterSpec, layout: Layout,
           for n in (0, 1)]
     extra = np.where(first, emb[0], 0.0) + np.where(last, head[0], 0.0)
     cap = capacity_GiB(gpu, headroom) * GiB
-    return StageCosts(float(lt.total_s[0]), extra, at[1] - at[0], at[0], np.full(p, cap))
+    return StageCosts(layer_time_s=float(lt.total_s[0]), extra_time_s=extra,
+                      layer_mem_bytes=at[1] - at[0], fixed_mem_bytes=at[0],
+                      capacity_bytes=np.full(p, cap))
