@@ -77,7 +77,7 @@ def model_fields(plan: Plan) -> dict[str, object]:
 def other_fields(plan: Plan) -> dict[str, dict[str, object]]:
     """ConfigContainer section -> field -> value, besides the model."""
     lay, gpu = plan.layout, plan.cluster.gpu
-    overlap = lay.dp * lay.cp > 1 and gpu.dp_comm_overlap > 0
+    overlap = lay.dims.group("dp_cp").size > 1 and gpu.dp_comm_overlap > 0
     return {
         "train": {"micro_batch_size": lay.micro_batch_size,
                   "global_batch_size": lay.global_batch_size},
