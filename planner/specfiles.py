@@ -1,5 +1,5 @@
 """Reading and writing specs: model presets and HuggingFace configs, GPU and cluster presets,
-and `cluster.yaml` files (the profiler's output).
+and `cluster.yaml` files (read by the planner, written by the profiler: `write_cluster_yaml`).
 
 Everything a user can point at goes through here, and every mistake comes back as one
 `SpecError` line naming the file, the key and what to do.
@@ -29,7 +29,7 @@ from cost_models.specs import (
     SpecError,
 )
 
-from .fileio import read_text
+from .fileio import read_text, write_atomic
 
 DATA_DIR = Path(__file__).parent / "data"
 MODELS_DIR = DATA_DIR / "models"
@@ -457,3 +457,21 @@ def cluster_to_dict(cluster: ClusterSpec, extra_measured: dict | None = None) ->
 
 def dump_yaml(data: dict) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120)
+
+
+def _plain(value):
+    """YAML-safe copy: tuples -> lists, numpy scalars -> float, floats to 6 significant digits."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str | int):
+        return value
+    number = float(value)
+    return float(f"{number:.6g}") if math.isfinite(number) else None
+
+
+def write_cluster_yaml(path: Path | str, cluster: ClusterSpec, measured: dict) -> None:
+    """cluster.yaml (the profiler's output) via a temporary file and rename: an interrupted
+    write leaves no file. `measured` adds the profiler's extra keys (backend, notes...)."""
+    write_atomic(path, dump_yaml(_plain(cluster_to_dict(cluster, measured))))

@@ -18,14 +18,8 @@ import torch
 import torch.distributed as dist
 
 from cost_models.specs import NIC_KINDS, SpecError
-from planner.specfiles import gpu_preset
-from profiler.cluster_builder import (
-    NodeFacts,
-    Summary,
-    build_cluster,
-    summarize,
-    write_cluster_yaml,
-)
+from planner.specfiles import gpu_preset, write_cluster_yaml
+from profiler.cluster_builder import NodeFacts, Summary, build_cluster, summarize
 from profiler.collectives import measure_collectives
 from profiler.context import (
     BACKENDS,

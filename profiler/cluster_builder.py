@@ -1,21 +1,14 @@
-"""Turning measurements into a ClusterSpec, the cluster.yaml file and the printed summary."""
+"""Turning measurements into a ClusterSpec and the printed summary (the file itself is written
+by `planner.specfiles.write_cluster_yaml`, the one cluster.yaml module)."""
 
 from __future__ import annotations
 
 import math
 import statistics
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from cost_models.specs import ClusterSpec, GpuSpec, LinkSpec, NodeSpec
-from planner.fileio import write_atomic
-from planner.specfiles import (
-    cluster_presets,
-    cluster_to_dict,
-    dump_yaml,
-    gpu_preset,
-    load_cluster,
-)
+from planner.specfiles import cluster_presets, gpu_preset, load_cluster
 from profiler.p2p import fmt_rate
 
 SLOW_FRACTION = 0.6
@@ -155,25 +148,3 @@ def build_cluster(name: str, nodes: list[NodeFacts], p2p_bw: Matrix | None,
         bandwidth_GBps=p2p_bw, latency_s=p2p_lat,
     )
     return cluster, [n for n in (note_a, note_b) if n]
-
-
-# --------------------------------------------------------------------------------------------
-# the file
-# --------------------------------------------------------------------------------------------
-
-
-def plain(value):
-    """YAML-safe copy: tuples -> lists, numpy scalars -> float, floats to 6 significant digits."""
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
-    if isinstance(value, bool) or value is None or isinstance(value, str | int):
-        return value
-    number = float(value)
-    return float(f"{number:.6g}") if math.isfinite(number) else None
-
-
-def write_cluster_yaml(path: Path | str, cluster: ClusterSpec, measured: dict) -> None:
-    """cluster.yaml via a temporary file and rename: an interrupted write leaves no file."""
-    write_atomic(path, dump_yaml(plain(cluster_to_dict(cluster, measured))))

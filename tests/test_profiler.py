@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from cost_models.specs import SpecError
-from planner.specfiles import load_cluster
-from profiler.cluster_builder import NodeFacts, build_cluster, summarize, write_cluster_yaml
+from planner.specfiles import load_cluster, write_cluster_yaml
+from profiler.cluster_builder import NodeFacts, build_cluster, summarize
 from profiler.collectives import CollectiveSample, bus_factor
 from profiler.context import layout_from_ranks
 from profiler.device import cpu_memory_GiB, match_gpu_preset
