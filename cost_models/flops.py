@@ -11,6 +11,8 @@ numpy arrays for the sequence/batch arguments and broadcast.
 
 from __future__ import annotations
 
+import numpy as np
+
 from .specs import ModelSpec
 
 
@@ -23,10 +25,83 @@ def attention_proj_flops(model: ModelSpec, tokens):
     """Q, K, V and output projections of one layer, forward, FLOPs.
 
     QKV: 2·T·h·(a·d + 2·g·d) (GQA shrinks K and V to g heads); output: 2·T·(a·d)·h.
+    MLA (DeepSeek-V2, Liu et al. 2024, Sec. 2.1.2 eqs. 9-14; keys and values decompressed
+    for training, not absorbed): every weight matrix of `attention_weight_shapes` once,
+    2·T·in·out each.
     """
-    qkv = linear_flops(tokens, model.hidden_size, model.q_width + 2 * model.kv_width)
-    out = linear_flops(tokens, model.q_width, model.hidden_size)
-    return qkv + out
+    if not model.is_mla:
+        qkv = linear_flops(tokens, model.hidden_size, model.q_width + 2 * model.kv_width)
+        out = linear_flops(tokens, model.q_width, model.hidden_size)
+        return qkv + out
+    return sum(linear_flops(tokens, i, o) for i, o in attention_weight_shapes(model))
+
+
+def attention_weight_shapes(model: ModelSpec) -> tuple[tuple[int, int], ...]:
+    """(in, out) of every attention weight matrix of one layer.
+
+    MHA/GQA: W_QKV (h, a·d + 2·g·d), W_O (a·d, h). MLA (DeepSeek-V2 eqs. 9-14, with d_c the
+    kv_lora_rank, d_c' the q_lora_rank, d_R the rotary width, d_n = d - d_R, d_v the value
+    width): W_DQ (h, d_c') and W_UQ (d_c', a·d) (or W_Q (h, a·d) without a query rank),
+    W_DKV with the shared rotary key W_KR (h, d_c + d_R), W_UK with W_UV (d_c, a·(d_n + d_v)),
+    W_O (a·d_v, h).
+    """
+    h, a = model.hidden_size, model.num_heads
+    if not model.is_mla:
+        return ((h, model.q_width + 2 * model.kv_width), (model.q_width, h))
+    q = ((h, model.q_lora_rank), (model.q_lora_rank, a * model.head_dim)) if model.q_lora_rank \
+        else ((h, a * model.head_dim),)
+    nope = model.head_dim - model.qk_rope_head_dim
+    kv = ((h, model.kv_lora_rank + model.qk_rope_head_dim),
+          (model.kv_lora_rank, a * (nope + model.value_head_dim)))
+    return q + kv + ((a * model.value_head_dim, h),)
+
+
+def attention_params(model: ModelSpec) -> int:
+    """Attention parameters of one layer: the weight matrices of `attention_weight_shapes`,
+    Q/K/V biases (a·d + 2·g·d), the output bias (h), qk-norm weights (per head: 2·d; over the
+    width: a·d + g·d, OLMo 2), MLA's latent RMSNorms (d_c' + d_c, DeepSeek-V2 modeling code)
+    and one sink logit per head (gpt-oss model card Sec. 2.1)."""
+    h = model.hidden_size
+    total = sum(i * o for i, o in attention_weight_shapes(model))
+    if model.qkv_bias:
+        total += model.q_width + 2 * model.kv_width
+    if model.attn_out_bias:
+        total += h
+    if model.qk_norm == "head":
+        total += 2 * model.head_dim
+    elif model.qk_norm == "width":
+        total += model.q_width + model.kv_width
+    if model.is_mla:
+        total += model.q_lora_rank + model.kv_lora_rank
+    if model.attention_sinks:
+        total += model.num_heads
+    return total
+
+
+def causal_key_pairs(seq_len, window: int = 0, chunk: int = 0):
+    """Query-key pairs one head scores in one causal sequence of s tokens (continuous form).
+
+    Full causal attention: s²/2 (half the square; flash kernels skip masked blocks).
+    Sliding window w (a query sees the w latest keys, itself included): Σ_i min(i, w)
+    = w²/2 + (s - w)·w = s·w - w²/2 for s > w, else s²/2 (our derivation; the O(s·w) cost of
+    Beltagy et al. 2020, Longformer, Sec. 3.1). Chunked attention with chunks of c tokens
+    (Llama 4: causal inside a chunk only): ⌊s/c⌋·c²/2 + r²/2 with r = s mod c.
+    """
+    if window:
+        return np.where(seq_len > window, seq_len * window - window * window / 2,
+                        seq_len * seq_len / 2)
+    if chunk:
+        whole, rest = np.floor_divide(seq_len, chunk), np.mod(seq_len, chunk)
+        return (whole * chunk * chunk + rest * rest) / 2
+    return seq_len * seq_len / 2
+
+
+def mean_causal_key_pairs(model: ModelSpec, seq_len):
+    """`causal_key_pairs` averaged over the layer pattern: full_attention_layers layers at
+    s²/2, the others with the model's sliding window or chunk."""
+    local = causal_key_pairs(seq_len, model.sliding_window, model.attention_chunk_size)
+    n = model.windowed_layers
+    return ((model.num_layers - n) * (seq_len * seq_len / 2) + n * local) / model.num_layers
 
 
 def attention_core_flops(model: ModelSpec, batch, seq_len, causal: bool = True):
@@ -35,9 +110,19 @@ def attention_core_flops(model: ModelSpec, batch, seq_len, causal: bool = True):
     Full (non-causal) count: 2·B·s²·a·d for Q·K^T plus the same for scores·V = 4·B·s²·a·d
     (= 4·B·s²·h for MHA, Narayanan et al. 2021 Appendix). A causal mask needs only half:
     flash attention skips the masked blocks, so `causal=True` counts 2·B·s²·a·d.
+    Generally 2·B·P·a·(d_qk + d_v) with P the query-key pairs: s² non-causal, else
+    `mean_causal_key_pairs` (sliding-window and chunked layers averaged over the layer
+    pattern); MLA has d_qk = nope + rope and its own d_v (DeepSeek-V2 Sec. 2.1).
     """
-    full = 4 * batch * seq_len * seq_len * model.q_width
-    return full // 2 if causal else full
+    if not model.is_mla and not model.windowed_layers:
+        full = 4 * batch * seq_len * seq_len * model.q_width
+        return full // 2 if causal else full
+    width = model.num_heads * (model.head_dim + model.value_head_dim)
+    if not causal:
+        return 2 * batch * seq_len * seq_len * width
+    if not model.windowed_layers:
+        return 2 * batch * seq_len * seq_len * width // 2
+    return 2 * batch * mean_causal_key_pairs(model, seq_len) * width
 
 
 def dense_mlp_flops(model: ModelSpec, tokens):
@@ -58,10 +143,12 @@ def moe_mlp_flops(model: ModelSpec, tokens):
 
 def mlp_flops(model: ModelSpec, tokens):
     """MLP FLOPs of one layer, forward: the dense MLP, or for MoE models the average over
-    layers of dense (first num_dense_layers) and MoE layers."""
+    layers of dense (the first num_dense_layers and, with moe_layer_every > 1, the layers
+    between MoE layers) and MoE layers."""
     if not model.is_moe:
         return dense_mlp_flops(model, tokens)
-    return (model.num_dense_layers * dense_mlp_flops(model, tokens)
+    dense_layers = model.num_layers - model.num_moe_layers
+    return (dense_layers * dense_mlp_flops(model, tokens)
             + model.num_moe_layers * moe_mlp_flops(model, tokens)) / model.num_layers
 
 
@@ -118,25 +205,64 @@ def megatron_paper_flops(batch, seq_len, layers, hidden, vocab):
         + 6 * batch * seq_len * hidden * vocab
 
 
+def norm_params(model: ModelSpec) -> int:
+    """Weights (and LayerNorm biases) of one layer's norms: norms_per_layer · h (· 2 with bias)."""
+    return model.norms_per_layer * model.hidden_size * (2 if model.norm_bias else 1)
+
+
+def dense_mlp_params(model: ModelSpec) -> int:
+    """One dense MLP: matrices · h · f, plus biases when the model has them (f per input
+    matrix, h for the output matrix)."""
+    h, f = model.hidden_size, model.ffn_hidden_size
+    bias = (model.mlp_matrices - 1) * f + h if model.mlp_bias else 0
+    return model.mlp_matrices * h * f + bias
+
+
+def routed_expert_params(model: ModelSpec) -> int:
+    """One routed expert: matrices · h · f_e, plus (gpt-oss) the gate/up biases (2·f_e) and the
+    down bias (h)."""
+    h, fe = model.hidden_size, model.expert_ffn_hidden_size
+    bias = (model.mlp_matrices - 1) * fe + h if model.expert_bias else 0
+    return model.mlp_matrices * h * fe + bias
+
+
+def moe_shared_params(model: ModelSpec) -> int:
+    """One MoE layer's always-resident part besides attention: the shared experts
+    (matrices · h · f_shared) and the router (h·E, plus E biases with expert_bias)."""
+    h = model.hidden_size
+    router = h * model.num_experts + (model.num_experts if model.expert_bias else 0)
+    return model.mlp_matrices * h * model.shared_expert_ffn_hidden_size + router
+
+
 def parameter_count(model: ModelSpec) -> int:
-    """Trainable parameters: per layer QKV + output projection + MLP + 2 norms (weight only,
-    RMSNorm/LayerNorm without bias), embeddings, final norm, LM head unless tied.
+    """Trainable parameters: per layer attention (`attention_params`: projections, MLA
+    latents, biases, qk-norm, sinks) + norms + the dense MLP or every expert, the shared
+    experts and the router, then embeddings, final norm, LM head unless tied.
 
     GPT-3 175B (96 layers, h 12288, V 51200, with biases) gives 174.6B in Narayanan et al.
     2021 Table 1's convention 12·l·h²·(1 + 13/(12h) + (V + s)/(12·l·h)); see
     `megatron_paper_params` for that closed form.
     """
+    return _parameters(model, model.num_experts)
+
+
+def active_parameter_count(model: ModelSpec) -> int:
+    """Parameters one token passes through: as `parameter_count` with only the top-k routed
+    experts of each MoE layer (the "activated parameters" of DeepSeek-V3, Mixtral, gpt-oss
+    and Llama 4 model cards; embedding and LM head included)."""
+    return _parameters(model, model.experts_top_k)
+
+
+def _parameters(model: ModelSpec, experts: int) -> int:
     h = model.hidden_size
-    attn = h * (model.q_width + 2 * model.kv_width) + model.q_width * h
-    mlp = model.mlp_matrices * h * model.ffn_hidden_size
-    total = model.num_layers * (attn + 2 * h) + (model.num_layers - model.num_moe_layers) * mlp
-    if model.is_moe:  # every expert's weights, the shared experts and the router
-        experts = (model.num_experts * model.expert_ffn_hidden_size
-                   + model.shared_expert_ffn_hidden_size) * model.mlp_matrices * h
-        total += model.num_moe_layers * (experts + h * model.num_experts)
+    moe = model.num_moe_layers
+    total = model.num_layers * (attention_params(model) + norm_params(model)) \
+        + (model.num_layers - moe) * dense_mlp_params(model)
+    if model.is_moe:  # `experts` routed experts, the shared experts and the router
+        total += moe * (experts * routed_expert_params(model) + moe_shared_params(model))
     embed = model.vocab_size * h
     head = 0 if model.tied_embeddings else model.vocab_size * h
-    return total + embed + head + h
+    return total + embed + head + h * (2 if model.norm_bias else 1)
 
 
 def megatron_paper_params(layers: int, hidden: int, vocab: int, seq_len: int) -> int:

@@ -160,7 +160,7 @@ def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutG
     attn = flops.attention_core_flops(model, b, s) / (t * c)  # causal; CP shares the work
     h = model.hidden_size
     outside = np.where(g.sequence_parallel, h / t, h)
-    inside = (model.active_ffn_width * model.mlp_matrices + model.q_width + 2 * model.kv_width) / t
+    inside = (model.active_ffn_width * model.mlp_matrices + model.qkv_width) / t
     elem_bytes = 2 * tokens * (ELEMENTWISE_PASSES_OUTSIDE * outside + ELEMENTWISE_PASSES_INSIDE * inside)
     if model.is_moe:  # permute before and unpermute after the experts: read + write each copy
         elem_bytes = elem_bytes + (model.num_moe_layers / model.num_layers) * MOE_PERMUTE_PASSES \
@@ -182,7 +182,9 @@ def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutG
     # CP: ring attention passes K and V chunks around cp ranks, overlapped with attention
     # compute of the chunk in hand; backward also returns dK, dV (2x bytes).
     cp_bw, cp_alpha = links.bandwidth_Bps(cpg), links.latency_s(cpg)
-    kv_chunk = 2 * 2 * b * (s / c) * model.kv_width / t
+    # K and V of the local chunk (MLA: the decompressed per-head keys and values).
+    kv_chunk = 2 * 2 * b * (s / c) * model.kv_width / t if not model.is_mla \
+        else 2 * b * (s / c) * model.num_heads * (model.head_dim + model.value_head_dim) / t
     ring_f = (c - 1) * comm.p2p_time(kv_chunk, cp_bw, cp_alpha)
     window = attn_f * (c - 1) / c
     cp_fwd = np.maximum(ring_f - window, 0.0)

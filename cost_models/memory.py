@@ -14,6 +14,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from .flops import (
+    attention_params,
+    dense_mlp_params,
+    moe_shared_params,
+    norm_params,
+    routed_expert_params,
+)
 from .specs import ModelSpec
 
 WEIGHT_BYTES = 2
@@ -46,14 +53,13 @@ def bytes_per_parameter(distributed_optimizer, dp, dtype_fp8=False):
 
 def dense_layer_params(model: ModelSpec) -> float:
     """Parameters of one layer that every expert-parallel rank holds, averaged over layers:
-    attention, two norms, the dense MLP (dense layers) or shared experts + router (MoE layers)."""
-    h = model.hidden_size
-    attn = h * (model.q_width + 2 * model.kv_width) + model.q_width * h + 2 * h
-    dense_mlp = model.mlp_matrices * h * model.ffn_hidden_size
+    attention, norms, the dense MLP (dense layers) or shared experts + router (MoE layers)."""
+    attn = attention_params(model) + norm_params(model)
+    dense_mlp = dense_mlp_params(model)
     if not model.is_moe:
         return attn + dense_mlp
-    moe_shared = model.mlp_matrices * h * model.shared_expert_ffn_hidden_size + h * model.num_experts
-    return attn + (model.num_dense_layers * dense_mlp + model.num_moe_layers * moe_shared) \
+    dense_layers = model.num_layers - model.num_moe_layers
+    return attn + (dense_layers * dense_mlp + model.num_moe_layers * moe_shared_params(model)) \
         / model.num_layers
 
 
@@ -61,7 +67,7 @@ def expert_layer_params(model: ModelSpec) -> float:
     """Routed-expert parameters of one layer averaged over layers (split over ep ranks)."""
     if not model.is_moe:
         return 0.0
-    experts = model.num_experts * model.mlp_matrices * model.hidden_size * model.expert_ffn_hidden_size
+    experts = model.num_experts * routed_expert_params(model)
     return experts * model.num_moe_layers / model.num_layers
 
 
@@ -82,6 +88,10 @@ def activation_bytes_per_layer(model: ModelSpec, micro_batch, seq_len, tp, cp=1,
     Context parallelism divides s by cp everywhere. With `fp8`, Transformer Engine saves the
     inputs of the four GEMMs (QKV, output projection, both MLP matrices) in fp8: 1 byte.
     `recompute` may be an array of codes 0/1/2 (none/selective/full) or a string.
+    MLA (DeepSeek-V2 Sec. 2.1) keeps decompressed per-head Q, K (d_qk) and V (d_v) plus its
+    latents; sliding-window and chunked layers store the same per-token tensors (the window
+    only shortens the key loop), so only the unfused a·s² score terms would depend on it and
+    unfused kernels compute the whole square anyway.
     """
     s = seq_len / cp
     sbh = s * micro_batch * model.hidden_size
@@ -96,8 +106,14 @@ def activation_bytes_per_layer(model: ModelSpec, micro_batch, seq_len, tp, cp=1,
         + 2 * drop * sbh   # two dropout masks (1 byte each)
     )
     # Terms inside the tensor-parallel region (split over tp):
-    qkv = 2 * sb * (model.q_width + 2 * model.kv_width)  # Q, K, V kept for the core
-    proj_in = gemm_in * sb * model.q_width               # input of the output projection
+    qkv = 2 * sb * model.qkv_width                      # Q, K, V kept for the core
+    proj_in = gemm_in * sb * model.attn_out_width        # input of the output projection
+    if model.is_mla:
+        # MLA's latents c_Q, c_KV (+ the shared rotary key) are computed on every tp rank
+        # (Megatron-Core's MLA keeps the down projections unsplit): each is kept as its
+        # RMSNorm input (2 bytes) and as the input of its up projection (gemm_in bytes).
+        latent = model.q_lora_rank + model.kv_lora_rank
+        outside = outside + (2 + gemm_in) * sb * latent + 2 * sb * model.qk_rope_head_dim
     f = model.active_ffn_width  # = ffn_hidden_size for dense models
     if model.gated_mlp:
         mlp = 2 * sb * 2 * f + gemm_in * sb * f  # gate and up outputs, activation output

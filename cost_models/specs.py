@@ -119,6 +119,45 @@ class ModelSpec:
     """MLP inner width of the shared expert block (all shared experts together)."""
     num_dense_layers: int = 0
     """Leading layers that use the dense MLP in an MoE model (DeepSeek first_k_dense_replace)."""
+    moe_layer_every: int = 1
+    """After the leading dense layers, every n-th layer is MoE and the others dense (Llama 4
+    Maverick interleave_moe_layer_step 2); 1: all of them are MoE."""
+    expert_bias: bool = False
+    """Routed experts and the router have bias vectors (gpt-oss)."""
+    q_lora_rank: int = 0
+    """Multi-head latent attention (DeepSeek-V2/V3): rank of the query down-projection; 0 with
+    kv_lora_rank > 0: queries projected directly from h (DeepSeek-V2-Lite)."""
+    kv_lora_rank: int = 0
+    """MLA: rank of the joint key/value latent c_KV (0: ordinary multi-/grouped-query attention).
+    With MLA, head_dim is the query/key width per head (no-position + rotary parts)."""
+    qk_rope_head_dim: int = 0
+    """MLA: rotary part of each query/key head; the rotary key is one head shared by all."""
+    v_head_dim: int = 0
+    """Value (and attention output) width per head; 0: head_dim."""
+    sliding_window: int = 0
+    """Keys each query sees on sliding-window layers (Mistral, Gemma 2/3, gpt-oss); 0: none."""
+    attention_chunk_size: int = 0
+    """Tokens per block of chunked-attention layers (Llama 4: a query sees only its own chunk,
+    causally); 0: none."""
+    full_attention_layers: int = 0
+    """With sliding_window or attention_chunk_size set: layers that still attend to every
+    earlier key (Gemma 2 and gpt-oss every 2nd, Gemma 3 every 6th, Llama 4 every 4th)."""
+    attention_sinks: bool = False
+    """A learned sink logit per head (gpt-oss): one parameter per head, no extra keys."""
+    qk_norm: Literal["none", "head", "width"] = "none"
+    """RMSNorm on queries and keys: per head (Qwen3, Gemma 3: head_dim weights each) or over
+    the whole projection (OLMo 2: q_width and kv_width weights)."""
+    qkv_bias: bool = False
+    """Q, K and V projections have biases (Qwen2, GLM, gpt-oss, StarCoder 2)."""
+    attn_out_bias: bool = False
+    """The attention output projection has a bias (gpt-oss, StarCoder 2)."""
+    mlp_bias: bool = False
+    """Dense MLP matrices have biases (StarCoder 2, Phi-2, GPT-J)."""
+    norms_per_layer: int = 2
+    """Norm weight vectors per layer: 2 (pre-attention, pre-MLP), 4 (Gemma 2/3, GLM-4-0414:
+    also after each), 1 (Falcon-7B: one norm before the parallel attention and MLP)."""
+    norm_bias: bool = False
+    """Norms are LayerNorms with a bias (Falcon, StarCoder 2, Phi-2), else RMSNorm/no bias."""
 
     def __post_init__(self) -> None:
         _require_positive(
@@ -142,6 +181,37 @@ class ModelSpec:
             raise SpecError(
                 f"model {self.name}: experts_top_k={self.experts_top_k} must be in 1..num_experts"
             )
+        self._check_attention_variants()
+
+    def _check_attention_variants(self) -> None:
+        """SpecError for MLA, window, norm and layer-pattern fields out of range."""
+        for name in ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim",
+                     "sliding_window", "attention_chunk_size", "full_attention_layers",
+                     "norms_per_layer"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise SpecError(f"model {self.name}: {name} must be a non-negative integer, "
+                                f"got {_short(value)}")
+        if isinstance(self.moe_layer_every, bool) or not isinstance(self.moe_layer_every, int) \
+                or not 1 <= self.moe_layer_every <= self.num_layers:
+            raise SpecError(f"model {self.name}: moe_layer_every must be an integer in "
+                            f"1..num_layers, got {_short(self.moe_layer_every)}")
+        if self.kv_lora_rank and not 0 < self.qk_rope_head_dim < self.head_dim:
+            raise SpecError(f"model {self.name}: MLA needs 0 < qk_rope_head_dim < head_dim "
+                            f"(head_dim = qk_nope_head_dim + qk_rope_head_dim), got "
+                            f"{self.qk_rope_head_dim} and {self.head_dim}")
+        if self.sliding_window and self.attention_chunk_size:
+            raise SpecError(f"model {self.name}: set sliding_window or attention_chunk_size, "
+                            "not both")
+        if self.full_attention_layers > self.num_layers:
+            raise SpecError(f"model {self.name}: full_attention_layers="
+                            f"{self.full_attention_layers} exceeds num_layers={self.num_layers}")
+        if self.qk_norm not in ("none", "head", "width"):
+            raise SpecError(f"model {self.name}: qk_norm must be none, head or width, "
+                            f"got {_short(self.qk_norm)}")
+        if self.num_dense_layers > self.num_layers:
+            raise SpecError(f"model {self.name}: num_dense_layers={self.num_dense_layers} "
+                            f"exceeds num_layers={self.num_layers}")
 
     @property
     def is_moe(self) -> bool:
@@ -150,14 +220,17 @@ class ModelSpec:
     @property
     def num_moe_layers(self) -> int:
         """Layers whose MLP is a mixture of experts (the rest use the dense MLP)."""
-        return self.num_layers - self.num_dense_layers if self.is_moe else 0
+        if not self.is_moe:
+            return 0
+        return (self.num_layers - self.num_dense_layers) // self.moe_layer_every
 
     @property
     def active_ffn_width(self) -> float:
         """MLP inner width one token passes through, averaged over layers: f for dense layers,
         top_k·f_expert + f_shared for MoE layers (the width activations and FLOPs scale with)."""
         moe = self.experts_top_k * self.expert_ffn_hidden_size + self.shared_expert_ffn_hidden_size
-        return (self.num_dense_layers * self.ffn_hidden_size + self.num_moe_layers * moe) \
+        dense_layers = self.num_layers - self.num_moe_layers
+        return (dense_layers * self.ffn_hidden_size + self.num_moe_layers * moe) \
             / self.num_layers if self.is_moe else float(self.ffn_hidden_size)
 
     @property
@@ -177,6 +250,36 @@ class ModelSpec:
     @property
     def kv_width(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def is_mla(self) -> bool:
+        """Multi-head latent attention (DeepSeek-V2 Sec. 2.1)."""
+        return self.kv_lora_rank > 0
+
+    @property
+    def value_head_dim(self) -> int:
+        """Width of one value head (v_head_dim, else head_dim)."""
+        return self.v_head_dim or self.head_dim
+
+    @property
+    def qkv_width(self) -> int:
+        """Q, K and V widths per token as the attention core reads them: a·d + 2·g·d, or for
+        MLA (keys and values decompressed per head) a·d_qk + a·d_qk + a·d_v."""
+        if self.is_mla:
+            return self.num_heads * (2 * self.head_dim + self.value_head_dim)
+        return self.q_width + 2 * self.kv_width
+
+    @property
+    def attn_out_width(self) -> int:
+        """Input width of the attention output projection: a·d_v (= q_width without MLA)."""
+        return self.num_heads * self.value_head_dim if self.is_mla else self.q_width
+
+    @property
+    def windowed_layers(self) -> int:
+        """Layers whose queries see a sliding window or one chunk of keys."""
+        if not (self.sliding_window or self.attention_chunk_size):
+            return 0
+        return self.num_layers - self.full_attention_layers
 
 
 # --------------------------------------------------------------------------------------------
