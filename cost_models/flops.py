@@ -246,11 +246,16 @@ def parameter_count(model: ModelSpec) -> int:
     return _parameters(model, model.num_experts)
 
 
-def active_parameter_count(model: ModelSpec) -> int:
+def active_parameter_count(model: ModelSpec, count_embedding: bool = True) -> int:
     """Parameters one token passes through: as `parameter_count` with only the top-k routed
-    experts of each MoE layer (the "activated parameters" of DeepSeek-V3, Mixtral, gpt-oss
-    and Llama 4 model cards; embedding and LM head included)."""
-    return _parameters(model, model.experts_top_k)
+    experts of each MoE layer. Model cards differ on the input embedding (a lookup, no
+    FLOPs): Llama 4 counts it (17B), gpt-oss (model card Table 1: 5.13B) and DeepSeek (37B,
+    21B) round to figures without it; `count_embedding=False` leaves it out (an untied
+    LM head stays counted)."""
+    total = _parameters(model, model.experts_top_k)
+    if not count_embedding and not model.tied_embeddings:
+        total -= model.vocab_size * model.hidden_size
+    return total
 
 
 def _parameters(model: ModelSpec, experts: int) -> int:

@@ -182,29 +182,85 @@ _MLP_FROM_ACT = {
     "gelu": "gelu", "gelu_new": "gelu", "gelu_fast": "gelu", "gelu_pytorch_tanh": "gelu",
     "relu2": "squared_relu", "squared_relu": "squared_relu",
 }
-_GEMMA = {"gemma"}
+_GEMMA = {"gemma", "gemma2", "gemma3", "gemma3_text"}
 _LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "nemotron", "gpt_neox", "mixtral",
-               "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "gemma", "phi3"}
+               "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "phi3", "olmo2",
+               "internlm2", "glm", "glm4", "starcoder2", "gpt_oss", "llama4", "llama4_text",
+               "falcon", "phi", "chatglm"} | _GEMMA
+
+# Defaults of the HuggingFace config classes for keys real configs leave out
+# (transformers src/transformers/models/<family>/configuration_<family>.py).
+_HF_DEFAULTS: dict[str, dict] = {
+    "gemma2": {"head_dim": 256, "sliding_window": 4096, "vocab_size": 256000,
+               "hidden_activation": "gelu_pytorch_tanh"},
+    "gemma3_text": {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
+                    "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+                    "head_dim": 256, "max_position_embeddings": 131072, "sliding_window": 4096,
+                    "sliding_window_pattern": 6, "hidden_activation": "gelu_pytorch_tanh"},
+    "llama4_text": {"vocab_size": 202048, "hidden_size": 5120, "intermediate_size": 8192,
+                    "intermediate_size_mlp": 16384, "num_hidden_layers": 48,
+                    "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
+                    "num_local_experts": 16, "num_experts_per_tok": 1,
+                    "interleave_moe_layer_step": 1, "attention_chunk_size": 8192,
+                    "no_rope_layer_interval": 4, "max_position_embeddings": 131072},
+    "gpt_oss": {"num_local_experts": 128, "num_experts_per_tok": 4, "vocab_size": 201088,
+                "hidden_size": 2880, "intermediate_size": 2880, "head_dim": 64,
+                "num_attention_heads": 64, "num_key_value_heads": 8, "sliding_window": 128,
+                "num_hidden_layers": 36, "max_position_embeddings": 131072},
+    "starcoder2": {"use_bias": True, "hidden_act": "gelu_pytorch_tanh"},
+    "internlm2": {"bias": True},
+    "glm": {"attention_bias": True, "head_dim": 128},
+    "glm4": {"attention_bias": True, "head_dim": 128},
+    "falcon": {"bias": False, "parallel_attn": True, "new_decoder_architecture": False,
+               "hidden_act": "gelu", "max_position_embeddings": 2048},
+    "phi": {"hidden_act": "gelu_new", "max_position_embeddings": 2048},
+}
+_KEY_ALIASES = {  # config key -> the llama-style key it stands for
+    "falcon": {"n_head": "num_attention_heads", "n_layer": "num_hidden_layers",
+               "n_head_kv": "num_kv_heads", "num_kv_heads": "num_key_value_heads"},
+    "chatglm": {"num_layers": "num_hidden_layers", "ffn_hidden_size": "intermediate_size",
+                "kv_channels": "head_dim", "multi_query_group_num": "num_key_value_heads",
+                "padded_vocab_size": "vocab_size", "seq_length": "max_position_embeddings"},
+}
+
+MODEL_FILE_FORMAT = 1
+"""`meshplan_model: 1`: a model file holding ModelSpec's own keys (docs/models.md)."""
 
 
 def model_from_config(cfg: dict, where: str) -> ModelSpec:
-    """Parse a HuggingFace config (llama, mistral, qwen2/3, nemotron, gpt2, gpt_neox, mixtral,
-    qwen2_moe/qwen3_moe, deepseek_v3) into a ModelSpec."""
+    """Parse a HuggingFace config (every family in `_LLAMA_LIKE` and gpt2, nested
+    `text_config` unpacked) or a meshplan model file into a ModelSpec."""
+    if "meshplan_model" in cfg:
+        return model_from_file(cfg, where)
     kind = cfg.get("model_type")
     if kind is None:
         raise SpecError(f"model config {where} lacks 'model_type' (e.g. llama, gpt2, mixtral)")
+    if isinstance(cfg.get("text_config"), dict):
+        text = dict(cfg["text_config"])
+        text.setdefault("model_type", {"llama4": "llama4_text", "gemma3": "gemma3_text"}
+                        .get(kind, kind))
+        if "tie_word_embeddings" not in text and "tie_word_embeddings" in cfg:
+            text["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+        return model_from_config(text, where)
     if kind == "gpt2":
         return _gpt2(cfg, where)
     if kind not in _LLAMA_LIKE:
         raise SpecError(
-            f"model config {where}: model_type {kind!r} is not supported; supported: "
-            f"{sorted(_LLAMA_LIKE | {'gpt2'})}"
+            f"model config {where}: model_type {kind!r} is not supported; write a meshplan "
+            "model file (see docs/models.md) or use one of: "
+            f"{', '.join(sorted(_LLAMA_LIKE | {'gpt2'}))}"
         )
+    cfg = {**_HF_DEFAULTS.get(kind, {}), **cfg}
+    for old, new in _KEY_ALIASES.get(kind, {}).items():
+        if cfg.get(old) is not None and cfg.get(new) is None:
+            cfg[new] = cfg[old]
     g = lambda *k, **kw: _get(cfg, where, *k, **kw)  # noqa: E731
     hidden = _int(g("hidden_size"), "hidden_size", where)
     heads = _int(g("num_attention_heads"), "num_attention_heads", where)
     kv = _int(g("num_key_value_heads", default=heads), "num_key_value_heads", where)
     head_dim = g("head_dim", "kv_channels", default=hidden // heads)
+    if kind == "falcon" and not cfg.get("new_decoder_architecture"):
+        kv = 1 if cfg.get("multi_query", True) else heads  # FalconConfig's multi_query default
     if kind in ("deepseek_v3", "deepseek_v2"):
         # MLA: per-head query/key width is the no-position part plus the rotary part.
         head_dim = g("qk_nope_head_dim") + g("qk_rope_head_dim")
@@ -213,12 +269,17 @@ def model_from_config(cfg: dict, where: str) -> ModelSpec:
     mlp = _MLP_FROM_ACT.get(act)
     if mlp is None:
         raise SpecError(f"model config {where}: hidden_act {act!r} is not supported")
-    if kind in ("gpt_neox", "nemotron") and mlp == "gated_silu":
+    if kind in ("gpt_neox", "nemotron", "falcon", "phi", "starcoder2") and mlp == "gated_silu":
         mlp = "gelu"
     if kind in _GEMMA:  # Gemma's MLP is GeGLU (gate, up, down), whatever hidden_act says
         act = str(g("hidden_activation", "hidden_act", default="gelu_pytorch_tanh")).lower()
         mlp = "gated_gelu" if act.startswith("gelu") else _MLP_FROM_ACT.get(act, mlp)
-    ffn = _int(g("intermediate_size", "ffn_hidden_size"), "intermediate_size", where)
+    if kind in ("gpt_oss", "llama4_text", "chatglm"):  # SwiGLU whatever the key says
+        mlp = "gated_silu"
+    ffn_keys = ("intermediate_size_mlp",) if kind == "llama4_text" else ()
+    default_ffn = 4 * hidden if kind in ("falcon",) else None
+    ffn = _int(g(*ffn_keys, "intermediate_size", "ffn_hidden_size", default=default_ffn),
+               "intermediate_size", where)
     spec = dict(
         name=where, num_layers=_int(g("num_hidden_layers"), "num_hidden_layers", where),
         hidden_size=hidden, ffn_hidden_size=ffn, num_heads=heads, num_kv_heads=kv,
@@ -226,13 +287,83 @@ def model_from_config(cfg: dict, where: str) -> ModelSpec:
         vocab_size=_int(g("vocab_size"), "vocab_size", where),
         max_seq_len=_int(g("max_position_embeddings", "max_seq_len", default=4096),
                          "max_position_embeddings", where),
-        # HF defaults: Gemma ties its embeddings unless told otherwise; Llama-style models do not
-        tied_embeddings=bool(cfg.get("tie_word_embeddings", kind in _GEMMA)),
+        # HF defaults: Gemma and Falcon tie their embeddings unless told otherwise
+        tied_embeddings=bool(cfg.get("tie_word_embeddings",
+                                     kind in _GEMMA or kind in ("falcon", "starcoder2"))),
         mlp_kind=mlp,
         dropout=bool(cfg.get("hidden_dropout", 0) or cfg.get("attention_dropout", 0)),
     )
     spec.update(_moe_fields(cfg, kind, where))
+    spec.update(_attention_fields(cfg, kind, spec["num_layers"], where))
     return ModelSpec(**spec)
+
+
+def _layer_count(cfg: dict, kind_of_layer: str, num_layers: int) -> int | None:
+    """Layers of `layer_types` equal to kind_of_layer, None when the config has no list."""
+    types = cfg.get("layer_types")
+    if not isinstance(types, list):
+        return None
+    return sum(1 for t in types[:num_layers] if t == kind_of_layer)
+
+
+def _attention_fields(cfg: dict, kind: str, num_layers: int, where: str) -> dict:
+    """MLA, window pattern, biases, norms, qk-norm and sinks of each family (HF semantics)."""
+    g = lambda *k, **kw: _get(cfg, where, *k, **kw)  # noqa: E731
+    out: dict[str, Any] = {}
+    if kind in ("deepseek_v3", "deepseek_v2"):
+        out.update(q_lora_rank=cfg.get("q_lora_rank") or 0, kv_lora_rank=g("kv_lora_rank"),
+                   qk_rope_head_dim=g("qk_rope_head_dim"), v_head_dim=g("v_head_dim"))
+    window = cfg.get("sliding_window")
+    if kind == "qwen2" and not cfg.get("use_sliding_window", False):
+        window = None
+    if kind in ("mistral", "mixtral", "qwen2", "phi3", "starcoder2", "gemma2", "gemma3_text",
+                "gpt_oss") and window:
+        window = _int(window, "sliding_window", where)
+        full = _layer_count(cfg, "full_attention", num_layers)
+        if full is None:
+            period = {"gemma2": 2, "gpt_oss": 2}.get(kind)
+            if kind == "gemma3_text":
+                period = _int(g("sliding_window_pattern", default=6), "sliding_window_pattern",
+                              where)
+            full = num_layers // period if period else 0
+        out.update(sliding_window=window, full_attention_layers=full)
+    if kind == "llama4_text" and cfg.get("attention_chunk_size"):
+        chunk = _int(cfg["attention_chunk_size"], "attention_chunk_size", where)
+        nope = cfg.get("no_rope_layers")  # 1: rotary + chunked; 0: NoPE, global attention
+        if isinstance(nope, list) and nope:
+            full = sum(1 for x in nope[:num_layers] if not x)
+        else:
+            full = num_layers // _int(g("no_rope_layer_interval", default=4),
+                                      "no_rope_layer_interval", where)
+        out.update(attention_chunk_size=chunk, full_attention_layers=full)
+    if kind in ("gemma3_text", "qwen3", "qwen3_moe"):
+        out["qk_norm"] = "head"
+    if kind == "olmo2":
+        out["qk_norm"] = "width"
+    if kind in ("gemma2", "gemma3_text", "glm4"):
+        out["norms_per_layer"] = 4
+    if kind == "gpt_oss":
+        out.update(attention_sinks=True, qkv_bias=True, attn_out_bias=True, expert_bias=True)
+    if kind in ("glm", "glm4"):
+        out["qkv_bias"] = bool(cfg.get("attention_bias"))
+    if kind == "chatglm":
+        out["qkv_bias"] = bool(cfg.get("add_qkv_bias", False))
+    if kind == "internlm2" and cfg.get("bias"):
+        out.update(qkv_bias=True, attn_out_bias=True)
+    if kind == "starcoder2":
+        bias = bool(cfg.get("use_bias"))
+        out.update(qkv_bias=bias, attn_out_bias=bias, mlp_bias=bias, norm_bias=True)
+    if kind == "phi":
+        out.update(qkv_bias=True, attn_out_bias=True, mlp_bias=True, norm_bias=True,
+                   norms_per_layer=1)
+    if kind == "falcon":
+        bias = bool(cfg.get("bias"))
+        new_arch = bool(cfg.get("new_decoder_architecture"))
+        norms = (cfg.get("num_ln_in_parallel_attn") or 2) if new_arch else \
+            (1 if cfg.get("parallel_attn") else 2)
+        out.update(qkv_bias=bias, attn_out_bias=bias, mlp_bias=bias, norm_bias=True,
+                   norms_per_layer=_int(norms, "num_ln_in_parallel_attn", where))
+    return out
 
 
 def _moe_fields(cfg: dict, kind: str, where: str) -> dict:
@@ -252,8 +383,32 @@ def _moe_fields(cfg: dict, kind: str, where: str) -> dict:
         return dict(num_experts=g("n_routed_experts"), experts_top_k=g("num_experts_per_tok"),
                     expert_ffn_hidden_size=expert_ffn, num_shared_experts=shared,
                     shared_expert_ffn_hidden_size=shared * expert_ffn,
-                    num_dense_layers=g("first_k_dense_replace", default=0, required=False) or 0)
+                    num_dense_layers=g("first_k_dense_replace", default=0, required=False) or 0,
+                    moe_layer_every=g("moe_layer_freq", default=1, required=False) or 1)
+    if kind == "gpt_oss":
+        return dict(num_experts=g("num_local_experts"),
+                    experts_top_k=g("num_experts_per_tok", "experts_per_token"),
+                    expert_ffn_hidden_size=g("intermediate_size"))
+    if kind == "llama4_text":
+        # Every MoE layer also runs one shared expert as wide as a routed one (HF Llama4TextMoe).
+        expert_ffn = g("intermediate_size")
+        return dict(num_experts=g("num_local_experts"), experts_top_k=g("num_experts_per_tok"),
+                    expert_ffn_hidden_size=expert_ffn, num_shared_experts=1,
+                    shared_expert_ffn_hidden_size=expert_ffn,
+                    moe_layer_every=g("interleave_moe_layer_step", default=1))
     return {}
+
+
+def model_from_file(data: dict, where: str) -> ModelSpec:
+    """A meshplan model file: `meshplan_model: 1` and ModelSpec's own keys, strictly (unknown
+    keys rejected); `name` defaults to the file (docs/models.md)."""
+    data = dict(data)
+    version = data.pop("meshplan_model")
+    if version != MODEL_FILE_FORMAT:
+        raise SpecError(f"model file {where}: meshplan_model {version!r} is not supported "
+                        f"(want {MODEL_FILE_FORMAT})")
+    data.setdefault("name", where)
+    return _strict(ModelSpec, data, f"model file {where}")
 
 
 def _gpt2(cfg: dict, where: str) -> ModelSpec:
