@@ -190,7 +190,10 @@ _LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "nemotron", "gpt_neox", "mi
 
 # Defaults of the HuggingFace config classes for keys real configs leave out
 # (transformers src/transformers/models/<family>/configuration_<family>.py).
+_MLA_DEFAULTS = {"q_lora_rank": 1536, "kv_lora_rank": 512, "qk_rope_head_dim": 64,
+                 "qk_nope_head_dim": 128, "v_head_dim": 128}
 _HF_DEFAULTS: dict[str, dict] = {
+    "deepseek_v2": _MLA_DEFAULTS, "deepseek_v3": _MLA_DEFAULTS,
     "gemma2": {"head_dim": 256, "sliding_window": 4096, "vocab_size": 256000,
                "hidden_activation": "gelu_pytorch_tanh"},
     "gemma3_text": {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
