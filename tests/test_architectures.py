@@ -235,6 +235,20 @@ def test_family_specific_fields():
     assert sc.mlp_kind == "gelu" and sc.mlp_bias and sc.norm_bias and sc.tied_embeddings
 
 
+def test_sliding_window_only_where_the_config_turns_it_on():
+    # mistralai/Mistral-7B-v0.1: sliding_window 4096 on every layer; v0.3 sets it to null
+    mistral = {"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336,
+               "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+               "vocab_size": 32000, "max_position_embeddings": 32768, "hidden_act": "silu",
+               "sliding_window": 4096}
+    assert model_from_config(mistral, "m").windowed_layers == 32
+    assert model_from_config({**mistral, "sliding_window": None}, "m").windowed_layers == 0
+    # Qwen2 configs carry sliding_window but only use it with use_sliding_window (Qwen2Config)
+    qwen2 = {**mistral, "model_type": "qwen2", "sliding_window": 131072}
+    assert model_from_config(qwen2, "q").windowed_layers == 0
+    assert model_from_config({**qwen2, "use_sliding_window": True}, "q").windowed_layers == 32
+
+
 def test_multimodal_wrapper_without_text_config_type():
     cfg = {"model_type": "gemma3", "text_config": dict(GEMMA3_12B["text_config"])}
     del cfg["text_config"]["model_type"]
