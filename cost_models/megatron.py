@@ -172,11 +172,13 @@ def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutG
            + compute.memory_bound_time(2 * elem_bytes, gpu))
     recompute = np.where(g.recompute == 2, fwd, np.where(g.recompute == 1, attn_f, 0.0))
     # TP: 2 all-reduces (or RS+AG with SP, same bytes) forward, 2 backward, 2 more when the
-    # forward is recomputed; each moves the full [tokens x h] bf16 activation.
+    # forward is recomputed; each moves the full [tokens x h] bf16 activation. A parallel
+    # attention+MLP block sums both branches before one all-reduce per pass (PaLM Sec. 2).
     tpg, cpg = g.dims.group("tp"), g.dims.group("cp")
     tp_bw, tp_alpha = links.bandwidth_Bps(tpg), links.latency_s(tpg)
     one_ar = comm.all_reduce_time(2 * tokens * h, t, tp_bw, tp_alpha)
-    tp_count = 4 + np.where(g.recompute == 2, 2, 0)
+    passes = 2 + np.where(g.recompute == 2, 1, 0)  # forward, backward, recomputed forward
+    tp_count = (1 if model.parallel_attention_mlp else 2) * passes
     tp_hidden = np.where(g.sequence_parallel, gpu.tp_comm_overlap, 0.0)  # TE overlap needs SP
     tp_comm = tp_count * one_ar * (1 - tp_hidden)
     # CP: ring attention passes K and V chunks around cp ranks, overlapped with attention
@@ -192,7 +194,7 @@ def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutG
     cp_comm = np.where(c > 1, cp_fwd * (1 + (g.recompute == 2)) + cp_bwd, 0.0)
     return LayerTimes(fwd_s=fwd, bwd_s=bwd, recompute_s=recompute, tp_comm_s=tp_comm,
                       cp_comm_s=cp_comm,
-                      ep_comm_s=expert_all_to_all(model, cluster, g, tokens, tp_count // 2))
+                      ep_comm_s=expert_all_to_all(model, cluster, g, tokens, passes))
 
 
 def expert_all_to_all(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, tokens,

@@ -105,6 +105,10 @@ def activation_bytes_per_layer(model: ModelSpec, micro_batch, seq_len, tp, cp=1,
         + gemm_in * sbh    # input of the first MLP matrix
         + 2 * drop * sbh   # two dropout masks (1 byte each)
     )
+    if model.parallel_attention_mlp:
+        # One layer input feeds both branches: its norm input is kept once, and with a single
+        # shared norm (GPT-J, Falcon-7B) so is the QKV / first-MLP-matrix input.
+        outside = outside - 2 * sbh - (gemm_in * sbh if model.norms_per_layer == 1 else 0)
     # Terms inside the tensor-parallel region (split over tp):
     qkv = 2 * sb * model.qkv_width                      # Q, K, V kept for the core
     proj_in = gemm_in * sb * model.attn_out_width        # input of the output projection

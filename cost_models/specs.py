@@ -158,6 +158,10 @@ class ModelSpec:
     also after each), 1 (Falcon-7B: one norm before the parallel attention and MLP)."""
     norm_bias: bool = False
     """Norms are LayerNorms with a bias (Falcon, StarCoder 2, Phi-2), else RMSNorm/no bias."""
+    parallel_attention_mlp: bool = False
+    """Attention and MLP read the same layer input and their outputs are added (GPT-J, Falcon,
+    Phi-2): one tensor-parallel all-reduce per pass instead of two (Wang & Komatsuzaki 2021,
+    GPT-J; Chowdhery et al. 2022, PaLM Sec. 2 "Parallel Layers")."""
 
     def __post_init__(self) -> None:
         _require_positive(

@@ -23,10 +23,10 @@ def uniform(model: ModelSpec, cluster: ClusterSpec, layout: Layout) -> StepTasks
     g, gpu, lt, emb, head = parts.grid, parts.gpu, parts.layer, parts.embedding_s, parts.head_s
     p, v = layout.pp, layout.vp
     stages = layout.stage_layers(model.num_layers)
-    tp_count = 4 + (2 if layout.recompute == "full" else 0)
-    tp_f = float(lt.tp_comm_s[0]) * 2 / tp_count  # two forward collectives per layer
+    passes = 2 + (1 if layout.recompute == "full" else 0)  # fwd, bwd, recomputed fwd
+    tp_f = float(lt.tp_comm_s[0]) / passes  # the forward pass's collectives
     cp_f = float(lt.cp_comm_s[0]) / 3             # forward ring of three (fwd, bwd x2)
-    ep_f = float(np.asarray(lt.ep_comm_s).ravel()[0]) * 2 / tp_count  # forward's share of a2a
+    ep_f = float(np.asarray(lt.ep_comm_s).ravel()[0]) / passes  # forward's share of a2a
     fwd_layer = float(lt.fwd_s[0]) + tp_f + cp_f + ep_f
     bwd_layer = float(lt.total_s[0]) - fwd_layer
     last = p * v - 1

@@ -186,7 +186,7 @@ _GEMMA = {"gemma", "gemma2", "gemma3", "gemma3_text"}
 _LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "nemotron", "gpt_neox", "mixtral",
                "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "phi3", "olmo2",
                "internlm2", "glm", "glm4", "starcoder2", "gpt_oss", "llama4", "llama4_text",
-               "falcon", "phi", "chatglm"} | _GEMMA
+               "falcon", "phi", "chatglm", "gptj"} | _GEMMA
 
 # Defaults of the HuggingFace config classes for keys real configs leave out
 # (transformers src/transformers/models/<family>/configuration_<family>.py).
@@ -217,10 +217,14 @@ _HF_DEFAULTS: dict[str, dict] = {
     "falcon": {"bias": False, "parallel_attn": True, "new_decoder_architecture": False,
                "hidden_act": "gelu", "max_position_embeddings": 2048},
     "phi": {"hidden_act": "gelu_new", "max_position_embeddings": 2048},
+    "gptj": {"hidden_act": "gelu_new", "n_positions": 2048, "tie_word_embeddings": False},
 }
 _KEY_ALIASES = {  # config key -> the llama-style key it stands for
     "falcon": {"n_head": "num_attention_heads", "n_layer": "num_hidden_layers",
                "n_head_kv": "num_kv_heads", "num_kv_heads": "num_key_value_heads"},
+    "gptj": {"n_embd": "hidden_size", "n_layer": "num_hidden_layers",
+             "n_head": "num_attention_heads", "n_inner": "intermediate_size",
+             "n_positions": "max_position_embeddings", "activation_function": "hidden_act"},
     "chatglm": {"num_layers": "num_hidden_layers", "ffn_hidden_size": "intermediate_size",
                 "kv_channels": "head_dim", "multi_query_group_num": "num_key_value_heads",
                 "padded_vocab_size": "vocab_size", "seq_length": "max_position_embeddings"},
@@ -272,7 +276,8 @@ def model_from_config(cfg: dict, where: str) -> ModelSpec:
     mlp = _MLP_FROM_ACT.get(act)
     if mlp is None:
         raise SpecError(f"model config {where}: hidden_act {act!r} is not supported")
-    if kind in ("gpt_neox", "nemotron", "falcon", "phi", "starcoder2") and mlp == "gated_silu":
+    if kind in ("gpt_neox", "nemotron", "falcon", "phi", "starcoder2", "gptj") \
+            and mlp == "gated_silu":
         mlp = "gelu"
     if kind in _GEMMA:  # Gemma's MLP is GeGLU (gate, up, down), whatever hidden_act says
         act = str(g("hidden_activation", "hidden_act", default="gelu_pytorch_tanh")).lower()
@@ -280,7 +285,7 @@ def model_from_config(cfg: dict, where: str) -> ModelSpec:
     if kind in ("gpt_oss", "llama4_text", "chatglm"):  # SwiGLU whatever the key says
         mlp = "gated_silu"
     ffn_keys = ("intermediate_size_mlp",) if kind == "llama4_text" else ()
-    default_ffn = 4 * hidden if kind in ("falcon",) else None
+    default_ffn = 4 * hidden if kind in ("falcon", "gptj") else None
     ffn = _int(g(*ffn_keys, "intermediate_size", "ffn_hidden_size", default=default_ffn),
                "intermediate_size", where)
     spec = dict(
@@ -356,16 +361,19 @@ def _attention_fields(cfg: dict, kind: str, num_layers: int, where: str) -> dict
     if kind == "starcoder2":
         bias = bool(cfg.get("use_bias"))
         out.update(qkv_bias=bias, attn_out_bias=bias, mlp_bias=bias, norm_bias=True)
+    if kind == "gptj":  # one LayerNorm feeds the parallel attention (no biases) and MLP
+        out.update(mlp_bias=True, norm_bias=True, norms_per_layer=1, parallel_attention_mlp=True)
     if kind == "phi":
         out.update(qkv_bias=True, attn_out_bias=True, mlp_bias=True, norm_bias=True,
-                   norms_per_layer=1)
+                   norms_per_layer=1, parallel_attention_mlp=True)
     if kind == "falcon":
         bias = bool(cfg.get("bias"))
         new_arch = bool(cfg.get("new_decoder_architecture"))
         norms = (cfg.get("num_ln_in_parallel_attn") or 2) if new_arch else \
             (1 if cfg.get("parallel_attn") else 2)
         out.update(qkv_bias=bias, attn_out_bias=bias, mlp_bias=bias, norm_bias=True,
-                   norms_per_layer=_int(norms, "num_ln_in_parallel_attn", where))
+                   norms_per_layer=_int(norms, "num_ln_in_parallel_attn", where),
+                   parallel_attention_mlp=bool(cfg.get("parallel_attn")) or new_arch)
     return out
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from cost_models import flops, megatron, memory
+from cost_models.grid import LayoutGrid
 from cost_models.specs import Layout, SpecError
 from planner.specfiles import load_cluster, load_model, model_from_config
 
@@ -319,6 +320,37 @@ def test_windowed_and_mla_models_estimate_end_to_end():
     layout = Layout(tp=2, pp=4, dp=4, micro_batch_size=1, global_batch_size=64, seq_len=65536)
     assert megatron.estimate(oss, cluster, layout).step_time_s < \
         megatron.estimate(replace(oss, sliding_window=0), cluster, layout).step_time_s
+
+
+# EleutherAI/gpt-j-6b config; the model card's "n_parameters 6,053,381,344"
+GPTJ = {"model_type": "gptj", "n_embd": 4096, "n_layer": 28, "n_head": 16, "n_inner": None,
+        "rotary_dim": 64, "vocab_size": 50400, "n_positions": 2048,
+        "activation_function": "gelu_new", "tie_word_embeddings": False}
+
+
+def test_gptj_parameters_and_parallel_block():
+    spec = model_from_config(GPTJ, "gptj")
+    assert flops.parameter_count(spec) == pytest.approx(6_053_381_344, rel=1e-3)
+    assert spec.parallel_attention_mlp and spec.norms_per_layer == 1 and spec.ffn_hidden_size == 16384
+
+
+def test_parallel_block_halves_tp_collectives_and_shares_the_saved_input():
+    falcon = model_from_config(FALCON_7B, "falcon")
+    sequential = replace(falcon, parallel_attention_mlp=False)
+    cluster = load_cluster("dgx-h100", nodes=1)
+    # tp must divide Falcon-7B's 71 heads, so the layer times are checked on Falcon-40B
+    # (128 heads, 8 KV heads, two norms on a parallel block) at tp = 8
+    f40 = model_from_config(FALCON_40B, "f40")
+    layout = Layout(tp=8, pp=1, dp=1, micro_batch_size=1, global_batch_size=8, seq_len=2048)
+    grid = LayoutGrid.from_layout(layout, f40.num_layers)
+    par = megatron.layer_times(f40, cluster.gpu, cluster, grid)
+    seq = megatron.layer_times(replace(f40, parallel_attention_mlp=False), cluster.gpu, cluster, grid)
+    assert float(par.tp_comm[0]) == pytest.approx(float(seq.tp_comm[0]) / 2)
+    # Falcon-7B: one norm, so the norm input (2 bytes) and one GEMM input (2 bytes) less
+    s, h = 2048, falcon.hidden_size
+    diff = memory.activation_bytes_per_layer(sequential, 1, s, 1) \
+        - memory.activation_bytes_per_layer(falcon, 1, s, 1)
+    assert diff == pytest.approx(4 * s * h)
 
 
 # ------------------------------------------------------------------ meshplan model file
