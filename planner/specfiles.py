@@ -253,9 +253,9 @@ def model_from_config(cfg: dict, where: str) -> ModelSpec:
         return _gpt2(cfg, where)
     if kind not in _LLAMA_LIKE:
         raise SpecError(
-            f"model config {where}: model_type {kind!r} is not supported; write a meshplan "
-            "model file (see docs/models.md) or use one of: "
-            f"{', '.join(sorted(_LLAMA_LIKE | {'gpt2'}))}"
+            f"model config {where}: model_type {str(kind)[:40]!r} is not supported"
+            f"{closest(str(kind), sorted(_LLAMA_LIKE | {'gpt2'}))}; write a meshplan model "
+            "file (see docs/models.md), where the supported families are listed"
         )
     cfg = {**_HF_DEFAULTS.get(kind, {}), **cfg}
     for old, new in _KEY_ALIASES.get(kind, {}).items():
