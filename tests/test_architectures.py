@@ -34,6 +34,10 @@ DSV2 = {"model_type": "deepseek_v2", "hidden_size": 5120, "intermediate_size": 1
         "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
         "qk_rope_head_dim": 64, "v_head_dim": 128, "vocab_size": 102400,
         "max_position_embeddings": 163840, "hidden_act": "silu", "tie_word_embeddings": False}
+# deepseek-ai/DeepSeek-V2-Lite: queries projected directly (q_lora_rank null)
+DSV2_LITE = {**DSV2, "hidden_size": 2048, "num_hidden_layers": 27, "num_attention_heads": 16,
+             "num_key_value_heads": 16, "q_lora_rank": None, "moe_intermediate_size": 1408,
+             "n_routed_experts": 64, "intermediate_size": 10944}
 # openai/gpt-oss-120b (layer_types: sliding, full alternating)
 OSS120 = {"model_type": "gpt_oss", "num_hidden_layers": 36, "num_local_experts": 128,
           "vocab_size": 201088, "hidden_size": 2880, "intermediate_size": 2880,
@@ -140,6 +144,8 @@ PUBLISHED = {
     "deepseek-v3": (DSV3, 671e9, "DeepSeek-AI 2024, DeepSeek-V3 Technical Report, abstract: "
                     "671B total (MTP module excluded)"),
     "deepseek-v2": (DSV2, 236e9, "DeepSeek-AI 2024, DeepSeek-V2, abstract: 236B total"),
+    "deepseek-v2-lite": (DSV2_LITE, 15.7e9, "DeepSeek-V2 paper, Appendix B: DeepSeek-V2-Lite "
+                         "15.7B total"),
     "gpt-oss-120b": (OSS120, 116.83e9, "OpenAI 2025, gpt-oss-120b & gpt-oss-20b Model Card, "
                      "Table 1: 116.83B total"),
     "gpt-oss-20b": (OSS20, 20.91e9, "gpt-oss model card Table 1: 20.91B total"),
