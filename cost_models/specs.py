@@ -210,6 +210,11 @@ class ModelSpec:
         if self.full_attention_layers > self.num_layers:
             raise SpecError(f"model {self.name}: full_attention_layers="
                             f"{self.full_attention_layers} exceeds num_layers={self.num_layers}")
+        for name in ("expert_bias", "attention_sinks", "qkv_bias", "attn_out_bias", "mlp_bias",
+                     "norm_bias", "parallel_attention_mlp"):
+            if not isinstance(getattr(self, name), bool):
+                raise SpecError(f"model {self.name}: {name} must be true or false, "
+                                f"got {_short(getattr(self, name))}")
         if self.qk_norm not in ("none", "head", "width"):
             raise SpecError(f"model {self.name}: qk_norm must be none, head or width, "
                             f"got {_short(self.qk_norm)}")

@@ -379,6 +379,10 @@ def test_meshplan_model_file(tmp_path):
     ("meshplan_model: 1\nnum_layers: 2\n", "model file"),
     ("meshplan_model: 1\nnum_layers: 2\nhidden_size: 8\nffn_hidden_size: 8\nnum_heads: 2\n"
      "num_kv_heads: 2\nhead_dim: 4\nvocab_size: 10\nsliding_window: -3\n", "non-negative"),
+    ("meshplan_model: 1\nnum_layers: 2\nhidden_size: 8\nffn_hidden_size: 8\nnum_heads: 2\n"
+     "num_kv_heads: 2\nhead_dim: 4\nvocab_size: 10\nqkv_bias: 3\n", "true or false"),
+    ("meshplan_model: 1\nnum_layers: 2\nhidden_size: 8\nffn_hidden_size: 8\nnum_heads: 2\n"
+     "num_kv_heads: 2\nhead_dim: 4\nvocab_size: 10\nkv_lora_rank: 4\n", "qk_rope_head_dim"),
 ])
 def test_meshplan_model_file_is_strict(text, needle, tmp_path):
     path = tmp_path / "bad.yaml"
