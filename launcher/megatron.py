@@ -196,9 +196,13 @@ def _moe_args(plan: Plan, arch: Architecture) -> list[str]:
             + _flag("moe-token-dispatcher-type", "alltoall") + ["--moe-grouped-gemm"])
     if m.shared_expert_ffn_hidden_size:
         args += _flag("moe-shared-expert-intermediate-size", m.shared_expert_ffn_hidden_size)
-    if m.num_dense_layers:
+    if m.num_dense_layers and m.moe_layer_every == 1:
         pattern = f"([0]*{m.num_dense_layers}+[1]*{m.num_moe_layers})"
         args += _flag("moe-layer-freq", pattern)
+    elif m.moe_layer_every > 1:  # every n-th layer after the dense ones (Llama 4 Maverick)
+        d, e = m.num_dense_layers, m.moe_layer_every
+        flags = [int(i >= d and (i - d + 1) % e == 0) for i in range(m.num_layers)]
+        args += _flag("moe-layer-freq", "[" + ",".join(map(str, flags)) + "]")
     if arch.moe_router_score == "sigmoid":
         args += _flag("moe-router-score-function", "sigmoid") + ["--moe-router-enable-expert-bias"]
     return args

@@ -351,7 +351,7 @@ def test_parallel_block_halves_tp_collectives_and_shares_the_saved_input():
     grid = LayoutGrid.from_layout(layout, f40.num_layers)
     par = megatron.layer_times(f40, cluster.gpu, cluster, grid)
     seq = megatron.layer_times(replace(f40, parallel_attention_mlp=False), cluster.gpu, cluster, grid)
-    assert float(par.tp_comm[0]) == pytest.approx(float(seq.tp_comm[0]) / 2)
+    assert float(par.tp_comm_s[0]) == pytest.approx(float(seq.tp_comm_s[0]) / 2)
     # Falcon-7B: one norm, so the norm input (2 bytes) and one GEMM input (2 bytes) less
     s, h = 2048, falcon.hidden_size
     diff = memory.activation_bytes_per_layer(sequential, 1, s, 1) \
