@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launcher.architecture import architecture  # noqa: E402
+from launcher.architecture import architecture, transformer_config_fields  # noqa: E402
 from launcher.megatron import (  # noqa: E402
     FP8_RECIPE,
     cuda_arch_major,
@@ -149,12 +149,7 @@ def _expected(plan) -> dict:
         "context_parallel_size": lay.cp, "expert_model_parallel_size": lay.ep,
         "virtual_pipeline_model_parallel_size": lay.vp if lay.vp > 1 else None,
         "sequence_parallel": lay.sequence_parallel and lay.tp > 1,
-        "gated_linear_unit": m.mlp_kind == "gated_silu",
-        "normalization": "LayerNorm" if arch.norm == "LayerNorm1p" else arch.norm,
-        "layernorm_zero_centered_gamma": arch.norm == "LayerNorm1p",
-        "layernorm_epsilon": arch.norm_eps, "add_bias_linear": arch.linear_bias,
-        "add_qkv_bias": arch.qkv_bias or arch.linear_bias, "qk_layernorm": arch.qk_norm,
-        "hidden_dropout": arch.dropout, "attention_dropout": arch.dropout,
+        **transformer_config_fields(m, arch),
         "tp_comm_overlap": tp_overlap_assumed(plan),
         "fp8": "hybrid" if lay.dtype == "fp8" else None, "bf16": True,
         "recompute_granularity": None if lay.recompute == "none" else lay.recompute,

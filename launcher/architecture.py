@@ -195,3 +195,17 @@ def architecture(model: ModelSpec) -> tuple[Architecture, str | None]:
         source=source,
     )
     return arch, note
+
+
+def transformer_config_fields(model: ModelSpec, arch: Architecture) -> dict[str, object]:
+    """Megatron-Core TransformerConfig fields that describe the network itself (MLP gating,
+    norm, biases, qk-norm, dropout): what the Megatron-LM flags must produce and what the
+    Megatron-Bridge override sets."""
+    return {
+        "gated_linear_unit": model.mlp_kind == "gated_silu",
+        "normalization": "LayerNorm" if arch.norm == "LayerNorm1p" else arch.norm,
+        "layernorm_zero_centered_gamma": arch.norm == "LayerNorm1p",
+        "layernorm_epsilon": arch.norm_eps, "add_bias_linear": arch.linear_bias,
+        "add_qkv_bias": arch.qkv_bias or arch.linear_bias, "qk_layernorm": arch.qk_norm,
+        "hidden_dropout": arch.dropout, "attention_dropout": arch.dropout,
+    }

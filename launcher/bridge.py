@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from planner.planfile import Plan
 
-from .architecture import architecture
+from .architecture import architecture, transformer_config_fields
 from .megatron import tp_overlap_assumed
 
 # Megatron-Bridge mixed-precision recipe names (training/mixed_precision.py, `register`).
@@ -49,12 +49,7 @@ def model_fields(plan: Plan) -> dict[str, object]:
         "ffn_hidden_size": m.ffn_hidden_size, "num_attention_heads": m.num_heads,
         "num_query_groups": m.num_kv_heads, "kv_channels": m.head_dim,
         "share_embeddings_and_output_weights": m.tied_embeddings,
-        "gated_linear_unit": m.mlp_kind == "gated_silu",
-        "normalization": "LayerNorm" if arch.norm == "LayerNorm1p" else arch.norm,
-        "layernorm_zero_centered_gamma": arch.norm == "LayerNorm1p",
-        "layernorm_epsilon": arch.norm_eps, "add_bias_linear": arch.linear_bias,
-        "add_qkv_bias": arch.qkv_bias or arch.linear_bias, "qk_layernorm": arch.qk_norm,
-        "hidden_dropout": arch.dropout, "attention_dropout": arch.dropout,
+        **transformer_config_fields(m, arch),
         "position_embedding_type": arch.position_embedding,
         "recompute_granularity": None if lay.recompute == "none" else lay.recompute,
     }
