@@ -10,6 +10,7 @@ import click
 
 from cost_models.specs import DTYPES, ClusterSpec, ModelSpec, SpecError
 
+from .cli import one_line
 from .specfiles import load_cluster, load_model
 
 COST_MODELS = ("auto", "megatron", "pipette", "holmes")
@@ -84,14 +85,9 @@ def resolve_problem(model: str, cluster: str, nodes: int | None, gpus_per_node: 
                 "use --dtype bf16"
             )
     if seq_len > spec.max_seq_len:
-        click.echo(one_line_warning(
-            f"--seq-len {seq_len} is beyond {spec.name}'s max_position_embeddings "
+        click.echo(one_line(
+            f"warning: --seq-len {seq_len} is beyond {spec.name}'s max_position_embeddings "
             f"({spec.max_seq_len}); planning it anyway, but the model needs position scaling "
             "or long-context training to use it"), err=True)
     return Problem(spec, clus, seq_len, global_batch_size, dtype, cost_model)
 
-
-def one_line_warning(text: str) -> str:
-    """'warning: ...' on one line of at most 300 characters."""
-    text = "warning: " + " ".join(text.split())
-    return text if len(text) <= 300 else text[:297] + "..."
