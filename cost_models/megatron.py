@@ -47,6 +47,14 @@ P2P_STEADY_EXPOSED = 0.5
 MOE_PERMUTE_PASSES = 4
 """HBM passes over each routed token copy per MoE layer forward: permute (read, write) and
 unpermute (read, write) around the expert GEMMs (Megatron-Core token dispatcher)."""
+FP8_CAST_BYTES = {"fp8": 3.0, "mxfp8": 1.0 + 1 / 32}
+"""Extra HBM bytes per GEMM-input element to quantise it, forward (and the same for the output
+gradients backward), beyond what the producing kernel writes anyway. fp8 with per-tensor
+current scaling: the producer (norm, activation) computes the amax, then a separate cast reads
+the bf16 tensor (2) and writes fp8 (1): the scale is known only after the whole tensor. mxfp8:
+the producer writes the row-wise blocks directly (scales are local), plus a column-wise copy
+with its per-32-element scales (1 + 1/32), because the backward GEMMs contract the other
+dimension (Transformer Engine MXFP8BlockScaling; OCP MX spec v1.0)."""
 ADAM_BYTES_PER_PARAM = 30
 """Adam step HBM traffic per local parameter: read grad 4, read+write master/m/v 24, write bf16 2."""
 
@@ -123,32 +131,70 @@ def require_dense(model: ModelSpec) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Links:
-    """A homogeneous cluster's two link classes, as the collectives of a group see them."""
+    """A homogeneous cluster's link classes, as the collectives of a group see them: NVLink
+    inside a node, the NVLink domain's link between nodes of one domain (GB200 NVL72: 18 trays
+    of 4 GPUs on one switch fabric), NICs across domains. With one node per domain (DGX) the
+    middle level is the node itself."""
 
     intra_Bps: float
     inter_Bps: float
     intra_latency_s: float
     inter_latency_s: float
     gpus_per_node: int
+    domain_gpus: int = 0
+    """GPUs of one NVLink domain (0: one node)."""
+    domain_Bps: float = 0.0
+    """Achieved bandwidth between nodes of one domain (0: intra_Bps)."""
+    domain_latency_s: float = 0.0
 
     @classmethod
     def of(cls, cluster: ClusterSpec) -> Links:
+        dom = cluster.domain_link_spec
         return cls(cluster.intra_node.effective_Bps, cluster.inter_node.effective_Bps,
                    cluster.intra_node.latency_s, cluster.inter_node.latency_s,
-                   cluster.gpus_per_node)
+                   cluster.gpus_per_node, cluster.domain_gpus,
+                   min(dom.effective_Bps, cluster.intra_node.effective_Bps), dom.latency_s)
+
+    @property
+    def _domain(self) -> tuple[int, float, float]:
+        if self.domain_gpus <= self.gpus_per_node:
+            return self.gpus_per_node, self.intra_Bps, self.intra_latency_s
+        return self.domain_gpus, self.domain_Bps, self.domain_latency_s
 
     def bandwidth_Bps(self, group: Group):
-        return comm.group_bandwidth_Bps(group.size, group.stride, self.gpus_per_node,
-                                        self.intra_Bps, self.inter_Bps)
+        """Inside a node: NVLink; across nodes of one domain: the domain link; across
+        domains: the NICs the group's members in one domain drive (`comm.group_bandwidth_Bps`)."""
+        dom_gpus, dom_Bps, _ = self._domain
+        outer = comm.group_bandwidth_Bps(group.size, group.stride, dom_gpus, dom_Bps,
+                                         self.inter_Bps)
+        return np.where(comm.spans_nodes(group.size, group.stride, self.gpus_per_node),
+                        outer, self.intra_Bps)
 
     def latency_s(self, group: Group):
-        return comm.group_latency_s(group.size, group.stride, self.gpus_per_node,
-                                    self.intra_latency_s, self.inter_latency_s)
+        dom_gpus, _, dom_alpha = self._domain
+        outer = comm.group_latency_s(group.size, group.stride, dom_gpus, dom_alpha,
+                                     self.inter_latency_s)
+        return np.where(comm.spans_nodes(group.size, group.stride, self.gpus_per_node),
+                        outer, self.intra_latency_s)
 
     def all_to_all_s(self, nbytes, group: Group):
-        return comm.all_to_all_time(nbytes, group.size, group.stride, self.gpus_per_node,
-                                    self.intra_Bps, self.inter_Bps, self.intra_latency_s,
-                                    self.inter_latency_s)
+        dom_gpus, dom_Bps, dom_alpha = self._domain
+        return comm.all_to_all_time(nbytes, group.size, group.stride, dom_gpus, dom_Bps,
+                                    self.inter_Bps, dom_alpha, self.inter_latency_s)
+
+    def hop_Bps(self, stage_size, pp):
+        """Bandwidth of the slowest pipeline hop between stages `stage_size` ranks apart: a
+        NIC when stages sit on different nodes and the pipeline leaves the NVLink domain
+        (with one node per domain: stride >= a node, as before), the domain link when it
+        stays in one domain, else NVLink inside the node."""
+        dom_gpus, dom_Bps, _ = self._domain
+        pair = Group(2, stage_size)
+        inside = self.bandwidth_Bps(pair)
+        if dom_gpus == self.gpus_per_node:
+            return np.where(stage_size >= self.gpus_per_node, self.inter_Bps, inside)
+        leaves = (stage_size >= self.gpus_per_node) & (stage_size * pp > dom_gpus)
+        return np.where(leaves, self.inter_Bps,
+                        np.where(stage_size >= self.gpus_per_node, dom_Bps, inside))
 
 
 def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutGrid) -> LayerTimes:
@@ -165,6 +211,9 @@ def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutG
     if model.is_moe:  # permute before and unpermute after the experts: read + write each copy
         elem_bytes = elem_bytes + (model.num_moe_layers / model.num_layers) * MOE_PERMUTE_PASSES \
             * 2 * tokens * model.experts_top_k * h
+    if g.dtype in FP8_CAST_BYTES:  # QKV and MLP inputs (h wide), projection and down inputs
+        gemm_inputs = tokens * (2 * h + (model.attn_out_width + model.active_ffn_width) / t)
+        elem_bytes = elem_bytes + FP8_CAST_BYTES[g.dtype] * gemm_inputs
     attn_f, attn_b = _attention_times(model, gpu, g, attn)
     fwd = (compute.gemm_time(gemm, 4, gpu, g.dtype) + attn_f
            + compute.memory_bound_time(elem_bytes, gpu))
@@ -268,7 +317,7 @@ def pp_hop_time(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid) -> np.nda
     ranks apart)."""
     links = Links.of(cluster)
     pair = Group(2, g.dims.stage_size)  # one rank and its neighbour in the next stage
-    bw = np.where(pair.stride >= links.gpus_per_node, links.inter_Bps, links.bandwidth_Bps(pair))
+    bw = links.hop_Bps(pair.stride, g.pp)
     alpha = links.latency_s(pair)
     nbytes = 2 * g.micro_batch_size * g.seq_len / g.cp * model.hidden_size / g.tp
     return comm.p2p_time(nbytes, bw, alpha)

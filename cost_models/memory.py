@@ -21,7 +21,7 @@ from .flops import (
     norm_params,
     routed_expert_params,
 )
-from .specs import ModelSpec
+from .specs import FP8_DTYPES, ModelSpec
 
 WEIGHT_BYTES = 2
 """bf16 parameters used by the forward/backward pass."""
@@ -38,6 +38,16 @@ BUFFER_FIXED_BYTES = 1.25 * (1 << 30)
 buckets, measured at 1-1.5 GiB per GPU on Megatron-Core jobs."""
 FRAGMENTATION = 0.10
 """Allocator fragmentation allowance, as a fraction of activation memory."""
+
+
+MX_BLOCK = 32
+"""Elements sharing one E8M0 (1-byte) scale in MXFP8 (OCP Microscaling spec v1.0, Sec. 5)."""
+
+
+def gemm_input_bytes(dtype: str) -> float:
+    """Bytes per saved GEMM input element: 2 (bf16), 1 (fp8: one scale per tensor),
+    1 + 1/32 (mxfp8: an E8M0 scale per 32-element block)."""
+    return {"fp8": 1.0, "mxfp8": 1.0 + 1.0 / MX_BLOCK}.get(dtype, 2.0)
 
 
 def bytes_per_parameter(distributed_optimizer, dp, dtype_fp8=False):
@@ -97,7 +107,8 @@ def activation_bytes_per_layer(model: ModelSpec, micro_batch, seq_len, tp, cp=1,
     sbh = s * micro_batch * model.hidden_size
     sb = s * micro_batch
     drop = 1 if model.dropout else 0
-    gemm_in = np.where(fp8, 1, 2)  # bytes per saved GEMM input element
+    # bytes per saved GEMM input element (`fp8` may be a dtype name or a bool)
+    gemm_in = gemm_input_bytes(fp8) if isinstance(fp8, str) else np.where(fp8, 1, 2)
     # Terms outside the tensor-parallel region (replicated over tp unless sequence parallel):
     outside = (
         4 * sbh            # two norm inputs (2 bytes each)
@@ -184,7 +195,7 @@ def rank_memory(model: ModelSpec, g, params, optimizer_params, layers, first, la
     state of `optimizer_params` of them (sharded over data parallelism with the distributed
     optimizer), `layers` layers' activations for its in-flight micro-batches, and the
     embedding output / logits when it is the first / last rank (`first`, `last`)."""
-    fp8 = g.dtype == "fp8"
+    fp8 = g.dtype if g.dtype in FP8_DTYPES else False
     act_args = (model, g.micro_batch_size, g.seq_len, g.tp, g.cp, g.sequence_parallel)
     per_layer = activation_bytes_per_layer(*act_args, g.recompute, g.flash_attention, fp8)
     no_recompute = activation_bytes_per_layer(*act_args, "none", g.flash_attention, fp8)

@@ -34,8 +34,13 @@ MAX_GLOBAL_BATCH = 100_000_000
 
 Recompute = Literal["none", "selective", "full"]
 RECOMPUTE_KINDS: tuple[str, ...] = ("none", "selective", "full")
-Dtype = Literal["bf16", "fp8"]
-DTYPES: tuple[str, ...] = ("bf16", "fp8")
+Dtype = Literal["bf16", "fp8", "mxfp8"]
+DTYPES: tuple[str, ...] = ("bf16", "fp8", "mxfp8")
+"""bf16; fp8: E4M3/E5M2 with one scale per tensor (Transformer Engine current/delayed
+scaling, torchao tensorwise); mxfp8: OCP Microscaling FP8, one E8M0 scale per 32 elements
+(Blackwell tensor cores; OCP MX spec v1.0, 2023)."""
+FP8_DTYPES: tuple[str, ...] = ("fp8", "mxfp8")
+"""Dtypes whose GEMM inputs are 8-bit (saved activations, casts, fp8 GEMM peak)."""
 MlpKind = Literal["gated_silu", "gated_gelu", "gelu", "squared_relu"]
 MLP_KINDS: tuple[str, ...] = ("gated_silu", "gated_gelu", "gelu", "squared_relu")
 Schedule = Literal["1f1b", "interleaved"]
@@ -397,8 +402,15 @@ class NodeSpec:
     nic: str = "infiniband"
     """NIC kind used across nodes: infiniband | roce | ethernet | loopback."""
     rack: str = "rack0"
+    domain: str = ""
+    """NVLink domain: nodes with the same non-empty name share one scale-up NVLink fabric
+    (the 18 compute trays of a GB200 NVL72 rack); "" means the node is its own domain
+    (DGX H100/B200: NVLink stops at the node)."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.domain, str) or len(self.domain) > 253:
+            raise SpecError(f"node {self.name}: domain must be a string of at most 253 "
+                            f"characters, got {_short(self.domain)}")
         if not isinstance(self.name, str) or not self.name.strip() or len(self.name) > 253:
             raise SpecError(f"node name must be a non-empty string of at most 253 characters, "
                             f"got {_short(self.name)}")
@@ -427,10 +439,14 @@ class ClusterSpec:
     """Per NIC kind inter-node link (heterogeneous fabrics); falls back to inter_node."""
     bandwidth_GBps: tuple[tuple[float, ...], ...] | None = None
     latency_s: tuple[tuple[float, ...], ...] | None = None
+    domain_link: LinkSpec | None = None
+    """Link between GPUs of different nodes of one NVLink domain (NVL72: NVLink 5 through the
+    rack's NVLink switches, 900 GB/s per GPU per direction); None: `intra_node`'s."""
     _world_size: int = field(default=0, init=False, repr=False, compare=False)
     """GPUs over all nodes, computed once (planning 100,000 GPUs asks for it often)."""
     _gpu_counts: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
     _gpu_kinds: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
+    _nodes_per_domain: int = field(default=1, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.nodes:
@@ -438,6 +454,7 @@ class ClusterSpec:
         object.__setattr__(self, "_world_size", sum(n.gpus for n in self.nodes))
         object.__setattr__(self, "_gpu_counts", frozenset(n.gpus for n in self.nodes))
         object.__setattr__(self, "_gpu_kinds", frozenset(n.gpu for n in self.nodes))
+        object.__setattr__(self, "_nodes_per_domain", _nodes_per_domain(self.name, self.nodes))
         if self.world_size > MAX_GPUS:
             raise SpecError(f"cluster {self.name}: {self.world_size:,} GPUs is over meshplan's "
                             f"limit of {MAX_GPUS:,}; plan a part of it")
@@ -484,6 +501,22 @@ class ClusterSpec:
         return counts.pop()
 
     @property
+    def nodes_per_domain(self) -> int:
+        """Nodes per NVLink domain (1: NVLink stops at the node). Domains are runs of
+        consecutive nodes of equal size, as racks are listed (checked at construction)."""
+        return self._nodes_per_domain
+
+    @property
+    def domain_gpus(self) -> int:
+        """GPUs of one NVLink domain: what a collective can span at NVLink speed."""
+        return self.gpus_per_node * self._nodes_per_domain
+
+    @property
+    def domain_link_spec(self) -> LinkSpec:
+        """The link between nodes of one domain (`domain_link`, else `intra_node`)."""
+        return self.domain_link if self.domain_link is not None else self.intra_node
+
+    @property
     def homogeneous(self) -> bool:
         return (
             len({(n.gpu, n.gpus, n.nic) for n in self.nodes}) == 1 and self.bandwidth_GBps is None
@@ -505,6 +538,8 @@ class ClusterSpec:
         if i == j:
             return self.intra_node
         a, b = self.nodes[i], self.nodes[j]
+        if a.domain and a.domain == b.domain:
+            return self.domain_link_spec
         base = self.nic_links.get(a.nic, self.inter_node) if a.nic == b.nic else self._common_link(a, b)
         if self.bandwidth_GBps is None:
             return base
@@ -519,6 +554,31 @@ class ClusterSpec:
         slow = min((la, lb), key=lambda link: link.effective_Bps)
         eth = self.nic_links.get("ethernet")
         return eth if eth is not None and eth.effective_Bps < slow.effective_Bps else slow
+
+
+def _nodes_per_domain(cluster: str, nodes: tuple[NodeSpec, ...]) -> int:
+    """Nodes per NVLink domain; SpecError unless domains are contiguous runs of one size."""
+    if not any(n.domain for n in nodes):
+        return 1
+    sizes: list[int] = []
+    seen: set[str] = set()
+    for i, node in enumerate(nodes):
+        if i and node.domain == nodes[i - 1].domain and node.domain:
+            sizes[-1] += 1
+            continue
+        if node.domain in seen:
+            raise SpecError(f"cluster {cluster}: the nodes of NVLink domain {node.domain!r} "
+                            "must be listed together (one run of consecutive nodes)")
+        if node.domain:
+            seen.add(node.domain)
+        sizes.append(1)
+    if len(set(sizes)) != 1 and len(sizes) > 1:
+        full = set(sizes[:-1])  # the last rack may be partly used
+        if len(full) != 1 or sizes[-1] > sizes[0]:
+            raise SpecError(f"cluster {cluster}: NVLink domains have different node counts "
+                            f"{sorted(set(sizes))}; meshplan needs one domain size "
+                            "(list a whole number of racks, or set domain on every node)")
+    return sizes[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,7 +22,11 @@ def models() -> None:
 def clusters() -> None:
     """List cluster presets (usable as --cluster NAME --nodes N)."""
     for name, raw in sorted(_cluster_presets_raw().items()):
+        per_domain = raw.get("nodes_per_domain", 1)
+        domain = (f", NVLink domain of {per_domain} nodes ({per_domain * raw['gpus_per_node']} "
+                  "GPUs)" if per_domain > 1 else "")
+        across = "domains" if per_domain > 1 else "nodes"
         click.echo(f"{name:<14} {raw['gpus_per_node']} x {raw['gpu']} per node, "
-                   f"{raw['intra_node']['kind']} {raw['intra_node']['bandwidth_GBps']} GB/s inside, "
-                   f"{raw['inter_node']['kind']} {raw['inter_node']['bandwidth_GBps']} GB/s per GPU "
-                   "across nodes")
+                   f"{raw['intra_node']['kind']} {raw['intra_node']['bandwidth_GBps']} GB/s inside"
+                   f"{domain}, {raw['inter_node']['kind']} {raw['inter_node']['bandwidth_GBps']} "
+                   f"GB/s per GPU across {across}")

@@ -497,20 +497,25 @@ def _preset_cluster(name: str, raw: dict, nodes: int, gpus_per_node: int | None)
         raise SpecError(f"--nodes {nodes} x {gpn} GPUs = {nodes * gpn:,} GPUs is over meshplan's "
                         f"limit of {MAX_GPUS:,}; plan a part of the cluster")
     gpu = gpu_preset(raw["gpu"])
+    per_domain = raw.get("nodes_per_domain", 1)  # NVL72: 18 trays share one NVLink fabric
+    per_rack = per_domain if per_domain > 1 else raw.get("nodes_per_rack", 32)
     node_list = tuple(
         NodeSpec(f"{raw.get('node_prefix', 'node')}{i}", gpn, gpu.name, raw["nic"],
-                 f"rack{i // raw.get('nodes_per_rack', 32)}")
+                 f"rack{i // per_rack}", f"nvl{i // per_domain}" if per_domain > 1 else "")
         for i in range(nodes)
     )
+    domain = raw.get("domain_link")
     return ClusterSpec(
         name=f"{name}x{nodes}" if nodes > 1 else name, nodes=node_list, gpu_types={gpu.name: gpu},
         intra_node=_strict(LinkSpec, raw["intra_node"], f"clusters.yaml: {name}.intra_node"),
         inter_node=_strict(LinkSpec, raw["inter_node"], f"clusters.yaml: {name}.inter_node"),
+        domain_link=(_strict(LinkSpec, domain, f"clusters.yaml: {name}.domain_link")
+                     if domain is not None else None),
     )
 
 
 _CLUSTER_KEYS = {"meshplan_cluster", "name", "gpu_types", "intra_node", "inter_node", "nic_links",
-                 "nodes", "measured"}
+                 "nodes", "measured", "domain_link"}
 _MEASURED_KEYS = {"bandwidth_GBps", "latency_s", "collectives", "device", "backend",
                   "gpus", "seconds", "notes", "topology", "nics"}
 
@@ -589,6 +594,8 @@ def cluster_from_dict(data: dict, where: str) -> ClusterSpec:
         intra_node=_strict(LinkSpec, data["intra_node"], f"{where}: intra_node"),
         inter_node=_strict(LinkSpec, data["inter_node"], f"{where}: inter_node"),
         nic_links=nic_links,
+        domain_link=(_strict(LinkSpec, data["domain_link"], f"{where}: domain_link")
+                     if data.get("domain_link") is not None else None),
         bandwidth_GBps=_matrix(measured.get("bandwidth_GBps"), "bandwidth_GBps", where),
         latency_s=_matrix(measured.get("latency_s"), "latency_s", where),
     )
@@ -611,6 +618,8 @@ def cluster_to_dict(cluster: ClusterSpec, extra_measured: dict | None = None) ->
     }
     if cluster.nic_links:
         out["nic_links"] = {k: asdict(v) for k, v in cluster.nic_links.items()}
+    if cluster.domain_link is not None:
+        out["domain_link"] = asdict(cluster.domain_link)
     measured = dict(extra_measured or {})
     if cluster.bandwidth_GBps is not None:
         measured["bandwidth_GBps"] = [list(r) for r in cluster.bandwidth_GBps]
