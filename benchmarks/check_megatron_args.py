@@ -160,7 +160,8 @@ def _expected(plan) -> dict:
     if lay.dtype == "fp8":
         exp["fp8_recipe"] = FP8_RECIPE
     if m.is_moe:
-        exp.update(num_moe_experts=m.num_experts, moe_router_topk=m.experts_top_k,
+        exp.update(expert_tensor_parallel_size=lay.etp,
+                   num_moe_experts=m.num_experts, moe_router_topk=m.experts_top_k,
                    moe_ffn_hidden_size=m.expert_ffn_hidden_size,
                    moe_token_dispatcher_type="alltoall", moe_grouped_gemm=True)
     return exp

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from cost_models import flops
 from cost_models.dims import derived_dp
-from cost_models.specs import ClusterSpec, Layout, ModelSpec, SpecError
+from cost_models.specs import ClusterSpec, Layout, ModelSpec, SpecError, even_split
 from planner.specfiles import load_cluster, load_model
 
 CSV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "published_runs_calibration.csv"
@@ -207,4 +207,103 @@ def load_cases(path: Path = CSV) -> tuple[list[Case], list[tuple[str, str]]]:
             continue
         cases.append(Case(row["source"], label, model, cluster, layouts,
                           f / (tflops * 1e12 * gpus), "tflops_per_gpu", conv, f))
+    return cases, skipped
+
+
+# --------------------------------------------------------------------------------------------
+# ../shared/data/published_runs_2025_2026.csv (MoE, Blackwell, FSDP; models in models/)
+# --------------------------------------------------------------------------------------------
+
+CSV_2025 = CSV.parent / "published_runs_2025_2026.csv"
+MODELS_2025 = CSV.parent / "models"
+
+
+def cluster_2025(gpu: str, gpus: int) -> ClusterSpec:
+    """The system of a 2025-2026 row: DGX GB200 NVL72 racks (node = 4-GPU tray), DGX B200,
+    DGX H100; SpecError for systems meshplan has no preset for."""
+    preset, per_node = (("gb200-nvl72", 4) if "GB200" in gpu else ("dgx-b200", 8) if "B200" in gpu
+                        else ("dgx-h100", 8) if "H100-SXM 80GB" in gpu else (None, 0))
+    if preset is None:
+        raise SpecError(f"no cluster preset for the system {gpu[:60]!r}")
+    if gpus < per_node:
+        return load_cluster(preset, nodes=1, gpus_per_node=gpus)
+    return load_cluster(preset, nodes=gpus // per_node)
+
+
+def dtype_2025(text: str) -> str:
+    """'mxfp8' | 'fp8' (per-tensor scaling: current scaling or torchao tensorwise) | 'bf16'."""
+    text = text.lower()
+    return "mxfp8" if text.startswith("mxfp8") else "fp8" if text.startswith("fp8") else "bf16"
+
+
+def recomputes_2025(text: str) -> list[str]:
+    """The recompute settings a row allows: the stated one, or all three when blank (tuned)."""
+    text = text.lower()
+    if text.startswith("none"):
+        return ["none"]
+    if text.startswith("selective"):
+        return ["selective"]
+    if text.startswith("full"):
+        return ["full"]
+    return ["none", "selective", "full"]
+
+
+def layouts_2025(row: dict, model: ModelSpec, gpus: int) -> tuple[Layout, ...]:
+    """The published layout of a Megatron-Bridge row (Megatron-Core: sequence parallel with
+    tp > 1, distributed optimizer, flash attention; etp blank = Megatron-Core's default tp)."""
+    given = {k: int(_num(row[k]) or 1) for k in ("tp", "pp", "cp", "ep", "vp")}
+    etp = _num(row["etp"])
+    chunks = given["pp"] * given["vp"]
+    split = None
+    if chunks > model.num_layers:  # embedding and loss counted as layers in the split
+        sizes = list(even_split(model.num_layers + 2, chunks))
+        sizes[0], sizes[-1] = sizes[0] - 1, sizes[-1] - 1
+        split = tuple(sizes)
+    out = []
+    for rec in recomputes_2025(row["recompute"]):
+        lay = Layout(**given, dp=derived_dp(gpus, **given), etp=int(etp) if etp else None,
+                     micro_batch_size=int(_num(row["micro_batch_size"])),
+                     global_batch_size=int(_num(row["global_batch_size"])),
+                     seq_len=int(_num(row["seq_len"])), recompute=rec,
+                     sequence_parallel=given["tp"] > 1,
+                     distributed_optimizer=row["sharding"] == "megatron-distopt",
+                     dtype=dtype_2025(row["dtype"]), layers_per_stage=split)
+        try:
+            lay.validate(model, gpus)
+        except SpecError:
+            continue
+        out.append(lay)
+    return tuple(out)
+
+
+def load_cases_2025(path: Path = CSV_2025) -> tuple[list[Case], list[tuple[str, str]]]:
+    """(usable cases, skipped (label, reason)) of the 2025-2026 file. Step time from
+    tokens/s/GPU: gbs·seq / (tokens_per_s_per_gpu · GPUs)."""
+    cases, skipped = [], []
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh))
+    for i, row in enumerate(rows):
+        gpus = int(_num(row["num_gpus"]))
+        label = (f"{i + 2:>3} {row['model'][:16]} {gpus}x{row['gpu'].split(' ')[0][:6]} "
+                 f"{dtype_2025(row['dtype'])}")
+        source = "Megatron-Bridge" if "Megatron-Bridge" in row["source_url"] else "torchtitan"
+        if row["sharding"] == "fsdp":
+            skipped.append((label, "FSDP/HSDP not modelled (issue 14)"))
+            continue
+        try:
+            cluster = cluster_2025(row["gpu"], gpus)
+        except SpecError as exc:
+            skipped.append((label, str(exc)))
+            continue
+        model = load_model(str(MODELS_2025 / f"{row['model']}.json"))
+        layouts = layouts_2025(row, model, gpus)
+        if not layouts:
+            skipped.append((label, "published layout is invalid for the model shape"))
+            continue
+        lay = layouts[0]
+        step = lay.global_batch_size * lay.seq_len / (float(row["tokens_per_s_per_gpu"]) * gpus)
+        f = float(flops.model_flops_per_step(model, lay.global_batch_size, lay.seq_len))
+        family = f"{source} {model.name if model.is_moe else 'dense'} {cluster.gpu.name}"
+        cases.append(Case(family, label, model, cluster, layouts, step,
+                          "tokens_per_s_per_gpu", "-", f))
     return cases, skipped

@@ -11,10 +11,12 @@ Rank order tp-cp-dp-pp (Megatron-LM's default; tp varies fastest):
     global rank = tp + T·(cp + C·(dp + D·pp))
 so a dimension's rank stride is the product of the degrees before it in `MESH_ORDER`.
 
-Expert side (Megatron-Core, MoE): expert parallelism folds over the attention's cp·dp ranks
-in the order tp-cp-ep-dp-pp, so an expert-parallel group has stride tp·cp; routed experts
-are split over etp = tp and ep, and the ranks holding the same experts (expert data
-parallel, edp = dp·cp/ep) are costed as the expert mesh etp-ep-edp-pp, stride etp·ep.
+Expert side (Megatron-Core "MoE parallel folding", Liu et al. 2025, arXiv:2504.14960, and
+megatron/core/parallel_state.py): the attention layers use the mesh tp-cp-dp-pp and the MoE
+layers fold a second mesh etp-ep-edp-pp over the SAME ranks of each pipeline stage. So
+etp·ep must divide tp·cp·dp; an expert-parallel group has stride etp; routed experts are
+split over etp (expert tensor parallel) and ep; the ranks holding the same experts (expert
+data parallel) number edp = tp·cp·dp/(etp·ep), stride etp·ep.
 
 The fields may be ints (one layout) or numpy integer arrays (a `LayoutGrid`'s columns): every
 derived quantity is plain arithmetic and broadcasts, so the vectorised search stays vectorised.
@@ -32,7 +34,7 @@ from .errors import SpecError
 
 MESH_ORDER: tuple[str, ...] = ("tp", "cp", "dp", "pp")
 """Mesh dimensions, fastest-varying rank first."""
-DEGREES: tuple[str, ...] = ("tp", "pp", "dp", "cp", "ep", "vp")
+DEGREES: tuple[str, ...] = ("tp", "pp", "dp", "cp", "ep", "vp", "etp")
 """Every degree, in the order layouts list them (JSON keys, grid columns, sort keys)."""
 RANK_ORDER = "-".join(MESH_ORDER)
 """The rank order as plan files spell it: 'tp-cp-dp-pp'."""
@@ -62,6 +64,9 @@ class ParallelDims:
     """Expert parallel (MoE): splits the routed experts over the attention's cp·dp ranks."""
     vp: object = 1
     """Virtual pipeline stages (model chunks) per pipeline rank; not a mesh dimension."""
+    etp: object = 1
+    """Expert tensor parallel (MoE): splits each routed expert's matrices; folded with ep
+    over the stage's tp·cp·dp ranks (not a mesh dimension of the attention layers)."""
 
     @classmethod
     def of(cls, obj) -> ParallelDims:
@@ -85,7 +90,7 @@ class ParallelDims:
         if dp is not None and dp != derived:
             raise SpecError(f"--dp {dp} does not match GPUs/({names}) = {world}/{used} = "
                             f"{derived}; drop --dp or change the other degrees")
-        return cls(**{"cp": 1, "ep": 1, "vp": 1, **given, "dp": derived})
+        return cls(**{"cp": 1, "ep": 1, "vp": 1, "etp": 1, **given, "dp": derived})
 
     def refill(self, world: int) -> ParallelDims:
         """These degrees with dp re-derived for `world` GPUs (`fill`'s checks)."""
@@ -139,28 +144,32 @@ class ParallelDims:
         tp, cp, dp, pp  one mesh dimension;
         dp_cp           the gradient-reduction group of replicated parameters (dp x cp,
                         Megatron-LM reduces over both): stride tp;
-        ep              the expert-parallel all-to-all group: stride tp·cp (tp-cp-ep-dp-pp);
-        edp             ranks holding the same experts (dp·cp/ep): stride etp·ep.
+        etp             the expert tensor-parallel group: stride 1 (etp-ep-edp-pp);
+        ep              the expert-parallel all-to-all group: stride etp;
+        edp             ranks holding the same experts (tp·cp·dp/(etp·ep)): stride etp·ep.
         """
         if name in MESH_ORDER:
             return Group(self.size(name), self.stride(name))
         if name == "dp_cp":
             return Group(self.dp * self.cp, self.stride("cp"))
+        if name == "etp":
+            return Group(self.etp, 1)
         if name == "ep":
-            return Group(self.ep, self.stride("dp"))
+            return Group(self.ep, self.etp)
         if name == "edp":
             return Group(self.expert_dp, self.expert_tp * self.ep)
         raise KeyError(f"no parallel group {name!r}")
 
     @property
     def expert_tp(self):
-        """Tensor-parallel degree of the routed experts (= tp: Megatron-Core's default)."""
-        return self.tp
+        """Tensor-parallel degree of the routed experts (etp)."""
+        return self.etp
 
     @property
     def expert_dp(self):
-        """Expert data-parallel degree: ranks that hold the same experts, dp·cp/ep."""
-        return self.dp * self.cp // self.ep
+        """Expert data-parallel degree: ranks of a stage that hold the same experts,
+        tp·cp·dp/(etp·ep)."""
+        return self.stage_size // (self.etp * self.ep)
 
     # ---------------------------------------------------------------- where ranks sit
 
@@ -193,18 +202,23 @@ class ParallelDims:
         return tuple(getattr(self, name) for name in DEGREES)
 
     def label_parts(self) -> list[str]:
-        """'tp4', 'pp4', 'cp2', 'dp2', 'ep8', 'vp5': tp, pp and dp always, the rest when > 1."""
-        shown = ("tp", "pp", "cp", "dp", "ep", "vp")
+        """'tp4', 'pp4', 'cp2', 'dp2', 'ep8', 'etp1', 'vp5': tp, pp and dp always, the rest
+        when > 1; etp when experts are split (ep > 1) and it differs from tp."""
+        shown = ("tp", "pp", "cp", "dp", "ep", "etp", "vp")
         return [f"{name}{getattr(self, name)}" for name in shown
-                if name in ("tp", "pp", "dp") or getattr(self, name) > 1]
+                if name in ("tp", "pp", "dp")
+                or (getattr(self, name) > 1 if name != "etp" else
+                    self.ep > 1 and self.etp != self.tp)]
 
     def to_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     # ---------------------------------------------------------------- rules
 
-    def validate(self, model, num_gpus: int | None, seq_len: int) -> None:
-        """Raise SpecError on the first rule the degrees break (each states its reason)."""
+    def validate(self, model, num_gpus: int | None, seq_len: int, end_chunks: int = 0) -> None:
+        """Raise SpecError on the first rule the degrees break (each states its reason).
+        `end_chunks` (0-2): model chunks at the pipeline's ends that hold only the embedding /
+        the loss (Megatron-Core account_for_embedding/loss_in_pipeline_split)."""
         if num_gpus is not None and self.world != num_gpus:
             raise SpecError(
                 f"tp*pp*cp*dp = {self.tp}*{self.pp}*{self.cp}*{self.dp} = {self.world} but the "
@@ -220,19 +234,34 @@ class ParallelDims:
                 "parallelism splits each sequence into 2*cp chunks for causal load balance"
             )
         chunks = self.pp * self.vp
-        if chunks > model.num_layers:
+        if chunks > model.num_layers + end_chunks:
             raise SpecError(
                 f"pp*vp = {chunks} exceeds the model's {model.num_layers} layers; lower --pp or --vp"
             )
         if self.vp > 1 and self.pp == 1:
             raise SpecError("vp > 1 (interleaved schedule) needs pp > 1")
-        if self.ep > 1:
-            if not model.is_moe:
+        self._validate_experts(model)
+
+    def _validate_experts(self, model) -> None:
+        """Megatron-Core's expert rules: ep divides the experts, etp the expert width, and the
+        expert mesh etp·ep folds into the tp·cp·dp ranks of a pipeline stage."""
+        if not model.is_moe:
+            if self.ep > 1:
                 raise SpecError("ep > 1 needs a mixture-of-experts model")
-            if model.num_experts % self.ep:
-                raise SpecError(f"ep={self.ep} must divide the {model.num_experts} experts")
-            if self.dp * self.cp % self.ep:
-                raise SpecError(f"ep={self.ep} must divide dp*cp={self.dp * self.cp}")
+            if self.etp not in (1, self.tp):
+                raise SpecError("--etp applies to mixture-of-experts models only; drop it")
+            return
+        if model.num_experts % self.ep:
+            raise SpecError(f"ep={self.ep} must divide the {model.num_experts} experts")
+        if model.expert_ffn_hidden_size % self.etp:
+            raise SpecError(f"etp={self.etp} must divide the expert MLP width "
+                            f"{model.expert_ffn_hidden_size} (each expert's columns are split)")
+        if self.stage_size % (self.etp * self.ep):
+            raise SpecError(
+                f"etp*ep = {self.etp}*{self.ep} = {self.etp * self.ep} must divide tp*cp*dp = "
+                f"{self.tp}*{self.cp}*{self.dp} = {self.stage_size} (Megatron-Core MoE parallel "
+                "folding: the expert mesh etp x ep x edp reuses each pipeline stage's ranks); "
+                "change --ep or --etp")
 
 
 # -------------------------------------------------------------------- rules as predicates
@@ -249,12 +278,21 @@ def cp_splits(cp: int, seq_len: int) -> bool:
     return cp == 1 or seq_len % (2 * cp) == 0
 
 
-def expert_degrees(model, dp: int, cp: int) -> list[int]:
-    """ep values for a model: divisors of the experts that divide dp·cp (experts spread over
-    the data-parallel x context-parallel ranks, Megatron-Core); [1] for dense models."""
+def expert_degrees(model, stage_ranks: int, etp: int) -> list[int]:
+    """ep values for a model: divisors of the experts with etp·ep dividing the stage's
+    tp·cp·dp ranks (Megatron-Core MoE parallel folding); [1] for dense models."""
     if not model.is_moe:
         return [1]
-    return [e for e in divisors(model.num_experts) if (dp * cp) % e == 0]
+    return [e for e in divisors(model.num_experts) if stage_ranks % (e * etp) == 0]
+
+
+def expert_tp_degrees(model, tp: int) -> list[int]:
+    """etp values the search tries: 1 (the Megatron-Bridge MoE recipes' choice: whole experts
+    per rank, no expert all-reduce) and tp (Megatron-Core's default when --etp is not set),
+    where they divide the expert width; [tp] for dense models (etp is then meaningless)."""
+    if not model.is_moe:
+        return [tp]
+    return sorted({e for e in (1, tp) if model.expert_ffn_hidden_size % e == 0})
 
 
 def mesh_degrees(world: int, fixed: dict[str, int | None], allowed: dict[str, list[int]]):

@@ -26,6 +26,7 @@ class LayoutGrid:
     cp: np.ndarray
     ep: np.ndarray
     vp: np.ndarray
+    etp: np.ndarray
     micro_batch_size: np.ndarray
     global_batch_size: np.ndarray
     recompute: np.ndarray

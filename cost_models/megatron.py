@@ -202,7 +202,8 @@ def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutG
     links = Links.of(cluster)
     b, s, t, c = g.micro_batch_size, g.seq_len, g.tp, g.cp
     tokens = b * s / c  # tokens each GPU processes per micro-batch (CP splits the sequence)
-    gemm = flops.layer_gemm_flops(model, tokens) / t
+    routed = routed_expert_flops(model, tokens) / t  # per GPU, whatever etp (see below)
+    gemm = flops.layer_gemm_flops(model, tokens) / t - routed
     attn = flops.attention_core_flops(model, b, s) / (t * c)  # causal; CP shares the work
     h = model.hidden_size
     outside = np.where(g.sequence_parallel, h / t, h)
@@ -215,9 +216,10 @@ def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutG
         gemm_inputs = tokens * (2 * h + (model.attn_out_width + model.active_ffn_width) / t)
         elem_bytes = elem_bytes + FP8_CAST_BYTES[g.dtype] * gemm_inputs
     attn_f, attn_b = _attention_times(model, gpu, g, attn)
-    fwd = (compute.gemm_time(gemm, 4, gpu, g.dtype) + attn_f
+    experts_f, experts_b = expert_gemm_times(model, gpu, g, tokens, routed)
+    fwd = (compute.gemm_time(gemm, 4, gpu, g.dtype) + attn_f + experts_f
            + compute.memory_bound_time(elem_bytes, gpu))
-    bwd = (compute.gemm_time(2 * gemm, 8, gpu, g.dtype) + attn_b
+    bwd = (compute.gemm_time(2 * gemm, 8, gpu, g.dtype) + attn_b + experts_b
            + compute.memory_bound_time(2 * elem_bytes, gpu))
     recompute = np.where(g.recompute == 2, fwd, np.where(g.recompute == 1, attn_f, 0.0))
     # TP: 2 all-reduces (or RS+AG with SP, same bytes) forward, 2 backward, 2 more when the
@@ -246,6 +248,44 @@ def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutG
                       ep_comm_s=expert_all_to_all(model, cluster, g, tokens, passes))
 
 
+def routed_expert_flops(model: ModelSpec, tokens):
+    """Forward FLOPs of the routed experts of one layer (averaged over layers) for `tokens`
+    tokens: k copies of each token through one expert's matrices (2·T·k·h·f_e per matrix;
+    Fedus et al. 2022 Sec. 2). On a GPU of an expert tensor-parallel group the etp x more
+    tokens it receives meet 1/etp of each expert's columns: the same FLOPs per GPU."""
+    if not model.is_moe:
+        return 0.0
+    share = model.num_moe_layers / model.num_layers
+    return share * model.experts_top_k * model.mlp_matrices * flops.linear_flops(
+        tokens, model.hidden_size, model.expert_ffn_hidden_size)
+
+
+def expert_rows(model: ModelSpec, g: LayoutGrid, tokens):
+    """Tokens per local expert on one GPU per micro-batch (the M of each grouped-GEMM problem):
+    the GPU's dispatched tokens (1/tp with sequence parallelism) x top-k x etp (its expert
+    tensor-parallel group gathers them) over its E/ep local experts, times the router's
+    load imbalance on the busiest expert."""
+    local = np.where(g.sequence_parallel, tokens / g.tp, tokens)
+    per_expert = local * model.experts_top_k * g.etp / (model.num_experts / g.ep)
+    return per_expert * model.expert_load_imbalance
+
+
+def expert_gemm_times(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, tokens, routed):
+    """(forward, backward) seconds of the routed experts' grouped GEMMs, one layer and
+    micro-batch: the GEMM time of `routed` FLOPs at the large-GEMM rate scaled by
+    M/(M + M_half) (M = `expert_rows`, M_half = `GpuSpec.grouped_gemm_half_rows`: small
+    per-expert problems run far below peak), times the load imbalance (the busiest expert
+    rank sets the pace). Two grouped kernels forward (fc1, fc2), four backward."""
+    if not model.is_moe:
+        return 0.0, 0.0
+    rows = expert_rows(model, g, tokens)
+    slow = (rows + gpu.grouped_gemm_half_rows) / rows * model.expert_load_imbalance
+    fixed = gpu.moe_layer_overhead_s * model.num_moe_layers / model.num_layers
+    fwd = compute.gemm_time(routed * slow, 2, gpu, g.dtype) + fixed
+    bwd = compute.gemm_time(2 * routed * slow, 4, gpu, g.dtype) + fixed
+    return fwd, bwd
+
+
 def expert_all_to_all(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, tokens,
                       per_pass) -> np.ndarray | float:
     """MoE token dispatch + combine per layer (averaged over layers), exposed: each forward,
@@ -258,7 +298,8 @@ def expert_all_to_all(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, tok
     nbytes = 2 * local * model.experts_top_k * model.hidden_size
     one = Links.of(cluster).all_to_all_s(nbytes, g.dims.group("ep"))
     share = model.num_moe_layers / model.num_layers
-    return share * 2 * per_pass * one  # dispatch + combine in each of the passes
+    exposed = 1 - cluster.gpu.ep_comm_overlap
+    return share * 2 * per_pass * one * exposed  # dispatch + combine in each of the passes
 
 
 def _attention_times(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, causal_flops):

@@ -83,7 +83,7 @@ def expert_layer_params(model: ModelSpec) -> float:
 
 def activation_bytes_per_layer(model: ModelSpec, micro_batch, seq_len, tp, cp=1,
                                sequence_parallel=False, recompute="none",
-                               flash_attention=True, fp8=False):
+                               flash_attention=True, fp8=False, etp=None):
     """Activation bytes one layer keeps for backward, per micro-batch, per GPU (fp16/bf16).
 
     Korthikanti et al. 2022 Sec. 4.1 for GPT (MHA, 4h GELU MLP, dropout), per layer:
@@ -104,6 +104,7 @@ def activation_bytes_per_layer(model: ModelSpec, micro_batch, seq_len, tp, cp=1,
     unfused kernels compute the whole square anyway.
     """
     s = seq_len / cp
+    etp = tp if etp is None else etp  # expert tensor parallel (Megatron-Core default: tp)
     sbh = s * micro_batch * model.hidden_size
     sb = s * micro_batch
     drop = 1 if model.dropout else 0
@@ -141,10 +142,16 @@ def activation_bytes_per_layer(model: ModelSpec, micro_batch, seq_len, tp, cp=1,
     # Korthikanti's GPT: outside 10sbh; inside Q,K,V 6 + proj 2 + MLP 16 = 24sbh (/t).
     inside_no_core = qkv + proj_in + mlp
     if model.is_moe:
-        # The top-k permuted copies of each token are the routed experts' GEMM input; with
-        # expert tensor parallelism every tp rank holds them all (counted unsplit: x tp).
+        # The top-k permuted copies of each token are the routed experts' GEMM input. A GPU
+        # dispatches its local tokens (1/tp of them with sequence parallelism); its expert
+        # tensor-parallel group of etp ranks receives etp x those copies on average and every
+        # member keeps them all (Megatron-Core all-gathers over etp before the expert GEMMs).
+        # Counted here x tp because `inside_no_core` is divided by tp below.
         moe_share = model.num_moe_layers / model.num_layers
-        inside_no_core = inside_no_core + moe_share * gemm_in * model.experts_top_k * sbh * tp
+        local = np.where(sequence_parallel, sbh / tp, sbh)
+        # The busiest expert rank holds `expert_load_imbalance` x the mean.
+        inside_no_core = inside_no_core + moe_share * gemm_in * model.experts_top_k * local \
+            * etp * tp * model.expert_load_imbalance
     split_outside = np.where(sequence_parallel, outside / tp, outside)
     none = split_outside + (inside_no_core + core) / tp
     selective = split_outside + inside_no_core / tp + np.where(flash_attention, core / tp, 0.0)
@@ -197,8 +204,8 @@ def rank_memory(model: ModelSpec, g, params, optimizer_params, layers, first, la
     embedding output / logits when it is the first / last rank (`first`, `last`)."""
     fp8 = g.dtype if g.dtype in FP8_DTYPES else False
     act_args = (model, g.micro_batch_size, g.seq_len, g.tp, g.cp, g.sequence_parallel)
-    per_layer = activation_bytes_per_layer(*act_args, g.recompute, g.flash_attention, fp8)
-    no_recompute = activation_bytes_per_layer(*act_args, "none", g.flash_attention, fp8)
+    per_layer = activation_bytes_per_layer(*act_args, g.recompute, g.flash_attention, fp8, g.etp)
+    no_recompute = activation_bytes_per_layer(*act_args, "none", g.flash_attention, fp8, g.etp)
     inflight = inflight_microbatches(g.pp, g.vp, g.num_microbatches, pp_rank)
     act = per_layer * layers * inflight
     act = act + np.where(g.recompute > 0, no_recompute - per_layer, 0.0)  # rematerialised layer

@@ -167,6 +167,10 @@ class ModelSpec:
     """Attention and MLP read the same layer input and their outputs are added (GPT-J, Falcon,
     Phi-2): one tensor-parallel all-reduce per pass instead of two (Wang & Komatsuzaki 2021,
     GPT-J; Chowdhery et al. 2022, PaLM Sec. 2 "Parallel Layers")."""
+    expert_load_imbalance: float = 1.0
+    """MoE: tokens of the busiest expert over the mean (1.0: perfectly balanced, as in
+    force-balanced benchmarks); the busiest expert rank sets every MoE layer's pace. A training
+    property rather than a shape: `--expert-imbalance` sets it (default 1.1, see docs/models.md)."""
 
     def __post_init__(self) -> None:
         _require_positive(
@@ -191,6 +195,7 @@ class ModelSpec:
                 f"model {self.name}: experts_top_k={self.experts_top_k} must be in 1..num_experts"
             )
         self._check_attention_variants()
+        _require_range(self, ("expert_load_imbalance",), 1, 100)
 
     def _check_attention_variants(self) -> None:
         """SpecError for MLA, window, norm and layer-pattern fields out of range."""
@@ -341,11 +346,25 @@ class GpuSpec:
     usually run on this GPU (Megatron-Core/TE userbuffers on Hopper; none on 2021 A100 runs)."""
     dp_comm_overlap: float = 0.9
     """Fraction of the data-parallel reduction that overlaps the last micro-batch's backward."""
+    grouped_gemm_half_rows: float = 256.0
+    """Rows (tokens) per expert at which a grouped expert GEMM reaches half its large-GEMM
+    throughput: efficiency M/(M + this) (tile quantisation and per-expert prologue dominate
+    small GEMMs; calibrated on the MoE rows, benchmarks/calibrate.py)."""
+    ep_comm_overlap: float = 0.0
+    """Fraction of the expert-parallel all-to-all hidden behind compute by the software stack
+    (Megatron-Core: overlap of one micro-batch's dispatch with another's expert compute;
+    calibrated on the MoE rows)."""
+
+    moe_layer_overhead_s: float = 0.0
+    """Fixed seconds per MoE layer per pass (forward or backward) of a micro-batch, whatever
+    its size: the dropless token dispatcher's device-to-host sync of per-expert token counts,
+    and the router, permute and dispatch kernels' launches (calibrated on the MoE rows)."""
 
     def __post_init__(self) -> None:
-        _require_positive(self, ("memory_GiB", "hbm_bandwidth_GBps"))
+        _require_positive(self, ("memory_GiB", "hbm_bandwidth_GBps", "grouped_gemm_half_rows"))
+        _require_range(self, ("moe_layer_overhead_s",), 0, 1)
         _require_range(self, ("hbm_efficiency",), 0, 1, low_open=True)
-        _require_range(self, ("tp_comm_overlap", "dp_comm_overlap"), 0, 1)
+        _require_range(self, ("tp_comm_overlap", "dp_comm_overlap", "ep_comm_overlap"), 0, 1)
         if not isinstance(self.peak_tflops, dict) or not isinstance(self.efficiency, dict):
             raise SpecError(f"GPU {self.name}: peak_tflops and efficiency must map dtype names")
         for dtype, peak in self.peak_tflops.items():
@@ -609,6 +628,9 @@ class Layout:
     """Expert-parallel degree (MoE only; folds into dp for expert layers)."""
     vp: int = 1
     """Virtual pipeline stages (model chunks) per pipeline rank; > 1 means interleaved 1F1B."""
+    etp: int | None = None
+    """Expert tensor-parallel degree (MoE): splits each routed expert over etp ranks; None
+    means tp (Megatron-Core's default). Folded with ep over the stage's tp·cp·dp ranks."""
     recompute: Recompute = "none"
     """Activation recomputation: none | selective (attention core) | full (whole layer)."""
     sequence_parallel: bool = False
@@ -621,6 +643,10 @@ class Layout:
     """Fused attention (FlashAttention / cuDNN); False: scores materialised (pre-2022 stacks)."""
     layers_per_stage: tuple[int, ...] | None = None
     """Layers per (virtual) stage in model order, length pp*vp; None means as even as possible."""
+
+    def __post_init__(self) -> None:
+        if self.etp is None:  # Megatron-Core: expert_tensor_parallel_size defaults to tp
+            object.__setattr__(self, "etp", self.tp)
 
     @property
     def dims(self) -> ParallelDims:
@@ -659,7 +685,9 @@ class Layout:
             raise SpecError(f"recompute must be one of {RECOMPUTE_KINDS}, got {self.recompute!r}")
         if self.dtype not in DTYPES:
             raise SpecError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        self.dims.validate(model, num_gpus, self.seq_len)
+        ends = self.layers_per_stage or (1,)
+        self.dims.validate(model, num_gpus, self.seq_len,
+                           end_chunks=int(ends[0] == 0) + int(len(ends) > 1 and ends[-1] == 0))
         if self.sequence_parallel and self.tp == 1:
             raise SpecError("sequence parallel needs tp > 1; drop --sequence-parallel or raise --tp")
         if self.sequence_parallel and (self.seq_len // self.cp) % self.tp:
@@ -674,8 +702,12 @@ class Layout:
                     f"layers_per_stage {self.layers_per_stage} must have pp*vp = {chunks} "
                     f"entries summing to {model.num_layers}"
                 )
-            if min(self.layers_per_stage) < 1:
-                raise SpecError("every pipeline stage needs at least one layer")
+            # The first / last chunk may hold only the embedding / the loss (Megatron-Core
+            # --account-for-embedding-in-pipeline-split, --account-for-loss-in-pipeline-split).
+            if min(self.layers_per_stage[1:-1] or (1,)) < 1 or min(self.layers_per_stage) < 0 \
+                    or (chunks == 1 and self.layers_per_stage[0] < 1):
+                raise SpecError("every pipeline stage but the first and the last needs at least "
+                                "one layer (those two may hold only the embedding / the loss)")
         if self.global_batch_size % (self.dp * self.micro_batch_size):
             raise SpecError(
                 f"global-batch-size {self.global_batch_size} is not divisible by dp*mbs = "

@@ -69,8 +69,9 @@ def megatron_pipeline_args(plan: Plan) -> list[str]:
 
 
 DEGREE_FLAGS = {"tp": "tensor-model-parallel-size", "pp": "pipeline-model-parallel-size",
-                "cp": "context-parallel-size", "ep": "expert-model-parallel-size"}
-"""ParallelDims degree -> Megatron-LM flag; ep is written only when > 1 (MoE)."""
+                "cp": "context-parallel-size", "ep": "expert-model-parallel-size",
+                "etp": "expert-tensor-parallel-size"}
+"""ParallelDims degree -> Megatron-LM flag; ep and etp are written for MoE models only."""
 
 
 def _parallel_args(plan: Plan) -> list[str]:
@@ -78,7 +79,7 @@ def _parallel_args(plan: Plan) -> list[str]:
     dims = lay.dims
     args = []
     for name, flag in DEGREE_FLAGS.items():
-        if name != "ep" or dims.ep > 1:
+        if name not in ("ep", "etp") or plan.model.is_moe:
             args += _flag(flag, dims.size(name))
     if lay.sequence_parallel and lay.tp > 1:
         args.append("--sequence-parallel")

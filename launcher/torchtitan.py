@@ -157,6 +157,11 @@ def notes(plan: Plan, version: str = DEFAULT_VERSION) -> list[str]:
     if lay.dp > 1 and not lay.distributed_optimizer:
         out.append("torchtitan shards dp with FSDP2 (no plain DDP with expert/fsdp meshes here); "
                    "the plan modelled replicated optimizer state, so memory will be lower")
+    if lay.ep > 1 and lay.etp != 1:
+        out.append(f"torchtitan {version} has no expert tensor parallelism (experts stay whole: "
+                   "efsdp = dp_shard*cp*tp/ep); the plan's etp="
+                   f"{lay.etp} splits each expert, so expert memory will be higher — plan with "
+                   "--etp 1 for torchtitan")
     if lay.dtype == "fp8":
         out.append("torchtitan fp8 needs a float8 model converter in the recipe "
                    "(e.g. llama3_8b's *_float8 configs); the arguments keep bf16 unless you add it")

@@ -23,8 +23,10 @@ from .options import (
     DEFAULT_PLAN_HEADROOM,
     _positive,
     finite_range,
+    expert_imbalance_option,
     problem_options,
     resolve_problem,
+    with_expert_imbalance,
 )
 from .report import print_estimate
 from .verdict import TIGHT_FRACTION, memory_verdict
@@ -32,12 +34,16 @@ from .verdict import TIGHT_FRACTION, memory_verdict
 
 @click.command("estimate")
 @problem_options
+@expert_imbalance_option
 @click.option("--tp", type=int, required=True, callback=_positive, help="Tensor-parallel degree.")
 @click.option("--pp", type=int, required=True, callback=_positive, help="Pipeline-parallel degree.")
 @click.option("--cp", type=int, default=1, show_default=True, callback=_positive,
               help="Context-parallel degree.")
 @click.option("--ep", type=int, default=1, show_default=True, callback=_positive,
               help="Expert-parallel degree (MoE).")
+@click.option("--etp", type=int, callback=_positive,
+              help="Expert tensor-parallel degree (MoE) [default: tp, as Megatron-Core]; "
+                   "etp*ep must divide tp*cp*dp.")
 @click.option("--vp", type=int, default=1, show_default=True, callback=_positive,
               help="Virtual pipeline stages per rank (>1: interleaved 1F1B).")
 @click.option("--dp", type=int, callback=_positive,
@@ -54,10 +60,12 @@ from .verdict import TIGHT_FRACTION, memory_verdict
               help="Fraction of GPU memory to keep free when judging fit (the same rule as plan).")
 def estimate(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model,
              as_json, micro_batch_size, recompute, sequence_parallel, distributed_optimizer,
-             mem_headroom, **degrees):
+             mem_headroom, etp, expert_imbalance, **degrees):
     """Predict step time, throughput, MFU and peak memory of one layout."""
-    prob = resolve_problem(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size,
-                           dtype, cost_model)
+    prob = with_expert_imbalance(resolve_problem(
+        model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model),
+        expert_imbalance)
+    degrees["etp"] = degrees["tp"] if etp is None else etp
     world = prob.cluster.world_size
     one = {**degrees, "dp": 1}
     if world % ParallelDims(**one).world:  # the model's own rules (heads, layers...) say more, if broken

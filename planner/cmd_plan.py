@@ -26,8 +26,10 @@ from .options import (
     DEFAULT_PLAN_HEADROOM,
     _positive,
     finite_range,
+    expert_imbalance_option,
     problem_options,
     resolve_problem,
+    with_expert_imbalance,
 )
 from .planfile import Plan, stage_ranges, write_plan
 from .progress import progress
@@ -37,6 +39,7 @@ from .search import SearchResult, SearchSpace
 
 @click.command("plan")
 @problem_options
+@expert_imbalance_option
 @click.option("--top-k", type=int, default=5, show_default=True, callback=_positive,
               help="How many ranked layouts to show.")
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False),
@@ -48,6 +51,8 @@ from .search import SearchResult, SearchSpace
 @click.option("--vp", type=int, callback=_positive, help="Fix the virtual stages per rank.")
 @click.option("--dp", type=int, callback=_positive, help="Fix the data-parallel degree.")
 @click.option("--ep", type=int, callback=_positive, help="Fix the expert-parallel degree (MoE).")
+@click.option("--etp", type=int, callback=_positive,
+              help="Fix the expert tensor-parallel degree (MoE) [default: search 1 and tp].")
 @click.option("--micro-batch-size", "--mbs", "micro_batch_size", type=int, callback=_positive,
               help="Fix the micro-batch size.")
 @click.option("--recompute", type=click.Choice(RECOMPUTE_KINDS), multiple=True,
@@ -58,13 +63,14 @@ from .search import SearchResult, SearchSpace
               help="Allow tp beyond one node's GPUs (default: tp stays inside a node).")
 def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model,
          as_json, top_k, output, report, micro_batch_size, recompute, mem_headroom, max_tp,
-         **degrees):
+         expert_imbalance, **degrees):
     """Rank every valid TP/PP/CP/DP layout and write the fastest one that fits."""
     for path, option in ((output, "-o"), (report, "--report")):
         if path:
             check_output_file(path, option)
-    prob = resolve_problem(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size,
-                           dtype, cost_model)
+    prob = with_expert_imbalance(resolve_problem(
+        model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model),
+        expert_imbalance)
     space = SearchSpace(dtype=dtype, recompute=tuple(recompute) or RECOMPUTE_KINDS,
                         headroom=mem_headroom, max_tp=max_tp, micro_batch_size=micro_batch_size,
                         **degrees)

@@ -15,7 +15,7 @@ import numpy as np
 
 from cost_models.specs import ClusterSpec, Layout, ModelSpec, SpecError
 
-FIXED_AXES = ("tp", "pp", "cp", "dp", "ep", "vp", "micro_batch_size")
+FIXED_AXES = ("tp", "pp", "cp", "dp", "ep", "etp", "vp", "micro_batch_size")
 """SearchSpace fields a user can fix, with the LayoutGrid/Layout field of the same name."""
 
 _FLAG = {"micro_batch_size": "mbs"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import click
 
@@ -90,4 +90,26 @@ def resolve_problem(model: str, cluster: str, nodes: int | None, gpus_per_node: 
             f"({spec.max_seq_len}); planning it anyway, but the model needs position scaling "
             "or long-context training to use it"), err=True)
     return Problem(spec, clus, seq_len, global_batch_size, dtype, cost_model)
+
+
+DEFAULT_EXPERT_IMBALANCE = 1.1
+"""Busiest expert's tokens over the mean that plan and estimate assume for MoE models: routers
+trained with a load-balancing loss (or DeepSeek-V3's bias-based balancing) keep the per-batch
+maximum near the mean, but not at it; 1.0 is only reached by force-balanced benchmarks
+(docs/models.md). An assumption, not a fit: set --expert-imbalance from your own runs."""
+
+
+def expert_imbalance_option(func):
+    """--expert-imbalance: the MoE router's load imbalance (plan and estimate)."""
+    return click.option(
+        "--expert-imbalance", type=float, default=DEFAULT_EXPERT_IMBALANCE, show_default=True,
+        callback=finite_range(1.0, 100.0),
+        help="MoE: tokens of the busiest expert over the mean (1.0: force-balanced).")(func)
+
+
+def with_expert_imbalance(prob: Problem, imbalance: float) -> Problem:
+    """The problem with the model's router imbalance set (MoE models only)."""
+    if not prob.model.is_moe:
+        return prob
+    return replace(prob, model=replace(prob.model, expert_load_imbalance=imbalance))
 

@@ -65,6 +65,8 @@ class SearchSpace:
     vp: int | None = None
     dp: int | None = None
     ep: int | None = None
+    etp: int | None = None
+    """Fixed expert tensor-parallel degree (MoE); None searches 1 and tp."""
     micro_batch_size: int | None = None
 
     def to_dict(self) -> dict:
@@ -130,9 +132,13 @@ def degree_combos(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int
     for combo in dims.mesh_degrees(world, fixed, allowed):
         if combo["pp"] > model.num_layers:
             continue
-        for ep in dims.expert_degrees(model, combo["dp"], combo["cp"]):
-            if space.ep in (None, ep):
-                rows.append({**combo, "ep": ep})
+        stage = combo["tp"] * combo["cp"] * combo["dp"]
+        etps = ([space.etp] if space.etp is not None and model.is_moe
+                else dims.expert_tp_degrees(model, combo["tp"]))
+        for etp in etps:
+            for ep in dims.expert_degrees(model, stage, etp):
+                if space.ep in (None, ep):
+                    rows.append({**combo, "ep": ep, "etp": etp})
     names = [n for n in dims.DEGREES if n != "vp"]
     return {n: np.array([r[n] for r in rows], dtype=np.int64) for n in names}
 

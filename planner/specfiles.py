@@ -614,7 +614,7 @@ def cluster_to_dict(cluster: ClusterSpec, extra_measured: dict | None = None) ->
         "gpu_types": {k: gpu(v) for k, v in cluster.gpu_types.items()},
         "intra_node": asdict(cluster.intra_node),
         "inter_node": asdict(cluster.inter_node),
-        "nodes": [asdict(n) for n in cluster.nodes],
+        "nodes": [_node_dict(n) for n in cluster.nodes],
     }
     if cluster.nic_links:
         out["nic_links"] = {k: asdict(v) for k, v in cluster.nic_links.items()}
@@ -627,6 +627,14 @@ def cluster_to_dict(cluster: ClusterSpec, extra_measured: dict | None = None) ->
         measured["latency_s"] = [list(r) for r in cluster.latency_s]
     if measured:
         out["measured"] = measured
+    return out
+
+
+def _node_dict(node: NodeSpec) -> dict:
+    """A node's cluster.yaml entry (`domain` only when the node shares an NVLink domain)."""
+    out = asdict(node)
+    if not out["domain"]:
+        del out["domain"]
     return out
 
 

@@ -36,6 +36,10 @@ FAMILIES = {
                                         recompute="selective")),
     "deepseek-v3": ("deepseek-v3", 32, dict(tp=2, pp=8, dp=16, ep=16, recompute="full",
                                             layers_per_stage=(7, 8, 8, 8, 8, 8, 8, 6))),
+    # MoE parallel folding: ep 32 over tp 2 x dp 16 (ep > dp), whole experts (etp 1).
+    "deepseek-v3-fold": ("deepseek-v3", 32, dict(tp=2, pp=8, dp=16, ep=32, etp=1,
+                                                 recompute="full",
+                                                 layers_per_stage=(7, 8, 8, 8, 8, 8, 8, 6))),
 }
 
 

@@ -105,6 +105,8 @@ def test_megatron_args_rebuild_the_plan(name):
     assert (int(f["tensor-model-parallel-size"]), int(f["pipeline-model-parallel-size"]),
             int(f["context-parallel-size"]), int(f.get("expert-model-parallel-size", 1))) == (
         lay.tp, lay.pp, lay.cp, lay.ep)
+    if m.is_moe:  # expert tensor parallelism always explicit (Megatron's default would be tp)
+        assert int(f["expert-tensor-parallel-size"]) == lay.etp
     assert (int(f["micro-batch-size"]), int(f["global-batch-size"]), int(f["seq-length"])) == (
         lay.micro_batch_size, lay.global_batch_size, lay.seq_len)
     assert f.get("recompute-granularity", "none") == lay.recompute

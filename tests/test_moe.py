@@ -59,7 +59,7 @@ def test_search_plans_moe_with_valid_expert_parallelism():
     for est in res.plans:
         lay = est.layout
         lay.validate(MIXTRAL, 64)
-        assert MIXTRAL.num_experts % lay.ep == 0 and (lay.dp * lay.cp) % lay.ep == 0
+        assert MIXTRAL.num_experts % lay.ep == 0 and (lay.tp * lay.cp * lay.dp) % (lay.etp * lay.ep) == 0
         assert est.fits
     assert max(e.layout.ep for e in res.plans) > 1  # sharding experts pays on 64 GPUs
 
