@@ -22,8 +22,8 @@ from .jsonout import to_json
 from .options import (
     DEFAULT_PLAN_HEADROOM,
     _positive,
-    finite_range,
     expert_imbalance_option,
+    finite_range,
     problem_options,
     resolve_problem,
     with_expert_imbalance,
