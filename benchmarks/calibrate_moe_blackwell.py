@@ -95,7 +95,9 @@ def fit(cases: list[Case], x0: np.ndarray, maxiter: int = 400) -> np.ndarray:
     return to_x(res.x)
 
 
-DENSE, MOE = np.arange(5), np.arange(5, 9)
+DENSE, MOE = np.arange(1, 5), np.arange(5, 9)
+"""Blackwell bf16 (index 0) is not fitted: no dense bf16 Blackwell row exists, so it stays at
+its prior, Hopper's fitted bf16 fraction (planner/data/gpus.yaml)."""
 
 
 def fit_subset(cases: list[Case], x0: np.ndarray, free: np.ndarray, maxiter: int) -> np.ndarray:

@@ -159,6 +159,8 @@ def _expected(plan) -> dict:
         exp["kv_channels"] = m.head_dim
     if lay.dtype == "fp8":
         exp["fp8_recipe"] = FP8_RECIPE
+    if lay.cuda_graphs:
+        exp["cuda_graph_impl"] = "full_iteration"
     if m.is_moe:
         exp.update(expert_tensor_parallel_size=lay.etp,
                    num_moe_experts=m.num_experts, moe_router_topk=m.experts_top_k,

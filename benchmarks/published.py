@@ -267,7 +267,8 @@ def layouts_2025(row: dict, model: ModelSpec, gpus: int) -> tuple[Layout, ...]:
                      seq_len=int(_num(row["seq_len"])), recompute=rec,
                      sequence_parallel=given["tp"] > 1,
                      distributed_optimizer=row["sharding"] == "megatron-distopt",
-                     dtype=dtype_2025(row["dtype"]), layers_per_stage=split)
+                     dtype=dtype_2025(row["dtype"]), layers_per_stage=split,
+                     cuda_graphs="CUDA graphs full_iteration" in row["notes"])
         try:
             lay.validate(model, gpus)
         except SpecError:

@@ -39,6 +39,8 @@ class LayoutGrid:
     layers_mid: np.ndarray
     seq_len: int
     dtype: str
+    cuda_graphs: bool = False
+    """Grid-wide: whole-iteration CUDA graphs (`Layout.cuda_graphs`)."""
 
     def __len__(self) -> int:
         return len(self.tp)
@@ -55,7 +57,8 @@ class LayoutGrid:
     def take(self, index) -> LayoutGrid:
         """A sub-grid (boolean mask or integer index array)."""
         arrays = {name: getattr(self, name)[index] for name in _ARRAY_FIELDS}
-        return LayoutGrid(**arrays, seq_len=self.seq_len, dtype=self.dtype)
+        return LayoutGrid(**arrays, seq_len=self.seq_len, dtype=self.dtype,
+                          cuda_graphs=self.cuda_graphs)
 
     def layout(self, i: int, layers_per_stage: tuple[int, ...] | None = None) -> Layout:
         """The i-th candidate as a Layout."""
@@ -65,7 +68,7 @@ class LayoutGrid:
             sequence_parallel=bool(self.sequence_parallel[i]),
             distributed_optimizer=bool(self.distributed_optimizer[i]),
             flash_attention=bool(self.flash_attention[i]), dtype=self.dtype,
-            layers_per_stage=layers_per_stage,
+            layers_per_stage=layers_per_stage, cuda_graphs=self.cuda_graphs,
         )
 
     @classmethod
@@ -79,7 +82,7 @@ class LayoutGrid:
             distributed_optimizer=np.array([layout.distributed_optimizer]),
             flash_attention=np.array([layout.flash_attention]),
             layers_first=np.array([first]), layers_last=np.array([last]), layers_mid=np.array([mid]),
-            seq_len=layout.seq_len, dtype=layout.dtype,
+            seq_len=layout.seq_len, dtype=layout.dtype, cuda_graphs=layout.cuda_graphs,
         )
 
 

@@ -280,7 +280,7 @@ def expert_gemm_times(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, tokens, rou
         return 0.0, 0.0
     rows = expert_rows(model, g, tokens)
     slow = (rows + gpu.grouped_gemm_half_rows) / rows * model.expert_load_imbalance
-    fixed = gpu.moe_layer_overhead_s * model.num_moe_layers / model.num_layers
+    fixed = 0.0 if g.cuda_graphs else gpu.moe_layer_overhead_s * model.num_moe_layers / model.num_layers
     fwd = compute.gemm_time(routed * slow, 2, gpu, g.dtype) + fixed
     bwd = compute.gemm_time(2 * routed * slow, 4, gpu, g.dtype) + fixed
     return fwd, bwd

@@ -643,6 +643,10 @@ class Layout:
     """Fused attention (FlashAttention / cuDNN); False: scores materialised (pre-2022 stacks)."""
     layers_per_stage: tuple[int, ...] | None = None
     """Layers per (virtual) stage in model order, length pp*vp; None means as even as possible."""
+    cuda_graphs: bool = False
+    """Whole-iteration CUDA graphs (Megatron-Core --cuda-graph-impl full_iteration): the host
+    launches one graph per step, so the per-MoE-layer host cost (`GpuSpec.moe_layer_overhead_s`:
+    the dropless dispatcher's device-to-host sync and kernel launches) disappears."""
 
     def __post_init__(self) -> None:
         if self.etp is None:  # Megatron-Core: expert_tensor_parallel_size defaults to tp
@@ -683,6 +687,8 @@ class Layout:
                             f"over the limits ({MAX_SEQ_LEN:,} tokens, {MAX_GLOBAL_BATCH:,} sequences)")
         if self.recompute not in RECOMPUTE_KINDS:
             raise SpecError(f"recompute must be one of {RECOMPUTE_KINDS}, got {self.recompute!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise SpecError(f"cuda_graphs must be true or false, got {_short(self.cuda_graphs)}")
         if self.dtype not in DTYPES:
             raise SpecError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         ends = self.layers_per_stage or (1,)

@@ -118,6 +118,8 @@ def _overlap_args(plan: Plan) -> list[str]:
         args.append("--overlap-grad-reduce")
         if lay.distributed_optimizer:
             args.append("--overlap-param-gather")
+    if lay.cuda_graphs:  # Megatron asserts the NaN check is off under full-iteration graphs
+        args += _flag("cuda-graph-impl", "full_iteration") + ["--no-check-for-nan-in-loss-and-grad"]
     return args
 
 

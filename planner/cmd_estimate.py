@@ -58,9 +58,12 @@ from .verdict import TIGHT_FRACTION, memory_verdict
 @click.option("--mem-headroom", type=float, default=DEFAULT_PLAN_HEADROOM, show_default=True,
               callback=finite_range(0.0, 0.5),
               help="Fraction of GPU memory to keep free when judging fit (the same rule as plan).")
+@click.option("--cuda-graphs", is_flag=True,
+              help="Whole-iteration CUDA graphs (Megatron --cuda-graph-impl full_iteration): "
+                   "no per-MoE-layer host cost.")
 def estimate(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model,
              as_json, micro_batch_size, recompute, sequence_parallel, distributed_optimizer,
-             mem_headroom, etp, expert_imbalance, **degrees):
+             mem_headroom, etp, expert_imbalance, cuda_graphs, **degrees):
     """Predict step time, throughput, MFU and peak memory of one layout."""
     prob = with_expert_imbalance(resolve_problem(
         model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model),
@@ -76,7 +79,7 @@ def estimate(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, d
         **dims.to_dict(), micro_batch_size=micro_batch_size,
         global_batch_size=global_batch_size, seq_len=seq_len, recompute=recompute,
         sequence_parallel=dims.tp > 1 if sequence_parallel is None else sequence_parallel,
-        distributed_optimizer=distributed_optimizer, dtype=dtype,
+        distributed_optimizer=distributed_optimizer, dtype=dtype, cuda_graphs=cuda_graphs,
     )
     est = estimate_layout(prob, layout, mem_headroom)
     verdict = memory_verdict(est, mem_headroom, _recompute_options(prob, layout, est,

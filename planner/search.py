@@ -170,9 +170,12 @@ def generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
     ok &= do | (d.group("dp_cp").size > 1)  # without DP both optimisers coincide
     idx = np.nonzero(ok)[0]
     degrees = {n: col[idx] for n, col in d.to_dict().items()}
-    counts = np.array([_rank_counts(model.num_layers, int(p), int(q))
-                       for p, q in zip(degrees["pp"], degrees["vp"], strict=True)],
-                      dtype=np.int64).reshape(-1, 3)
+    # Rank layer counts depend on (pp, vp) only: compute each distinct pair once.
+    pairs, inverse = np.unique(np.stack([degrees["pp"], degrees["vp"]]), axis=1,
+                               return_inverse=True)
+    table = np.array([_rank_counts(model.num_layers, int(p), int(q)) for p, q in pairs.T],
+                     dtype=np.int64).reshape(-1, 3)
+    counts = table[np.asarray(inverse).ravel()]
     return LayoutGrid(
         **degrees, micro_batch_size=mb[idx],
         global_batch_size=np.full_like(degrees["tp"], global_batch_size), recompute=rc[idx],

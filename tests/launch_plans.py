@@ -38,7 +38,7 @@ FAMILIES = {
                                             layers_per_stage=(7, 8, 8, 8, 8, 8, 8, 6))),
     # MoE parallel folding: ep 32 over tp 2 x dp 16 (ep > dp), whole experts (etp 1).
     "deepseek-v3-fold": ("deepseek-v3", 32, dict(tp=2, pp=8, dp=16, ep=32, etp=1,
-                                                 recompute="full",
+                                                 recompute="full", cuda_graphs=True,
                                                  layers_per_stage=(7, 8, 8, 8, 8, 8, 8, 6))),
 }
 
