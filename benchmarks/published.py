@@ -304,7 +304,7 @@ def load_cases_2025(path: Path = CSV_2025) -> tuple[list[Case], list[tuple[str, 
         lay = layouts[0]
         step = lay.global_batch_size * lay.seq_len / (float(row["tokens_per_s_per_gpu"]) * gpus)
         f = float(flops.model_flops_per_step(model, lay.global_batch_size, lay.seq_len))
-        family = f"{source} {model.name if model.is_moe else 'dense'} {cluster.gpu.name}"
+        family = f"{source} {Path(model.name).stem if model.is_moe else 'dense'} {cluster.gpu.name}"
         cases.append(Case(family, label, model, cluster, layouts, step,
                           "tokens_per_s_per_gpu", "-", f))
     return cases, skipped

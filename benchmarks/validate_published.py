@@ -1,9 +1,11 @@
 """Validate meshplan's Megatron-style cost model against published training runs.
 
-For every row of ../shared/data/published_runs_calibration.csv whose model shape is complete,
-predict the step time of the published layout and compare with what was measured: the
-iteration time where published, else the per-GPU TFLOP/s in the source's own FLOP convention.
-Prints per row, then the mean absolute percentage error (MAPE) per source and overall.
+For every usable row of ../shared/data/published_runs_calibration.csv (2021-2024, dense) and
+../shared/data/published_runs_2025_2026.csv (MoE, Blackwell, FSDP), predict the step time of
+the published layout and compare with what was measured: the iteration time where published,
+else tokens/s/GPU, else the per-GPU TFLOP/s in the source's own FLOP convention. Prints per
+row, then the mean absolute percentage error (MAPE) per source, and for the 2025-2026 file per
+model and per GPU.
 
 Run: python benchmarks/validate_published.py [--csv PATH] [--quiet]
 """
@@ -19,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from published import CSV, Case, load_cases  # noqa: E402
+from published import CSV, CSV_2025, Case, load_cases, load_cases_2025  # noqa: E402
 
 from cost_models.megatron import estimate  # noqa: E402
 from cost_models.specs import Estimate  # noqa: E402
@@ -37,8 +39,22 @@ def short_source(source: str) -> str:
     return source.split(" via ")[0].split(" docs")[0].split(" (")[0][:34]
 
 
+def cases_of(path: Path) -> tuple[list[Case], list[tuple[str, str]]]:
+    """The cases of either published file (told apart by their columns)."""
+    with open(path) as fh:
+        header = fh.readline()
+    return load_cases_2025(path) if "source_url" in header else load_cases(path)
+
+
+def grouped_mape(cases: list[Case], errors: list[float], key) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = defaultdict(list)
+    for case, err in zip(cases, errors, strict=True):
+        out[key(case)].append(err)
+    return out
+
+
 def run(path: Path, quiet: bool = False) -> float:
-    cases, skipped = load_cases(path)
+    cases, skipped = cases_of(path)
     per_source: dict[str, list[float]] = defaultdict(list)
     errors = []
     if not quiet:
@@ -72,6 +88,14 @@ def run(path: Path, quiet: bool = False) -> float:
               f"max {100 * np.max(errs):5.1f}%")
     overall = float(np.mean(errors))
     print(f"  {'OVERALL':<36} rows {len(errors):>3}  MAPE {100 * overall:5.1f}%")
+    if path.name == CSV_2025.name:
+        for title, key in (("model", lambda c: Path(c.model.name).stem),
+                           ("GPU", lambda c: c.cluster.gpu.name),
+                           ("kind", lambda c: "MoE" if c.model.is_moe else "dense")):
+            print(f"MAPE per {title}:")
+            for name, errs in sorted(grouped_mape(cases, errors, key).items()):
+                print(f"  {name:<36} rows {len(errs):>3}  MAPE {100 * np.mean(errs):5.1f}%  "
+                      f"max {100 * np.max(errs):5.1f}%")
     if not quiet:
         print("\nSkipped rows:")
         for label, reason in skipped:
@@ -81,12 +105,15 @@ def run(path: Path, quiet: bool = False) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--csv", type=Path, default=CSV)
+    ap.add_argument("--csv", type=Path, action="append",
+                    help="a published runs CSV (repeatable) [default: both shared files]")
     ap.add_argument("--quiet", action="store_true", help="only the MAPE summary")
     args = ap.parse_args()
-    if not args.csv.exists():
-        sys.exit(f"error: {args.csv} not found; pass --csv PATH to the published runs CSV")
-    run(args.csv, args.quiet)
+    for path in args.csv or [CSV, CSV_2025]:
+        if not path.exists():
+            sys.exit(f"error: {path} not found; pass --csv PATH to the published runs CSV")
+        print(f"== {path.name}")
+        run(path, args.quiet)
 
 
 if __name__ == "__main__":
