@@ -6,6 +6,10 @@
   (c) Llama 3.1 70B on 64 H100 (8 nodes), seq 8192, GBS 128
   (d) Llama 3.1 405B on 100,000 H100 (12,500 nodes), seq 8192, GBS 16384 (goal <= 2 s); no
       layout uses all 12,500 nodes, so the planner also finds the largest usable subset
+  (e) DeepSeek-V3 on 16,384 H100 (2048 nodes), seq 4096, GBS 8192, ep/etp searched (MoE issue:
+      <= 2 s)
+  (f) Llama 3.1 405B on 16,384 GB200 (4096 NVL72 trays, 228 racks), seq 8192, GBS 2048
+      (Blackwell issue: <= 2 s)
 
 For each: wall time of the whole CLI (`meshplan plan ... --json`, process start included),
 its CPU time (robust when the machine is shared), the search's own time, candidates evaluated and candidates per second. Median of --repeat runs.
@@ -28,8 +32,11 @@ CASES = {
     "b": ("llama3.1-405b", "dgx-h100", 2048, 8192, 2048),
     "c": ("llama3.1-70b", "dgx-h100", 8, 8192, 128),
     "d": ("llama3.1-405b", "dgx-h100", 12500, 8192, 16384),
+    "e": ("deepseek-v3", "dgx-h100", 2048, 4096, 8192),
+    "f": ("llama3.1-405b", "gb200-nvl72", 4096, 8192, 2048),
 }
-TARGET_S = {"a": 2.0, "b": 5.0, "d": 2.0}
+TARGET_S = {"a": 2.0, "b": 5.0, "d": 2.0, "e": 2.0, "f": 2.0}
+GPUS_PER_NODE = {"gb200-nvl72": 4}
 
 
 def run_case(model: str, cluster: str, nodes: int, seq: int, gbs: int) -> tuple[float, dict]:
@@ -49,10 +56,13 @@ def run_case(model: str, cluster: str, nodes: int, seq: int, gbs: int) -> tuple[
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--cases", default="".join(CASES), help="which cases, e.g. 'bef'")
     args = ap.parse_args()
     print(f"{'case':<5} {'problem':<44} {'wall s':>7} {'cpu s':>6} {'search s':>8} {'candidates':>10} "
           f"{'cand/s':>9} {'target':>7}  best layout")
     for key, (model, cluster, nodes, seq, gbs) in CASES.items():
+        if key not in args.cases:
+            continue
         runs = [run_case(model, cluster, nodes, seq, gbs) for _ in range(args.repeat)]
         wall = statistics.median(w for w, _, _ in runs)
         cpu = statistics.median(c for _, c, _ in runs)
@@ -60,8 +70,9 @@ def main() -> None:
         search = out["search"]
         lay = out["plans"][0]["layout"]
         label = (f"tp{lay['tp']} pp{lay['pp']} cp{lay['cp']} dp{lay['dp']} vp{lay['vp']} "
-                 f"mbs{lay['micro_batch_size']} {lay['recompute']}")
-        gpus = nodes * 8
+                 + (f"ep{lay['ep']} etp{lay['etp']} " if lay["ep"] > 1 else "")
+                 + f"mbs{lay['micro_batch_size']} {lay['recompute']}")
+        gpus = nodes * GPUS_PER_NODE.get(cluster, 8)
         target = TARGET_S.get(key)
         verdict = "-" if target is None else ("ok" if wall <= target else "SLOW")
         print(f"({key})  {model} on {gpus} {cluster} seq {seq} gbs {gbs:<6}"[:50].ljust(50)
