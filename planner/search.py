@@ -425,6 +425,10 @@ def _sub(matrix, keep: int):
 def _no_candidate_reason(model: ModelSpec, cluster: ClusterSpec, seq_len: int, gbs: int,
                          space: SearchSpace) -> str:
     world = cluster.world_size
+    if space.schedule is not None:
+        reason = _schedule_reason(model, cluster, seq_len, gbs, space)
+        if reason:
+            return reason
     if any(getattr(space, k) for k in FIXED_AXES):
         specific = explain_fixed(model, cluster, seq_len, gbs, space)
         if specific:
@@ -436,6 +440,26 @@ def _no_candidate_reason(model: ModelSpec, cluster: ClusterSpec, seq_len: int, g
     return (f"no valid layout for {world} GPUs, global batch {gbs}, sequence {seq_len}: the batch "
             "must be divisible by the data-parallel degree; use a global batch that is a "
             f"multiple of a divisor of {world}")
+
+
+def _schedule_reason(model: ModelSpec, cluster: ClusterSpec, seq_len: int, gbs: int,
+                     space: SearchSpace) -> str | None:
+    """Why no layout runs the fixed schedule: the rule (`schedules.schedule_problem`) most of
+    the layouts valid under other schedules break; None when the schedule is not the cause."""
+    grid = generate(model, cluster.world_size, cluster.gpus_per_node, seq_len, gbs,
+                    replace(space, schedule=None))
+    need = schedules.CHUNKS[space.schedule]
+    rows = np.nonzero(grid.vp > 1 if need is None else grid.vp == need)[0]
+    rows = rows if len(rows) else np.arange(len(grid))  # else the vp is the rule it breaks
+    messages: dict[str, int] = {}
+    for i in rows[:500]:
+        text = schedules.schedule_problem(space.schedule, int(grid.pp[i]), int(grid.vp[i]),
+                                          int(grid.num_microbatches[i]))
+        if text:
+            messages[text] = messages.get(text, 0) + 1
+    if not messages:
+        return None
+    return f"--schedule {space.schedule} leaves no valid layout: {max(messages, key=messages.get)}"
 
 
 def scaled_cluster(cluster: ClusterSpec, factor: int) -> ClusterSpec:
