@@ -14,8 +14,8 @@ gradients, recompute included) and W the backward for the weights; tau = F + B +
   interleaved  k on k mod p, v chunks (p-1)·tau / v                           Megatron-LM warm-up
   zb-h1        as 1f1b, W deferred    (p-1)·(F+B-W)                           min(m, p-r)
   zb-v         V: 2 chunks            (p-1)·(F+B-W)/2                         min(m, p+1/2)
-  dualpipe     both directions        (p/2-1)·(F&B + B + W - 3W)              min(m, p+1)
-  dualpipev    V: 2 chunks            (p-1)·(F&B + B + W - 3W)/2              min(m, p+1/2)
+  dualpipe     both directions        (p/2-1)·(F+B-W)                         min(m, p+1)
+  dualpipev    V: 2 chunks            (p-1)·(F+B-W)/2                         min(m, p+1/2)
 
 - 1F1B: Narayanan et al. 2021 (SC'21) Sec. 2.2; interleaved: ibid. Sec. 2.2.2 (bubble / v).
 - ZB-H1: Qi et al. 2024 Sec. 3.1 and Table 3 (memory p·M_B, bubble (p-1)(T_F+T_B-T_W)).
@@ -25,11 +25,15 @@ gradients, recompute included) and W the backward for the weights; tau = F + B +
   step's drain (optimizer post-validation, Sec. 4), which a step ended by a synchronous
   optimizer (what meshplan models) cannot; the simulator confirms the synchronous figure.
 - DualPipe / DualPipeV: DeepSeek-AI 2024, "DeepSeek-V3 Technical Report" Sec. 3.2.1 and
-  Table 2 (bubble (PP/2-1)(F&B + B - 3W) with B the full backward, activations PP+1 chunks,
-  parameters 2x for DualPipe); DualPipeV ("cut-in-half", the DualPipe repository) is DualPipe
-  folded onto p ranks of two chunks each, PP = 2p chunk stages of half the rank's layers.
-  F&B is a forward and a backward chunk run together, their communication (EP all-to-all)
-  hidden under each other's compute: F&B = F + B + W - hidden.
+  Table 2 (activations PP+1 chunks, parameters 2x for DualPipe, and PP/2-1 fill steps since
+  micro-batches enter from both ends); DualPipeV ("cut-in-half", the DualPipe repository) is
+  DualPipe folded onto p ranks of two chunks each, PP = 2p chunk stages of half a rank. The
+  report's per-step cost F&B + B - 3W (B the full backward) pairs a forward with a backward
+  in the fill too; the schedule simulated here (each stage in 1F1B order, W deferred into
+  idle time as ZB-H1 does, F&B pairs in the steady phase) fills at ZB-H1's F+B-W per step,
+  and its bubbles agree with these within 2 points (tests/test_schedules.py). The pairs'
+  gain, each micro-batch's all-to-all hidden under the other's compute, is not a bubble term:
+  `overlapped_pairs` (and cost_models.megatron.fb_hidden) take it off the EP communication.
 
 The bubbles are written as factors of (sum_r tau_r - max_r tau_r), which is (p-1)·tau for
 equal ranks and keeps uneven splits meaningful. Clamped at 0 (W can exceed F+B-W only in
@@ -103,19 +107,19 @@ def is_v_shape(code):
 def bubble_factor(code, pp, vp, w_frac, b_frac, hidden_frac):
     """Bubble as a multiple of (sum_r tau_r - max_r tau_r) (= (p-1)·tau for equal ranks).
 
-    w_frac, b_frac: W and B shares of tau; hidden_frac: share of tau an F&B pair hides
-    (DualPipe's overlapped all-to-all). Formulas and sources in the module docstring; with
-    tau = F + B + W: F+B-W = tau - 2W, (F+B-W)/2 = (tau - 2W)/2, F&B + B + W - 3W =
-    tau - hidden + B - 2W.
+    w_frac: the W share of tau. Formulas and sources in the module docstring; with
+    tau = F + B + W, F+B-W = tau - 2W. (b_frac and hidden_frac, the B and F&B-hidden shares,
+    are accepted for callers that have them; the fill and drain do not depend on them.)
     """
+    del b_frac, hidden_frac
     c = np.asarray(code)
     p = np.maximum(pp, 2)
-    pair = 1.0 - hidden_frac + b_frac - 2 * w_frac
+    zb = 1.0 - 2 * w_frac
     out = np.select(
         [c == CODE["1f1b"], c == CODE["interleaved"], c == CODE["zb-h1"], c == CODE["zb-v"],
          c == CODE["dualpipe"], c == CODE["dualpipev"]],
-        [np.ones_like(w_frac), 1.0 / np.maximum(vp, 1), 1.0 - 2 * w_frac, (1.0 - 2 * w_frac) / 2,
-         (p / 2 - 1) / (p - 1) * pair, pair / 2])
+        [np.ones_like(w_frac), 1.0 / np.maximum(vp, 1), zb, zb / 2,
+         (p / 2 - 1) / (p - 1) * zb, zb / 2])
     return np.maximum(out, 0.0)
 
 

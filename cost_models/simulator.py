@@ -465,7 +465,8 @@ def _run_greedy(tasks: StepTasks, schedule: str) -> tuple[list[tuple], list[floa
                 if (ready_b(r, t, d, k) if kind == "B" else ready_f(r, t, d, k)) == j:
                     heads.append((kind, k, d, j))
         bs = [(k, d, j) for kind, k, d, j in heads if kind == "B"]
-        fs = [(k, d, j) for kind, k, d, j in heads if kind == "F"] if held[r] < cap else []
+        limit = pp if schedule == "zb-h1" else cap  # ZB-H1: 1F1B's peak p·M_B on every rank
+        fs = [(k, d, j) for kind, k, d, j in heads if kind == "F"] if held[r] < limit else []
         if choice is None and bs:
             kb, db, jb = max(bs)
             choice = ("B", db, kb, jb)
