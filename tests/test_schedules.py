@@ -236,3 +236,34 @@ def test_plan_accepts_vp_12_and_a_fixed_schedule():
                "--json")
     assert zbv.returncode == 0, zbv.stderr
     assert json.loads(zbv.stdout)["layout"]["schedule"] == "zb-v"
+
+
+# ------------------------------------------------------------------ launch files
+
+
+@pytest.fixture(scope="module")
+def schedule_plans():
+    """The best plan per schedule of Llama 3.1 8B on 16 H100 with pp fixed to 2."""
+    from planner.engine import plan
+    from planner.options import Problem
+
+    prob = Problem(load_model("llama3.1-8b"), load_cluster("dgx-h100", nodes=2), 4096, 64,
+                   "bf16", "megatron")
+    return {s: plan(prob, SearchSpace(headroom=HEADROOM, pp=2, schedule=s), top_k=1).plans[0]
+            for s in SCHEDULES}
+
+
+def test_launch_files_name_the_framework_schedule_or_say_there_is_none(schedule_plans):
+    from launcher import torchtitan
+    from launcher.megatron import megatron_notes
+
+    expect = {"1f1b": "1F1B", "interleaved": "Interleaved1F1B", "zb-v": "ZBVZeroBubble",
+              "dualpipev": "DualPipeV", "zb-h1": "1F1B", "dualpipe": "1F1B"}
+    for schedule, p in schedule_plans.items():
+        assert p.layout.schedule == schedule
+        assert torchtitan.settings(p)["parallelism.pipeline_parallel_schedule"] == expect[schedule]
+        titan_missing = any("has no" in n and schedule in n for n in torchtitan.notes(p))
+        assert titan_missing == (schedule in ("zb-h1", "dualpipe"))
+        megatron_missing = any(f"Megatron-LM has no {schedule} schedule" in n
+                               for n in megatron_notes(p))
+        assert megatron_missing == (schedule not in ("1f1b", "interleaved"))
