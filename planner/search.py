@@ -150,13 +150,16 @@ def degree_combos(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int
     return {n: np.array([r[n] for r in rows], dtype=np.int64) for n in names}
 
 
-def dominated(space: SearchSpace, d: dims.ParallelDims, sched, sp, sp_ok, do) -> np.ndarray:
+def dominated(space: SearchSpace, d: dims.ParallelDims, sched, sp, sp_ok, do,
+              is_moe: bool = False) -> np.ndarray:
     """Rows another row of the space beats or ties on step time and memory, which the search
     therefore never needs to evaluate (exact: the best layout is never among them):
 
-    - sequence parallelism off with tp > 1: SP splits the norm/dropout activations and the
-      elementwise passes over tp, lets TP communication overlap, sends 1/tp of the tokens to
-      the experts, and moves the same collective bytes (Korthikanti et al. 2022 Sec. 4.2.2);
+    - sequence parallelism off with tp > 1 in a dense model: SP splits the norm/dropout
+      activations and the elementwise passes over tp, lets TP communication overlap, and
+      moves the same collective bytes (Korthikanti et al. 2022 Sec. 4.2.2); not for MoE,
+      where the expert-side model (etp folding) can price SP higher (found by the
+      brute-force test);
     - the plain optimizer with dp*cp > 1: the distributed one shards the optimizer state and
       its reduce-scatter (fp32) + all-gather (bf16) moves fewer bytes than the fp32
       all-reduce, in as many latency steps (Megatron-LM distributed optimizer);
@@ -164,7 +167,7 @@ def dominated(space: SearchSpace, d: dims.ParallelDims, sched, sp, sp_ok, do) ->
       (p-1)(F+B-W) <= (p-1)(F+B+W) (Qi et al. 2024 Table 3).
     Each rule applies only when the dominating choice is in the space."""
     out = np.zeros(sp.shape, dtype=bool)
-    if True in space.sequence_parallel:
+    if True in space.sequence_parallel and not is_moe:
         out |= ~sp & (d.tp > 1) & sp_ok
     if True in space.distributed_optimizer:
         out |= ~do & (d.group("dp_cp").size > 1)
@@ -231,7 +234,7 @@ def generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
     sp_ok = (seq_len // d.cp) % d.tp == 0
     ok = np.where(d.tp == 1, ~sp, sp_ok)  # SP only with tp > 1, s/cp split by tp
     ok &= do | (d.group("dp_cp").size > 1)  # without DP both optimisers coincide
-    ok &= ~dominated(space, d, sc, sp, sp_ok, do)
+    ok &= ~dominated(space, d, sc, sp, sp_ok, do, model.is_moe)
     idx = np.nonzero(ok)[0]
     degrees = {n: col[idx] for n, col in d.to_dict().items()}
     counts = _stage_counts(model.num_layers, degrees["pp"], degrees["vp"],

@@ -55,9 +55,13 @@ def _every_layout(model, world: int, seq: int, gbs: int):
         if world % (tp * pp * cp):
             continue
         dp = world // (tp * pp * cp)
-        for ep, vp, mbs in itertools.product(divisors(world), range(1, model.num_layers + 1),
-                                             range(1, gbs + 1)):
-            base = dict(tp=tp, pp=pp, cp=cp, dp=dp, ep=ep, vp=vp, micro_batch_size=mbs,
+        # etp: {1, tp}, the MoE search's own choice (dims.expert_tp_degrees); Layout.validate
+        # also accepts other etp dividing the stage, a bound left to the MoE work (see docs)
+        etps = sorted({1, tp}) if model.is_moe else [tp]
+        for ep, etp, vp, mbs in itertools.product(divisors(world), etps,
+                                                  range(1, model.num_layers + 1),
+                                                  range(1, gbs + 1)):
+            base = dict(tp=tp, pp=pp, cp=cp, dp=dp, ep=ep, etp=etp, vp=vp, micro_batch_size=mbs,
                         global_batch_size=gbs, seq_len=seq)
             try:  # degrees first: skips the inner loops of impossible ones
                 Layout(**base).dims.validate(model, world, seq)
@@ -81,7 +85,7 @@ def _every_layout(model, world: int, seq: int, gbs: int):
 def _grid(layouts, num_layers: int) -> LayoutGrid:
     """The layouts as one LayoutGrid (columns built here, not by the search)."""
     col = {name: np.array([getattr(x, name) for x in layouts], dtype=np.int64)
-           for name in ("tp", "pp", "dp", "cp", "ep", "vp", "micro_batch_size",
+           for name in ("tp", "pp", "dp", "cp", "ep", "etp", "vp", "micro_batch_size",
                         "global_batch_size")}
     counts = np.array([rank_layer_counts(x.stage_layers(num_layers), x.pp,
                                          x.schedule in schedules.V_SHAPE) for x in layouts])
