@@ -229,13 +229,16 @@ def generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
         keep &= ~((sc == schedules.CODE["1f1b"]) & (pp_b > 1))
     (b, v, mb, sc), sp = _expand(b[keep], sps, v[keep], mb[keep], sc[keep])
     (b, v, mb, sc, sp), do = _expand(b, dopts, v, mb, sc, sp)
-    (b, v, mb, sc, sp, do), rc = _expand(b, recs, v, mb, sc, sp, do)
     d = dims.ParallelDims(**{n: col[b] for n, col in base.items()}, vp=v)
     sp_ok = (seq_len // d.cp) % d.tp == 0
     ok = np.where(d.tp == 1, ~sp, sp_ok)  # SP only with tp > 1, s/cp split by tp
     ok &= do | (d.group("dp_cp").size > 1)  # without DP both optimisers coincide
     ok &= ~dominated(space, d, sc, sp, sp_ok, do, model.is_moe)
-    idx = np.nonzero(ok)[0]
+    keep = np.nonzero(ok)[0]
+    (b, v, mb, sc, sp, do), rc = _expand(b[keep], recs, v[keep], mb[keep], sc[keep], sp[keep],
+                                         do[keep])
+    d = dims.ParallelDims(**{n: col[b] for n, col in base.items()}, vp=v)
+    idx = np.arange(len(b))
     degrees = {n: col[idx] for n, col in d.to_dict().items()}
     counts = _stage_counts(model.num_layers, degrees["pp"], degrees["vp"],
                            schedules.is_v_shape(sc[idx]))
