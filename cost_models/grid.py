@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .dims import DEGREES, ParallelDims
+from .schedules import CODE, SCHEDULES, V_SHAPE, default_schedule
 from .specs import RECOMPUTE_KINDS, Layout
 
 INT_FIELDS = (*DEGREES, "micro_batch_size", "global_batch_size")
@@ -41,6 +42,14 @@ class LayoutGrid:
     dtype: str
     cuda_graphs: bool = False
     """Grid-wide: whole-iteration CUDA graphs (`Layout.cuda_graphs`)."""
+    schedule: np.ndarray | None = None
+    """Pipeline schedule codes (`cost_models.schedules.SCHEDULES` index); None: the default
+    for each row's vp. With a V-shape schedule the first rank holds the LM head too."""
+
+    def __post_init__(self) -> None:
+        if self.schedule is None:
+            object.__setattr__(self, "schedule", np.where(self.vp > 1, CODE["interleaved"],
+                                                          CODE["1f1b"]).astype(np.int64))
 
     def __len__(self) -> int:
         return len(self.tp)
@@ -56,7 +65,7 @@ class LayoutGrid:
 
     def take(self, index) -> LayoutGrid:
         """A sub-grid (boolean mask or integer index array)."""
-        arrays = {name: getattr(self, name)[index] for name in _ARRAY_FIELDS}
+        arrays = {name: getattr(self, name)[index] for name in (*_ARRAY_FIELDS, "schedule")}
         return LayoutGrid(**arrays, seq_len=self.seq_len, dtype=self.dtype,
                           cuda_graphs=self.cuda_graphs)
 
@@ -69,11 +78,13 @@ class LayoutGrid:
             distributed_optimizer=bool(self.distributed_optimizer[i]),
             flash_attention=bool(self.flash_attention[i]), dtype=self.dtype,
             layers_per_stage=layers_per_stage, cuda_graphs=self.cuda_graphs,
+            pipeline_schedule=_named_schedule(int(self.schedule[i]), int(self.vp[i])),
         )
 
     @classmethod
     def from_layout(cls, layout: Layout, num_layers: int) -> LayoutGrid:
-        first, last, mid = rank_layer_counts(layout.stage_layers(num_layers), layout.pp)
+        first, last, mid = rank_layer_counts(layout.stage_layers(num_layers), layout.pp,
+                                             layout.schedule in V_SHAPE)
         arrays = {name: np.array([getattr(layout, name)], dtype=np.int64) for name in INT_FIELDS}
         return cls(
             **arrays,
@@ -83,6 +94,7 @@ class LayoutGrid:
             flash_attention=np.array([layout.flash_attention]),
             layers_first=np.array([first]), layers_last=np.array([last]), layers_mid=np.array([mid]),
             seq_len=layout.seq_len, dtype=layout.dtype, cuda_graphs=layout.cuda_graphs,
+            schedule=np.array([CODE[layout.schedule]], dtype=np.int64),
         )
 
 
@@ -92,8 +104,26 @@ _ARRAY_FIELDS = INT_FIELDS + (
 )
 
 
-def rank_layer_counts(stage_layers: tuple[int, ...], pp: int) -> tuple[int, int, int]:
-    """(first rank, last rank, busiest middle rank) layer totals; virtual stage k is on k % pp."""
-    totals = [sum(stage_layers[r::pp]) for r in range(pp)]
+def rank_of_stage(k: int, pp: int, v_shape: bool = False) -> int:
+    """Pipeline rank of virtual stage k: k % pp (looped), or the V of ZB-V / DualPipeV
+    (stage k < pp on rank k, stage k >= pp on rank 2·pp - 1 - k; Qi et al. 2024 Sec. 6)."""
+    if v_shape and k >= pp:
+        return 2 * pp - 1 - k
+    return k % pp
+
+
+def rank_layer_counts(stage_layers: tuple[int, ...], pp: int,
+                      v_shape: bool = False) -> tuple[int, int, int]:
+    """(first rank, last rank, busiest middle rank) layer totals; virtual stage k is on
+    `rank_of_stage(k, pp, v_shape)`."""
+    totals = [0] * pp
+    for k, n in enumerate(stage_layers):
+        totals[rank_of_stage(k, pp, v_shape)] += n
     mid = max(totals[1:-1]) if pp > 2 else 0
     return totals[0], totals[-1], mid
+
+
+def _named_schedule(code: int, vp: int) -> str | None:
+    """A Layout's `pipeline_schedule` for a grid code: None when it is the vp's default."""
+    name = SCHEDULES[code]
+    return None if name == default_schedule(vp) else name

@@ -349,6 +349,19 @@ def _estimate(model, cluster, layout, time: TimeBreakdown, ranks, style: str) ->
         cost_model=style)
 
 
+HETERO_SCHEDULES = ("1f1b", "interleaved")
+"""Schedules the heterogeneous models price (Megatron-LM's; the zero-bubble and DualPipe
+ones are modelled by the megatron cost model only)."""
+
+
+def require_megatron_schedule(layout: Layout) -> None:
+    """SpecError for a schedule the heterogeneous cost models do not model."""
+    if layout.schedule not in HETERO_SCHEDULES:
+        raise SpecError(f"the pipette/holmes cost models price the {HETERO_SCHEDULES} schedules "
+                        f"only, not {layout.schedule}; use --cost-model megatron or another "
+                        "--schedule")
+
+
 def estimate(model: ModelSpec, cluster: ClusterSpec, layout: Layout,
              headroom: float = megatron.DEFAULT_HEADROOM, node_order=None,
              style: str = "pipette") -> Estimate:
@@ -356,6 +369,7 @@ def estimate(model: ModelSpec, cluster: ClusterSpec, layout: Layout,
     cluster's own order); `style` picks the link model (module docstring)."""
     megatron.require_dense(model)
     layout.validate(model, cluster.world_size)
+    require_megatron_schedule(layout)
     fab = fabric(cluster, style)
     order = range(cluster.num_nodes) if node_order is None else node_order
     return evaluate(model, cluster, fab, layout, order, headroom).estimate

@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from . import comm, compute, flops, memory
+from . import comm, compute, flops, memory, schedules
 from .dims import Group
 from .grid import LayoutGrid
 from .specs import (
@@ -371,29 +371,72 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid) -> GridResul
     m, p, v = g.num_microbatches, g.pp, g.vp
     head, emb = head_time(model, gpu, g), embedding_time(model, gpu, g)
     single = p == 1
+    vshape = schedules.is_v_shape(g.schedule)  # the first rank also holds the LM head
     # τ per rank kind (first, last, busiest middle); with pp == 1 one rank has both ends.
-    tau_first = g.layers_first * lt.total_s + emb + np.where(single, head, 0.0)
-    tau_last = np.where(single, tau_first, g.layers_last * lt.total_s + head)
+    tau_first = g.layers_first * lt.total_s + emb + np.where(single | vshape, head, 0.0)
+    tau_last = np.where(single, tau_first,
+                        g.layers_last * lt.total_s + np.where(vshape, 0.0, head))
     tau_mid = g.layers_mid * lt.total_s
     taus = np.stack([tau_first, tau_last, tau_mid])
     crit = np.argmax(taus, axis=0)
     tau_max = np.max(taus, axis=0)
     layers_crit = np.choose(crit, [g.layers_first, g.layers_last, g.layers_mid])
-    ends_crit = np.choose(crit, [emb + np.where(single, head, 0.0), head, np.zeros_like(head)])
+    ends_crit = np.choose(crit, [emb + np.where(single | vshape, head, 0.0),
+                                 np.where(vshape, 0.0, head), np.zeros_like(head)])
     # Σ_r τ_r = all layers + both ends (pp == 1: the single rank's τ).
     tau_sum = np.where(single, tau_first, model.num_layers * lt.total_s + emb + head)
-    bubble = (tau_sum - tau_max) / v
+    bubble = (tau_sum - tau_max) * schedule_bubble_factor(model, gpu, g, lt)
+    # DualPipe's F&B pairs hide each micro-batch's all-to-all under the other's compute
+    ep_hidden = schedules.overlapped_pairs(g.schedule, p, m) * fb_hidden(lt)
     hop = pp_hop_time(model, cluster, g)
     p2p = np.where(single, 0.0, 2 * (p - 1) * hop + 2 * m * v * hop * P2P_STEADY_EXPOSED)
     dp_exposed, opt_time, mem = _dp_optimizer_memory(model, cluster, g, lt, emb, head)
     return GridResult(
         compute_s=m * (layers_crit * lt.compute_s + ends_crit),
         tp_comm_s=m * layers_crit * lt.tp_comm_s, cp_comm_s=m * layers_crit * lt.cp_comm_s,
-        ep_comm_s=m * layers_crit * lt.ep_comm_s,
+        ep_comm_s=m * layers_crit * (lt.ep_comm_s - ep_hidden),
         pp_bubble_s=bubble, pp_p2p_s=p2p, dp_comm_s=dp_exposed, optimizer_step_s=opt_time, **mem,
         model_flops=float(flops.model_flops_per_step(model, 1, g.seq_len)),
         hardware_flops=_hardware_flops(model, g),
     )
+
+
+def weight_grad_time(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid) -> np.ndarray:
+    """W of one layer and micro-batch: the weight-gradient GEMMs, one forward's worth of GEMM
+    FLOPs (the backward's 2x GEMM work is half input gradients B, half weight gradients W;
+    Qi et al. 2024 Sec. 2, "zero bubble" F/B/W split)."""
+    tokens = g.micro_batch_size * g.seq_len / g.cp
+    return compute.gemm_time(flops.layer_gemm_flops(model, tokens) / g.tp, 4, gpu, g.dtype)
+
+
+def schedule_fractions(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, lt: LayerTimes):
+    """(W, B, hidden) shares of one layer's τ (`cost_models.schedules` notation): W the weight
+    gradients, B the rest of the backward (recompute and the backward's share of the
+    exposed collectives included), hidden the expert all-to-all an F&B pair overlaps."""
+    total = np.maximum(lt.total_s, 1e-30)
+    w = np.minimum(weight_grad_time(model, gpu, g), lt.bwd_s) / total
+    comm = lt.tp_comm_s + lt.cp_comm_s + lt.ep_comm_s
+    f = (lt.fwd_s + comm * lt.fwd_s / np.maximum(lt.compute_s, 1e-30)) / total
+    hidden = fb_hidden(lt) / total
+    return w, np.maximum(1.0 - f - w, 0.0), hidden
+
+
+def fb_hidden(lt: LayerTimes):
+    """All-to-all seconds per layer and micro-batch that DualPipe's F&B pairing hides: each
+    pass's dispatch + combine (half of ep_comm_s each) under the other pass's compute, the
+    forward's under the paired backward (~2/3 of the compute) and the backward's under the
+    paired forward (~1/3) (DeepSeek-V3 Sec. 3.2.1, Fig. 4)."""
+    half = lt.ep_comm_s / 2
+    fwd_share = lt.fwd_s / np.maximum(lt.compute_s, 1e-30)
+    return np.minimum(half, lt.compute_s * (1 - fwd_share)) + np.minimum(half, lt.compute_s
+                                                                         * fwd_share)
+
+
+def schedule_bubble_factor(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, lt: LayerTimes):
+    """The bubble as a multiple of Σ_r τ_r − max_r τ_r for each row's schedule
+    (`schedules.bubble_factor`: 1 for 1F1B, 1/v interleaved, ZB and DualPipe below)."""
+    w, b, hidden = schedule_fractions(model, gpu, g, lt)
+    return schedules.bubble_factor(g.schedule, g.pp, g.vp, w, b, hidden)
 
 
 def _hardware_flops(model: ModelSpec, g: LayoutGrid) -> np.ndarray:
@@ -432,15 +475,19 @@ def rank_costs(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerT
     dp_bw, dp_alpha = links.bandwidth_Bps(dpg), links.latency_s(dpg)
     first = np.asarray(first) | (g.pp == 1)
     last = np.asarray(last) | (g.pp == 1)
+    copies = schedules.weight_copies(g.schedule)  # DualPipe: a stage of each direction
     dense, expert = rank_params(model, g, layers, first, last)
+    dense, expert = dense * copies, expert * copies
     edp = edpg.size  # expert data-parallel group: ranks holding the same experts
     edp_bw, edp_alpha = links.bandwidth_Bps(edpg), links.latency_s(edpg)
     comm_s = (_grad_sync(dense, dpc, dp_bw, dp_alpha, g.distributed_optimizer)
               + _grad_sync(expert, edp, edp_bw, edp_alpha, g.distributed_optimizer))
     window = layers * lt.compute_s + np.where(first, emb, 0.0) + np.where(last, head, 0.0)
     exposed = comm.overlapped(comm_s, window, gpu.dp_comm_overlap)
-    local_opt = dense / np.where(g.distributed_optimizer, dpc, 1) \
-        + expert / np.where(g.distributed_optimizer, edp, 1)
+    # DualPipe's mirrored copies are one more replica each: the distributed optimizer
+    # shards their state over copies x dp ranks (Megatron-style ZeRO-1).
+    local_opt = dense / np.where(g.distributed_optimizer, dpc * copies, 1) \
+        + expert / np.where(g.distributed_optimizer, edp * copies, 1)
     opt = compute.memory_bound_time(ADAM_BYTES_PER_PARAM * local_opt, gpu)
     mem = memory.rank_memory(model, g, dense + expert, local_opt, layers, first, last, pp_rank)
     return RankCosts(dp_comm_s=comm_s, dp_exposed_s=exposed, optimizer_step_s=opt, memory=mem)
@@ -459,7 +506,8 @@ def _grad_sync(params, size, bw, alpha, distributed):
 def _dp_optimizer_memory(model, cluster, g, lt, emb, head):
     """Exposed DP reduction, optimizer time and the memory breakdown of the fullest rank,
     over the first, last and busiest middle pipeline ranks."""
-    kinds = ((g.layers_first, True, False, 0), (g.layers_last, False, True, g.pp - 1),
+    vshape = schedules.is_v_shape(g.schedule)  # rank 0 holds the first and the last stage
+    kinds = ((g.layers_first, True, vshape, 0), (g.layers_last, False, ~vshape, g.pp - 1),
              (g.layers_mid, False, False, np.minimum(1, g.pp - 1)))
     ranks = [rank_costs(model, cluster, g, lt, emb, head, *kind) for kind in kinds]
     has_mid = g.layers_mid > 0  # pp <= 2: no middle rank

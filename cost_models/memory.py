@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import schedules
 from .flops import (
     attention_params,
     dense_mlp_params,
@@ -206,7 +207,8 @@ def rank_memory(model: ModelSpec, g, params, optimizer_params, layers, first, la
     act_args = (model, g.micro_batch_size, g.seq_len, g.tp, g.cp, g.sequence_parallel)
     per_layer = activation_bytes_per_layer(*act_args, g.recompute, g.flash_attention, fp8, g.etp)
     no_recompute = activation_bytes_per_layer(*act_args, "none", g.flash_attention, fp8, g.etp)
-    inflight = inflight_microbatches(g.pp, g.vp, g.num_microbatches, pp_rank)
+    inflight = schedules.inflight_microbatches(g.schedule, g.pp, g.vp, g.num_microbatches,
+                                               pp_rank)
     act = per_layer * layers * inflight
     act = act + np.where(g.recompute > 0, no_recompute - per_layer, 0.0)  # rematerialised layer
     act = act + np.where(first, embedding_output_bytes(*act_args) * inflight, 0.0)

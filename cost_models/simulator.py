@@ -18,11 +18,14 @@ from typing import Literal
 
 import numpy as np
 
+from cost_models import schedules
 from cost_models.specs import SpecError
 
 EventKind = Literal["fwd", "bwd", "p2p", "dp", "opt"]
 EVENT_KINDS: tuple[str, ...] = ("fwd", "bwd", "p2p", "dp", "opt")
-SCHEDULES: tuple[str, ...] = ("1f1b", "interleaved")
+SCHEDULES: tuple[str, ...] = schedules.SCHEDULES
+"""1f1b and interleaved run Megatron-LM's fixed orders (`rank_order`); the zero-bubble and
+DualPipe schedules run `_run_greedy` (B/W split, V-shape or two-direction placement)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,14 +56,22 @@ class StepTasks:
     backward (gradient buckets reduced while later layers still compute)."""
     optimizer_s: tuple[float, ...]
     """[pp_rank] optimizer step time, seconds."""
+    wgrad_s: tuple[tuple[float, ...], ...] = ()
+    """[pp_rank][chunk] the weight-gradient part W of bwd_s (zero-bubble schedules run it as
+    its own, deferrable operation); () means none."""
+    overlap_s: tuple[tuple[float, ...], ...] = ()
+    """[pp_rank][chunk] communication of one micro-batch's forward + backward that a DualPipe
+    F&B pair hides under the other micro-batch's compute; () means none."""
 
     def __post_init__(self) -> None:
         for name in ("pp", "vp", "num_microbatches"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SpecError(f"StepTasks.{name} must be a positive integer, got {value!r}")
-        for name in ("fwd_s", "bwd_s"):
+        for name in ("fwd_s", "bwd_s", "wgrad_s", "overlap_s"):
             table = getattr(self, name)
+            if name in ("wgrad_s", "overlap_s") and table == ():
+                continue
             if len(table) != self.pp or any(len(row) != self.vp for row in table):
                 raise SpecError(f"StepTasks.{name} must be [pp={self.pp}][vp={self.vp}] times")
         expected = {"p2p_s": self.pp * self.vp - 1, "dp_comm_s": self.pp, "optimizer_s": self.pp}
@@ -68,7 +79,8 @@ class StepTasks:
             if len(getattr(self, name)) != length:
                 raise SpecError(f"StepTasks.{name} must have {length} entries, "
                                 f"got {len(getattr(self, name))}")
-        times = [t for row in self.fwd_s + self.bwd_s for t in row]
+        times = [t for row in self.fwd_s + self.bwd_s + self.wgrad_s + self.overlap_s
+                 for t in row]
         times += [*self.p2p_s, *self.dp_comm_s, *self.optimizer_s]
         if any(not t >= 0.0 for t in times):  # also rejects NaN
             raise SpecError("StepTasks durations must be non-negative seconds")
@@ -189,6 +201,15 @@ def rank_order(pp: int, vp: int, num_microbatches: int, rank: int) -> list[Op]:
 def _check_schedule(tasks: StepTasks, schedule: str) -> None:
     if schedule not in SCHEDULES:
         raise SpecError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule in schedules.ZERO_BUBBLE:
+        # dualpipe's StepTasks carry its two directions as chunks 0 and 1 of each rank
+        vp = 1 if schedule == "dualpipe" and tasks.vp == 2 else tasks.vp
+        problem = schedules.schedule_problem(schedule, tasks.pp, vp, tasks.num_microbatches)
+        if problem:
+            raise SpecError(problem)
+        if schedule == "dualpipe" and tasks.vp != 2:
+            raise SpecError("dualpipe StepTasks need two chunks per rank (one per direction)")
+        return
     if schedule == "1f1b" and tasks.vp > 1:
         raise SpecError(f"the 1f1b schedule runs one model chunk per rank but vp={tasks.vp}; "
                         "use schedule 'interleaved' or vp=1")
@@ -223,15 +244,21 @@ def simulate_step(tasks: StepTasks, schedule: str | None = None) -> SimResult:
         schedule = "interleaved" if tasks.vp > 1 else "1f1b"
     _check_schedule(tasks, schedule)
     pp, vp, m = tasks.pp, tasks.vp, tasks.num_microbatches
-    orders = [rank_order(pp, vp, m, r) for r in range(pp)]
-    raw, last_end, _ = _run_pipeline(tasks, orders)
+    if schedule in schedules.ZERO_BUBBLE:
+        raw, last_end, compute = _run_greedy(tasks, schedule)
+        busy = np.asarray(compute) + np.asarray(tasks.optimizer_s)
+    else:
+        orders = [rank_order(pp, vp, m, r) for r in range(pp)]
+        raw, last_end, _ = _run_pipeline(tasks, orders)
+        busy = m * (np.sum(tasks.fwd_s, axis=1) + np.sum(tasks.bwd_s, axis=1)) \
+            + np.asarray(tasks.optimizer_s)
+        schedule = "interleaved" if vp > 1 else "1f1b"
     step_s, tail = _dp_and_optimizer(tasks, last_end)
-    busy = m * (np.sum(tasks.fwd_s, axis=1) + np.sum(tasks.bwd_s, axis=1)) + np.asarray(tasks.optimizer_s)
     raw.extend(tail)
     raw.sort(key=itemgetter(0, 4, 1))  # rank, start, kind: sort plain tuples, then wrap
     events = tuple(Event(*e) for e in raw)
     return SimResult(
-        schedule="interleaved" if vp > 1 else "1f1b", pp=pp, vp=vp, num_microbatches=m,
+        schedule=schedule, pp=pp, vp=vp, num_microbatches=m,
         step_time_s=step_s, pipeline_s=max(last_end),
         busy_s=tuple(float(b) for b in busy), idle_s=tuple(float(step_s - b) for b in busy),
         events=events,
@@ -300,6 +327,216 @@ def _run_pipeline(tasks: StepTasks, orders: list[list[Op]]) -> tuple[list[tuple]
     stuck = [r for r in range(pp) if ptr[r] < len(orders[r])]
     assert not stuck, f"schedule deadlocked on ranks {stuck}"  # orders are Megatron's: cannot happen
     return events, free, last_dur
+
+
+def pipelines(schedule: str, pp: int, num_microbatches: int):
+    """The (rank, chunk) of each stage and the micro-batches of every pipeline direction.
+
+    zb-h1: stage k on rank k. zb-v, dualpipev: 2·pp stages in a V (stage k < pp on rank k
+    as chunk 0, stage k >= pp on rank 2·pp-1-k as chunk 1; Qi et al. 2024 Sec. 6, DeepSeek
+    DualPipeV). dualpipe: two pipelines of pp stages in opposite directions, each fed half
+    the micro-batches, rank r holding stage r of one (chunk 0) and stage pp-1-r of the other
+    (chunk 1) (DeepSeek-V3 Sec. 3.2.1)."""
+    m = num_microbatches
+    if schedule == "zb-h1":
+        return [([(k, 0) for k in range(pp)], list(range(m)))]
+    if schedule == "dualpipe":
+        half = m // 2
+        return [([(k, 0) for k in range(pp)], list(range(half))),
+                ([(pp - 1 - k, 1) for k in range(pp)], list(range(half, m)))]
+    stages = [(k, 0) for k in range(pp)] + [(pp - 1 - k, 1) for k in range(pp)]
+    return [(stages, list(range(m)))]
+
+
+def inflight_cap(schedule: str, pp: int) -> float:
+    """Most chunk activations a rank may hold (forwards whose W has not run yet): PP+1
+    chunks, PP the stages of one pipeline (DeepSeek-V3 Table 2): 2·pp+1 half-rank chunks for
+    ZB-V and DualPipeV, pp+1 for DualPipe. Each stage's own 1F1B order keeps at most the
+    stages after it + 1 in flight, so the cap never blocks a rank with nothing else to run
+    (the two stages of a rank add up to exactly PP+1). ZB-H1: 1F1B's order bounds it."""
+    return {"zb-h1": float("inf"), "zb-v": 2 * pp + 1, "dualpipe": pp + 1,
+            "dualpipev": 2 * pp + 1}[schedule]
+
+
+def _run_greedy(tasks: StepTasks, schedule: str) -> tuple[list[tuple], list[float], list[float]]:
+    """Event-driven list scheduling with the backward split into B (inputs) and W (weights).
+
+    Each rank, when free at time t, runs one operation ready at t, by priority:
+    zb-h1: the next forward/backward of 1F1B's order, else the oldest pending W (Qi et al.
+    2024 Sec. 3.1: W fills the bubbles); zb-v: a ready B, else a ready F (later stage first,
+    while the rank holds fewer than `inflight_cap` chunk activations), else the oldest W;
+    dualpipe/dualpipev: as zb-v, but a ready F and a ready B of different micro-batches run
+    together as one F&B operation (their W included) lasting F + B + W - min(overlap of the
+    two), the DeepSeek-V3 overlap. Returns raw events, per-rank end of the last backward (B
+    or W) and per-rank compute seconds."""
+    import heapq
+
+    pp = tasks.pp
+    wgrad = tasks.wgrad_s or tuple((0.0,) * tasks.vp for _ in range(pp))
+    overlap = tasks.overlap_s or tuple((0.0,) * tasks.vp for _ in range(pp))
+    pipes = pipelines(schedule, pp, tasks.num_microbatches)
+    fuse = schedule in ("dualpipe", "dualpipev")
+    cap = inflight_cap(schedule, pp)
+    # per rank: its (pipe, stage) slots; next forward / backward micro-batch index of each
+    slots = [[] for _ in range(pp)]
+    for d, (stages, _) in enumerate(pipes):
+        for k, (r, _c) in enumerate(stages):
+            slots[r].append((d, k))
+    nf = {(d, k): 0 for d, (st, _) in enumerate(pipes) for k in range(len(st))}
+    nb = dict(nf)
+    arrive_f: dict = {}
+    arrive_b: dict = {}
+    for d, (_, mbs) in enumerate(pipes):
+        for j in mbs:
+            arrive_f[(d, 0, j)] = 0.0
+    pending_w = [[] for _ in range(pp)]
+    held = [0] * pp
+    free = [0.0] * pp
+    busy = [0.0] * pp
+    last_end = [0.0] * pp
+    link_free: dict = {}
+    events: list[tuple] = []
+    heap = [(0.0, r) for r in range(pp)]
+    # each stage runs its own 1F1B order (warm-up: the stages after it in its pipeline)
+    queues = {}
+    for d, (stages, mbs) in enumerate(pipes):
+        for k in range(len(stages)):
+            warm = min(len(stages) - 1 - k, len(mbs))
+            ops = [("F", j) for j in mbs[:warm]]
+            for i in range(len(mbs) - warm):
+                ops += [("F", mbs[warm + i]), ("B", mbs[i])]
+            queues[(d, k)] = ops + [("B", j) for j in mbs[len(mbs) - warm:]]
+    qptr = dict.fromkeys(queues, 0)
+    prev: list = [None] * pp  # (kind, micro-batch, hideable s, end) of the last unpaired op
+    remaining = sum(3 * len(st) * len(mbs) for st, mbs in pipes)
+
+    def times(d, k):
+        r, c = pipes[d][0][k]
+        w = min(wgrad[r][c], tasks.bwd_s[r][c])
+        return tasks.fwd_s[r][c], tasks.bwd_s[r][c] - w, w, overlap[r][c]
+
+    def send(d, k, k2, j, t, table):
+        src, dst = pipes[d][0][k][0], pipes[d][0][k2][0]
+        dur = 0.0 if src == dst else tasks.p2p_s[min(k, k2) % len(tasks.p2p_s)]
+        start = max(t, link_free.get((src, dst), 0.0))
+        link_free[(src, dst)] = start + dur
+        table[(d, k2, j)] = start + dur
+        if dur > 0:
+            events.append((src, "p2p", j, pipes[d][0][k][1], start, start + dur, dst))
+        heapq.heappush(heap, (start + dur, dst))
+
+    def ready_f(r, t, d, k):
+        mbs = pipes[d][1]
+        i = nf[(d, k)]
+        if i >= len(mbs):
+            return None
+        a = arrive_f.get((d, k, mbs[i]))
+        return mbs[i] if a is not None and a <= t else None
+
+    def ready_b(r, t, d, k):
+        mbs = pipes[d][1]
+        i = nb[(d, k)]
+        if i >= nf[(d, k)]:
+            return None
+        j = mbs[i]
+        last = k == len(pipes[d][0]) - 1
+        a = arrive_b.get((d, k, j)) if not last else arrive_f.get(("done", d, k, j))
+        return j if a is not None and a <= t else None
+
+    def run(r, t, kind, d, k, j, dur, label):
+        nonlocal remaining
+        c = pipes[d][0][k][1]
+        events.append((r, label, j, c, t, t + dur))
+        busy[r] += dur
+        remaining -= 1
+        return t + dur
+
+    while heap and remaining:
+        t, r = heapq.heappop(heap)
+        if t < free[r]:
+            continue
+        t = free[r] if free[r] > t else t
+        choice = None
+        heads = []
+        for d, k in slots[r]:
+            q, i = queues[(d, k)], qptr[(d, k)]
+            if i < len(q):
+                kind, j = q[i]
+                if (ready_b(r, t, d, k) if kind == "B" else ready_f(r, t, d, k)) == j:
+                    heads.append((kind, k, d, j))
+        bs = [(k, d, j) for kind, k, d, j in heads if kind == "B"]
+        limit = pp if schedule == "zb-h1" else cap  # ZB-H1: 1F1B's peak p·M_B on every rank
+        fs = [(k, d, j) for kind, k, d, j in heads if kind == "F"] if held[r] < limit else []
+        if choice is None and bs:
+            kb, db, jb = max(bs)
+            choice = ("B", db, kb, jb)
+        elif choice is None and fs:
+            kf, df, jf = max(fs)
+            choice = ("F", df, kf, jf)
+        if choice is None and pending_w[r]:  # W fills what would be idle time
+            d, k, j = pending_w[r].pop(0)
+            choice = ("W", d, k, j)
+        if choice is None:
+            continue  # idle until an input arrives (its sender pushes this rank)
+        kind = choice[0]
+        saving = 0.0
+        f_s, b_s, _, hide = times(choice[1], choice[2])
+        own = (f_s if kind == "F" else b_s) if kind != "W" else 0.0
+        if fuse and kind in ("F", "B") and prev[r] is not None:
+            # F&B: back to back with the other pass of another micro-batch, each hides its
+            # communication under the other's compute (DeepSeek-V3 Sec. 3.2.1); each pass
+            # carries half of `overlap_s` (dispatch + combine once per pass)
+            p_kind, p_j, p_dur, p_hide, p_end = prev[r]
+            if p_kind != kind and p_j != choice[3] and p_end == t:
+                mine = min(hide / 2, own)
+                saving = min(p_hide, own - mine) + min(mine, p_dur - p_hide)
+        prev[r] = None if saving or kind == "W" else (kind, choice[3], own, min(hide / 2, own),
+                                                      None)
+        if kind == "F":
+            _, d, k, j = choice
+            f, _, _, _ = times(d, k)
+            end = run(r, t, kind, d, k, j, f - saving, "fwd")
+            _after_f(pipes, nf, arrive_f, held, d, k, j, end, send, r)
+            qptr[(d, k)] += 1
+        elif kind == "B":
+            _, d, k, j = choice
+            _, b, w, _ = times(d, k)
+            end = run(r, t, kind, d, k, j, b - saving, "bwd")
+            _after_b(pipes, nb, arrive_b, d, k, j, end, send)
+            pending_w[r].append((d, k, j))
+            last_end[r] = max(last_end[r], end)
+            qptr[(d, k)] += 1
+        else:
+            _, d, k, j = choice
+            _, _, w, _ = times(d, k)
+            end = run(r, t, kind, d, k, j, w, "bwd")
+            held[r] -= 1
+            last_end[r] = max(last_end[r], end)
+        free[r] = end
+        if prev[r] is not None:
+            prev[r] = (*prev[r][:4], end)
+        heapq.heappush(heap, (end, r))
+    stuck = [r for r in range(pp) if pending_w[r]] if remaining else []
+    assert not remaining, f"{schedule} schedule deadlocked (ranks {stuck})"
+    return events, last_end, busy
+
+
+def _after_f(pipes, nf, arrive_f, held, d, k, j, end, send, r) -> None:
+    """Bookkeeping after forward (d, k, j) ends at `end`: the next stage's input, or the
+    last stage's own backward becomes ready."""
+    nf[(d, k)] += 1
+    held[r] += 1
+    if k + 1 < len(pipes[d][0]):
+        send(d, k, k + 1, j, end, arrive_f)
+    else:
+        arrive_f[("done", d, k, j)] = end
+
+
+def _after_b(pipes, nb, arrive_b, d, k, j, end, send) -> None:
+    """Bookkeeping after backward B (d, k, j) ends: the previous stage's gradient."""
+    nb[(d, k)] += 1
+    if k > 0:
+        send(d, k, k - 1, j, end, arrive_b)
 
 
 def _dp_and_optimizer(tasks: StepTasks, last_end: list[float]) -> tuple[float, list[tuple]]:

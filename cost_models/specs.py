@@ -18,6 +18,7 @@ from typing import Literal
 
 from .dims import DEGREES, ParallelDims
 from .errors import InfeasibleLayout, SpecError  # noqa: F401 - InfeasibleLayout re-exported
+from .schedules import SCHEDULES, default_schedule, schedule_problem
 
 GiB = 1 << 30
 
@@ -43,7 +44,7 @@ FP8_DTYPES: tuple[str, ...] = ("fp8", "mxfp8")
 """Dtypes whose GEMM inputs are 8-bit (saved activations, casts, fp8 GEMM peak)."""
 MlpKind = Literal["gated_silu", "gated_gelu", "gelu", "squared_relu"]
 MLP_KINDS: tuple[str, ...] = ("gated_silu", "gated_gelu", "gelu", "squared_relu")
-Schedule = Literal["1f1b", "interleaved"]
+Schedule = Literal["1f1b", "interleaved", "zb-h1", "zb-v", "dualpipe", "dualpipev"]
 NicKind = Literal["infiniband", "roce", "ethernet", "nvlink", "loopback"]
 NIC_KINDS: tuple[str, ...] = ("infiniband", "roce", "ethernet", "nvlink", "loopback")
 
@@ -647,6 +648,9 @@ class Layout:
     """Whole-iteration CUDA graphs (Megatron-Core --cuda-graph-impl full_iteration): the host
     launches one graph per step, so the per-MoE-layer host cost (`GpuSpec.moe_layer_overhead_s`:
     the dropless dispatcher's device-to-host sync and kernel launches) disappears."""
+    pipeline_schedule: Schedule | None = None
+    """Pipeline schedule (`cost_models.schedules.SCHEDULES`); None: Megatron-LM's default for
+    vp (interleaved when vp > 1, else 1f1b). Read it as `schedule`."""
 
     def __post_init__(self) -> None:
         if self.etp is None:  # Megatron-Core: expert_tensor_parallel_size defaults to tp
@@ -662,7 +666,8 @@ class Layout:
 
     @property
     def schedule(self) -> Schedule:
-        return "interleaved" if self.vp > 1 else "1f1b"
+        """The schedule this layout runs (`pipeline_schedule`, or the default for its vp)."""
+        return self.pipeline_schedule or default_schedule(self.vp)
 
     @property
     def num_microbatches(self) -> int:
@@ -720,15 +725,17 @@ class Layout:
                 f"{self.dp}*{self.micro_batch_size} = {self.dp * self.micro_batch_size}; use a "
                 f"multiple of {self.dp * self.micro_batch_size}"
             )
-        if self.vp > 1 and self.num_microbatches % self.pp:
-            raise SpecError(
-                f"the interleaved schedule needs the micro-batch count ({self.num_microbatches}) "
-                f"to be a multiple of pp = {self.pp} (Megatron-LM); change gbs or mbs"
-            )
+        if self.pipeline_schedule is not None and self.pipeline_schedule not in SCHEDULES:
+            raise SpecError(f"schedule must be one of {list(SCHEDULES)}, got "
+                            f"{_short(self.pipeline_schedule)}")
+        problem = schedule_problem(self.schedule, self.pp, self.vp, self.num_microbatches)
+        if problem:
+            raise SpecError(problem)
 
     def to_dict(self) -> dict:
         """The JSON/YAML form of DESIGN.md (schedule added, layers_per_stage when set)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "layers_per_stage"}
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in ("layers_per_stage", "pipeline_schedule")}
         out["schedule"] = self.schedule
         if self.layers_per_stage is not None:
             out["layers_per_stage"] = list(self.layers_per_stage)
@@ -741,6 +748,10 @@ class Layout:
         if unknown:
             raise SpecError(f"layout has unknown keys {sorted(unknown)}")
         kwargs = {k: v for k, v in data.items() if k in known}
+        named = data.get("schedule", kwargs.pop("pipeline_schedule", None))
+        # the default for the layout's vp is stored as None, so a layout round-trips equal
+        if named is not None and named != default_schedule(data.get("vp", 1)):
+            kwargs["pipeline_schedule"] = named
         if kwargs.get("layers_per_stage") is not None:
             kwargs["layers_per_stage"] = tuple(int(x) for x in kwargs["layers_per_stage"])
         try:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import hetero_model, megatron
+from . import hetero_model, megatron, schedules
+from .grid import rank_of_stage
 from .hetero_model import Fabric
 from .simulator import StepTasks, simulate_step
 from .specs import ClusterSpec, Layout, ModelSpec
@@ -23,6 +24,8 @@ def uniform(model: ModelSpec, cluster: ClusterSpec, layout: Layout) -> StepTasks
     g, gpu, lt, emb, head = parts.grid, parts.gpu, parts.layer, parts.embedding_s, parts.head_s
     p, v = layout.pp, layout.vp
     stages = layout.stage_layers(model.num_layers)
+    schedule = layout.schedule
+    vshape = schedule in schedules.V_SHAPE
     passes = 2 + (1 if layout.recompute == "full" else 0)  # fwd, bwd, recomputed fwd
     tp_f = float(lt.tp_comm_s[0]) / passes  # the forward pass's collectives
     cp_f = float(lt.cp_comm_s[0]) / 3             # forward ring of three (fwd, bwd x2)
@@ -30,26 +33,43 @@ def uniform(model: ModelSpec, cluster: ClusterSpec, layout: Layout) -> StepTasks
     fwd_layer = float(lt.fwd_s[0]) + tp_f + cp_f + ep_f
     bwd_layer = float(lt.total_s[0]) - fwd_layer
     last = p * v - 1
-    fwd = [[0.0] * v for _ in range(p)]
-    bwd = [[0.0] * v for _ in range(p)]
-    for k, n in enumerate(stages):
-        r, c = k % p, k // p
+    chunks = 2 if schedule == "dualpipe" else v  # dualpipe: one stage of each direction
+    fwd = [[0.0] * chunks for _ in range(p)]
+    bwd = [[0.0] * chunks for _ in range(p)]
+    wgrad = [[0.0] * chunks for _ in range(p)]
+    hide = [[0.0] * chunks for _ in range(p)]
+    w_layer = float(megatron.weight_grad_time(model, gpu, g)[0])
+    ep_layer = float(np.asarray(lt.ep_comm_s).ravel()[0])
+    places = []
+    for k in range(p * v):
+        places.append((k, rank_of_stage(k, p, vshape), k // p))
+        if schedule == "dualpipe":  # the reverse direction's stage k sits on rank p-1-k
+            places.append((k, p - 1 - k, 1))
+    for k, r, c in places:
+        n = stages[k]
         fwd[r][c] = n * fwd_layer + (float(emb[0]) / 3 if k == 0 else 0.0) \
             + (float(head[0]) / 3 if k == last else 0.0)
         bwd[r][c] = n * bwd_layer + (2 * float(emb[0]) / 3 if k == 0 else 0.0) \
             + (2 * float(head[0]) / 3 if k == last else 0.0)
+        wgrad[r][c] = n * min(w_layer, float(lt.bwd_s[0]))
+        hide[r][c] = n * min(ep_layer, float(lt.compute_s[0]))  # hidden under compute
     hop = float(megatron.pp_hop_time(model, cluster, g)[0])
     dp, opt = [], []
     for r in range(p):
-        layers = np.array([sum(stages[r::p])])
-        rc = megatron.rank_costs(model, cluster, g, lt, emb, head, layers, r == 0, r == p - 1, r)
+        layers = np.array([sum(n for k, n in enumerate(stages)
+                               if rank_of_stage(k, p, vshape) == r)])
+        holds_head = r == 0 if vshape else r == p - 1
+        rc = megatron.rank_costs(model, cluster, g, lt, emb, head, layers, r == 0, holds_head, r)
         dp.append(float(rc.dp_comm_s[0]))
         opt.append(float(rc.optimizer_step_s[0]))
+    split = schedule in schedules.ZERO_BUBBLE
     return StepTasks(
-        pp=p, vp=v, num_microbatches=layout.num_microbatches,
+        pp=p, vp=chunks, num_microbatches=layout.num_microbatches,
         fwd_s=tuple(tuple(row) for row in fwd), bwd_s=tuple(tuple(row) for row in bwd),
-        p2p_s=tuple([hop] * (p * v - 1)), dp_comm_s=tuple(dp), dp_overlap=gpu.dp_comm_overlap,
-        optimizer_s=tuple(opt),
+        p2p_s=tuple([hop] * (p * chunks - 1)), dp_comm_s=tuple(dp),
+        dp_overlap=gpu.dp_comm_overlap, optimizer_s=tuple(opt),
+        wgrad_s=tuple(tuple(row) for row in wgrad) if split else (),
+        overlap_s=tuple(tuple(row) for row in hide) if split else (),
     )
 
 

@@ -226,10 +226,33 @@ def megatron_args(plan: Plan) -> list[str]:
             + _moe_args(plan, arch))
 
 
+MEGATRON_SCHEDULES = {"1f1b": "1F1B (forward_backward_pipelining_without_interleaving)",
+                      "interleaved": "interleaved 1F1B (--num-layers-per-virtual-pipeline-stage)"}
+"""The pipeline schedules Megatron-LM (Megatron-Core `pipeline_parallel/schedules.py`) runs;
+it picks them from vp, so the arguments name none. It has no zero-bubble or DualPipe
+schedule: with vp = 1 those plans run 1F1B, with vp = 2 interleaved 1F1B (looped stages)."""
+
+
+def megatron_schedule_note(plan: Plan) -> str | None:
+    """The line saying Megatron-LM has no such schedule, or None when it runs the plan's."""
+    lay = plan.layout
+    if lay.pp == 1 or lay.schedule in MEGATRON_SCHEDULES:
+        return None
+    runs = MEGATRON_SCHEDULES["interleaved" if lay.vp > 1 else "1f1b"]
+    return (f"Megatron-LM has no {lay.schedule} schedule; these arguments run {runs}, with a "
+            "larger bubble than planned: re-plan with --schedule 1f1b or interleaved, or "
+            "launch with --framework torchtitan" + (" (it runs ZBVZeroBubble / DualPipeV)"
+                                                    if lay.schedule in ("zb-v", "dualpipev")
+                                                    else ""))
+
+
 def megatron_notes(plan: Plan) -> list[str]:
     """What Megatron-LM will run differently from the plan (one line each, for stderr)."""
     arch, guessed = architecture(plan.model)
     notes = [guessed] if guessed else []
+    schedule = megatron_schedule_note(plan)
+    if schedule:
+        notes.append(schedule)
     if arch.parallel_residual:
         notes.append(f"Megatron's GPT model has no parallel residual ({arch.family}); "
                      "it builds sequential attention and MLP blocks")

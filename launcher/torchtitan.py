@@ -19,7 +19,8 @@ What both need and what the mapping decides:
   (torchtitan/distributed/parallel_dims.py).
 - The pipeline split: `parallelism.module_fqns_per_model_part`, one comma-separated list of
   module names per virtual stage (tok_embeddings, layers.<i>, norm, lm_head), so uneven and
-  interleaved splits are exactly the plan's; stage k runs on pp rank k % pp (looped schedules).
+  interleaved splits are exactly the plan's; stage k runs on pp rank k % pp (looped schedules)
+  or in a V (ZBVZeroBubble, DualPipeV: stage k and 2p-1-k on rank k).
 - Pipelines need `training.disable_cuda_graphs` (Trainer.Config._validate_cuda_graphs:
   "CUDA graphs do not support pipeline parallelism yet"), and so does expert parallelism with
   the default token dispatcher. It precedes the activation-checkpoint subcommand, which tyro
@@ -36,7 +37,16 @@ from planner.planfile import Plan
 VERSIONS = ("0.3.0", "main")
 DEFAULT_VERSION = "0.3.0"
 MAIN_COMMIT = "b5bcd76c66d0acb1a08b176d9639425bc55e0b2a"
-SCHEDULES = {"1f1b": "1F1B", "interleaved": "Interleaved1F1B"}
+SCHEDULES = {"1f1b": "1F1B", "interleaved": "Interleaved1F1B", "zb-v": "ZBVZeroBubble",
+             "dualpipev": "DualPipeV"}
+"""meshplan schedule -> torch.distributed.pipelining `get_schedule_class` name (what
+`parallelism.pipeline_parallel_schedule` takes). The V schedules place stage k on rank k and
+stage 2p-1-k on rank k themselves (stage_ids_this_rank style "v"), from the same model-order
+`module_fqns_per_model_part`."""
+FALLBACK = {"zb-h1": "1F1B", "dualpipe": "1F1B"}
+"""Schedules torch.distributed.pipelining has no class for, and what runs instead: ZB-H1's
+one-stage-per-rank order without the B/W split (its zero-bubble class, InterleavedZeroBubble,
+needs several stages per rank), and DualPipe's two directions (only the V variant exists)."""
 DEGREE_SETTINGS = {"tp": "parallelism.tensor_parallel_degree",
                    "pp": "parallelism.pipeline_parallel_degree",
                    "cp": "parallelism.context_parallel_degree",
@@ -97,7 +107,8 @@ def settings(plan: Plan, version: str = DEFAULT_VERSION) -> dict[str, object]:
     if lay.tp > 1:
         out["parallelism.enable_sequence_parallel"] = lay.sequence_parallel
     if lay.pp > 1:
-        out["parallelism.pipeline_parallel_schedule"] = SCHEDULES[lay.schedule]
+        out["parallelism.pipeline_parallel_schedule"] = SCHEDULES.get(lay.schedule) \
+            or FALLBACK[lay.schedule]
     out.update(_batch_settings(plan, version))
     if lay.pp > 1 or lay.ep > 1:
         out["training.disable_cuda_graphs"] = True
@@ -162,6 +173,10 @@ def notes(plan: Plan, version: str = DEFAULT_VERSION) -> list[str]:
                    "efsdp = dp_shard*cp*tp/ep); the plan's etp="
                    f"{lay.etp} splits each expert, so expert memory will be higher — plan with "
                    "--etp 1 for torchtitan")
+    if lay.pp > 1 and lay.schedule in FALLBACK:
+        out.append(f"torchtitan (torch.distributed.pipelining) has no {lay.schedule} schedule; "
+                   f"the settings run {FALLBACK[lay.schedule]}, whose bubble is larger than "
+                   "planned: re-plan with --schedule zb-v or dualpipev (torchtitan runs both)")
     if lay.dtype == "fp8":
         out.append("torchtitan fp8 needs a float8 model converter in the recipe "
                    "(e.g. llama3_8b's *_float8 configs); the arguments keep bf16 unless you add it")

@@ -15,6 +15,7 @@ from dataclasses import replace
 import click
 
 from cost_models.dims import ParallelDims
+from cost_models.schedules import SCHEDULES, default_schedule
 from cost_models.specs import RECOMPUTE_KINDS, Layout
 
 from .engine import estimate_layout
@@ -61,9 +62,12 @@ from .verdict import TIGHT_FRACTION, memory_verdict
 @click.option("--cuda-graphs", is_flag=True,
               help="Whole-iteration CUDA graphs (Megatron --cuda-graph-impl full_iteration): "
                    "no per-MoE-layer host cost.")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
+              help="Pipeline schedule [default: interleaved when vp > 1, else 1f1b]; zb-v and "
+                   "dualpipev need --vp 2.")
 def estimate(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model,
              as_json, micro_batch_size, recompute, sequence_parallel, distributed_optimizer,
-             mem_headroom, etp, expert_imbalance, cuda_graphs, **degrees):
+             mem_headroom, etp, expert_imbalance, cuda_graphs, schedule, **degrees):
     """Predict step time, throughput, MFU and peak memory of one layout."""
     prob = with_expert_imbalance(resolve_problem(
         model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model),
@@ -80,6 +84,7 @@ def estimate(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, d
         global_batch_size=global_batch_size, seq_len=seq_len, recompute=recompute,
         sequence_parallel=dims.tp > 1 if sequence_parallel is None else sequence_parallel,
         distributed_optimizer=distributed_optimizer, dtype=dtype, cuda_graphs=cuda_graphs,
+        pipeline_schedule=None if schedule == default_schedule(dims.vp) else schedule,
     )
     est = estimate_layout(prob, layout, mem_headroom)
     verdict = memory_verdict(est, mem_headroom, _recompute_options(prob, layout, est,

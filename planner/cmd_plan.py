@@ -16,6 +16,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from cost_models.schedules import SCHEDULES
 from cost_models.specs import RECOMPUTE_KINDS
 
 from . import engine
@@ -61,9 +62,11 @@ from .search import SearchResult, SearchSpace
               callback=finite_range(0.0, 0.5), help="Fraction of GPU memory to keep free.")
 @click.option("--max-tp", type=int, callback=_positive,
               help="Allow tp beyond one node's GPUs (default: tp stays inside a node).")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
+              help="Fix the pipeline schedule [default: search all of them].")
 def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model,
          as_json, top_k, output, report, micro_batch_size, recompute, mem_headroom, max_tp,
-         expert_imbalance, **degrees):
+         expert_imbalance, schedule, **degrees):
     """Rank every valid TP/PP/CP/DP layout and write the fastest one that fits."""
     for path, option in ((output, "-o"), (report, "--report")):
         if path:
@@ -73,7 +76,7 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
         expert_imbalance)
     space = SearchSpace(dtype=dtype, recompute=tuple(recompute) or RECOMPUTE_KINDS,
                         headroom=mem_headroom, max_tp=max_tp, micro_batch_size=micro_batch_size,
-                        **degrees)
+                        schedule=schedule, **degrees)
     console = cli_console(stderr=as_json)
     with progress(f"planning {prob.model.name} on {prob.cluster.world_size:,} GPUs"):
         planned = engine.plan(prob, space, top_k)

@@ -88,5 +88,11 @@ def plan(problem: Problem, space: SearchSpace | None = None, top_k: int = 5) -> 
         return PlanResult(problem, space, name, search_nodes(*args))
     from .hetero_search import search_hetero  # layouts, node placement and layer split together
 
+    if space.schedule is not None and space.schedule not in hetero_model.HETERO_SCHEDULES:
+        raise SpecError(f"the {name} cost model prices the {hetero_model.HETERO_SCHEDULES} "
+                        f"schedules only, not {space.schedule}; use --cost-model megatron")
+    space = replace(space, schedules=hetero_model.HETERO_SCHEDULES)
+    args = (*args[:4], space, top_k)
+
     hs = search_hetero(*args, style=name)
     return PlanResult(problem, space, name, hs.result, hs)

@@ -81,7 +81,7 @@ def _space_bound(space, gpus_per_node: int, axis: str, value: int) -> str | None
                 f"--max-tp {value} to allow it")
     if axis == "cp" and value > space.max_cp:
         return f"cp={value} is above the search's limit of {space.max_cp}"
-    if axis == "vp" and value > space.max_vp:
+    if axis == "vp" and space.max_vp is not None and value > space.max_vp:
         return f"vp={value} is above the search's limit of {space.max_vp} virtual stages per rank"
     return None
 

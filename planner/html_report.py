@@ -80,8 +80,9 @@ def simulate_plan(plan: Plan) -> tuple[SimResult, tuple[int, ...]]:
     """Simulate the plan's step with the cost model it was ranked by; (result, node order)."""
     order = plan_node_indices(plan)
     if plan.estimate.get("cost_model", "megatron") in hetero_model.STYLES:
-        return simulate_step(plan_step_tasks(plan)), order
-    return simulate_step(step_tasks.uniform(plan.model, plan.cluster, plan.layout)), order
+        return simulate_step(plan_step_tasks(plan), plan.layout.schedule), order
+    return simulate_step(step_tasks.uniform(plan.model, plan.cluster, plan.layout),
+                         plan.layout.schedule), order
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ def layout_label(lay: Layout) -> str:
         parts.append("sp")
     if not lay.distributed_optimizer:
         parts.append("no-dopt")
+    if lay.pipeline_schedule is not None:  # the vp's default (1f1b / interleaved) goes unsaid
+        parts.append(lay.pipeline_schedule)
     return " ".join(parts)
 
 

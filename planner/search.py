@@ -15,10 +15,11 @@ from functools import cache
 
 import numpy as np
 
-from cost_models import dims, megatron
+from cost_models import dims, megatron, schedules
 from cost_models.grid import LayoutGrid, rank_layer_counts
 from cost_models.specs import (
     RECOMPUTE_KINDS,
+    SCHEDULES,
     ClusterSpec,
     Estimate,
     InfeasibleLayout,
@@ -45,9 +46,11 @@ class SearchSpace:
     """Matmul dtype of every candidate."""
     recompute: tuple[str, ...] = RECOMPUTE_KINDS
     """Recomputation settings to consider."""
-    micro_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
-    max_vp: int = 8
-    """Largest number of virtual stages per pipeline rank."""
+    micro_batch_sizes: tuple[int, ...] = tuple(range(1, 17))
+    """Micro-batch sizes to consider (those dividing gbs/dp are kept)."""
+    max_vp: int | None = None
+    """Largest number of virtual stages per pipeline rank; None: every vp with pp*vp <= layers
+    (what `estimate` and Megatron-LM accept)."""
     max_cp: int = 32
     max_tp: int | None = None
     """Largest tp; None keeps tp inside one node's NVLink domain."""
@@ -68,6 +71,10 @@ class SearchSpace:
     etp: int | None = None
     """Fixed expert tensor-parallel degree (MoE); None searches 1 and tp."""
     micro_batch_size: int | None = None
+    schedules: tuple[str, ...] = SCHEDULES
+    """Pipeline schedules to consider (`cost_models.schedules`)."""
+    schedule: str | None = None
+    """A fixed schedule (`--schedule`); None lets the search choose among `schedules`."""
 
     def to_dict(self) -> dict:
         """The plan file's form (tuples as lists)."""
@@ -143,9 +150,55 @@ def degree_combos(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int
     return {n: np.array([r[n] for r in rows], dtype=np.int64) for n in names}
 
 
+def dominated(space: SearchSpace, d: dims.ParallelDims, sched, sp, sp_ok, do,
+              is_moe: bool = False) -> np.ndarray:
+    """Rows another row of the space beats or ties on step time and memory, which the search
+    therefore never needs to evaluate (exact: the best layout is never among them):
+
+    - sequence parallelism off with tp > 1 in a dense model: SP splits the norm/dropout
+      activations and the elementwise passes over tp, lets TP communication overlap, and
+      moves the same collective bytes (Korthikanti et al. 2022 Sec. 4.2.2); not for MoE,
+      where the expert-side model (etp folding) can price SP higher (found by the
+      brute-force test);
+    - the plain optimizer with dp*cp > 1: the distributed one shards the optimizer state and
+      its reduce-scatter (fp32) + all-gather (bf16) moves fewer bytes than the fp32
+      all-reduce, in as many latency steps (Megatron-LM distributed optimizer);
+    - 1F1B with pp > 1 when ZB-H1 is allowed: the same order and memory, bubble
+      (p-1)(F+B-W) <= (p-1)(F+B+W) (Qi et al. 2024 Table 3).
+    Each rule applies only when the dominating choice is in the space."""
+    out = np.zeros(sp.shape, dtype=bool)
+    if True in space.sequence_parallel and not is_moe:
+        out |= ~sp & (d.tp > 1) & sp_ok
+    if True in space.distributed_optimizer:
+        out |= ~do & (d.group("dp_cp").size > 1)
+    if space.schedule is None and "zb-h1" in space.schedules:
+        out |= (sched == schedules.CODE["1f1b"]) & (d.pp > 1)
+    return out
+
+
+def _expand(rows: np.ndarray, values: np.ndarray, *carried: np.ndarray):
+    """Every (row, value) pair: `rows` and each carried column repeated once per value, and
+    the value column; returns (rows, value) or ((rows, *carried), value)."""
+    values = np.asarray(values)
+    n = len(values)
+    out = [np.repeat(col, n) for col in (rows, *carried)]
+    col = np.tile(values, len(rows))
+    return (out[0], col) if not carried else (tuple(out), col)
+
+
+def _stage_counts(num_layers: int, pp: np.ndarray, vp: np.ndarray, vshape: np.ndarray):
+    """(first, last, busiest middle) rank layer counts of each row's even split."""
+    keys = (pp * (num_layers + 1) + vp) * 2 + vshape.astype(np.int64)
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    table = np.array([_rank_counts(num_layers, int(k // 2 // (num_layers + 1)),
+                                   int(k // 2 % (num_layers + 1)), bool(k % 2)) for k in uniq],
+                     dtype=np.int64).reshape(-1, 3)
+    return table[inverse.ravel()]
+
+
 @cache
-def _rank_counts(num_layers: int, pp: int, vp: int) -> tuple[int, int, int]:
-    return rank_layer_counts(even_split(num_layers, pp * vp), pp)
+def _rank_counts(num_layers: int, pp: int, vp: int, v_shape: bool) -> tuple[int, int, int]:
+    return rank_layer_counts(even_split(num_layers, pp * vp), pp, v_shape)
 
 
 def generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
@@ -153,39 +206,53 @@ def generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
     """All valid candidates as a LayoutGrid (only valid rows are ever materialised)."""
     base = degree_combos(model, world, gpus_per_node, seq_len, space)
     combos = len(base["tp"])
-    vps = np.array([v for v in range(1, space.max_vp + 1) if space.vp in (None, v)])
+    max_vp = model.num_layers if space.max_vp is None else space.max_vp
+    vps = np.array([v for v in range(1, max_vp + 1) if space.vp in (None, v)]
+                   or ([space.vp] if space.vp is not None else []), dtype=np.int64)
     mbs = np.array([b for b in space.micro_batch_sizes if space.micro_batch_size in (None, b)])
     if space.micro_batch_size is not None and not len(mbs):
         mbs = np.array([space.micro_batch_size])
     recs = np.array([RECOMPUTE_KINDS.index(r) for r in space.recompute])
     sps = np.array(space.sequence_parallel)
     dopts = np.array(space.distributed_optimizer)
-    axes = np.meshgrid(np.arange(combos), vps, mbs, recs, sps, dopts, indexing="ij")
-    b, v, mb, rc, sp, do = (a.ravel() for a in axes)
+    names = (space.schedules if space.schedule is None else (space.schedule,))
+    scheds = schedules.codes(names)
+    # Expand one axis at a time, filtering as soon as a rule can be checked.
+    b, v = _expand(np.arange(combos), vps)
+    keep = (base["pp"][b] * v <= model.num_layers) & ((v == 1) | (base["pp"][b] > 1))
+    (b, v), mb = _expand(b[keep], mbs, v[keep])
+    keep = global_batch_size % (base["dp"][b] * mb) == 0
+    (b, v, mb), sc = _expand(b[keep], scheds, v[keep], mb[keep])
+    pp_b, dp_b = base["pp"][b], base["dp"][b]
+    keep = schedules.valid_mask(sc, pp_b, v, global_batch_size // (dp_b * mb))
+    if space.schedule is None and "zb-h1" in space.schedules:  # see `dominated`
+        keep &= ~((sc == schedules.CODE["1f1b"]) & (pp_b > 1))
+    (b, v, mb, sc), sp = _expand(b[keep], sps, v[keep], mb[keep], sc[keep])
+    (b, v, mb, sc, sp), do = _expand(b, dopts, v, mb, sc, sp)
     d = dims.ParallelDims(**{n: col[b] for n, col in base.items()}, vp=v)
-    m = global_batch_size // np.maximum(d.dp * mb, 1)
-    ok = (global_batch_size % (d.dp * mb) == 0) & (d.pp * d.vp <= model.num_layers)
-    ok &= (d.vp == 1) | ((d.pp > 1) & (m % d.pp == 0))  # Megatron: interleaving needs m % pp == 0
-    ok &= np.where(d.tp == 1, ~sp, (seq_len // d.cp) % d.tp == 0)  # SP only with tp > 1, s/cp split by tp
+    sp_ok = (seq_len // d.cp) % d.tp == 0
+    ok = np.where(d.tp == 1, ~sp, sp_ok)  # SP only with tp > 1, s/cp split by tp
     ok &= do | (d.group("dp_cp").size > 1)  # without DP both optimisers coincide
-    idx = np.nonzero(ok)[0]
+    ok &= ~dominated(space, d, sc, sp, sp_ok, do, model.is_moe)
+    keep = np.nonzero(ok)[0]
+    (b, v, mb, sc, sp, do), rc = _expand(b[keep], recs, v[keep], mb[keep], sc[keep], sp[keep],
+                                         do[keep])
+    d = dims.ParallelDims(**{n: col[b] for n, col in base.items()}, vp=v)
+    idx = np.arange(len(b))
     degrees = {n: col[idx] for n, col in d.to_dict().items()}
-    # Rank layer counts depend on (pp, vp) only: compute each distinct pair once.
-    pairs, inverse = np.unique(np.stack([degrees["pp"], degrees["vp"]]), axis=1,
-                               return_inverse=True)
-    table = np.array([_rank_counts(model.num_layers, int(p), int(q)) for p, q in pairs.T],
-                     dtype=np.int64).reshape(-1, 3)
-    counts = table[np.asarray(inverse).ravel()]
+    counts = _stage_counts(model.num_layers, degrees["pp"], degrees["vp"],
+                           schedules.is_v_shape(sc[idx]))
     return LayoutGrid(
         **degrees, micro_batch_size=mb[idx],
         global_batch_size=np.full_like(degrees["tp"], global_batch_size), recompute=rc[idx],
         sequence_parallel=sp[idx], distributed_optimizer=do[idx],
         flash_attention=np.full(len(idx), space.flash_attention), layers_first=counts[:, 0],
         layers_last=counts[:, 1], layers_mid=counts[:, 2], seq_len=seq_len, dtype=space.dtype,
+        schedule=sc[idx],
     )
 
 
-SIMPLER_FIRST = ("tp", "pp", "cp", "vp", "recompute")
+SIMPLER_FIRST = ("tp", "pp", "cp", "vp", "recompute", "schedule")
 """Tie-break of equal step times: smaller values of these first, in this priority."""
 FAMILY = ("tp", "pp", "cp")
 """Degrees that define a layout family (the explanation compares the best of each)."""
@@ -201,8 +268,8 @@ def refine_partition(model: ModelSpec, cluster: ClusterSpec, est: Estimate,
                      headroom: float) -> tuple[Estimate, Partition | None]:
     """Re-split the layers of `est`'s layout with the partition ILP; keep the better one."""
     lay = est.layout
-    if lay.pp == 1:
-        return est, None
+    if lay.pp == 1 or lay.schedule in schedules.V_SHAPE or lay.schedule == "dualpipe":
+        return est, None  # the ILP models looped stage placement (stage k on rank k % pp)
     costs = megatron.stage_costs(model, cluster, lay, headroom)
     ranks = np.array(rank_layer_counts(lay.stage_layers(model.num_layers), lay.pp))
     times = costs.layer_time_s * _per_rank_layers(lay, model.num_layers) + costs.extra_time_s
@@ -364,6 +431,10 @@ def _sub(matrix, keep: int):
 def _no_candidate_reason(model: ModelSpec, cluster: ClusterSpec, seq_len: int, gbs: int,
                          space: SearchSpace) -> str:
     world = cluster.world_size
+    if space.schedule is not None:
+        reason = _schedule_reason(model, cluster, seq_len, gbs, space)
+        if reason:
+            return reason
     if any(getattr(space, k) for k in FIXED_AXES):
         specific = explain_fixed(model, cluster, seq_len, gbs, space)
         if specific:
@@ -377,6 +448,26 @@ def _no_candidate_reason(model: ModelSpec, cluster: ClusterSpec, seq_len: int, g
             f"multiple of a divisor of {world}")
 
 
+def _schedule_reason(model: ModelSpec, cluster: ClusterSpec, seq_len: int, gbs: int,
+                     space: SearchSpace) -> str | None:
+    """Why no layout runs the fixed schedule: the rule (`schedules.schedule_problem`) most of
+    the layouts valid under other schedules break; None when the schedule is not the cause."""
+    grid = generate(model, cluster.world_size, cluster.gpus_per_node, seq_len, gbs,
+                    replace(space, schedule=None))
+    need = schedules.CHUNKS[space.schedule]
+    rows = np.nonzero(grid.vp > 1 if need is None else grid.vp == need)[0]
+    rows = rows if len(rows) else np.arange(len(grid))  # else the vp is the rule it breaks
+    messages: dict[str, int] = {}
+    for i in rows[:500]:
+        text = schedules.schedule_problem(space.schedule, int(grid.pp[i]), int(grid.vp[i]),
+                                          int(grid.num_microbatches[i]))
+        if text:
+            messages[text] = messages.get(text, 0) + 1
+    if not messages:
+        return None
+    return f"--schedule {space.schedule} leaves no valid layout: {max(messages, key=messages.get)}"
+
+
 def scaled_cluster(cluster: ClusterSpec, factor: int) -> ClusterSpec:
     """The same cluster with `factor` times the nodes (for "what would fit" advice)."""
     nodes = tuple(NodeSpec(f"{n.name}-x{k}" if k else n.name, n.gpus, n.gpu, n.nic, n.rack)
@@ -386,4 +477,4 @@ def scaled_cluster(cluster: ClusterSpec, factor: int) -> ClusterSpec:
 
 def layout_key(lay: Layout) -> tuple:
     return (*lay.dims.key(), lay.micro_batch_size, lay.recompute, lay.sequence_parallel,
-            lay.distributed_optimizer)
+            lay.distributed_optimizer, lay.schedule)

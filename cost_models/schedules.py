@@ -1,0 +1,168 @@
+"""Pipeline schedules: which ones exist, their rules, bubble and in-flight activation memory.
+
+Every formula is vectorised over a grid's columns (numpy arrays of schedule codes, pp, vp, m)
+and is checked against the event simulator (`cost_models.simulator`), which plays each
+schedule operation by operation (tests/test_schedules.py).
+
+Notation (Qi et al. 2024, "Zero Bubble Pipeline Parallelism", ICLR 2024, Sec. 2): per micro-
+batch and pipeline rank, F is the forward, B the backward for the inputs (activation
+gradients, recompute included) and W the backward for the weights; tau = F + B + W is what
+1F1B runs as one backward. With p ranks and equal ranks:
+
+  schedule     placement              bubble                                  in-flight (rank units)
+  1f1b         stage k on rank k      (p-1)·tau                               min(m, p-r)
+  interleaved  k on k mod p, v chunks (p-1)·tau / v                           Megatron-LM warm-up
+  zb-h1        as 1f1b, W deferred    (p-1)·(F+B-W)                           min(m, p-r)
+  zb-v         V: 2 chunks            (p-1)·(F+B-W)/2                         min(m, p+1/2)
+  dualpipe     both directions        (p/2-1)·(F+B-W)                         min(m, p+1)
+  dualpipev    V: 2 chunks            (p-1)·(F+B-W)/2                         min(m, p+1/2)
+
+- 1F1B: Narayanan et al. 2021 (SC'21) Sec. 2.2; interleaved: ibid. Sec. 2.2.2 (bubble / v).
+- ZB-H1: Qi et al. 2024 Sec. 3.1 and Table 3 (memory p·M_B, bubble (p-1)(T_F+T_B-T_W)).
+- ZB-V: Qi et al. 2024 Sec. 6 (V-shape placement, two chunks per rank, 1F1B's memory
+  p·M_B). Its chunks are half a rank, so its fill and drain are ZB-H1's halved:
+  (p-1)(F+B-W)/2. The paper's (p-1)(F+B-2W)/2 also overlaps the next step's warm-up with this
+  step's drain (optimizer post-validation, Sec. 4), which a step ended by a synchronous
+  optimizer (what meshplan models) cannot; the simulator confirms the synchronous figure.
+- DualPipe / DualPipeV: DeepSeek-AI 2024, "DeepSeek-V3 Technical Report" Sec. 3.2.1 and
+  Table 2 (activations PP+1 chunks, parameters 2x for DualPipe, and PP/2-1 fill steps since
+  micro-batches enter from both ends); DualPipeV ("cut-in-half", the DualPipe repository) is
+  DualPipe folded onto p ranks of two chunks each, PP = 2p chunk stages of half a rank. The
+  report's per-step cost F&B + B - 3W (B the full backward) pairs a forward with a backward
+  in the fill too; the schedule simulated here (each stage in 1F1B order, W deferred into
+  idle time as ZB-H1 does, F&B pairs in the steady phase) fills at ZB-H1's F+B-W per step,
+  and its bubbles agree with these within 2 points (tests/test_schedules.py). The pairs'
+  gain, each micro-batch's all-to-all hidden under the other's compute, is not a bubble term:
+  `overlapped_pairs` (and cost_models.megatron.fb_hidden) take it off the EP communication.
+
+The bubbles are written as factors of (sum_r tau_r - max_r tau_r), which is (p-1)·tau for
+equal ranks and keeps uneven splits meaningful. Clamped at 0 (W can exceed F+B-W only in
+contrived inputs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import SpecError
+
+SCHEDULES: tuple[str, ...] = ("1f1b", "interleaved", "zb-h1", "zb-v", "dualpipe", "dualpipev")
+"""Every modelled schedule; a layout's `schedule` is one of them (codes are the indices)."""
+V_SHAPE: tuple[str, ...] = ("zb-v", "dualpipev")
+"""Schedules that place two chunks per rank in a V: stage k on rank k, stage 2p-1-k on rank k."""
+ZERO_BUBBLE: tuple[str, ...] = ("zb-h1", "zb-v", "dualpipe", "dualpipev")
+"""Schedules that split the backward into B (inputs) and W (weights) and defer W."""
+CHUNKS: dict[str, int | None] = {"1f1b": 1, "interleaved": None, "zb-h1": 1, "zb-v": 2,
+                                 "dualpipe": 1, "dualpipev": 2}
+"""vp each schedule needs (None: any vp > 1)."""
+CODE = {name: i for i, name in enumerate(SCHEDULES)}
+
+
+def default_schedule(vp: int) -> str:
+    """The schedule a layout without one runs: Megatron-LM's (interleaved when vp > 1)."""
+    return "interleaved" if vp > 1 else "1f1b"
+
+
+def schedule_problem(schedule: str, pp: int, vp: int, num_microbatches: int) -> str | None:
+    """Why `schedule` cannot run with these degrees (one actionable sentence), or None."""
+    if schedule not in SCHEDULES:
+        return f"schedule must be one of {list(SCHEDULES)}, got {schedule!r}"
+    if schedule != "1f1b" and pp == 1:
+        return f"the {schedule} schedule needs pp > 1; use schedule 1f1b or raise --pp"
+    need = CHUNKS[schedule]
+    if need is None and vp == 1:
+        return "the interleaved schedule needs vp > 1; raise --vp or use schedule 1f1b"
+    if need is not None and vp != need:
+        return (f"the {schedule} schedule runs {need} model chunk(s) per pipeline rank, so it "
+                f"needs vp={need} (got vp={vp}); set --vp {need} or choose another schedule")
+    if schedule == "interleaved" and num_microbatches % pp:
+        return (f"the interleaved schedule needs the micro-batch count ({num_microbatches}) "
+                f"to be a multiple of pp = {pp} (Megatron-LM); change gbs or mbs")
+    if schedule == "dualpipe" and (pp % 2 or num_microbatches % 2):
+        return (f"the dualpipe schedule feeds half the micro-batches from each end, so pp "
+                f"({pp}) and the micro-batch count ({num_microbatches}) must be even")
+    if schedule in ("dualpipe", "dualpipev") and num_microbatches < 2 * pp:
+        return (f"the {schedule} schedule needs at least 2*pp = {2 * pp} micro-batches "
+                f"(DeepSeek DualPipe), got {num_microbatches}; lower mbs or dp, or raise gbs")
+    return None
+
+
+def valid_mask(code, pp, vp, m):
+    """Vectorised `schedule_problem(...) is None` over grid columns."""
+    c = np.asarray(code)
+    ok = np.ones(np.broadcast(c, pp, vp, m).shape, dtype=bool)
+    ok &= (c == CODE["1f1b"]) | (pp > 1)
+    ok &= np.where(c == CODE["interleaved"], (vp > 1) & (m % np.maximum(pp, 1) == 0), True)
+    ok &= np.where(np.isin(c, [CODE["1f1b"], CODE["zb-h1"], CODE["dualpipe"]]), vp == 1, True)
+    ok &= np.where(np.isin(c, [CODE["zb-v"], CODE["dualpipev"]]), vp == 2, True)
+    ok &= np.where(c == CODE["dualpipe"], (pp % 2 == 0) & (m % 2 == 0), True)
+    ok &= np.where(np.isin(c, [CODE["dualpipe"], CODE["dualpipev"]]), m >= 2 * pp, True)
+    return ok
+
+
+def is_v_shape(code):
+    return np.isin(np.asarray(code), [CODE[s] for s in V_SHAPE])
+
+
+def bubble_factor(code, pp, vp, w_frac, b_frac, hidden_frac):
+    """Bubble as a multiple of (sum_r tau_r - max_r tau_r) (= (p-1)·tau for equal ranks).
+
+    w_frac: the W share of tau. Formulas and sources in the module docstring; with
+    tau = F + B + W, F+B-W = tau - 2W. (b_frac and hidden_frac, the B and F&B-hidden shares,
+    are accepted for callers that have them; the fill and drain do not depend on them.)
+    """
+    del b_frac, hidden_frac
+    c = np.asarray(code)
+    p = np.maximum(pp, 2)
+    zb = 1.0 - 2 * w_frac
+    out = np.select(
+        [c == CODE["1f1b"], c == CODE["interleaved"], c == CODE["zb-h1"], c == CODE["zb-v"],
+         c == CODE["dualpipe"], c == CODE["dualpipev"]],
+        [np.ones_like(w_frac), 1.0 / np.maximum(vp, 1), zb, zb / 2,
+         (p / 2 - 1) / (p - 1) * zb, zb / 2])
+    return np.maximum(out, 0.0)
+
+
+def inflight_microbatches(code, pp, vp, num_microbatches, pp_rank=0):
+    """Micro-batches (in units of a whole rank's layers) whose activations a rank holds at
+    its peak. 1F1B and ZB-H1: min(m, p - r) (Qi et al. 2024 Table 3: ZB-H1 keeps 1F1B's
+    p·M_B); interleaved: Megatron-LM's warm-up (Korthikanti et al. 2022 Sec. 4.2.3); ZB-V
+    and DualPipeV: PP+1 = 2p+1 half-rank chunks on every rank (the V balances memory, Qi et
+    al. 2024 Sec. 6 quote p·M_B; each stage run in 1F1B order holds one chunk more, and the
+    simulator caps it there); DualPipe: PP+1 chunks of a rank's layers (DeepSeek-V3 Table 2)."""
+    c = np.asarray(code)
+    m = num_microbatches
+    one_f_one_b = np.minimum(m, pp - pp_rank)
+    chunks = np.minimum(m * vp, 2 * (pp - pp_rank - 1) + (vp - 1) * pp + 1)
+    return np.select(
+        [c == CODE["interleaved"], c == CODE["zb-v"], c == CODE["dualpipe"],
+         c == CODE["dualpipev"]],
+        [chunks / np.maximum(vp, 1), np.minimum(m, pp + 0.5), np.minimum(m, pp + 1),
+         np.minimum(m, pp + 0.5)],
+        one_f_one_b).astype(float)
+
+
+def weight_copies(code):
+    """Copies of the rank's parameters (and gradients) a schedule keeps: 2 for DualPipe,
+    whose ranks hold a stage of each direction (DeepSeek-V3 Table 2), else 1."""
+    return np.where(np.asarray(code) == CODE["dualpipe"], 2, 1)
+
+
+def overlapped_pairs(code, pp, num_microbatches):
+    """Share of the micro-batches whose forward runs paired with another's backward (F&B)
+    under DualPipe/DualPipeV: all but the p warm-up and p cool-down ones of the steady phase
+    (DeepSeek-V3 Fig. 5); 0 for the other schedules."""
+    c = np.asarray(code)
+    dual = np.isin(c, [CODE["dualpipe"], CODE["dualpipev"]])
+    share = np.maximum(num_microbatches - pp, 0) / np.maximum(num_microbatches, 1)
+    return np.where(dual, share, 0.0)
+
+
+def codes(names) -> np.ndarray:
+    """Schedule names -> codes; SpecError for an unknown one."""
+    out = []
+    for name in names:
+        if name not in CODE:
+            raise SpecError(f"schedule must be one of {list(SCHEDULES)}, got {name!r}")
+        out.append(CODE[name])
+    return np.array(out, dtype=np.int64)
