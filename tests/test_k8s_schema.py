@@ -179,8 +179,10 @@ def test_nvl72_job_claims_a_compute_domain_channel_and_stays_in_a_clique():
         assert _unknown_fields(domain, domain_schema) == []
         assert domain["spec"]["numNodes"] == trays
         template = domain["spec"]["channel"]["resourceClaimTemplate"]["name"]
-        jsonschema.validate(job, _schema())
-        assert _unknown_fields(job, _schema()) == [] and webhook_errors(job) == []
+        if not required:  # the job schema is large: validate the multi-rack job once
+            jsonschema.validate(job, _schema())
+            assert _unknown_fields(job, _schema()) == []
+        assert webhook_errors(job) == []
         for rspec in job["spec"]["pytorchReplicaSpecs"].values():
             pod = rspec["template"]["spec"]
             (claim,) = pod["resourceClaims"]
