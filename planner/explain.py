@@ -102,7 +102,7 @@ class GroupSpan:
 def group_members(world: int, group: Group) -> np.ndarray:
     """Global ranks of every instance of `group`, one row each: instances are blocks of
     size x stride consecutive ranks, a member every `stride` ranks (the mesh order of
-    `cost_models.dims`; ep folds over the dp ranks the same way)."""
+    `cost_models.dims`, and its expert mesh etp-ep-edp-pp for ep)."""
     size, stride = int(group.size), int(group.stride)
     blocks = np.arange(world).reshape(world // (size * stride), size, stride)
     return blocks.transpose(0, 2, 1).reshape(-1, size)
@@ -135,7 +135,7 @@ def group_spans(layout: Layout, cluster: ClusterSpec) -> tuple[GroupSpan, ...]:
         group = dims.group(name)
         size = int(group.size)
         if size < 2 or world % (size * int(group.stride)):
-            continue  # (an ep group larger than dp does not tile the ranks this way)
+            continue  # a group that does not tile the ranks in blocks (none in valid layouts)
         members = group_members(world, group)
         footprint = size * int(group.stride)
         if name == "pp":  # each hop is a pair of neighbouring stages
