@@ -18,8 +18,10 @@ from .architecture import architecture, transformer_config_fields
 from .megatron import tp_overlap_assumed
 
 # Megatron-Bridge mixed-precision recipe names (training/mixed_precision.py, `register`).
-# fp8: per-tensor current scaling, the recipe of the Megatron-LM flags (FP8_RECIPE).
-PRECISION = {"bf16": "bf16_mixed", "fp8": "bf16_with_fp8_current_scaling_mixed"}
+# fp8: per-tensor current scaling, the recipe of the Megatron-LM flags (FP8_RECIPE); mxfp8:
+# fp8 'e4m3' with fp8_recipe 'mxfp8', fp8_param_gather and reuse_grad_buf_for_mxfp8_param_ag.
+PRECISION = {"bf16": "bf16_mixed", "fp8": "bf16_with_fp8_current_scaling_mixed",
+             "mxfp8": "bf16_with_mxfp8_mixed"}
 
 
 def _pipeline_fields(plan: Plan) -> dict[str, object]:

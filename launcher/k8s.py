@@ -18,6 +18,17 @@ emptyDir for flight-recorder dumps. Pods request CPUs and memory per process
 affinity on kubernetes.io/hostname, one pod per node) and each pod takes its plan node rank
 from the node it landed on (downward API spec.nodeName); without one, the master is node
 rank 0 and worker-<i> is node rank i+1.
+
+NVLink domains larger than a node (GB200/GB300 NVL72): the rack is the placement unit. The
+manifest adds a ComputeDomain (resource.nvidia.com/v1beta1, NVIDIA DRA driver for GPUs,
+k8s-dra-driver-gpu; CRD in tests/data) whose channel ResourceClaimTemplate every pod claims, so
+each pod gets its IMEX channel (/dev/nvidia-caps-imex-channels); pods run only on nodes with the
+`nvidia.com/gpu.clique` label (GPU Feature Discovery: <cluster UUID>.<clique id>, one clique
+per NVLink domain), a plan that fits one domain is held to one clique (required pod affinity,
+topologyKey nvidia.com/gpu.clique), a larger one is packed into as few cliques as the scheduler
+finds (preferred affinity: a PyTorchJob has one pod template, so it cannot say which pods share
+a rack; list the hosts rack by rack in a hosts file to fix the placement). NCCL_MNNVL_ENABLE=1
+makes NCCL fail rather than fall back to the NICs when the fabric is missing.
 """
 
 from __future__ import annotations
@@ -32,6 +43,10 @@ from .slurm import _bash_array, quote_with_placeholders
 from .torchrun import DEFAULT_PYTHON, DEFAULT_RDZV_PORT, torchrun_argv, watchdog_env
 
 DEFAULT_IMAGE = "pytorch/pytorch:latest"
+CLIQUE_LABEL = "nvidia.com/gpu.clique"
+"""Node label GPU Feature Discovery sets on multi-node-NVLink nodes (k8s-dra-driver-gpu
+docs/install.md)."""
+CHANNEL_CLAIM = "imex-channel"
 OPERATOR = "Kubeflow training-operator v1.9 (release-1.9)"
 K8S_DUMP_DIR = "/var/log/meshplan/nccl_dumps"
 CPUS_PER_PROCESS = 4
@@ -95,6 +110,34 @@ def _volumes(name: str, launch_dir: str) -> tuple[list[dict], list[dict]]:
     return volumes, mounts
 
 
+def nvlink_domain_plan(plan: Plan) -> bool:
+    """The plan runs groups over an NVLink fabric joining several nodes (GPU clusters only)."""
+    return plan.cluster.nodes_per_domain > 1 and plan.cluster.gpu.name != "CPU"
+
+
+def compute_domain(plan: Plan, name: str) -> dict:
+    """The ComputeDomain whose IMEX channel the job's pods claim (numNodes: the plan's nodes;
+    the CRD deprecates it but needs it when the driver's IMEXDaemonsWithDNSNames gate is off)."""
+    return {"apiVersion": "resource.nvidia.com/v1beta1", "kind": "ComputeDomain",
+            "metadata": {"name": f"{name}-domain", "labels": {"meshplan/job": name}},
+            "spec": {"numNodes": plan.nnodes,
+                     "channel": {"resourceClaimTemplate": {"name": f"{name}-channel"}}}}
+
+
+def _rack_affinity(plan: Plan, job: str) -> dict:
+    """Node affinity on the clique label and pod affinity keeping the job in one clique
+    (required when the plan fits one NVLink domain, preferred otherwise)."""
+    term = {"labelSelector": {"matchLabels": {"meshplan/job": job}}, "topologyKey": CLIQUE_LABEL}
+    together = ({"requiredDuringSchedulingIgnoredDuringExecution": [term]}
+                if plan.nnodes <= plan.cluster.nodes_per_domain else
+                {"preferredDuringSchedulingIgnoredDuringExecution": [
+                    {"weight": 100, "podAffinityTerm": term}]})
+    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [
+                    {"key": CLIQUE_LABEL, "operator": "Exists"}]}]}},
+            "podAffinity": together}
+
+
 def _replica(plan: Plan, replicas: int, snippet: str, env: dict[str, str], image: str,
              plan_hosts: Sequence[str], launch_dir: str) -> dict:
     volumes, mounts = _volumes(env["MESHPLAN_JOB"], launch_dir)
@@ -109,6 +152,13 @@ def _replica(plan: Plan, replicas: int, snippet: str, env: dict[str, str], image
         "volumeMounts": mounts,
     }
     pod: dict = {"containers": [container], "volumes": volumes}
+    job = env["MESHPLAN_JOB"]
+    if nvlink_domain_plan(plan):
+        container["resources"]["claims"] = [{"name": CHANNEL_CLAIM}]
+        pod["resourceClaims"] = [{"name": CHANNEL_CLAIM,
+                                  "resourceClaimTemplateName": f"{job}-channel"}]
+        if not plan_hosts:
+            pod["affinity"] = _rack_affinity(plan, job)
     if plan_hosts:
         term = {"matchExpressions": [
             {"key": "kubernetes.io/hostname", "operator": "In", "values": list(plan_hosts)}]}
@@ -136,8 +186,9 @@ def pytorchjob(plan: Plan, script: str, script_args: Sequence[str], *, run_id: s
     argv = torchrun_argv(plan, script, script_args, node_rank="@NODE_RANK@", endpoint=endpoint,
                          run_id=run_id, max_restarts=max_restarts, is_host=None, python=python)
     snippet = pod_snippet(plan, argv, plan_hosts)
-    env = dict(watchdog_env(dump_dir), MESHPLAN_NNODES=str(plan.nnodes), MESHPLAN_JOB=name,
-               **(extra_env or {}))
+    env = {**watchdog_env(dump_dir), "MESHPLAN_NNODES": str(plan.nnodes), "MESHPLAN_JOB": name,
+           **({"NCCL_MNNVL_ENABLE": "1"} if nvlink_domain_plan(plan) else {}),
+           **(extra_env or {})}  # the user's environment wins
     specs = {"Master": _replica(plan, 1, snippet, env, image, plan_hosts, launch_dir)}
     spec: dict = {"nprocPerNode": str(plan.gpus_per_node)}
     if plan.nnodes > 1:
@@ -162,5 +213,10 @@ def pytorchjob_yaml(plan: Plan, script: str, script_args: Sequence[str], **kwarg
     """ConfigMap + PyTorchJob as one multi-document YAML (`kubectl apply -f pytorchjob.yaml`)."""
     head = (f"# {OPERATOR} PyTorchJob (kubeflow.org/v1) and the ConfigMap it mounts.\n"
             "# Not for Kubeflow Trainer v2 (TrainJob), which replaced PyTorchJob on main.\n")
-    return (head + dump_yaml(launch_configmap(plan, kwargs["run_id"])) + "---\n"
+    domain = ""
+    if nvlink_domain_plan(plan):  # before the job: its pods claim the domain's channel
+        domain = dump_yaml(compute_domain(plan, job_name(kwargs["run_id"]))) + "---\n"
+        head += ("# The ComputeDomain needs NVIDIA's DRA driver for GPUs (k8s-dra-driver-gpu) "
+                 "and GPU Feature Discovery's nvidia.com/gpu.clique node labels.\n")
+    return (head + dump_yaml(launch_configmap(plan, kwargs["run_id"])) + "---\n" + domain
             + dump_yaml(pytorchjob(plan, script, script_args, **kwargs)))

@@ -4,6 +4,17 @@ The head node (rendezvous host) comes from `scontrol show hostnames "$SLURM_JOB_
 (or the hosts file). Node ranks: with a hosts file, a node's rank is the position of
 $SLURMD_NODENAME in the plan's host list (so the plan's placement holds whatever order SLURM
 allocates in); without one, SLURM's node order ($SLURM_NODEID) is the plan's node order.
+
+NVLink domains larger than a node (GB200/GB300 NVL72: 18 trays per rack, one NVLink fabric):
+the rack is the allocation block. `#SBATCH --segment=S` (Slurm >= 24.05, with the
+topology/block plugin whose base blocks are the racks; sbatch(1): "When a block or ring
+topology is used, this defines the size of the segments that will be used to create the job
+allocation", and a node count above S must be a multiple of S) asks for whole segments inside
+one block each. The multi-node NVLink fabric needs an IMEX channel per job: Slurm allocates
+one when the cluster runs SwitchType=switch/nvidia_imex (slurm.conf(5), Slurm >= 24.05);
+NCCL_MNNVL_ENABLE=1 makes NCCL fail at start-up instead of silently falling back to the NICs
+when the fabric is absent (NCCL src/init.cc: "MNNVL is not supported on this system"), and each
+node checks for its channel device (/dev/nvidia-caps-imex-channels/channel*) before torchrun.
 """
 
 from __future__ import annotations
@@ -39,6 +50,38 @@ def _bash_array(name: str, items: Sequence[str]) -> str:
     return f"{name}=(" + " ".join(shlex.quote(i) for i in items) + ")"
 
 
+IMEX_CHANNELS = "/dev/nvidia-caps-imex-channels"
+"""Where the NVIDIA driver exposes IMEX channels (Slurm's switch/nvidia_imex creates one per
+job: src/plugins/switch/nvidia_imex/imex_device.c)."""
+
+
+def nvlink_segment(plan: Plan) -> int:
+    """Nodes per SLURM segment for a plan whose NVLink domain spans several nodes: the plan's
+    nodes per domain, or (when the node count is not a multiple of it) its largest divisor of
+    the node count below that (sbatch requires --nodes to be a multiple of --segment); 0 when
+    the domain is one node (no segment needed)."""
+    per_domain = plan.cluster.nodes_per_domain
+    if per_domain <= 1 or plan.cluster.gpu.name == "CPU":
+        return 0
+    if plan.nnodes <= per_domain:
+        return plan.nnodes
+    return max(d for d in range(1, per_domain + 1) if plan.nnodes % d == 0)
+
+
+def imex_check() -> list[str]:
+    """Bash lines: stop with one clear line when the node has no IMEX channel (unless the
+    user turned multi-node NVLink off with NCCL_MNNVL_ENABLE=0)."""
+    return [
+        'if [ "${NCCL_MNNVL_ENABLE:-1}" != 0 ] && ! compgen -G '
+        f'"{IMEX_CHANNELS}/channel*" > /dev/null; then',
+        '  echo "meshplan: no IMEX channel on $SLURMD_NODENAME '
+        f'({IMEX_CHANNELS}/ is empty): the plan runs groups over the multi-node NVLink fabric; '
+        'ask for SwitchType=switch/nvidia_imex (Slurm >= 24.05), or export NCCL_MNNVL_ENABLE=0 '
+        'to run them over the NICs" >&2; exit 1',
+        "fi",
+    ]
+
+
 def node_snippet(plan: Plan, argv: Sequence[str], plan_hosts: Sequence[str]) -> str:
     """Bash run by srun on every node: find this node's plan rank, pin it, exec torchrun."""
     return "\n".join([
@@ -58,6 +101,7 @@ def node_snippet(plan: Plan, argv: Sequence[str], plan_hosts: Sequence[str]) -> 
         'IS_HOST=false; if [ "$NODE_RANK" = 0 ]; then IS_HOST=true; fi',
         'export MESHPLAN_NODE_RANK="$NODE_RANK" MESHPLAN_NODE_NAME="${NODE_NAMES[$NODE_RANK]}"',
         'export MESHPLAN_NODE="$MESHPLAN_NODE_NAME"',
+        *(imex_check() if nvlink_segment(plan) else []),
         "exec " + quote_with_placeholders(argv),
     ]) + "\n"
 
@@ -83,6 +127,9 @@ def sbatch_script(plan: Plan, script: str, script_args: Sequence[str], *, run_id
     ]
     if plan.cluster.gpu.name != "CPU":
         header.append(f"#SBATCH --gpus-per-node={plan.gpus_per_node}")
+    segment = nvlink_segment(plan)
+    if segment:
+        header += _segment_lines(plan, segment)
     if plan_hosts and all(_SAFE_SLURM_WORD.match(h) for h in plan_hosts):
         header.append(f"#SBATCH --nodelist={','.join(plan_hosts)}")
     env = dict(watchdog_env(dump_dir), MESHPLAN_NNODES=str(plan.nnodes), **(extra_env or {}))
@@ -90,6 +137,8 @@ def sbatch_script(plan: Plan, script: str, script_args: Sequence[str], *, run_id
         f"# meshplan launch for a {plan.nnodes}-node plan; submit with: sbatch launch.sbatch",
         "set -euo pipefail",
         *(f"export {k}={q(v)}" for k, v in sorted(env.items())),
+        *(['export NCCL_MNNVL_ENABLE="${NCCL_MNNVL_ENABLE:-1}"  # fail, do not fall back to NICs']
+          if segment else []),
         'mkdir -p -- "$MESHPLAN_DUMP_DIR"',
         'mapfile -t ALLOCATED < <(scontrol show hostnames "$SLURM_JOB_NODELIST")',
         _bash_array("PLAN_HOSTS", plan_hosts),
@@ -100,3 +149,17 @@ def sbatch_script(plan: Plan, script: str, script_args: Sequence[str], *, run_id
         f"bash -c {q(node_snippet(plan, argv, plan_hosts))} meshplan-node",
     ]
     return "\n".join(header + [""] + body) + "\n"
+
+
+def _segment_lines(plan: Plan, segment: int) -> list[str]:
+    """#SBATCH --segment and the comment saying what the plan assumed."""
+    per_domain = plan.cluster.nodes_per_domain
+    lines = [f"# NVLink domain: {per_domain} nodes ({plan.cluster.domain_gpus} GPUs) share one "
+             "fabric; the plan keeps groups inside runs of that many",
+             "# consecutive node ranks. --segment needs Slurm >= 24.05 with "
+             "TopologyPlugin=topology/block (the racks as base blocks).",
+             f"#SBATCH --segment={segment}"]
+    if segment < min(per_domain, plan.nnodes):
+        lines.insert(2, f"# {plan.nnodes} nodes is not a multiple of {per_domain}: segments of "
+                        f"{segment}, so some groups the plan costed inside one domain may span two")
+    return lines

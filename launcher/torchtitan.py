@@ -180,6 +180,10 @@ def notes(plan: Plan, version: str = DEFAULT_VERSION) -> list[str]:
     if lay.dtype == "fp8":
         out.append("torchtitan fp8 needs a float8 model converter in the recipe "
                    "(e.g. llama3_8b's *_float8 configs); the arguments keep bf16 unless you add it")
+    if lay.dtype == "mxfp8":
+        out.append("torchtitan mxfp8 needs the MX converter in the recipe "
+                   "(torchtitan.components.quantization.mx.MXFP8LinearConverter, torchao, SM100+, "
+                   "torch.compile); the arguments keep bf16 unless you add it")
     if lay.tp > 1 and plan.cluster.gpu.tp_comm_overlap > 0 and lay.sequence_parallel:
         out.append("torchtitan overlaps TP communication only with async TP under torch.compile "
                    "(--compile.enable --compile.enable_async_tensor_parallel); without it the "

@@ -20,7 +20,7 @@ from cost_models.schedules import SCHEDULES
 from cost_models.specs import RECOMPUTE_KINDS
 
 from . import engine
-from .explain import advise, explain
+from .explain import advise, explain, group_spans, spans_lines
 from .fileio import check_output_file
 from .jsonout import to_json
 from .options import (
@@ -61,7 +61,8 @@ from .search import SearchResult, SearchSpace
 @click.option("--mem-headroom", type=float, default=DEFAULT_PLAN_HEADROOM, show_default=True,
               callback=finite_range(0.0, 0.5), help="Fraction of GPU memory to keep free.")
 @click.option("--max-tp", type=int, callback=_positive,
-              help="Allow tp beyond one node's GPUs (default: tp stays inside a node).")
+              help="Largest tp (default: one node's GPUs, or up to 8 GPUs of an NVLink "
+                   "domain larger than a node, e.g. 2 trays of a GB200 NVL72).")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
               help="Fix the pipeline schedule [default: search all of them].")
 def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model,
@@ -90,7 +91,7 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
         with progress("nothing fits; searching what would (more GPUs, recompute, fp8)"):
             advice = advise(replace(prob, cluster=res.cluster), space, res.nearest)
     if as_json:
-        out = _json(res, plans)
+        out = _json(res, plans, with_groups=hs is None)
         if advice:
             out["advice"] = advice
         out["search"]["mem_headroom"] = mem_headroom
@@ -99,6 +100,9 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
         click.echo(to_json(out))
     else:
         _print(console, prob, res, mem_headroom)
+        if hs is None and res.plans:  # uniform placement: rank r on node r // gpus_per_node
+            for line in spans_lines(res.plans[0].layout, res.cluster):
+                console.print(line, highlight=False)
         if hs is not None:
             _print_placement(console, hs)
     if not res.plans:
@@ -156,12 +160,16 @@ def _print_placement(console: Console, hs) -> None:
         console.print(f"  {line}")
 
 
-def _json(res: SearchResult, plans: list[Plan]) -> dict:
+def _json(res: SearchResult, plans: list[Plan], with_groups: bool = True) -> dict:
+    """`plan --json`; each plan's `groups` (uniform placement only) says where its tp, cp, ep,
+    dp groups and pp hops run (`explain.group_spans`)."""
     out = []
     for p in plans:
         d = p.to_dict()
         out.append({"layout": d["layout"], "estimate": d["estimate"],
                     "placement": {**d["placement"], "stages": d["stages"]}})
+        if with_groups:
+            out[-1]["groups"] = [g.to_dict() for g in group_spans(p.layout, res.cluster)]
     return {
         "plans": out,
         "search": {"candidates": res.candidates, "feasible": res.feasible,

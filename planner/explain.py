@@ -3,9 +3,13 @@ fits — what would (with numbers)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
-from cost_models.specs import Estimate, SpecError
+import numpy as np
+
+from cost_models.dims import Group, ParallelDims
+from cost_models.megatron import Links
+from cost_models.specs import ClusterSpec, Estimate, Layout, SpecError
 
 from . import engine
 from .options import Problem
@@ -54,6 +58,126 @@ def explain(plans: tuple[Estimate, ...], alternatives: tuple[Estimate, ...]) -> 
             continue
         seen.add(key)
         lines.append("  vs " + why_slower(best, other))
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# which links each group spans
+# --------------------------------------------------------------------------------------------
+
+SPAN_LEVELS = ("node", "domain", "cross_domain")
+"""Where a group's members sit: one node (tray), one NVLink domain (rack), several domains."""
+SPAN_GROUPS = ("tp", "cp", "ep", "dp", "pp")
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSpan:
+    """Where the instances of one communication group of a layout sit, and the bandwidth the
+    cost model charges it (the slowest instance's; the pp entry counts pipeline hops)."""
+
+    name: str
+    size: int
+    stride: int
+    counts: tuple[int, int, int]
+    """Instances (pp: hops between neighbouring stages) inside one node, inside one NVLink
+    domain but over several nodes, over several domains (`SPAN_LEVELS`)."""
+    bandwidth_GBps: float
+    """Bus bandwidth of the group's collectives as `cost_models.megatron.Links` costs it
+    (pp: the slowest hop's point-to-point bandwidth)."""
+    costed_level: str
+    """The level the cost model charges: it tests the group's footprint (size x stride GPUs)
+    against a node and a domain, so an instance straddling a boundary is not seen."""
+
+    @property
+    def level(self) -> str:
+        """The widest level any instance spans."""
+        return SPAN_LEVELS[max(i for i, c in enumerate(self.counts) if c)]
+
+    def to_dict(self) -> dict:
+        return {"group": self.name, "size": self.size, "stride": self.stride,
+                "level": self.level, **dict(zip(SPAN_LEVELS, self.counts, strict=True)),
+                "bandwidth_GBps": round(self.bandwidth_GBps, 3), "costed_as": self.costed_level}
+
+
+def group_members(world: int, group: Group) -> np.ndarray:
+    """Global ranks of every instance of `group`, one row each: instances are blocks of
+    size x stride consecutive ranks, a member every `stride` ranks (the mesh order of
+    `cost_models.dims`, and its expert mesh etp-ep-edp-pp for ep)."""
+    size, stride = int(group.size), int(group.stride)
+    blocks = np.arange(world).reshape(world // (size * stride), size, stride)
+    return blocks.transpose(0, 2, 1).reshape(-1, size)
+
+
+def _levels(members: np.ndarray, gpus_per_node: int, domain_gpus: int) -> tuple[int, int, int]:
+    """Rows of `members` inside one node, inside one domain only, across domains (rank r sits
+    on node r // gpus_per_node: ranks fill nodes in order, domains are runs of nodes)."""
+    one_node = (members // gpus_per_node == members[:, :1] // gpus_per_node).all(axis=1)
+    one_domain = (members // domain_gpus == members[:, :1] // domain_gpus).all(axis=1)
+    node = int(one_node.sum())
+    domain = int(one_domain.sum()) - node
+    return node, domain, len(members) - node - domain
+
+
+def group_spans(layout: Layout, cluster: ClusterSpec) -> tuple[GroupSpan, ...]:
+    """For each group of the layout with more than one member (tp, cp, ep, dp, pp hops): how
+    many instances stay in a node, in an NVLink domain, or cross domains, with rank r on node
+    r // gpus_per_node (the uniform placement `meshplan launch` uses) and the bandwidth the
+    cost model gives it. Empty for a cluster whose nodes differ in GPU count."""
+    try:
+        gpn, domain_gpus = cluster.gpus_per_node, cluster.domain_gpus
+    except SpecError:
+        return ()
+    dims: ParallelDims = layout.dims
+    world = int(dims.world)
+    links = Links.of(cluster)
+    out = []
+    for name in SPAN_GROUPS:
+        group = dims.group(name)
+        size = int(group.size)
+        if size < 2 or world % (size * int(group.stride)):
+            continue  # a group that does not tile the ranks in blocks (none in valid layouts)
+        members = group_members(world, group)
+        footprint = size * int(group.stride)
+        if name == "pp":  # each hop is a pair of neighbouring stages
+            members = np.stack([members[:, :-1].ravel(), members[:, 1:].ravel()], axis=1)
+            bw = links.hop_Bps(dims.stage_size, dims.pp)
+            footprint = 1 if int(group.stride) < gpn else footprint  # as Links.hop_Bps tests
+        else:
+            bw = links.bandwidth_Bps(group)
+        costed = 0 if footprint <= gpn else 1 if footprint <= max(domain_gpus, gpn) else 2
+        out.append(GroupSpan(name, size, int(group.stride), _levels(members, gpn, domain_gpus),
+                             float(bw) / 1e9, SPAN_LEVELS[costed]))
+    return tuple(out)
+
+
+def spans_lines(layout: Layout, cluster: ClusterSpec) -> list[str]:
+    """The explanation's lines on where the winner's groups run (see `group_spans`)."""
+    spans = group_spans(layout, cluster)
+    if not spans:
+        return []
+    gpn, per_domain = cluster.gpus_per_node, cluster.nodes_per_domain
+    domains = -(-cluster.num_nodes // per_domain)
+    if per_domain > 1:
+        words = {"node": "inside a node", "domain": "inside an NVLink domain",
+                 "cross_domain": "across NVLink domains"}
+        head = (f"groups ({gpn} GPUs per node, {per_domain} nodes = {cluster.domain_gpus} GPUs "
+                f"per NVLink domain, {domains} domains):")
+    else:
+        words = {"node": "inside a node", "domain": "inside a node",
+                 "cross_domain": "across nodes"}
+        head = f"groups ({gpn} GPUs per node, NVLink inside a node only):"
+    lines = [head]
+    for sp in spans:
+        unit = "hops" if sp.name == "pp" else "groups"
+        total = sum(sp.counts)
+        parts = [f"{c} of {total} {unit} {words[lvl]}" for lvl, c in zip(SPAN_LEVELS, sp.counts,
+                                                                          strict=True) if c]
+        where = words[sp.level] if len(parts) == 1 else "; ".join(parts)
+        label = f"{sp.name}{sp.size}" + (" hops" if sp.name == "pp" else "")
+        note = (f" as if all stayed {words[sp.costed_level]}"
+                if SPAN_LEVELS.index(sp.costed_level) < SPAN_LEVELS.index(sp.level) else "")
+        lines.append(f"  {label} (stride {sp.stride}): {where}, costed at "
+                     f"{sp.bandwidth_GBps:,.0f} GB/s{note}")
     return lines
 
 

@@ -77,8 +77,8 @@ def _space_bound(space, gpus_per_node: int, axis: str, value: int) -> str | None
     """The search-space limit `value` is outside of, if any."""
     max_tp = space.max_tp or gpus_per_node
     if axis == "tp" and value > max_tp:
-        return (f"tp={value} spans more than {max_tp} GPUs (one node's NVLink domain); pass "
-                f"--max-tp {value} to allow it")
+        return (f"tp={value} is above the search's tp limit of {max_tp} GPUs (a node, or up to "
+                f"8 GPUs of a larger NVLink domain); pass --max-tp {value} to allow it")
     if axis == "cp" and value > space.max_cp:
         return f"cp={value} is above the search's limit of {space.max_cp}"
     if axis == "vp" and space.max_vp is not None and value > space.max_vp:

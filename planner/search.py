@@ -53,7 +53,7 @@ class SearchSpace:
     (what `estimate` and Megatron-LM accept)."""
     max_cp: int = 32
     max_tp: int | None = None
-    """Largest tp; None keeps tp inside one node's NVLink domain."""
+    """Largest tp; None: `default_max_tp` (a node's GPUs, or up to 8 of an NVLink domain)."""
     sequence_parallel: tuple[bool, ...] = (True, False)
     distributed_optimizer: tuple[bool, ...] = (True, False)
     flash_attention: bool = True
@@ -119,6 +119,27 @@ class SearchResult:
     @property
     def rate(self) -> float:
         return self.candidates / self.seconds if self.seconds else float("inf")
+
+
+DEFAULT_TP_CAP = 8
+"""Largest default tp when the NVLink domain is larger than a node (GB200 NVL72: tp 8 spans
+two 4-GPU trays at NVLink speed). Capped at 8 because the GEMM efficiencies (max fraction +
+per-kernel overhead) were fitted on runs with tp <= 8, so thinner GEMMs (h/tp columns) would be
+extrapolated, and each further tp choice multiplies the search grid (405B on 4,096 trays must
+plan in <= 2 s); `--max-tp` lifts it."""
+
+
+def default_max_tp(cluster: ClusterSpec) -> int:
+    """The search's tp bound when `--max-tp` is not given: one node's GPUs, or
+    min(NVLink domain GPUs, DEFAULT_TP_CAP) when the domain spans several nodes."""
+    gpn = cluster.gpus_per_node
+    return max(gpn, min(cluster.domain_gpus, DEFAULT_TP_CAP))
+
+
+def with_default_max_tp(space: SearchSpace | None, cluster: ClusterSpec) -> SearchSpace:
+    """`space` (default: SearchSpace()) with max_tp filled in by `default_max_tp`."""
+    space = space or SearchSpace()
+    return space if space.max_tp else replace(space, max_tp=default_max_tp(cluster))
 
 
 def divisors(n: int) -> list[int]:
@@ -325,7 +346,7 @@ def _per_rank_layers(lay: Layout, num_layers: int) -> np.ndarray:
 def search(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_batch_size: int,
            space: SearchSpace | None = None, top_k: int = 5) -> SearchResult:
     """Rank every valid layout for `model` on `cluster` (homogeneous cost model)."""
-    space = space or SearchSpace()
+    space = with_default_max_tp(space, cluster)
     start = time.perf_counter()
     gpu = cluster.gpu
     grid = generate(model, cluster.world_size, cluster.gpus_per_node, seq_len, global_batch_size,
@@ -388,6 +409,7 @@ def search_nodes(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_ba
     """`search`, and if no layout can use every node (e.g. 641 nodes, a prime), the largest
     subset of nodes (at most 1/8 left idle) that admits one; `idle_nodes` says which."""
     start = time.perf_counter()
+    space = with_default_max_tp(space, cluster)
     try:
         return search(model, cluster, seq_len, global_batch_size, space, top_k)
     except NoCandidates:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from cost_models.specs import NIC_KINDS, SpecError
 from planner.specfiles import gpu_preset, write_cluster_yaml
-from profiler.cluster_builder import NodeFacts, Summary, build_cluster, summarize
+from profiler.cluster_builder import NodeFacts, Summary, build_cluster, domain_lines, summarize
 from profiler.collectives import measure_collectives
 from profiler.context import (
     BACKENDS,
@@ -132,12 +132,15 @@ def run_profile(ctx: ProfileContext, output: Path, gpu_override: str | None,
     facts = node_facts(ctx, gpu_types, devices, nics, nic_override)
     intra_kind = "nvlink" if has_nvlink(topos[0]) else ("pcie" if ctx.on_cuda else "loopback")
     cluster, notes = build_cluster(name or output.stem, facts, p2p and p2p.bandwidth_GBps,
-                                   p2p and p2p.latency_s, collectives, intra_kind)
+                                   p2p and p2p.latency_s, collectives, intra_kind,
+                                   "nvlink" if ctx.on_cuda else None)
     measured = measured_section(ctx, devices, nics, topos, p2p, collectives, notes,
                                 time.perf_counter() - start)
     write_cluster_yaml(output, cluster, measured)
     summary = summarize(ctx.node_names, p2p.bandwidth_GBps) if p2p else None
-    return summary_text(ctx, facts, devices, summary) + contention_line(p2p) + (
+    domains = domain_lines(cluster, summary.slow_nodes if summary else ())
+    return summary_text(ctx, facts, devices, summary) + "".join(f"\n{d}" for d in domains) \
+        + contention_line(p2p) + (
         f"\nwrote {output} ({ctx.num_nodes} nodes, {ctx.world_size} ranks) in "
         f"{time.perf_counter() - start:.1f} s")
 

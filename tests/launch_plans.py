@@ -58,3 +58,16 @@ def make(name: str, table: dict = ACCEPTANCE) -> Plan:
 
 def all_plans() -> dict[str, Plan]:
     return {**{k: make(k) for k in ACCEPTANCE}, **{k: make(k, FAMILIES) for k in FAMILIES}}
+
+
+def nvl72(trays: int = 72, dtype: str = "mxfp8", **dims) -> Plan:
+    """Llama 3.1 405B on GB200 NVL72 trays (4 GPUs each, 18 per rack), as `meshplan plan`
+    chose it for 72 trays (tp4 pp6 cp4 dp3), in MXFP8 unless told otherwise."""
+    model, cluster = load_model("llama3.1-405b"), load_cluster("gb200-nvl72", nodes=trays)
+    dims = dims or dict(tp=4, pp=6, cp=4, dp=trays * 4 // 96)
+    layout = Layout(micro_batch_size=1, global_batch_size=288, seq_len=8192, dtype=dtype,
+                    sequence_parallel=True, **dims)
+    layout.validate(model, cluster.world_size)
+    est = cost_model.estimate(model, cluster, layout)
+    return Plan(model, cluster, layout, tuple(n.name for n in cluster.nodes),
+                {"step_time_s": est.step_time_s})

@@ -102,3 +102,24 @@ def test_override_says_what_the_megatron_flags_say(name):
         int(pairs["--decoder-first-pipeline-num-layers"]) if "--decoder-first-pipeline-num-layers" in pairs else None)
     assert bridge.other_fields(plan)["train"]["global_batch_size"] == int(pairs["--global-batch-size"])
     assert ("--tp-comm-overlap" in flags) == ("tp_comm_overlap=True" in bridge.recipe_override_py(plan))
+
+
+def test_mxfp8_recipe_is_what_the_megatron_flags_say():
+    """bf16_with_mxfp8_mixed (the name the override writes for --dtype mxfp8) sets the same
+    fp8 format and recipe as the Megatron-LM flags, and the fp8 parameter all-gather they add."""
+    from launcher.megatron import megatron_args
+
+    plan = launch_plans.nvl72()
+    assert bridge.PRECISION["mxfp8"] in re.findall(
+        r"@register\ndef (\w+)\(", SOURCES["megatron/bridge/training/mixed_precision.py"])
+    text = SOURCES["megatron/bridge/training/mixed_precision.py"]
+    body = text[text.index(f"def {bridge.PRECISION['mxfp8']}("):].split("\n\n\n")[0]
+    sets = dict(re.findall(r"cfg\.(\w+) = (.+)", body))
+    flags = megatron_args(plan)
+    pairs = dict(zip(flags, flags[1:], strict=False))
+    assert sets["fp8"].strip("'\"") == pairs["--fp8-format"] == "e4m3"
+    assert sets["fp8_recipe"].strip("'\"") == pairs["--fp8-recipe"] == "mxfp8"
+    assert sets["fp8_param_gather"] == "True" and "--fp8-param-gather" in flags
+    assert sets["reuse_grad_buf_for_mxfp8_param_ag"] == "True"
+    assert "--reuse-grad-buf-for-mxfp8-param-ag" in flags
+    assert f"cfg.mixed_precision = {bridge.PRECISION['mxfp8']!r}" in bridge.recipe_override_py(plan)

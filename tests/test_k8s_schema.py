@@ -32,6 +32,7 @@ import launch_plans  # noqa: E402
 jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is in the dev extra: pip install -e '.[dev]'")
 
 CRD = Path(__file__).parent / "data" / "kubeflow.org_pytorchjobs.yaml"
+DOMAIN_CRD = Path(__file__).parent / "data" / "resource.nvidia.com_computedomains.yaml"
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 OUT = Path("/shared/launch/run1")
 
@@ -41,6 +42,15 @@ def _schema() -> dict:
     crd = yaml.safe_load(CRD.read_text())
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return version["schema"]["openAPIV3Schema"]
+
+
+@functools.cache
+def _validator():
+    """A validator for the job schema, the schema itself checked once (jsonschema.validate
+    re-checks the 8,000-line schema against its metaschema on every call: ~4 s each)."""
+    cls = jsonschema.validators.validator_for(_schema())
+    cls.check_schema(_schema())
+    return cls(_schema())
 
 
 def _unknown_fields(value, schema: dict, path: str = "") -> list[str]:
@@ -115,7 +125,7 @@ def test_pytorchjob_valid_for_crd_and_webhook(name, framework):
     plan = PLANS[name]
     configmap, job = _docs(plan, framework)
     schema = _schema()
-    jsonschema.validate(job, schema)
+    _validator().validate(job)
     assert _unknown_fields(job, schema) == []
     assert webhook_errors(job) == []
     assert ("elasticPolicy" in job["spec"]) == (plan.nnodes > 1)
@@ -147,7 +157,7 @@ def test_schema_check_catches_bad_manifests():
     schema = _schema()
     bad = dict(job, spec=dict(job["spec"], nprocPerNode=2))  # must be a string
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(bad, schema)
+        _validator().validate(bad)
     typo = dict(job, spec=dict(job["spec"], elasticPolicy={"rdzvBackend": "c10d", "maxReplica": 2}))
     assert _unknown_fields(typo, schema) == [".spec.elasticPolicy.maxReplica"]
 
@@ -157,3 +167,45 @@ def test_job_name_is_dns1035_even_from_a_digit_run_id():
     files = render_launch(plan, "/app/train.py", OUT, "k8s", run_id="1st_run")
     job = list(yaml.safe_load_all(files["pytorchjob.yaml"]))[1]
     assert DNS1035.match(job["metadata"]["name"]) and webhook_errors(job) == []
+
+
+def test_nvl72_job_claims_a_compute_domain_channel_and_stays_in_a_clique():
+    """GB200 NVL72: ConfigMap, ComputeDomain (valid for NVIDIA's DRA driver CRD), PyTorchJob
+    (valid for the operator's CRD, which defines pod resourceClaims); every pod claims the
+    domain's channel, needs a clique-labelled node, and an 18-tray job stays in one clique."""
+    crd = yaml.safe_load(DOMAIN_CRD.read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1beta1"]
+    domain_schema = version["schema"]["openAPIV3Schema"]
+    for trays, required in ((18, True), (72, False)):
+        dims = dict(tp=4, pp=3, cp=2, dp=3) if trays == 18 else {}
+        plan = launch_plans.nvl72(trays, **dims)
+        files = render_launch(plan, "/app/train.py", OUT, "k8s", "megatron")
+        configmap, domain, job = yaml.safe_load_all(files["pytorchjob.yaml"])
+        assert (configmap["kind"], domain["kind"], job["kind"]) == (
+            "ConfigMap", "ComputeDomain", "PyTorchJob")
+        assert domain["apiVersion"] == f"{crd['spec']['group']}/v1beta1"
+        jsonschema.validate(domain, domain_schema)
+        assert _unknown_fields(domain, domain_schema) == []
+        assert domain["spec"]["numNodes"] == trays
+        template = domain["spec"]["channel"]["resourceClaimTemplate"]["name"]
+        _validator().validate(job)
+        assert _unknown_fields(job, _schema()) == []
+        assert webhook_errors(job) == []
+        for rspec in job["spec"]["pytorchReplicaSpecs"].values():
+            pod = rspec["template"]["spec"]
+            (claim,) = pod["resourceClaims"]
+            assert claim["resourceClaimTemplateName"] == template
+            (container,) = pod["containers"]
+            assert container["resources"]["claims"] == [{"name": claim["name"]}]
+            assert {"name": "NCCL_MNNVL_ENABLE", "value": "1"} in container["env"]
+            terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            assert terms["nodeSelectorTerms"][0]["matchExpressions"][0]["key"] == "nvidia.com/gpu.clique"
+            together = pod["affinity"]["podAffinity"]
+            key = "requiredDuringSchedulingIgnoredDuringExecution" if required else \
+                "preferredDuringSchedulingIgnoredDuringExecution"
+            assert list(together) == [key], together
+
+
+def test_one_node_domain_plans_have_no_compute_domain():
+    _, job = _docs(PLANS["70b-vp"])  # dgx-h100: NVLink stops at the node
+    assert "resourceClaims" not in job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]

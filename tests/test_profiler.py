@@ -16,7 +16,13 @@ import yaml
 
 from cost_models.specs import SpecError
 from planner.specfiles import load_cluster, write_cluster_yaml
-from profiler.cluster_builder import NodeFacts, build_cluster, summarize
+from profiler.cluster_builder import (
+    NodeFacts,
+    build_cluster,
+    domain_lines,
+    infer_domains,
+    summarize,
+)
 from profiler.collectives import CollectiveSample, bus_factor
 from profiler.context import layout_from_ranks
 from profiler.device import cpu_memory_GiB, match_gpu_preset
@@ -138,7 +144,7 @@ def test_summary_one_way_degradation_counts():
 
 
 def test_summary_slow_host_does_not_hide_a_degraded_pair():
-    # the netns test cluster: h3 at 50 Mbit/s, h0<->h1 capped at 100 Mbit/s
+    # a slow host (h3) and a pair degraded to a quarter (h0<->h1), as in netns_cluster once was
     mid = 0.0125
     bw = _matrix(4, lambda i, j: SLOW if 3 in (i, j) else mid if {i, j} == {0, 1} else FAST)
     s = summarize(("h0", "h1", "h2", "h3"), bw)
@@ -151,6 +157,70 @@ def test_summary_uniform_cluster_flags_nothing():
     s = summarize(("a", "b", "c"), _matrix(3, lambda i, j: FAST))
     assert s.slow_nodes == () and s.slow_pairs == ()
     assert s.lines[0].startswith("no slow hosts or pairs")
+
+
+# --------------------------------------------------------------------------------------------
+# NVLink domains from the pair matrix
+# --------------------------------------------------------------------------------------------
+
+NVLINK, NIC = 800.0, 45.0  # GB/s per pair: through an NVL72's switches, through a 400G NIC
+
+
+def test_two_racks_of_three_are_two_domains_despite_a_degraded_cross_pair():
+    rack = [0, 0, 0, 1, 1, 1]
+    bw = _matrix(6, lambda i, j: NVLINK if rack[i] == rack[j]
+                 else 2.0 if {i, j} == {0, 5} else NIC)
+    found = infer_domains(bw)  # the 45/2 jump is larger than 800/45 but leaves one component
+    assert found is not None and found.blocks == ((0, 1, 2), (3, 4, 5))
+    assert len(found.inside) == 6 and len(found.across) == 9
+
+
+@pytest.mark.parametrize("case, rate", [
+    ("uniform", lambda i, j: NIC),
+    ("one degraded pair", lambda i, j: NIC / 8 if {i, j} == {0, 1} else NIC),
+    ("chain, not a clique", lambda i, j: NVLINK if abs(i - j) == 1 else NIC),
+    ("all nodes fast", lambda i, j: NVLINK if {i, j} != {0, 1} else NVLINK / 2),
+    ("jump below the gap", lambda i, j: 2.5 * NIC if max(i, j) < 3 else NIC),
+])
+def test_no_domain_without_a_fast_clique_and_nodes_outside(case, rate):
+    assert infer_domains(_matrix(4, rate)) is None, case
+
+
+def _built(bw, names=("h0", "h1", "h2", "h3")):
+    lat = _matrix(len(names), lambda i, j: 1e-5 if bw[i][j] >= NVLINK / 2 else 1e-4)
+    facts = [NodeFacts(n, 4, "GB200", 180.0, "infiniband") for n in names]
+    return build_cluster("lab", facts, bw, lat, {}, "nvlink", "nvlink")
+
+
+def test_fast_block_of_three_becomes_a_domain_listed_first(tmp_path):
+    # h1..h3 are the block: they are moved in front of h0 (a domain is one run of nodes)
+    bw = _matrix(4, lambda i, j: NIC if 0 in (i, j) else NVLINK)
+    cluster, notes = _built(bw)
+    assert [(n.name, n.domain) for n in cluster.nodes] == [
+        ("h1", "nvl0"), ("h2", "nvl0"), ("h3", "nvl0"), ("h0", "")]
+    assert cluster.domain_gpus == 12 and cluster.domain_link.kind == "nvlink"
+    assert cluster.domain_link.bandwidth_GBps == NVLINK and cluster.inter_node.bandwidth_GBps == NIC
+    assert cluster.domain_link.latency_s == 1e-5 and cluster.inter_node.latency_s == 1e-4
+    assert cluster.bandwidth_GBps[3][0] == NIC and cluster.bandwidth_GBps[0][1] == NVLINK
+    assert notes == ["intra_node: not measured (one rank per node), preset value",
+                     "NVLink domains inferred from the pair matrix: 3 nodes "
+                     "(pairs inside >= 3x faster than across)"]
+    path = tmp_path / "cluster.yaml"
+    write_cluster_yaml(path, cluster, {"notes": notes})
+    loaded = load_cluster(str(path))
+    assert loaded.nodes == cluster.nodes and loaded.domain_link == cluster.domain_link
+    lines = domain_lines(loaded, slow_nodes=("h0",))
+    assert lines[0] == "NVLink domain nvl0: h1, h2, h3 (pairs inside 800 GB/s, across domains " \
+                       "45 GB/s)"
+    assert lines[1].startswith("note: h0 outside the only domain also read as slow host(s)")
+
+
+def test_domains_of_different_sizes_are_reported_not_written():
+    group = [0, 0, 0, 1, 1, 2]  # blocks of 3 and 2 and a lone node: not one domain size
+    bw = _matrix(6, lambda i, j: NVLINK if group[i] == group[j] else NIC)
+    cluster, notes = _built(bw, tuple(f"h{i}" for i in range(6)))
+    assert all(n.domain == "" for n in cluster.nodes) and cluster.domain_link is None
+    assert any("NVLink domains seen in the pair matrix but not kept" in n for n in notes), notes
 
 
 # --------------------------------------------------------------------------------------------

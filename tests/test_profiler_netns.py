@@ -1,8 +1,10 @@
 """`meshplan profile --quick` on a real 4-host network-namespace cluster shaped with tc.
 
-Hosts h0..h2 get 400 Mbit/s links, h3 gets 50 Mbit/s (both directions shaped), so a pair
-runs at the slower host's rate: 0.05 GB/s among h0..h2, 0.00625 GB/s to/from h3; in addition
-the pair h0<->h1 is capped at 100 Mbit/s (0.0125 GB/s) as a degraded pair. Needs root
+Hosts h0..h2 get 400 Mbit/s links, h3 gets 40 Mbit/s (both directions shaped), so a pair
+runs at the slower host's rate: 0.05 GB/s among h0..h2, 0.005 GB/s to/from h3; in addition
+the pair h0<->h1 is capped at 180 Mbit/s (0.0225 GB/s) as a degraded pair. h0..h2 are then
+a block of 3 nodes whose pairs are >= 4.5x faster than the pairs leaving it: the profiler
+writes it as an NVLink domain. Needs root
 and iproute2 (ip, tc); skips with the reason otherwise. One profile run (~40 s wall on a
 loaded 2-core machine, mostly torch start-up) serves all the checks.
 """
@@ -97,8 +99,25 @@ def test_profile_used_namespace_interfaces_and_loads(cluster, profiled):
     assert measured["backend"] == "gloo" and measured["device"] == "cpu"
     busbw = {s["op"]: s["busbw_GBps"] for s in measured["collectives"]["inter_node"]}
     assert set(busbw) == {"all_reduce", "all_gather", "reduce_scatter"}
-    # A ring through h3 cannot beat h3's 50 Mbit/s link (6.25 MB/s) by more than the burst.
+    # A ring through h3 cannot beat h3's 40 Mbit/s link (5 MB/s) by more than the burst.
     assert busbw["all_reduce"] <= 1.25 * expected_GBps(cluster, 0, 3)
     spec = load_cluster(str(profiled[0]))
     assert spec.inter_node.efficiency == 1.0
     assert spec.latency_s is not None and spec.latency_s[0][1] > 0
+
+
+def test_fast_block_of_three_nodes_is_written_as_a_domain(cluster, profiled):
+    """h0..h2 (pairs 22.5-50 MB/s) vs their pairs to h3 (5 MB/s): one NVLink domain of 3 nodes,
+    domain_link = median in-block pair (50 MB/s), inter_node = median pair leaving it."""
+    raw = yaml.safe_load(Path(profiled[0]).read_text())
+    assert [(n["name"], n.get("domain", "")) for n in raw["nodes"]] == [
+        ("h0", "nvl0"), ("h1", "nvl0"), ("h2", "nvl0"), ("h3", "")]
+    spec = load_cluster(str(profiled[0]))
+    assert spec.nodes_per_domain == 3 and spec.domain_gpus == 3
+    fast, slow = expected_GBps(cluster, 0, 2), expected_GBps(cluster, 0, 3)
+    assert abs(spec.domain_link.bandwidth_GBps - fast) <= TOLERANCE * fast, raw["domain_link"]
+    assert abs(spec.inter_node.bandwidth_GBps - slow) <= TOLERANCE * slow, raw["inter_node"]
+    assert spec.link_between(0, 3).bandwidth_GBps < spec.link_between(1, 2).bandwidth_GBps
+    assert "NVLink domain nvl0: h0, h1, h2 (pairs inside" in profiled[1], profiled[1]
+    assert any(n.startswith("NVLink domains inferred from the pair matrix: 3 nodes")
+               for n in raw["measured"]["notes"]), raw["measured"]["notes"]
