@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         threading.Thread(target=watch_stdin, daemon=True, name="meshplan-agent-stdin").start()
     if sender is not None:
         sender.send({"ev": "start", "node": args.node, "pid": os.getpid(), "t": time.time()})
+    print(f"meshplan agent {args.node}: started {args.command[0]} (pid {child.pid})", flush=True)
     seen_t = 0.0
     while child.poll() is None and not stopping.is_set():
         if time.monotonic() - seen_t > 1.0:

@@ -352,7 +352,10 @@ def start_nodes(plan: Plan, plan_path: Path, attempt_dir: Path, opts: RunOptions
             env = node_env(cmd.env, cmd.node_name, attempt_dir / "monitor", opts, strip_faults,
                            collector)
             host = hosts.get(cmd.node_name, cmd.host or cmd.node_name)
-            argv = agent_argv(opts, cmd.node_name, host, tuple(cmd.argv), env, collector)
+            torchrun = list(cmd.argv)
+            if cmd.node_name in addr:  # c10d rendezvous: peers reach this node here, not at the
+                torchrun[1:1] = ["--local-addr", addr[cmd.node_name]]  # hostname (netns share it)
+            argv = agent_argv(opts, cmd.node_name, host, tuple(torchrun), env, collector)
             with open(attempt_dir / f"node{cmd.node_rank}.log", "wb") as out:
                 procs.append(subprocess.Popen(
                     argv, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -506,39 +509,63 @@ def run_attempt(plan: Plan, attempt_dir: Path, opts: RunOptions, strip_faults: b
 
 
 class PlanCache:
-    """Plans for the job without any 1 or 2 of its nodes, computed ahead in a low-priority
-    background thread while the job runs, so a re-plan after an exclusion is a look-up.
+    """Plans for the job without any 1 or 2 of its nodes, computed ahead while the job runs, so
+    a re-plan after an exclusion is a look-up.
 
-    Keys are the sets of excluded node names (relative to the first plan); N-1 sets first."""
+    The planning runs in a forked child process at nice 19 (a thread would hold the GIL for
+    seconds of search and stall the supervisor's watch loop) that sends each result back over
+    a pipe; a reader thread files them. Keys are the sets of excluded node names (relative to
+    the first plan); N-1 sets first. Without fork (not Linux/macOS) nothing is precomputed."""
 
     def __init__(self, plan: Plan, replan: Replanner, depth: int = 2) -> None:
+        import multiprocessing
+
         self._plan, self._replan = plan, replan
         names = list(plan.node_order)
         self._keys = [frozenset({a}) for a in names]
-        if depth >= 2:
+        if depth >= 2 and len(names) > 2:
             self._keys += [frozenset({a, b}) for i, a in enumerate(names) for b in names[i + 1:]]
         self._done: dict[frozenset[str], tuple[Plan | None, BaseException | None, float]] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._work, daemon=True, name="meshplan-precompute")
-        self._thread.start()
+        self._proc = None
+        try:
+            ctx = multiprocessing.get_context("fork")
+        except ValueError:
+            return
+        self._recv, send = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=self._work, args=(send,), daemon=True,
+                                 name="meshplan-precompute")
+        self._proc.start()
+        send.close()
+        threading.Thread(target=self._collect, daemon=True, name="meshplan-precompute-rx").start()
 
-    def _work(self) -> None:
-        try:  # Linux: a thread's nice value is its own; keep the training ranks ahead of us
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (AttributeError, OSError):
+    def _work(self, send) -> None:
+        """In the child: plan every key, send (key, plan, error, seconds) each."""
+        try:
+            os.nice(19)
+        except OSError:
             pass
         for key in self._keys:
-            if self._stop.is_set():
-                return
             t0 = time.perf_counter()
             try:
                 res: tuple = (self._replan(self._plan, reduce_cluster(self._plan.cluster, set(key))),
                               None)
             except Exception as exc:  # kept and raised again on use (e.g. InfeasibleLayout)
                 res = (None, exc)
+            try:
+                send.send((key, *res, time.perf_counter() - t0))
+            except Exception:  # an unpicklable result or error: that key is planned on demand
+                pass
+        send.close()
+
+    def _collect(self) -> None:
+        while True:
+            try:
+                key, plan, exc, seconds = self._recv.recv()
+            except (EOFError, OSError):
+                return
             with self._lock:
-                self._done[key] = (*res, time.perf_counter() - t0)
+                self._done[key] = (plan, exc, seconds)
 
     def get(self, excluded: frozenset[str]) -> tuple[Plan, float] | None:
         """(plan, seconds it took to compute) if precomputed; raises what the re-plan raised."""
@@ -556,7 +583,9 @@ class PlanCache:
             return len(self._done)
 
     def close(self) -> None:
-        self._stop.set()
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(timeout=2.0)
 
 
 def cached_replanner(cache: PlanCache | None, original: Plan, replan: Replanner,
