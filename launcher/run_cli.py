@@ -52,7 +52,7 @@ def _words(text: str | None, option: str) -> tuple[str, ...]:
               show_default=True, help="Exclude a persistent straggler's node, or only log it.")
 @click.option("--hang-k", type=float, default=3.0, show_default=True, callback=finite_range(1.0, 1000.0),
               help="Hang after no progress for hang-k x median step period ...")
-@click.option("--hang-floor", type=float, default=60.0, show_default=True, callback=finite_range(0.0, 86400.0),
+@click.option("--hang-floor", type=float, default=10.0, show_default=True, callback=finite_range(0.0, 86400.0),
               help="... but never sooner than this many seconds.")
 @click.option("--startup-timeout", type=float, default=300.0, show_default=True, callback=finite_range(1.0, 86400.0),
               help="Seconds allowed for start-up (before the step period is known).")

@@ -246,3 +246,25 @@ def test_agent_needs_a_command():
     proc = _agent("--node", "n0")
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 2 and "give the command to run after --" in out
+
+
+def test_cli_remote_launcher_needs_hosts(tmp_path):
+    from cost_models.specs import Layout
+    from planner.planfile import Plan, write_plan
+    from planner.specfiles import load_cluster, load_model
+
+    model, cluster = load_model("tiny-gpt"), load_cluster("local-cpu", nodes=2, gpus_per_node=1)
+    layout = Layout(tp=1, pp=1, dp=2, micro_batch_size=1, global_batch_size=2, seq_len=32)
+    write_plan(Plan(model, cluster, layout, tuple(n.name for n in cluster.nodes), {}),
+               tmp_path / "plan.yaml")
+    script = tmp_path / "train.py"
+    script.write_text("")
+    for extra, want in ((["--launcher", "ssh"], "--launcher ssh needs --hosts H1,H2,..."),
+                        (["--launcher", "ssh", "--hosts", "a,,b"], "--hosts 'a,,b' has an empty"),
+                        (["--launcher", "netns", "--hosts", "a"], "--hosts names 1 host(s) but")):
+        proc = subprocess.run([sys.executable, "-m", "planner.cli", "run", str(tmp_path / "plan.yaml"),
+                               "--script", str(script), "-o", str(tmp_path / "out"), *extra],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and want in lines[0] and "Traceback" not in proc.stderr, proc.stderr
