@@ -66,6 +66,9 @@ def _words(text: str | None, option: str) -> tuple[str, ...]:
               help="Steps in each score's rolling median.")
 @click.option("--straggler-steps", type=int, default=3, show_default=True, callback=_positive,
               help="Consecutive slow steps before a rank is a persistent straggler.")
+@click.option("--straggler-min-excess", type=float, default=0.005, show_default=True,
+              callback=finite_range(0.0, 3600.0),
+              help="Ignore a rank slower than its peers by less than this many seconds per step.")
 @click.option("--poll", type=float, default=0.25, show_default=True, callback=finite_range(0.01, 60.0),
               help="Seconds between looks at the ranks' records.")
 @click.option("--launcher", type=click.Choice(["local", "netns", "ssh", "srun"]), default="local",
@@ -86,8 +89,8 @@ def _words(text: str | None, option: str) -> tuple[str, ...]:
 def run(plan_file: str, script: str, steps: int | None, out_dir: str, ckpt_dir: str | None,
         incident_log: str | None, max_restarts: int, on_straggler: str, hang_k: float,
         hang_floor: float, startup_timeout: float, dead_after: float, heartbeat: float,
-        straggler_threshold: float, straggler_window: int, straggler_steps: int, poll: float,
-        launcher: str, hosts: str | None, addresses: str | None, collector_bind: str | None,
+        straggler_threshold: float, straggler_window: int, straggler_steps: int,
+        straggler_min_excess: float, poll: float, launcher: str, hosts: str | None, addresses: str | None, collector_bind: str | None,
         collector_host: str | None, no_precompute: bool, as_json: bool,
         script_args: tuple[str, ...]) -> None:
     """Launch PLAN.yaml with torchrun under supervision: on a dead or hung rank, a failed node
@@ -99,7 +102,8 @@ def run(plan_file: str, script: str, steps: int | None, out_dir: str, ckpt_dir: 
                             hang_floor_s=hang_floor, startup_timeout_s=startup_timeout,
                             straggler_threshold=straggler_threshold,
                             straggler_window_steps=straggler_window,
-                            straggler_windows=straggler_steps)
+                            straggler_windows=straggler_steps,
+                            straggler_min_excess_s=straggler_min_excess)
     except ValueError as exc:
         raise SpecError(f"meshplan run: {exc}") from None
     host_list = _words(hosts, "--hosts")
