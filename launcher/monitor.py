@@ -51,11 +51,16 @@ class MonitorConfig:
     """Each step's score uses the median over this many latest steps (rolling median)."""
     straggler_windows: int = 3
     """Consecutive slow steps before a rank is flagged as a persistent straggler."""
-    straggler_min_excess_s: float = 0.005
-    """Ignore slowness smaller than this in absolute terms (timer and scheduler noise)."""
+    straggler_min_excess_s: float = 0.1
+    """Ignore slowness smaller than this in absolute terms (timer and scheduler noise). With
+    every collective hooked, compute_s is pure compute, and OS scheduling on a shared CPU moves
+    a ~0.1 s compute by 2x for several steps; a real 1.5x+ straggler on a >= 0.2 s compute
+    step still exceeds it."""
     slow_link_factor: float = 3.0
     """A rank's collective transfer time above this x the peers' median is an outlier."""
-    slow_link_min_s: float = 0.005
+    slow_link_min_s: float = 0.05
+    """Ignore a per-step transfer excess below this (summed over every hooked collective of
+    the step, a descheduled rank on a shared CPU reaches tens of ms)."""
     slow_link_windows: int = 5
     """Consecutive steps with the same outlier set before a slow link is reported."""
 

@@ -66,7 +66,7 @@ def _words(text: str | None, option: str) -> tuple[str, ...]:
               help="Steps in each score's rolling median.")
 @click.option("--straggler-steps", type=int, default=3, show_default=True, callback=_positive,
               help="Consecutive slow steps before a rank is a persistent straggler.")
-@click.option("--straggler-min-excess", type=float, default=0.005, show_default=True,
+@click.option("--straggler-min-excess", type=float, default=0.1, show_default=True,
               callback=finite_range(0.0, 3600.0),
               help="Ignore a rank slower than its peers by less than this many seconds per step.")
 @click.option("--poll", type=float, default=0.25, show_default=True, callback=finite_range(0.01, 60.0),
@@ -90,7 +90,8 @@ def run(plan_file: str, script: str, steps: int | None, out_dir: str, ckpt_dir: 
         incident_log: str | None, max_restarts: int, on_straggler: str, hang_k: float,
         hang_floor: float, startup_timeout: float, dead_after: float, heartbeat: float,
         straggler_threshold: float, straggler_window: int, straggler_steps: int,
-        straggler_min_excess: float, poll: float, launcher: str, hosts: str | None, addresses: str | None, collector_bind: str | None,
+        straggler_min_excess: float, poll: float, launcher: str, hosts: str | None,
+        addresses: str | None, collector_bind: str | None,
         collector_host: str | None, no_precompute: bool, as_json: bool,
         script_args: tuple[str, ...]) -> None:
     """Launch PLAN.yaml with torchrun under supervision: on a dead or hung rank, a failed node

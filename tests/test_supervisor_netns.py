@@ -187,10 +187,9 @@ def faulty_run(cluster, tmp_path_factory):
     opts = RunOptions(
         script=SCRIPT, out_dir=out, steps=STEPS,
         script_args=("--ckpt-every", str(CKPT_EVERY), "--log-file", str(out / "losses.jsonl")),
-        # default hang/dead options; straggler: 0.5 (2x slower) and 100 ms, not 0.7 and 5 ms:
-        # with 8 ranks time-sharing 2 cores a clean rank's ~50 ms compute strays to ~2x
-        monitor=MonitorConfig(startup_timeout_s=90.0, straggler_threshold=0.5,
-                              straggler_min_excess_s=0.1),
+        # default options but the straggler threshold, 0.5 (2x slower) not 0.7: with 8 ranks
+        # time-sharing 2 cores a clean rank's rolling compute median strays to ~1.5-2x
+        monitor=MonitorConfig(startup_timeout_s=90.0, straggler_threshold=0.5),
         straggler_action="log", teardown_grace_s=2.0,
         launcher="netns", hosts=tuple(h.netns for h in cluster.hosts),
         addresses=tuple(h.ip for h in cluster.hosts), collector_bind=cluster.root_ip,
