@@ -27,6 +27,9 @@ Fault injection (used by the `meshplan run` supervisor's tests), by global rank:
     MESHPLAN_FAULT_HANG="RANK:STEP"             the rank sleeps forever when step STEP begins
     MESHPLAN_FAULT_SLOW="RANK:FACTOR[:FROM]"    the rank's steps take ~FACTOR x longer from
                                                 step FROM (default 0) on
+    MESHPLAN_FAULT_SLOW_CKPT="SECONDS[:STEP]"   the checkpoint save after STEP steps (every
+                                                save without STEP) takes SECONDS longer
+                                                (slow storage; the save is a section)
 Context parallelism (cp > 1) and MoE models are not supported and are rejected up front.
 """
 
@@ -366,6 +369,24 @@ def _barrier(setup: Setup) -> None:
         dist.barrier()
 
 
+def slow_checkpoint_s(env: Mapping[str, str], step: int) -> float:
+    """Extra seconds MESHPLAN_FAULT_SLOW_CKPT="SECONDS[:STEP]" adds to the save at `step`
+    (0 when unset or another step); SpecError when malformed."""
+    value = env.get("MESHPLAN_FAULT_SLOW_CKPT", "").strip()
+    if not value:
+        return 0.0
+    seconds_text, _, step_text = value.partition(":")
+    try:
+        seconds = float(seconds_text)
+        at = int(step_text) if step_text else None
+    except ValueError:
+        seconds, at = -1.0, None
+    if not 0.0 <= seconds < 3600.0:
+        raise SpecError(f"MESHPLAN_FAULT_SLOW_CKPT={value!r} must look like SECONDS[:STEP], "
+                        "seconds in [0, 3600)")
+    return seconds if at is None or at == step else 0.0
+
+
 def save_checkpoint(setup: Setup, ckpt_dir: str, step: int, mon: StepMonitor) -> Path:
     """Save model, optimizer and step to ckpt_dir/step_<step> via a temporary directory.
 
@@ -375,10 +396,12 @@ def save_checkpoint(setup: Setup, ckpt_dir: str, step: int, mon: StepMonitor) ->
     """
     final = Path(ckpt_dir) / f"{CKPT_PREFIX}{step}"
     tmp = Path(ckpt_dir) / f".tmp_{CKPT_PREFIX}{step}"
-    with mon.comm("checkpoint"):
+    # a section: a long save is a legitimate pause, not a hang (the detector allows for it)
+    with mon.section("checkpoint"), mon.comm("checkpoint"):
         if setup.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
+            time.sleep(slow_checkpoint_s(os.environ, step))
         _barrier(setup)
         state, _ = par.checkpoint_state(setup.chunks, setup.optimizers, step)
         par.save_state(state, str(tmp))

@@ -39,7 +39,10 @@ class MonitorConfig:
     """A rank whose heartbeat is older than this, with no close/signal record, is dead."""
     hang_k: float = 3.0
     """Hang when no rank progressed for max(hang_k x median step period, hang_floor_s)."""
-    hang_floor_s: float = 60.0
+    hang_floor_s: float = 10.0
+    """Tight by default: long legitimate pauses are announced as sections (`mon.section`)."""
+    section_timeout_s: float = 900.0
+    """While a rank is in an announced section (checkpoint save, evaluation) a hang needs this."""
     startup_timeout_s: float = 300.0
     """Before every rank finished 2 steps: the limit for starting up and for progress."""
     straggler_threshold: float = 0.7
@@ -48,18 +51,24 @@ class MonitorConfig:
     """Each step's score uses the median over this many latest steps (rolling median)."""
     straggler_windows: int = 3
     """Consecutive slow steps before a rank is flagged as a persistent straggler."""
-    straggler_min_excess_s: float = 0.005
-    """Ignore slowness smaller than this in absolute terms (timer and scheduler noise)."""
+    straggler_min_excess_s: float = 0.1
+    """Ignore slowness smaller than this in absolute terms (timer and scheduler noise). With
+    every collective hooked, compute_s is pure compute, and OS scheduling on a shared CPU moves
+    a ~0.1 s compute by 2x for several steps; a real 1.5x+ straggler on a >= 0.2 s compute
+    step still exceeds it."""
     slow_link_factor: float = 3.0
     """A rank's collective transfer time above this x the peers' median is an outlier."""
-    slow_link_min_s: float = 0.005
+    slow_link_min_s: float = 0.05
+    """Ignore a per-step transfer excess below this (summed over every hooked collective of
+    the step, a descheduled rank on a shared CPU reaches tens of ms)."""
     slow_link_windows: int = 5
     """Consecutive steps with the same outlier set before a slow link is reported."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.straggler_threshold < 1.0:
             raise ValueError(f"straggler threshold {self.straggler_threshold} must be in (0, 1)")
-        for name in ("heartbeat_timeout_s", "hang_k", "hang_floor_s", "startup_timeout_s"):
+        for name in ("heartbeat_timeout_s", "hang_k", "hang_floor_s", "startup_timeout_s",
+                     "section_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if min(self.straggler_window_steps, self.straggler_windows, self.slow_link_windows) < 1:
@@ -115,10 +124,22 @@ class RankView:
     partial: tuple[Collective, ...] = ()
     """Collectives of the step in progress."""
     begin_t: float | None = None
+    open_async: tuple[tuple[int, str, int, float], ...] = ()
+    """(id, name, step, enter_t) of asynchronous collectives issued and not yet completed."""
+    open_section: tuple[str, float] | None = None
+    """(name, open time) of an announced section (`mon.section`) not yet closed."""
 
     @property
     def last_done_step(self) -> int:
         return self.samples[-1].step if self.samples else -1
+
+    @property
+    def waiting_in(self) -> tuple[str, int, float] | None:
+        """The collective the rank is blocked in: the open synchronous one, else the oldest
+        asynchronous one still in flight."""
+        if self.open_comm is not None:
+            return self.open_comm
+        return self.open_async[0][1:] if self.open_async else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +202,7 @@ def fold_records(view: RankView, records: list[dict]) -> RankView:
     """`view` updated with `records` (in file order). Unknown events are ignored."""
     st = {name: getattr(view, name) for name in RankView.__slots__}
     samples, partial = list(st["samples"]), list(st["partial"])
+    st["open_async"] = list(st["open_async"])
     for rec in records:
         ev, t = rec.get("ev"), float(rec["t"])
         st["last_t"] = t if st["last_t"] is None else max(st["last_t"], t)
@@ -189,6 +211,7 @@ def fold_records(view: RankView, records: list[dict]) -> RankView:
         except (KeyError, TypeError, ValueError):
             log.warning("rank %d: skipping malformed %r record", view.rank, ev)
     st["samples"], st["partial"] = tuple(samples[-HISTORY_STEPS:]), tuple(partial)
+    st["open_async"] = tuple(st["open_async"][-HISTORY_STEPS:])
     return RankView(**st)
 
 
@@ -198,13 +221,24 @@ def _apply(st: dict, samples: list, partial: list, ev: str, t: float, rec: dict)
     elif ev == "begin":
         st.update(current_step=int(rec["step"]), begin_t=t, open_comm=None)
         partial.clear()
+    elif ev == "enter" and "id" in rec:  # asynchronous (hooked, async_op=True)
+        st["open_async"].append((int(rec["id"]), str(rec["name"]), int(rec["step"]), t))
     elif ev == "enter":
         st["open_comm"] = (str(rec["name"]), int(rec["step"]), t)
+    elif ev == "leave" and "id" in rec:
+        cid = int(rec["id"])
+        opened = [o for o in st["open_async"] if o[0] == cid]
+        st["open_async"] = [o for o in st["open_async"] if o[0] != cid]
+        enter_t = opened[0][3] if opened else t - float(rec.get("dur_s", 0.0))
+        if int(rec["step"]) == st["current_step"]:
+            partial.append(Collective(str(rec["name"]), enter_t, t))
     elif ev == "leave":
         opened = st["open_comm"]
         enter_t = opened[2] if opened else t - float(rec.get("dur_s", 0.0))
         partial.append(Collective(str(rec["name"]), enter_t, t))
         st["open_comm"] = None
+    elif ev == "section":
+        st["open_section"] = (str(rec["name"]), t) if rec.get("open") else None
     elif ev == "end":
         loss = rec.get("loss")
         samples.append(StepSample(
@@ -299,10 +333,13 @@ def median_period_s(views: dict[int, RankView]) -> float | None:
     return statistics.median(periods) if periods else None
 
 
-def find_hang(views: dict[int, RankView], now: float, cfg: MonitorConfig) -> Incident | None:
+def find_hang(views: dict[int, RankView], now: float, cfg: MonitorConfig,
+              stopped: frozenset[int] = frozenset()) -> Incident | None:
     """No rank has written a record for max(hang_k x median period, hang_floor_s) seconds
-    (the start-up timeout before the period is known). The culprit is the live rank missing
-    from the collective most waiting ranks are blocked in."""
+    (the start-up timeout before the period is known; `section_timeout_s` while a rank is in
+    an announced section). The culprit is a rank the supervisor sees stopped (`stopped`:
+    process state T, e.g. SIGSTOP), else the live rank missing from the collective most
+    waiting ranks are blocked in."""
     live = {r: v for r, v in views.items() if v.terminal is None and v.last_t is not None}
     if not live:
         return None
@@ -310,18 +347,31 @@ def find_hang(views: dict[int, RankView], now: float, cfg: MonitorConfig) -> Inc
     period = median_period_s(views)
     limit_s = cfg.startup_timeout_s if period is None else max(cfg.hang_k * period,
                                                               cfg.hang_floor_s)
+    sections = sorted({v.open_section[0] for v in live.values() if v.open_section})
+    if sections:
+        limit_s = max(limit_s, cfg.section_timeout_s)
     stalled_s = now - progress_t
     if stalled_s < limit_s:
         return None
     waiting: dict[tuple[str, int], list[int]] = {}
     for rank, view in live.items():
-        if view.open_comm is not None:
-            waiting.setdefault(view.open_comm[:2], []).append(rank)
+        if view.waiting_in is not None:
+            waiting.setdefault(view.waiting_in[:2], []).append(rank)
     evidence = {"stalled_s": round(stalled_s, 3), "limit_s": round(limit_s, 3),
                 "median_period_s": period,
                 "rank_steps": {str(r): v.current_step for r, v in sorted(live.items())}}
+    if sections:
+        evidence["sections"] = sections
     culprit = None
-    if waiting:
+    frozen = sorted(r for r in stopped if r in live)
+    if frozen:
+        evidence["stopped_ranks"] = frozen
+        culprit = frozen[0]
+        if waiting:
+            key, ranks = max(waiting.items(), key=lambda kv: (len(kv[1]), kv[0][1]))
+            evidence.update(collective=key[0], collective_step=key[1],
+                            waiting_ranks=sorted(ranks))
+    elif waiting:
         key, ranks = max(waiting.items(), key=lambda kv: (len(kv[1]), kv[0][1]))
         missing = sorted(r for r in live if r not in ranks)
         evidence.update(collective=key[0], collective_step=key[1], waiting_ranks=sorted(ranks),

@@ -27,9 +27,12 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +42,7 @@ from cost_models.specs import ClusterSpec, InfeasibleLayout, SpecError
 from planner.fileio import write_atomic
 from planner.planfile import Plan, PlanRequest, write_plan
 
+from .collector import COLLECTOR_ENV, Collector
 from .monitor import (
     Incident,
     MonitorConfig,
@@ -51,6 +55,7 @@ from .monitor import (
     fold_records,
     read_new_records,
 )
+from .procs import _stat, process_tree, teardown  # noqa: F401  (re-exported)
 from .runtime import HEARTBEAT_ENV, MONITOR_DIR_ENV, NODE_ENV, heartbeat_path
 
 log = logging.getLogger("meshplan.supervisor")
@@ -84,6 +89,26 @@ class RunOptions:
     """After a node process fails, keep reading records this long before blaming a rank."""
     teardown_grace_s: float = 5.0
     """SIGTERM, then SIGKILL after this long."""
+    launcher: str = "local"
+    """How node agents start: local | netns | ssh | srun (see `agent_argv`)."""
+    hosts: tuple[str, ...] = ()
+    """Per node of the first plan (its node order): netns name, ssh host or SLURM node."""
+    addresses: tuple[str, ...] = ()
+    """Per host: the address other hosts reach it at [default: the host name itself]; node 0's
+    of each attempt is the rendezvous endpoint (a netns name is no address)."""
+    host_map: tuple[tuple[str, str, str], ...] = ()
+    """(plan node name, host, address): set by `supervise` from hosts/addresses."""
+    collector_bind: str = "127.0.0.1"
+    """Where the record collector listens (0.0.0.0 for remote hosts)."""
+    collector_host: str | None = None
+    """The address ranks use to reach the collector [default: collector_bind, or this host's
+    name when it listens on every interface]."""
+    extra_env: tuple[tuple[str, str], ...] = ()
+    """Added to every node's environment (e.g. GLOO_SOCKET_IFNAME)."""
+    python: str | None = None
+    """Python on the nodes [default: this interpreter]."""
+    precompute: bool = True
+    """Plan for N-1 and N-2 nodes in the background while the job runs."""
 
     @property
     def ckpt(self) -> Path:
@@ -92,6 +117,12 @@ class RunOptions:
     @property
     def log_path(self) -> Path:
         return self.incident_log or self.out_dir / "incidents.jsonl"
+
+    @property
+    def reach_collector(self) -> str:
+        if self.collector_host:
+            return self.collector_host
+        return socket.gethostname() if self.collector_bind in ("0.0.0.0", "::", "") else self.collector_bind
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +135,12 @@ class AttemptResult:
     incident: Incident | None
     exit_codes: dict[str, int | None]
     seconds: float
+    started_t: float = 0.0
+    """Wall-clock time the node agents were started (time.time())."""
+    transport: dict = field(default_factory=dict)
+    """The collector's counts for this attempt: received, lost, duplicates, connections."""
+    poll_cpu_s: float = 0.0
+    """CPU seconds the supervisor's watch loop used (for the overhead per step)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +151,9 @@ class RunResult:
     excluded_nodes: tuple[str, ...]
     final_plan: Path | None
     message: str
+    recoveries: tuple[dict, ...] = ()
+    """Per relaunch: incident kind, re-plan seconds, whether the plan was precomputed, and
+    seconds from detection to the next attempt's start."""
 
 
 # -- incident log ----------------------------------------------------------------------------
@@ -209,74 +249,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stat(pid: int) -> tuple[int, int, str] | None:
-    """(ppid, start time in clock ticks, state) of a live process, from /proc (Linux)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2:].split()  # after "(comm) ": state, ppid, ...
-    return int(fields[1]), int(fields[19]), fields[0]
-
-
-def process_tree(pid: int) -> dict[int, int]:
-    """`pid` and its live descendants -> their start times. torchrun starts its workers in
-    their own sessions, so killing torchrun's process group alone would orphan them."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        info = _stat(int(entry.name)) if entry.name.isdigit() else None
-        if info is not None:
-            children.setdefault(info[0], []).append(int(entry.name))
-    out: dict[int, int] = {}
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        info = _stat(p)
-        if info is None or p in out:
-            continue
-        out[p] = info[1]
-        todo.extend(children.get(p, []))
-    return out
-
-
-def _signal_known(known: dict[int, int], sig: int) -> None:
-    """Signal each process we started (same pid *and* start time, so a recycled pid is never
-    hit), and the process group it leads."""
-    own_group = os.getpgrp()
-    for pid, started in known.items():
-        info = _stat(pid)
-        if info is None or info[1] != started or info[2] == "Z":
-            continue
-        try:
-            if os.getpgid(pid) == pid != own_group:  # a session/group leader: its whole group
-                os.killpg(pid, sig)
-            else:
-                os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def teardown(procs: list[subprocess.Popen], known: dict[int, int], grace_s: float) -> None:
-    """SIGTERM every node process (torchrun forwards it to its workers) and every process we
-    saw under them, then SIGKILL whatever is left after `grace_s`: no orphans."""
-    known = dict(known)
-    for proc in procs:
-        known.update(process_tree(proc.pid))
-    _signal_known(known, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
-        except subprocess.TimeoutExpired:
-            pass
-    _signal_known(known, signal.SIGKILL)
-    for proc in procs:
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            log.warning("node process %d did not exit after SIGKILL", proc.pid)
-
-
 # -- one attempt -----------------------------------------------------------------------------
 
 def expected_ranks(plan: Plan) -> dict[int, str]:
@@ -299,22 +271,25 @@ def script_args_for(plan_path: Path, opts: RunOptions) -> tuple[str, ...]:
 
 
 def node_env(cmd_env: dict[str, str], node: str, monitor_dir: Path, opts: RunOptions,
-             strip_faults: bool) -> dict[str, str]:
+             strip_faults: bool, collector: str | None = None) -> dict[str, str]:
     """The inherited environment + the launch's + the monitor's. On a relaunch the fault
     injection variables (MESHPLAN_FAULT_*) are removed."""
     env = dict(os.environ)
     env.update(cmd_env)
+    env.update(dict(opts.extra_env))
     if strip_faults:
         env = {k: v for k, v in env.items() if not k.startswith(FAULT_PREFIX)}
     env.update({MONITOR_DIR_ENV: str(monitor_dir), NODE_ENV: node,
                 HEARTBEAT_ENV: str(opts.heartbeat_s)})
+    if collector:
+        env[COLLECTOR_ENV] = collector
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
 
 def _term_with_parent() -> None:
     """In the child before exec: SIGTERM it when the supervisor dies, even by SIGKILL (Linux
-    prctl PR_SET_PDEATHSIG), so torchrun tears its workers down instead of orphaning them."""
+    prctl PR_SET_PDEATHSIG), so the agent tears torchrun down instead of orphaning it."""
     try:
         import ctypes
 
@@ -323,28 +298,69 @@ def _term_with_parent() -> None:
         pass
 
 
-def start_nodes(plan: Plan, plan_path: Path, attempt_dir: Path, opts: RunOptions,
-                strip_faults: bool) -> tuple[list[subprocess.Popen], list[str]]:
-    """Start every node's torchrun locally, each in its own session; returns (procs, names)."""
-    import sys
+LAUNCHERS = ("local", "netns", "ssh", "srun")
 
+
+def agent_argv(opts: RunOptions, node: str, host: str, argv: tuple[str, ...],
+               env: dict[str, str], collector: str | None) -> list[str]:
+    """The command that starts node `node`'s agent (running torchrun `argv`) on `host`.
+
+    local: the agent directly; netns: `ip netns exec HOST`; srun: one task on node HOST of
+    the current allocation (environment exported by srun); ssh: `ssh HOST` with the node's
+    environment written out as `env K=V ...` (ssh carries none) and --stdin-eof-stops, since
+    ssh forwards no signals but closes the remote stdin when its client is killed."""
+    python = opts.python or sys.executable
+    agent = [python, "-m", "launcher.agent", "--node", node, "--grace", str(opts.teardown_grace_s)]
+    if collector:
+        agent += ["--collector", collector]
+    if opts.launcher == "local":
+        return [*agent, "--", *argv]
+    if opts.launcher == "netns":
+        return ["ip", "netns", "exec", host, *agent, "--", *argv]
+    if opts.launcher == "srun":
+        return ["srun", "--nodes=1", "--ntasks=1", f"--nodelist={host}", "--export=ALL",
+                "--kill-on-bad-exit=1", *agent, "--", *argv]
+    inherited = set(os.environ.items())
+    words = ["cd", os.getcwd(), "&&", "exec", "env",
+             *(f"{k}={v}" for k, v in sorted(env.items()) if (k, v) not in inherited
+               or k.startswith(("MESHPLAN_", "TORCH", "GLOO_", "NCCL_", "OMP_", "PYTHONPATH"))),
+             *agent, "--stdin-eof-stops", "--", *argv]
+    return ["ssh", "-o", "BatchMode=yes", host, " ".join(shlex.quote(w) for w in words)]
+
+
+def start_nodes(plan: Plan, plan_path: Path, attempt_dir: Path, opts: RunOptions,
+                strip_faults: bool, collector: str | None = None,
+                ) -> tuple[list[subprocess.Popen], list[str]]:
+    """Start every node's agent (which runs its torchrun), each in its own session, with the
+    run's launcher; returns (procs, names)."""
     dumps = attempt_dir / "dumps"
     dumps.mkdir(parents=True, exist_ok=True)
     from .artifacts import torchrun_commands  # lazy: only a launch needs it
 
+    hosts = {node: host for node, host, _ in opts.host_map}
+    addr = {node: a for node, _, a in opts.host_map}
+    rdzv = addr.get(plan.node_order[0], "127.0.0.1") if opts.launcher != "local" else "127.0.0.1"
+    # a remote rendezvous port cannot be probed from here: one per attempt, away from 29500
+    port = free_port() if opts.launcher == "local" else 29400 + int(attempt_dir.name[7:] or 0) % 100
     cmds = torchrun_commands(
         plan, str(opts.script), script_args=script_args_for(plan_path, opts),
-        rdzv_endpoint=f"127.0.0.1:{free_port()}", run_id=f"meshplan-{os.getpid()}-{attempt_dir.name}",
-        max_restarts=0, dump_dir=str(dumps), python=sys.executable)
+        rdzv_endpoint=f"{rdzv}:{port}", run_id=f"meshplan-{os.getpid()}-{attempt_dir.name}",
+        max_restarts=0, dump_dir=str(dumps), python=opts.python or sys.executable)
     procs, names = [], []
     try:
         for cmd in cmds:
-            env = node_env(cmd.env, cmd.node_name, attempt_dir / "monitor", opts, strip_faults)
+            env = node_env(cmd.env, cmd.node_name, attempt_dir / "monitor", opts, strip_faults,
+                           collector)
+            host = hosts.get(cmd.node_name, cmd.host or cmd.node_name)
+            torchrun = list(cmd.argv)
+            if cmd.node_name in addr:  # c10d rendezvous: peers reach this node here, not at the
+                torchrun[1:1] = ["--local-addr", addr[cmd.node_name]]  # hostname (netns share it)
+            argv = agent_argv(opts, cmd.node_name, host, tuple(torchrun), env, collector)
             with open(attempt_dir / f"node{cmd.node_rank}.log", "wb") as out:
-                procs.append(subprocess.Popen(list(cmd.argv), env=env, stdout=out,
-                                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                              start_new_session=True,
-                                              preexec_fn=_term_with_parent))
+                procs.append(subprocess.Popen(
+                    argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+                    stdin=subprocess.PIPE if opts.launcher == "ssh" else subprocess.DEVNULL,
+                    start_new_session=True, preexec_fn=_term_with_parent))
             names.append(cmd.node_name)
     except BaseException:
         teardown(procs, {}, opts.teardown_grace_s)
@@ -387,6 +403,18 @@ def _running(pid: int, started: int) -> bool:
     return info is not None and info[1] == started and info[2] != "Z"
 
 
+def stopped_ranks(views: dict[int, RankView], known: dict[int, int]) -> frozenset[int]:
+    """Ranks whose process we started and see stopped (state T: SIGSTOP, a debugger)."""
+    out = set()
+    for rank, view in views.items():
+        pid = view.pid
+        if isinstance(pid, int) and pid in known:
+            info = _stat(pid)
+            if info is not None and info[1] == known[pid] and info[2] in ("T", "t"):
+                out.add(rank)
+    return frozenset(out)
+
+
 def watch(procs: list[subprocess.Popen], names: list[str], plan: Plan, monitor_dir: Path,
           opts: RunOptions, report: Callable[[Incident], None],
           known: dict[int, int]) -> tuple[Incident | None, dict[str, int | None]]:
@@ -416,8 +444,10 @@ def watch(procs: list[subprocess.Popen], names: list[str], plan: Plan, monitor_d
         else:
             cfg = opts.monitor
             beats = _heartbeats(monitor_dir, expected, views, known, now)
-            inc = (find_dead(views, beats, expected, launched_t, now, cfg)
-                   or find_hang(views, now, cfg))
+            inc = find_dead(views, beats, expected, launched_t, now, cfg)
+            if inc is None and find_hang(views, now, cfg) is not None:
+                # only now look at process states (a /proc read per rank)
+                inc = find_hang(views, now, cfg, stopped_ranks(views, known))
             if inc is not None:
                 return inc, codes
         done = min((v.last_done_step for v in views.values()), default=-1)
@@ -446,7 +476,8 @@ def _soft_incidents(views: dict[int, RankView], opts: RunOptions, groups: dict[i
 
 
 def run_attempt(plan: Plan, attempt_dir: Path, opts: RunOptions, strip_faults: bool,
-                report: Callable[[Incident], None]) -> AttemptResult:
+                report: Callable[[Incident], None],
+                collector: Collector | None = None) -> AttemptResult:
     """Write the plan, launch it, watch it, tear it down (always)."""
     from .artifacts import write_launch
 
@@ -455,16 +486,125 @@ def run_attempt(plan: Plan, attempt_dir: Path, opts: RunOptions, strip_faults: b
     # the launch files of this attempt's plan, for the record and for manual relaunches
     write_launch(plan, str(opts.script), attempt_dir / "launch",
                  script_args=script_args_for(plan_path, opts)[2:])
-    t0 = time.monotonic()
-    procs, names = start_nodes(plan, plan_path, attempt_dir, opts, strip_faults)
+    endpoint = (str(collector.endpoint(opts.reach_collector, attempt_dir.name))
+                if collector is not None else None)
+    t0, started_t = time.monotonic(), time.time()
+    procs, names = start_nodes(plan, plan_path, attempt_dir, opts, strip_faults, endpoint)
     known: dict[int, int] = {}
+    cpu0 = time.thread_time()
     try:
         incident, codes = watch(procs, names, plan, attempt_dir / "monitor", opts, report, known)
     finally:
+        poll_cpu_s = time.thread_time() - cpu0
         teardown(procs, known, opts.teardown_grace_s)
+    transport = {}
+    if collector is not None:
+        transport = collector.stats(attempt_dir.name)
+        write_atomic(attempt_dir / "monitor" / "collector.json",
+                     json.dumps(transport, indent=2) + "\n")
+        transport = {k: v for k, v in transport.items() if k != "ranks"}
     attempt = int(attempt_dir.name.removeprefix("attempt"))
     return AttemptResult(attempt, plan_path, incident is None, incident, codes,
-                         time.monotonic() - t0)
+                         time.monotonic() - t0, started_t, transport, poll_cpu_s)
+
+
+class PlanCache:
+    """Plans for the job without any 1 or 2 of its nodes, computed ahead while the job runs, so
+    a re-plan after an exclusion is a look-up.
+
+    The planning runs in a forked child process at nice 19 (a thread would hold the GIL for
+    seconds of search and stall the supervisor's watch loop) that sends each result back over
+    a pipe; a reader thread files them. Keys are the sets of excluded node names (relative to
+    the first plan); N-1 sets first. Without fork (not Linux/macOS) nothing is precomputed."""
+
+    def __init__(self, plan: Plan, replan: Replanner, depth: int = 2) -> None:
+        import multiprocessing
+
+        self._plan, self._replan = plan, replan
+        names = list(plan.node_order)
+        self._keys = [frozenset({a}) for a in names]
+        if depth >= 2 and len(names) > 2:
+            self._keys += [frozenset({a, b}) for i, a in enumerate(names) for b in names[i + 1:]]
+        self._done: dict[frozenset[str], tuple[Plan | None, BaseException | None, float]] = {}
+        self._lock = threading.Lock()
+        self._proc = None
+        try:
+            ctx = multiprocessing.get_context("fork")
+        except ValueError:
+            return
+        self._recv, send = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=self._work, args=(send,), daemon=True,
+                                 name="meshplan-precompute")
+        self._proc.start()
+        send.close()
+        threading.Thread(target=self._collect, daemon=True, name="meshplan-precompute-rx").start()
+
+    def _work(self, send) -> None:
+        """In the child: plan every key, send (key, plan, error, seconds) each."""
+        try:
+            os.nice(19)
+        except OSError:
+            pass
+        for key in self._keys:
+            t0 = time.perf_counter()
+            try:
+                res: tuple = (self._replan(self._plan, reduce_cluster(self._plan.cluster, set(key))),
+                              None)
+            except Exception as exc:  # kept and raised again on use (e.g. InfeasibleLayout)
+                res = (None, exc)
+            try:
+                send.send((key, *res, time.perf_counter() - t0))
+            except Exception:  # an unpicklable result or error: that key is planned on demand
+                pass
+        send.close()
+
+    def _collect(self) -> None:
+        while True:
+            try:
+                key, plan, exc, seconds = self._recv.recv()
+            except (EOFError, OSError):
+                return
+            with self._lock:
+                self._done[key] = (plan, exc, seconds)
+
+    def get(self, excluded: frozenset[str]) -> tuple[Plan, float] | None:
+        """(plan, seconds it took to compute) if precomputed; raises what the re-plan raised."""
+        with self._lock:
+            hit = self._done.get(excluded)
+        if hit is None:
+            return None
+        if hit[1] is not None:
+            raise hit[1]
+        return hit[0], hit[2]
+
+    @property
+    def ready(self) -> int:
+        with self._lock:
+            return len(self._done)
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(timeout=2.0)
+
+
+def cached_replanner(cache: PlanCache | None, original: Plan, replan: Replanner,
+                     stats: dict) -> Replanner:
+    """`replan`, answered from `cache` when the reduced cluster's exclusions were precomputed;
+    `stats` gets replan_s and replan_cached of the latest call."""
+    names = frozenset(original.node_order)
+
+    def answer(plan: Plan, cluster: ClusterSpec) -> Plan:
+        t0 = time.perf_counter()
+        key = names - {n.name for n in cluster.nodes}
+        hit = cache.get(key) if cache is not None else None
+        stats["replan_cached"] = hit is not None
+        try:
+            return hit[0] if hit is not None else replan(plan, cluster)
+        finally:
+            stats["replan_s"] = round(time.perf_counter() - t0, 6)
+
+    return answer
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -515,6 +655,10 @@ def validate_options(opts: RunOptions) -> None:
         raise SpecError(f"--steps must be >= 1, got {opts.steps}")
     if opts.straggler_action not in ("exclude", "log"):
         raise SpecError(f"--on-straggler must be exclude or log, got {opts.straggler_action!r}")
+    if opts.launcher not in LAUNCHERS:
+        raise SpecError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {opts.launcher!r}")
+    if opts.launcher != "local" and not opts.hosts:
+        raise SpecError(f"--launcher {opts.launcher} needs --hosts (one per plan node)")
     if opts.poll_s <= 0 or opts.heartbeat_s <= 0:
         raise SpecError("--poll and --heartbeat must be positive seconds")
     if opts.monitor.heartbeat_timeout_s <= 2 * opts.heartbeat_s:
@@ -528,6 +672,15 @@ def supervise(plan: Plan, opts: RunOptions, replan: Replanner = replan_best,
               echo: Callable[[str], None] = log.info) -> RunResult:
     """Run `plan` to completion through faults: launch, watch, exclude, re-plan, resume."""
     validate_options(opts)
+    if opts.hosts:
+        if len(opts.hosts) != plan.nnodes:
+            raise SpecError(f"--hosts names {len(opts.hosts)} host(s) but the plan has "
+                            f"{plan.nnodes} node(s); give one per node, in the plan's node order")
+        if opts.addresses and len(opts.addresses) != len(opts.hosts):
+            raise SpecError("give one address per host (or none)")
+        addrs = opts.addresses or opts.hosts
+        opts = dataclasses.replace(opts, host_map=tuple(zip(plan.node_order, opts.hosts, addrs,
+                                                            strict=True)))
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     incident_log = IncidentLog(opts.log_path)
     earlier = incident_log.read()  # a restarted supervisor appends; corrupt lines only warn
@@ -543,26 +696,43 @@ def supervise(plan: Plan, opts: RunOptions, replan: Replanner = replan_best,
         incidents.append(inc)
         echo(f"incident: {inc.kind} rank {inc.rank} node {inc.node} step {inc.step}: {inc.action}")
 
+    collector = Collector(opts.out_dir, bind_host=opts.collector_bind)
+    cache = PlanCache(plan, replan) if opts.precompute and plan.nnodes > 1 else None
+    stats: dict = {}
+    answer = cached_replanner(cache, plan, replan, stats)
+    recoveries: list[dict] = []
     current, message = plan, ""
-    while True:
-        attempt_dir = opts.out_dir / f"attempt{first + len(attempts)}"
-        echo(f"attempt {attempt_dir.name}: {describe(current)}")
-        result = run_attempt(current, attempt_dir, opts, strip_faults=bool(attempts), report=report)
-        attempts.append(result)
-        if result.completed:
-            message = f"completed after {len(attempts)} attempt(s), {len(incidents)} incident(s)"
-            break
-        action, nxt = decide(result.incident, current, len(attempts) - 1, opts, replan)
-        report(dataclasses.replace(result.incident, action=action))
-        if nxt is None:
-            message = f"{action} (see {attempt_dir}/node*.log and {opts.log_path})"
-            break
-        if nxt is not current:
-            excluded.append(result.incident.node)
-        current = nxt
+    try:
+        while True:
+            attempt_dir = opts.out_dir / f"attempt{first + len(attempts)}"
+            echo(f"attempt {attempt_dir.name}: {describe(current)}")
+            result = run_attempt(current, attempt_dir, opts, strip_faults=bool(attempts),
+                                 report=report, collector=collector)
+            if recoveries and "relaunch_s" not in recoveries[-1]:
+                recoveries[-1]["relaunch_s"] = round(result.started_t - recoveries[-1]["detected_t"], 3)
+            attempts.append(result)
+            if result.completed:
+                message = f"completed after {len(attempts)} attempt(s), {len(incidents)} incident(s)"
+                break
+            stats.clear()
+            action, nxt = decide(result.incident, current, len(attempts) - 1, opts, answer)
+            report(dataclasses.replace(result.incident, action=action,
+                                       evidence={**result.incident.evidence, **stats}))
+            if nxt is None:
+                message = f"{action} (see {attempt_dir}/node*.log and {opts.log_path})"
+                break
+            recoveries.append({"incident": result.incident.kind, "node": result.incident.node,
+                               "detected_t": result.incident.time_t, **stats})
+            if nxt is not current:
+                excluded.append(result.incident.node)
+            current = nxt
+    finally:
+        if cache is not None:
+            cache.close()
+        collector.close()
     ok = attempts[-1].completed
     run = RunResult(ok, tuple(attempts), tuple(incidents), tuple(excluded),
-                    attempts[-1].plan_path, message)
+                    attempts[-1].plan_path, message, tuple(recoveries))
     write_atomic(opts.out_dir / "run.json", json.dumps(run_summary(run), indent=2) + "\n")
     return run
 
@@ -574,7 +744,9 @@ def run_summary(run: RunResult) -> dict:
         "final_plan": str(run.final_plan) if run.final_plan else None,
         "attempts": [{"attempt": a.attempt, "plan": str(a.plan_path), "completed": a.completed,
                       "incident": a.incident.kind if a.incident else None,
-                      "exit_codes": a.exit_codes, "seconds": round(a.seconds, 3)}
+                      "exit_codes": a.exit_codes, "seconds": round(a.seconds, 3),
+                      "records": a.transport, "supervisor_cpu_s": round(a.poll_cpu_s, 3)}
                      for a in run.attempts],
+        "recoveries": list(run.recoveries),
         "incidents": [json.loads(i.to_json()) for i in run.incidents],
     }

@@ -119,6 +119,7 @@ class NetnsCluster:
     prefix: str = field(default_factory=lambda: f"mp{os.getpid() % 100000}")
     hosts: list[Host] = field(default_factory=list)
     _namespaces: list[str] = field(default_factory=list)
+    _runtime_pairs: set[tuple[int, int]] = field(default_factory=set)
 
     @property
     def subnet(self) -> str:
@@ -146,6 +147,45 @@ class NetnsCluster:
             self.teardown()
             raise
         return self
+
+    @property
+    def root_ip(self) -> str:
+        """The root namespace's address on the cluster network (after `link_root()`)."""
+        return f"{self.subnet}.254"
+
+    def link_root(self) -> str:
+        """Join the root namespace to the bridge (veth <p>rt in the root namespace, unshaped),
+        so a process here (the supervisor) reaches every host; returns its address. Deleting
+        the bridge namespace at teardown destroys the pair."""
+        outer, inner = f"{self.prefix}rt", f"{self.prefix}rb"
+        _sh("ip", "link", "add", outer, "type", "veth", "peer", "name", inner)
+        try:
+            _sh("ip", "link", "set", inner, "netns", self.bridge_ns)
+        except RuntimeError:
+            subprocess.run(["ip", "link", "del", outer], capture_output=True)
+            raise
+        _sh("ip", "link", "set", inner, "master", "br0", netns=self.bridge_ns)
+        _sh("ip", "link", "set", inner, "up", netns=self.bridge_ns)
+        _sh("ip", "addr", "add", f"{self.root_ip}/24", "dev", outer)
+        _sh("ip", "link", "set", outer, "up")
+        return self.root_ip
+
+    def set_pair_rate(self, i: int, j: int, rate_mbit: float) -> None:
+        """Degrade (or restore) the link between hosts i and j at run time: both hosts' egress
+        to the other goes through an htb class capped at `rate_mbit` (`tc class change` when
+        the pair already has one, else a new class and u32 filter)."""
+        for a, b in ((i, j), (j, i)):
+            ns, peer = self.hosts[a].netns, self.hosts[b].ip
+            classid = f"1:{100 + b}"
+            rate, burst = f"{rate_mbit}mbit", str(_burst(rate_mbit))
+            verb = "change" if (a, b) in self._runtime_pairs else "add"
+            _sh("tc", "class", verb, "dev", IFNAME, "parent", "1:1", "classid", classid, "htb",
+                "rate", rate, "ceil", rate, "burst", burst, "cburst", burst, netns=ns)
+            if verb == "add":
+                _sh("tc", "filter", "add", "dev", IFNAME, "parent", "1:", "protocol", "ip",
+                    "prio", "1", "u32", "match", "ip", "dst", f"{peer}/32", "flowid", classid,
+                    netns=ns)
+                self._runtime_pairs.add((a, b))
 
     def pair_rate_mbit(self, i: int, j: int) -> float:
         """What hosts i and j get between them: the slower host, or the degraded pair's cap."""
@@ -177,6 +217,7 @@ class NetnsCluster:
 
     def teardown(self) -> None:
         """Kill what runs in our namespaces, delete them. Safe to call twice."""
+        subprocess.run(["ip", "link", "del", f"{self.prefix}rt"], capture_output=True)
         for ns in reversed(self._namespaces):
             pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
             for pid in pids.stdout.split():
