@@ -146,6 +146,8 @@ class Links:
     domain_Bps: float = 0.0
     """Achieved bandwidth between nodes of one domain (0: intra_Bps)."""
     domain_latency_s: float = 0.0
+    world_gpus: int = 0
+    """GPUs of the cluster (a group straddles domains only if there is more than one)."""
 
     @classmethod
     def of(cls, cluster: ClusterSpec) -> Links:
@@ -153,7 +155,27 @@ class Links:
         return cls(cluster.intra_node.effective_Bps, cluster.inter_node.effective_Bps,
                    cluster.intra_node.latency_s, cluster.inter_node.latency_s,
                    cluster.gpus_per_node, cluster.domain_gpus,
-                   min(dom.effective_Bps, cluster.intra_node.effective_Bps), dom.latency_s)
+                   min(dom.effective_Bps, cluster.intra_node.effective_Bps), dom.latency_s,
+                   cluster.world_size)
+
+    def _straddle(self, group: Group):
+        """(crosses, k): whether the slowest instance of the group leaves its NVLink domain,
+        and how many members it has on its smaller side there. The instances of a (size,
+        stride) group tile blocks of size·stride ranks; a block larger than a domain always
+        leaves it (k = the members one domain holds), and when a domain is not a whole number
+        of blocks some block straddles a domain boundary (k = the members of the remainder),
+        e.g. cp4 at stride 4 (16-GPU blocks) in a 72-GPU rack: 64..79 has 2 members in each
+        rack. Only for domains larger than a node (node-level blocks of power-of-two degrees
+        divide a DGX node; that level keeps `comm.spans_nodes`)."""
+        dom = self.domain_gpus
+        size = np.maximum(group.size, 1)
+        stride = np.maximum(group.stride, 1)
+        foot = size * stride
+        beyond = foot > dom
+        split = (dom % foot != 0) & (self.world_gpus > dom) & (size > 1)
+        k = np.where(beyond, np.clip(dom // stride, 1, size),
+                     np.clip((dom % foot) // stride, 1, size))
+        return beyond | split, k
 
     @property
     def _domain(self) -> tuple[int, float, float]:
@@ -165,20 +187,36 @@ class Links:
         """Inside a node: NVLink; across nodes of one domain: the domain link; across
         domains: the NICs the group's members in one domain drive (`comm.group_bandwidth_Bps`)."""
         dom_gpus, dom_Bps, _ = self._domain
-        outer = comm.group_bandwidth_Bps(group.size, group.stride, dom_gpus, dom_Bps,
-                                         self.inter_Bps)
+        if dom_gpus > self.gpus_per_node:  # a domain of several nodes: the slowest instance
+            crosses, k = self._straddle(group)
+            outer = np.where(crosses, np.minimum(dom_Bps, k * self.inter_Bps), dom_Bps)
+        else:
+            outer = comm.group_bandwidth_Bps(group.size, group.stride, dom_gpus, dom_Bps,
+                                             self.inter_Bps)
         return np.where(comm.spans_nodes(group.size, group.stride, self.gpus_per_node),
                         outer, self.intra_Bps)
 
     def latency_s(self, group: Group):
         dom_gpus, _, dom_alpha = self._domain
-        outer = comm.group_latency_s(group.size, group.stride, dom_gpus, dom_alpha,
-                                     self.inter_latency_s)
+        if dom_gpus > self.gpus_per_node:
+            outer = np.where(self._straddle(group)[0], self.inter_latency_s, dom_alpha)
+        else:
+            outer = comm.group_latency_s(group.size, group.stride, dom_gpus, dom_alpha,
+                                         self.inter_latency_s)
         return np.where(comm.spans_nodes(group.size, group.stride, self.gpus_per_node),
                         outer, self.intra_latency_s)
 
     def all_to_all_s(self, nbytes, group: Group):
         dom_gpus, dom_Bps, dom_alpha = self._domain
+        if dom_gpus > self.gpus_per_node:
+            # The straddling instance: its k members on the small side send (n - k)/n of
+            # their bytes over the NICs; the others stay on the domain's NVLink.
+            crosses, k = self._straddle(group)
+            n = np.maximum(group.size, 1)
+            k = np.where(crosses, k, n)
+            wire = nbytes / n * ((n - k) / self.inter_Bps + (k - 1) / dom_Bps)
+            alpha = np.where(crosses, self.inter_latency_s, dom_alpha)
+            return np.where(n > 1, wire + np.log2(n) * alpha, 0.0)
         return comm.all_to_all_time(nbytes, group.size, group.stride, dom_gpus, dom_Bps,
                                     self.inter_Bps, dom_alpha, self.inter_latency_s)
 
@@ -192,6 +230,8 @@ class Links:
         inside = self.bandwidth_Bps(pair)
         if dom_gpus == self.gpus_per_node:
             return np.where(stage_size >= self.gpus_per_node, self.inter_Bps, inside)
+        # Some stage boundary is a domain boundary when the pipeline spans several domains
+        # (stage blocks need not align with racks: 72 = 2.25 x 32).
         leaves = (stage_size >= self.gpus_per_node) & (stage_size * pp > dom_gpus)
         return np.where(leaves, self.inter_Bps,
                         np.where(stage_size >= self.gpus_per_node, dom_Bps, inside))

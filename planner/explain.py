@@ -85,8 +85,8 @@ class GroupSpan:
     """Bus bandwidth of the group's collectives as `cost_models.megatron.Links` costs it
     (pp: the slowest hop's point-to-point bandwidth)."""
     costed_level: str
-    """The level the cost model charges: it tests the group's footprint (size x stride GPUs)
-    against a node and a domain, so an instance straddling a boundary is not seen."""
+    """The level the cost model charges: the slowest instance's (an instance straddling a
+    domain boundary makes the group cross domains; `Links._straddle`)."""
 
     @property
     def level(self) -> str:
@@ -137,14 +137,16 @@ def group_spans(layout: Layout, cluster: ClusterSpec) -> tuple[GroupSpan, ...]:
         if size < 2 or world % (size * int(group.stride)):
             continue  # a group that does not tile the ranks in blocks (none in valid layouts)
         members = group_members(world, group)
-        footprint = size * int(group.stride)
-        if name == "pp":  # each hop is a pair of neighbouring stages
+        stride = int(group.stride)
+        if name == "pp":  # each hop is a pair of neighbouring stages (as Links.hop_Bps tests)
             members = np.stack([members[:, :-1].ravel(), members[:, 1:].ravel()], axis=1)
             bw = links.hop_Bps(dims.stage_size, dims.pp)
-            footprint = 1 if int(group.stride) < gpn else footprint  # as Links.hop_Bps tests
+            costed = (0 if stride < gpn else
+                      1 if domain_gpus > gpn and stride * size <= domain_gpus else 2)
         else:
             bw = links.bandwidth_Bps(group)
-        costed = 0 if footprint <= gpn else 1 if footprint <= max(domain_gpus, gpn) else 2
+            costed = (0 if size * stride <= gpn else 2 if domain_gpus <= gpn
+                      else 2 if bool(links._straddle(group)[0]) else 1)
         out.append(GroupSpan(name, size, int(group.stride), _levels(members, gpn, domain_gpus),
                              float(bw) / 1e9, SPAN_LEVELS[costed]))
     return tuple(out)
