@@ -82,9 +82,33 @@ def expert_layer_params(model: ModelSpec) -> float:
     return experts * model.num_moe_layers / model.num_layers
 
 
+DEDUPE_ROWS = 4096
+"""Grids larger than this evaluate the activation formula once per distinct input row."""
+
+
 def activation_bytes_per_layer(model: ModelSpec, micro_batch, seq_len, tp, cp=1,
                                sequence_parallel=False, recompute="none",
                                flash_attention=True, fp8=False, etp=None):
+    """`_activation_bytes_per_layer`, computed once per distinct (micro-batch, tp, cp, sp,
+    recompute, flash, etp) row of a large grid: a search grid of 500,000 layouts has a few
+    hundred distinct rows, and the formula is the search's most expensive term."""
+    args = (micro_batch, tp, cp, sequence_parallel, _recompute_code(recompute),
+            flash_attention, tp if etp is None else etp)
+    if np.size(micro_batch) <= DEDUPE_ROWS:
+        return _activation_bytes_per_layer(model, micro_batch, seq_len, tp, cp,
+                                           sequence_parallel, recompute, flash_attention, fp8, etp)
+    cols = [np.broadcast_to(np.asarray(a, dtype=np.int64), np.shape(micro_batch)) for a in args]
+    key = np.ravel_multi_index(cols, [int(col.max()) + 1 for col in cols])  # one int per row
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    mb, t, c, sp, rec, fl, e = (col[first] for col in cols)
+    small = _activation_bytes_per_layer(model, mb, seq_len, t, c, sp.astype(bool), rec,
+                                        fl.astype(bool), fp8, e)
+    return np.broadcast_to(small, first.shape)[np.asarray(inverse).ravel()]
+
+
+def _activation_bytes_per_layer(model: ModelSpec, micro_batch, seq_len, tp, cp=1,
+                                sequence_parallel=False, recompute="none",
+                                flash_attention=True, fp8=False, etp=None):
     """Activation bytes one layer keeps for backward, per micro-batch, per GPU (fp16/bf16).
 
     Korthikanti et al. 2022 Sec. 4.1 for GPT (MHA, 4h GELU MLP, dropout), per layer:

@@ -497,7 +497,7 @@ def _preset_cluster(name: str, raw: dict, nodes: int, gpus_per_node: int | None)
         raise SpecError(f"--nodes {nodes} x {gpn} GPUs = {nodes * gpn:,} GPUs is over meshplan's "
                         f"limit of {MAX_GPUS:,}; plan a part of the cluster")
     gpu = gpu_preset(raw["gpu"])
-    per_domain = raw.get("nodes_per_domain", 1)  # NVL72: 18 trays share one NVLink fabric
+    per_domain = _job_domain(raw.get("nodes_per_domain", 1), nodes)
     per_rack = per_domain if per_domain > 1 else raw.get("nodes_per_rack", 32)
     node_list = tuple(
         NodeSpec(f"{raw.get('node_prefix', 'node')}{i}", gpn, gpu.name, raw["nic"],
@@ -512,6 +512,16 @@ def _preset_cluster(name: str, raw: dict, nodes: int, gpus_per_node: int | None)
         domain_link=(_strict(LinkSpec, domain, f"clusters.yaml: {name}.domain_link")
                      if domain is not None else None),
     )
+
+
+def _job_domain(rack_nodes: int, nodes: int) -> int:
+    """Nodes of one NVLink domain a job of `nodes` nodes gets: the whole job when it fits in one
+    rack, else the largest divisor of `nodes` up to a rack (18 trays of an NVL72). This is
+    what `meshplan launch` asks SLURM for (`#SBATCH --segment`, launcher/slurm.py): a 64-tray
+    job runs as 4 racks x 16 trays, so its domains are 16 trays, not 18."""
+    if rack_nodes <= 1 or nodes <= rack_nodes:
+        return max(1, min(rack_nodes, nodes)) if rack_nodes > 1 else 1
+    return max(d for d in range(1, rack_nodes + 1) if nodes % d == 0)
 
 
 _CLUSTER_KEYS = {"meshplan_cluster", "name", "gpu_types", "intra_node", "inter_node", "nic_links",

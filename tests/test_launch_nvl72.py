@@ -50,11 +50,13 @@ def _header(text: str) -> list[str]:
 def test_sbatch_asks_for_rack_segments(trays, segment):
     dims = {72: {}, 36: dict(tp=4, pp=6, cp=2, dp=3), 20: dict(tp=4, pp=5, cp=4, dp=1),
             8: dict(tp=4, pp=8, dp=1)}[trays]
-    text = _sbatch(launch_plans.nvl72(trays, **dims))
+    plan = launch_plans.nvl72(trays, **dims)
+    text = _sbatch(plan)
     header = _header(text)
     assert f"#SBATCH --segment={segment}" in header and f"#SBATCH --nodes={trays}" in header
     assert trays % segment == 0  # sbatch(1): a node count above the segment is a multiple
-    assert ("not a multiple of 18" in text) == (segment < min(18, trays))
+    # the preset costs the job's racks as the segments it asks for (20 trays: 2 x 10)
+    assert plan.cluster.nodes_per_domain == segment and "not a multiple of" not in text
     assert 'export NCCL_MNNVL_ENABLE="${NCCL_MNNVL_ENABLE:-1}"' in text
     assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
 
