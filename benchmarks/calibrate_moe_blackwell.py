@@ -14,7 +14,7 @@ published_runs_2025_2026.csv), then the MoE parameters on the MoE rows with thos
 Leave-one-model-out (--lomo): each MoE model's rows predicted with parameters fitted without
 them, to show the fit is physics, not memorised rows.
 
-Run: python benchmarks/calibrate_moe_blackwell.py [--lomo]   (~5 min on 2 cores)
+Run: python benchmarks/calibrate_moe_blackwell.py [--lomo] [--logo]   (~5 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -138,6 +138,8 @@ def report(label: str, cases: list[Case], x: np.ndarray) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lomo", action="store_true", help="also leave-one-MoE-model-out")
+    ap.add_argument("--logo", action="store_true",
+                    help="also leave-one-Blackwell-GPU-out on the dense rows")
     ap.add_argument("--maxiter", type=int, default=400)
     args = ap.parse_args()
     old, _ = load_cases()
@@ -154,6 +156,13 @@ def main() -> None:
         report("2025-2026 rows (not FSDP)", new, xs)
         report("2025-2026 MoE rows", moe, xs)
         report("2025-2026 Blackwell rows", [c for c in new if c.cluster.gpu.name in BLACKWELL], xs)
+    if args.logo:
+        print("leave-one-GPU-out, dense rows (Blackwell fractions fitted on the other part):")
+        dense_new = [c for c in new if not c.model.is_moe]
+        for gpu in ("B200", "GB200"):
+            held = [c for c in dense_new if c.cluster.gpu.name == gpu]
+            rest = old + [c for c in dense_new if c.cluster.gpu.name != gpu]
+            report(gpu, held, fit_subset(rest, x, DENSE, args.maxiter))
     if args.lomo:
         print("leave-one-model-out (fit without the model's rows, predict them):")
         for name in sorted({c.model.name for c in moe}):
