@@ -180,7 +180,15 @@ def _expected_args(plan) -> dict:
         "overlap_grad_reduce": lay.dp * lay.cp > 1 and plan.cluster.gpu.dp_comm_overlap > 0,
         "data_parallel_size": lay.dp,
     }
-    exp["overlap_param_gather"] = exp["overlap_grad_reduce"] and lay.distributed_optimizer
+    exp["overlap_param_gather"] = exp["overlap_grad_reduce"] and (lay.distributed_optimizer
+                                                                  or lay.fsdp)
+    exp["use_distributed_optimizer"] = lay.distributed_optimizer or lay.fsdp
+    # sharding and main-grad precision (issue 14): what the estimate modelled
+    exp["use_megatron_fsdp"] = lay.fsdp
+    exp["accumulate_allreduce_grads_in_fp32"] = lay.grad_reduce_fp32
+    if lay.fsdp:
+        exp["data_parallel_sharding_strategy"] = "optim_grads_params"
+        exp["num_distributed_optimizer_instances"] = lay.dp_replicate
     if arch.position_embedding == "rope":
         exp["rotary_base"] = arch.rope_theta
         exp["rotary_percent"] = arch.rotary_fraction

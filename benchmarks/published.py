@@ -12,8 +12,8 @@ Decisions (stated, not fitted):
 - A blank global batch with pp = 1 (NeMo long-context table) is taken as one micro-batch per
   replica: with pp = 1 the batch size only amortises the DP reduction. Blank gbs with pp > 1
   is skipped (the bubble would be a guess).
-- Skipped: rows without a GPU count or parallel degrees, and ZeRO-3 rows (parameter sharding
-  is not modelled).
+- Skipped: rows without a GPU count or parallel degrees, and DeepSpeed ZeRO-3 rows (its
+  2021 partitioned collectives are not modelled); Megatron-FSDP rows (FSDP=1) are cases.
 - Measured step time: `iter_time_s` when published; else tokens/s/GPU when the notes give it
   (gbs·seq / (tokens/s/GPU · GPUs)); else FLOPs / (TFLOP/s · GPUs) with the source's own FLOP
   convention (see `source_flops`).
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import csv
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cost_models import flops
@@ -131,6 +131,9 @@ def row_layouts(row: dict, family: str, model: ModelSpec, gpus: int) -> tuple[La
                   else ["none", "selective", "full"])
     modern = family in ("nemo", "megatron-h100", "korthikanti")
     mbs_options = [int(mbs)] if mbs else [1, 2, 4, 8]
+    # Megatron-FSDP rows (Bridge perf recipes: bf16 main grads): 2 + 2 + 12 bytes per sharded
+    # parameter, per-block all-gathers and reduce-scatters.
+    sharded = "FSDP=1" in row["notes"]
     out = []
     for mb in mbs_options:
         g = int(gbs) if gbs else dp * mb
@@ -140,7 +143,8 @@ def row_layouts(row: dict, family: str, model: ModelSpec, gpus: int) -> tuple[La
                          sequence_parallel=modern and tp > 1,
                          distributed_optimizer=family != "megatron2021",
                          flash_attention=modern,
-                         dtype="fp8" if "FP8" in row["gpu"] + row["notes"] else "bf16")
+                         dtype="fp8" if "FP8" in row["gpu"] + row["notes"] else "bf16",
+                         fsdp=sharded, grad_reduce_fp32=not sharded)
             try:
                 lay.validate(model, gpus)
             except SpecError:
@@ -172,8 +176,10 @@ def load_cases(path: Path = CSV) -> tuple[list[Case], list[tuple[str, str]]]:
         if not gpus or not row["tp"].strip() or not row["pp"].strip():
             skipped.append((label, "GPU count or parallel degrees not published"))
             continue
-        if "ZeRO-3" in row["model"] or "FSDP=1" in row["notes"]:
-            skipped.append((label, "ZeRO-3 / FSDP parameter sharding is not modelled"))
+        if "ZeRO-3" in row["model"]:
+            skipped.append((label, "DeepSpeed ZeRO-3 (2021): its per-parameter partitioned "
+                                   "collectives are not modelled (the FSDP per-block model "
+                                   "predicts ~197 TFLOP/s vs the measured 44-144)"))
             continue
         if not row["gbs"].strip() and int(_num(row["pp"])) > 1:
             skipped.append((label, "global batch not published and pp > 1"))
@@ -218,16 +224,41 @@ CSV_2025 = CSV.parent / "published_runs_2025_2026.csv"
 MODELS_2025 = CSV.parent / "models"
 
 
+H100_96GB_GiB = 95.5
+"""Capacity torch sees on the 96 GB H100 of Meta's Grand Teton hosts (torchtitan's benchmark
+rows), taken at the H100-SXM ratio of planner/data/gpus.yaml (79.6 GiB of 80 GB)."""
+H100_96GB_HBM_GBps = 2400
+"""Its HBM2e peak bandwidth, as the torchtitan benchmark document states (2.4 TB/s; the
+80 GB H100-SXM preset has 3350). Its 500 W power limit is not modelled."""
+TITAN_DEFAULT_SEQ = 8192
+"""torchtitan's train_configs seq_len at the benchmark commits (rows that leave it blank)."""
+BRIDGE_GRADS_NOTE = ("Megatron-Bridge perf recipes set cfg.ddp.grad_reduce_in_fp32 = False "
+                     "(scripts/performance/configs/*: llama31_llm_pretrain.py "
+                     "set_llama31_common_configs, qwen3, deepseek, gpt-oss): bf16 main grads")
+
+
 def cluster_2025(gpu: str, gpus: int) -> ClusterSpec:
     """The system of a 2025-2026 row: DGX GB200 NVL72 racks (node = 4-GPU tray), DGX B200,
-    DGX H100; SpecError for systems meshplan has no preset for."""
+    DGX H100 (and the 96 GB H100 of Grand Teton at `H100_96GB_GiB`), DGX H200; SpecError for
+    systems meshplan has no preset for."""
     preset, per_node = (("gb200-nvl72", 4) if "GB200" in gpu else ("dgx-b200", 8) if "B200" in gpu
-                        else ("dgx-h100", 8) if "H100-SXM 80GB" in gpu else (None, 0))
+                        else ("dgx-h100", 8) if "H100" in gpu
+                        else ("dgx-h200", 8) if "H200" in gpu else (None, 0))
     if preset is None:
         raise SpecError(f"no cluster preset for the system {gpu[:60]!r}")
     if gpus < per_node:
-        return load_cluster(preset, nodes=1, gpus_per_node=gpus)
-    return load_cluster(preset, nodes=gpus // per_node)
+        cluster = load_cluster(preset, nodes=1, gpus_per_node=gpus)
+    else:
+        cluster = load_cluster(preset, nodes=gpus // per_node)
+    if "H100 SXM 96GB" in gpu:
+        cluster = with_gpu(cluster, memory_GiB=H100_96GB_GiB, hbm_bandwidth_GBps=H100_96GB_HBM_GBps)
+    return cluster
+
+
+def with_gpu(cluster: ClusterSpec, **fields) -> ClusterSpec:
+    """The cluster with `fields` (GpuSpec fields) replaced on every GPU type."""
+    types = {k: replace(v, **fields) for k, v in cluster.gpu_types.items()}
+    return replace(cluster, gpu_types=types)
 
 
 def dtype_2025(text: str) -> str:
@@ -249,8 +280,12 @@ def recomputes_2025(text: str) -> list[str]:
 
 
 def layouts_2025(row: dict, model: ModelSpec, gpus: int) -> tuple[Layout, ...]:
-    """The published layout of a Megatron-Bridge row (Megatron-Core: sequence parallel with
-    tp > 1, distributed optimizer, flash attention; etp blank = Megatron-Core's default tp)."""
+    """The published layout of a row. Megatron-Bridge: Megatron-Core (sequence parallel with
+    tp > 1, distributed optimizer or Megatron-FSDP, flash attention; etp blank = Megatron-Core's
+    default tp) with bf16 main grads (`BRIDGE_GRADS_NOTE`). torchtitan: FSDP2 over every dp
+    (x cp) rank, its memory conventions (`Layout.framework`), sequence parallel with tp > 1,
+    seq_len `TITAN_DEFAULT_SEQ` where blank."""
+    titan = "torchtitan" in row["source_url"]
     given = {k: int(_num(row[k]) or 1) for k in ("tp", "pp", "cp", "ep", "vp")}
     etp = _num(row["etp"])
     chunks = given["pp"] * given["vp"]
@@ -264,11 +299,13 @@ def layouts_2025(row: dict, model: ModelSpec, gpus: int) -> tuple[Layout, ...]:
         lay = Layout(**given, dp=derived_dp(gpus, **given), etp=int(etp) if etp else None,
                      micro_batch_size=int(_num(row["micro_batch_size"])),
                      global_batch_size=int(_num(row["global_batch_size"])),
-                     seq_len=int(_num(row["seq_len"])), recompute=rec,
+                     seq_len=int(_num(row["seq_len"]) or TITAN_DEFAULT_SEQ), recompute=rec,
                      sequence_parallel=given["tp"] > 1,
                      distributed_optimizer=row["sharding"] == "megatron-distopt",
                      dtype=dtype_2025(row["dtype"]), layers_per_stage=split,
-                     cuda_graphs="CUDA graphs full_iteration" in row["notes"])
+                     cuda_graphs="CUDA graphs full_iteration" in row["notes"],
+                     fsdp=row["sharding"] == "fsdp", grad_reduce_fp32=titan,
+                     framework="torchtitan" if titan else "megatron")
         try:
             lay.validate(model, gpus)
         except SpecError:
@@ -288,9 +325,6 @@ def load_cases_2025(path: Path = CSV_2025) -> tuple[list[Case], list[tuple[str, 
         label = (f"{i + 2:>3} {row['model'][:16]} {gpus}x{row['gpu'].split(' ')[0][:6]} "
                  f"{dtype_2025(row['dtype'])}")
         source = "Megatron-Bridge" if "Megatron-Bridge" in row["source_url"] else "torchtitan"
-        if row["sharding"] == "fsdp":
-            skipped.append((label, "FSDP/HSDP not modelled (issue 14)"))
-            continue
         try:
             cluster = cluster_2025(row["gpu"], gpus)
         except SpecError as exc:

@@ -25,7 +25,7 @@ derived quantity is plain arithmetic and broadcasts, so the vectorised search st
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
@@ -67,11 +67,16 @@ class ParallelDims:
     etp: object = 1
     """Expert tensor parallel (MoE): splits each routed expert's matrices; folded with ep
     over the stage's tp·cp·dp ranks (not a mesh dimension of the attention layers)."""
+    dp_replicate: object = 1
+    """HSDP replicate degree: dp = dp_replicate x dp_shard, the shard index varying fastest
+    (torchtitan's mesh [pp, dp_replicate, dp_shard, cp, tp]); 1 without HSDP. Not one of
+    `DEGREES` (a split of dp, not another dimension)."""
 
     @classmethod
     def of(cls, obj) -> ParallelDims:
         """The degrees of any object carrying them as attributes (`Layout`, `LayoutGrid`)."""
-        return cls(**{name: getattr(obj, name) for name in DEGREES})
+        return cls(**{name: getattr(obj, name) for name in DEGREES},
+                   dp_replicate=getattr(obj, "dp_replicate", 1))
 
     @classmethod
     def fill(cls, world: int, dp: int | None = None, **given: int) -> ParallelDims:
@@ -146,7 +151,11 @@ class ParallelDims:
                         Megatron-LM reduces over both): stride tp;
         etp             the expert tensor-parallel group: stride 1 (etp-ep-edp-pp);
         ep              the expert-parallel all-to-all group: stride etp;
-        edp             ranks holding the same experts (tp·cp·dp/(etp·ep)): stride etp·ep.
+        edp             ranks holding the same experts (tp·cp·dp/(etp·ep)): stride etp·ep;
+        dp_shard        the FSDP shard group: dp/dp_replicate x cp ranks, stride tp
+                        (torchtitan shards over its flattened "dp_shard_cp" mesh);
+        dp_replicate    HSDP's replicate group: dp_replicate ranks holding the same shard,
+                        stride tp·cp·dp_shard.
         """
         if name in MESH_ORDER:
             return Group(self.size(name), self.stride(name))
@@ -158,7 +167,16 @@ class ParallelDims:
             return Group(self.ep, self.etp)
         if name == "edp":
             return Group(self.expert_dp, self.expert_tp * self.ep)
+        if name == "dp_shard":
+            return Group(self.dp_shard * self.cp, self.stride("cp"))
+        if name == "dp_replicate":
+            return Group(self.dp_replicate, self.stride("dp") * self.dp_shard)
         raise KeyError(f"no parallel group {name!r}")
+
+    @property
+    def dp_shard(self):
+        """FSDP shard degree along dp: dp / dp_replicate."""
+        return self.dp // self.dp_replicate
 
     @property
     def expert_tp(self):
@@ -211,7 +229,8 @@ class ParallelDims:
                     self.ep > 1 and self.etp != self.tp)]
 
     def to_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The `DEGREES` (dp_replicate, a split of dp, is left to the layout)."""
+        return {name: getattr(self, name) for name in DEGREES}
 
     # ---------------------------------------------------------------- rules
 

@@ -45,6 +45,14 @@ class LayoutGrid:
     schedule: np.ndarray | None = None
     """Pipeline schedule codes (`cost_models.schedules.SCHEDULES` index); None: the default
     for each row's vp. With a V-shape schedule the first rank holds the LM head too."""
+    fsdp: np.ndarray | bool = False
+    """Fully sharded data parallelism (a column, or one value for the whole grid)."""
+    dp_replicate: np.ndarray | int = 1
+    """HSDP replicate degree (divides dp; 1 without HSDP)."""
+    grad_reduce_fp32: np.ndarray | bool = True
+    """fp32 main gradients (False: bf16 grad buffers)."""
+    framework: np.ndarray | str = "megatron"
+    """Whose memory conventions (`Layout.framework`)."""
 
     def __post_init__(self) -> None:
         if self.schedule is None:
@@ -53,6 +61,10 @@ class LayoutGrid:
 
     def __len__(self) -> int:
         return len(self.tp)
+
+    def column(self, name: str) -> np.ndarray:
+        """Field `name` as an array of len(self) (the optional fields may be one value)."""
+        return np.broadcast_to(np.asarray(getattr(self, name)), (len(self),))
 
     @property
     def dims(self) -> ParallelDims:
@@ -65,7 +77,8 @@ class LayoutGrid:
 
     def take(self, index) -> LayoutGrid:
         """A sub-grid (boolean mask or integer index array)."""
-        arrays = {name: getattr(self, name)[index] for name in (*_ARRAY_FIELDS, "schedule")}
+        arrays = {name: self.column(name)[index]
+                  for name in (*_ARRAY_FIELDS, "schedule", *OPTIONAL_FIELDS)}
         return LayoutGrid(**arrays, seq_len=self.seq_len, dtype=self.dtype,
                           cuda_graphs=self.cuda_graphs)
 
@@ -79,6 +92,10 @@ class LayoutGrid:
             flash_attention=bool(self.flash_attention[i]), dtype=self.dtype,
             layers_per_stage=layers_per_stage, cuda_graphs=self.cuda_graphs,
             pipeline_schedule=_named_schedule(int(self.schedule[i]), int(self.vp[i])),
+            fsdp=bool(self.column("fsdp")[i]),
+            dp_replicate=int(self.column("dp_replicate")[i]),
+            grad_reduce_fp32=bool(self.column("grad_reduce_fp32")[i]),
+            framework=str(self.column("framework")[i]),
         )
 
     @classmethod
@@ -95,6 +112,10 @@ class LayoutGrid:
             layers_first=np.array([first]), layers_last=np.array([last]), layers_mid=np.array([mid]),
             seq_len=layout.seq_len, dtype=layout.dtype, cuda_graphs=layout.cuda_graphs,
             schedule=np.array([CODE[layout.schedule]], dtype=np.int64),
+            fsdp=np.array([layout.fsdp]),
+            dp_replicate=np.array([layout.dp_replicate], dtype=np.int64),
+            grad_reduce_fp32=np.array([layout.grad_reduce_fp32]),
+            framework=np.array([layout.framework]),
         )
 
 
@@ -102,6 +123,8 @@ _ARRAY_FIELDS = INT_FIELDS + (
     "recompute", "sequence_parallel", "distributed_optimizer", "flash_attention", "layers_first", "layers_last",
     "layers_mid",
 )
+OPTIONAL_FIELDS = ("fsdp", "dp_replicate", "grad_reduce_fp32", "framework")
+"""Columns with a grid-wide default (searches that do not vary them pass nothing)."""
 
 
 def rank_of_stage(k: int, pp: int, v_shape: bool = False) -> int:

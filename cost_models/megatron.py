@@ -78,6 +78,8 @@ class GridResult:
     buffers_bytes: np.ndarray
     model_flops: float
     hardware_flops: np.ndarray
+    unsharded_inflight_bytes: np.ndarray | float = 0.0
+    """FSDP: all-gathered parameters and unsharded gradients alive at the peak."""
 
     @property
     def step_time_s(self) -> np.ndarray:
@@ -87,7 +89,7 @@ class GridResult:
     @property
     def peak_bytes(self) -> np.ndarray:
         return (self.weights_bytes + self.grads_bytes + self.optimizer_state_bytes
-                + self.activations_bytes + self.buffers_bytes)
+                + self.activations_bytes + self.buffers_bytes + self.unsharded_inflight_bytes)
 
     def time_row(self, i: int) -> TimeBreakdown:
         """Row i's step-time parts (fields matched by name)."""
@@ -261,7 +263,12 @@ def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutG
            + compute.memory_bound_time(elem_bytes, gpu))
     bwd = (compute.gemm_time(2 * gemm, 8, gpu, g.dtype) + attn_b + experts_b
            + compute.memory_bound_time(2 * elem_bytes, gpu))
-    recompute = np.where(g.recompute == 2, fwd, np.where(g.recompute == 1, attn_f, 0.0))
+    # torchtitan's per-op selective AC keeps every other matmul output (SDPA saved): backward
+    # recomputes the others (`memory.titan_sac_bytes_per_layer`) plus the elementwise ops.
+    titan_sel = compute.gemm_time(gemm * titan_sac_recomputed_share(model), 4, gpu, g.dtype) \
+        + compute.memory_bound_time(elem_bytes, gpu)
+    selective = np.where(g.column("framework") == "torchtitan", titan_sel, attn_f)
+    recompute = np.where(g.recompute == 2, fwd, np.where(g.recompute == 1, selective, 0.0))
     # TP: 2 all-reduces (or RS+AG with SP, same bytes) forward, 2 backward, 2 more when the
     # forward is recomputed; each moves the full [tokens x h] bf16 activation. A parallel
     # attention+MLP block sums both branches before one all-reduce per pass (PaLM Sec. 2).
@@ -324,6 +331,18 @@ def expert_gemm_times(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, tokens, rou
     fwd = compute.gemm_time(routed * slow, 2, gpu, g.dtype) + fixed
     bwd = compute.gemm_time(2 * routed * slow, 4, gpu, g.dtype) + fixed
     return fwd, bwd
+
+
+def titan_sac_recomputed_share(model: ModelSpec) -> float:
+    """Share of a dense block's forward GEMM FLOPs that torchtitan's per-op SAC recomputes in
+    backward: the 2nd, 4th, ... matmuls in forward order (wk, wo, w3; torchtitan 0.3.0
+    activation_checkpoint.py `_get_custom_policy`), weighted by their output widths."""
+    h, f = model.hidden_size, model.active_ffn_width
+    kv = (model.qkv_width - model.attn_out_width) / 2
+    widths = [model.attn_out_width, kv, kv, h, f] + ([f] if model.gated_mlp else []) + [h]
+    inputs = [h, h, h, model.attn_out_width, h] + ([h] if model.gated_mlp else []) + [f]
+    work = [w * i for w, i in zip(widths, inputs, strict=True)]
+    return sum(w for k, w in enumerate(work) if k % 2 == 1) / sum(work)
 
 
 def expert_all_to_all(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, tokens,
@@ -520,23 +539,79 @@ def rank_costs(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerT
     dense, expert = dense * copies, expert * copies
     edp = edpg.size  # expert data-parallel group: ranks holding the same experts
     edp_bw, edp_alpha = links.bandwidth_Bps(edpg), links.latency_s(edpg)
-    comm_s = (_grad_sync(dense, dpc, dp_bw, dp_alpha, g.distributed_optimizer)
-              + _grad_sync(expert, edp, edp_bw, edp_alpha, g.distributed_optimizer))
+    grad_bytes = np.where(g.column("grad_reduce_fp32"), memory.GRAD_BYTES, memory.BF16_GRAD_BYTES)
+    comm_s = (_grad_sync(dense, dpc, dp_bw, dp_alpha, g.distributed_optimizer, grad_bytes)
+              + _grad_sync(expert, edp, edp_bw, edp_alpha, g.distributed_optimizer, grad_bytes))
     window = layers * lt.compute_s + np.where(first, emb, 0.0) + np.where(last, head, 0.0)
     exposed = comm.overlapped(comm_s, window, gpu.dp_comm_overlap)
     # DualPipe's mirrored copies are one more replica each: the distributed optimizer
     # shards their state over copies x dp ranks (Megatron-style ZeRO-1).
     local_opt = dense / np.where(g.distributed_optimizer, dpc * copies, 1) \
         + expert / np.where(g.distributed_optimizer, edp * copies, 1)
+    fsdp = g.column("fsdp")
+    layer_params = memory.dense_layer_params(model) / g.tp \
+        + memory.expert_layer_params(model) / (dims.expert_tp * dims.ep)
+    head_params = np.where(last, model.vocab_size * model.hidden_size / g.tp, 0.0)
+    shard = dims.group("dp_shard").size
+    expert_shard = np.maximum(edp // dims.dp_replicate, 1)
+    sharded = dense / shard + expert / expert_shard
+    if np.any(fsdp):
+        f_comm, f_exposed = fsdp_comm(model, cluster, g, lt, layers, layer_params, head_params,
+                                      head, sharded)
+        comm_s, exposed = np.where(fsdp, f_comm, comm_s), np.where(fsdp, f_exposed, exposed)
+    local_opt = np.where(fsdp, sharded, local_opt)
     opt = compute.memory_bound_time(ADAM_BYTES_PER_PARAM * local_opt, gpu)
-    mem = memory.rank_memory(model, g, dense + expert, local_opt, layers, first, last, pp_rank)
+    mem = memory.rank_memory(model, g, dense + expert, local_opt, layers, first, last, pp_rank,
+                             layer_params, head_params)
     return RankCosts(dp_comm_s=comm_s, dp_exposed_s=exposed, optimizer_step_s=opt, memory=mem)
 
 
-def _grad_sync(params, size, bw, alpha, distributed):
-    """Gradient reduction of `params` parameters over `size` ranks: reduce-scatter of fp32
-    grads + all-gather of bf16 params (distributed optimizer), else an fp32 all-reduce."""
-    grad_bytes = params * memory.GRAD_BYTES
+def fsdp_comm(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerTimes, layers,
+              layer_params, head_params, head_s, sharded):
+    """(total, exposed) seconds of FSDP / HSDP communication per step on one GPU.
+
+    Per micro-batch and block (ZeRO-3, Rajbhandari et al. 2020 Sec. 7.2.1; FSDP2 in torchtitan
+    0.3.0): all-gather the block's bf16 parameters (fp8 with fp8 all-gather) over the shard
+    group before its forward, again before its backward when it resharded after forward
+    (pp == 1), and reduce-scatter its fp32 gradients after its backward (FSDP2 reduces every
+    micro-batch unless gradient sync is switched off). The prefetch overlaps each gather with
+    the previous block's compute, so a block exposes max(0, comm - compute) per pass; the first
+    gather of a step has nothing to hide behind. The LM head is one more unit. HSDP then
+    all-reduces the fp32 gradient shards over the replicate group once per step, overlapped
+    with the backward like Megatron's DP reduction (`GpuSpec.dp_comm_overlap`)."""
+    links = Links.of(cluster)
+    dims = g.dims
+    sg, rg = dims.group("dp_shard"), dims.group("dp_replicate")
+    bw, alpha = links.bandwidth_Bps(sg), links.latency_s(sg)
+    gather = np.where(g.dtype in memory.FP8_DTYPES, memory.FSDP_FP8_GATHER_BYTES,
+                      memory.FSDP_GATHER_BYTES)
+    m = g.num_microbatches
+    again = np.where(g.pp > 1, 0.0, 1.0)  # pp keeps blocks unsharded between fwd and bwd
+
+    def unit(params, fwd_s, bwd_s):
+        ag = comm.all_gather_time(params * gather, sg.size, bw, alpha)
+        rs = comm.reduce_scatter_time(params * memory.FSDP_GRAD_BYTES, sg.size, bw, alpha)
+        total = ag * (1 + again) + rs
+        hidden = np.maximum(ag - fwd_s, 0.0) + np.maximum(again * ag + rs - bwd_s, 0.0)
+        return np.where(sg.size > 1, total, 0.0), np.where(sg.size > 1, hidden, 0.0), ag
+
+    blk_total, blk_exposed, blk_ag = unit(layer_params, lt.fwd_s + lt.tp_comm_s / 2,
+                                          lt.bwd_s + lt.recompute_s + lt.tp_comm_s / 2)
+    head_total, head_exposed, _ = unit(head_params, head_s / 3, 2 * head_s / 3)
+    total = m * (layers * blk_total + head_total)
+    exposed = m * (layers * blk_exposed + head_exposed) + blk_ag
+    rep_bw, rep_alpha = links.bandwidth_Bps(rg), links.latency_s(rg)
+    rep = comm.all_reduce_time(sharded * memory.FSDP_GRAD_BYTES, rg.size, rep_bw, rep_alpha)
+    rep = np.where(rg.size > 1, rep, 0.0)
+    window = layers * (lt.bwd_s + lt.recompute_s)
+    return total + rep, exposed + comm.overlapped(rep, window, cluster.gpu.dp_comm_overlap)
+
+
+def _grad_sync(params, size, bw, alpha, distributed, grad_bytes=memory.GRAD_BYTES):
+    """Gradient reduction of `params` parameters over `size` ranks: reduce-scatter of the main
+    grads (fp32, or bf16 with grad_reduce_in_fp32 off) + all-gather of bf16 params
+    (distributed optimizer), else an all-reduce of the main grads."""
+    grad_bytes = params * grad_bytes
     return np.where(distributed,
                     comm.reduce_scatter_time(grad_bytes, size, bw, alpha)
                     + comm.all_gather_time(params * memory.WEIGHT_BYTES, size, bw, alpha),

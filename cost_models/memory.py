@@ -39,6 +39,35 @@ BUFFER_FIXED_BYTES = 1.25 * (1 << 30)
 buckets, measured at 1-1.5 GiB per GPU on Megatron-Core jobs."""
 FRAGMENTATION = 0.10
 """Allocator fragmentation allowance, as a fraction of activation memory."""
+BF16_GRAD_BYTES = 2
+"""bf16 main gradients: Megatron-Core DDP with grad_reduce_in_fp32 = False (the grad buffers
+take the parameter dtype; megatron/core/distributed/distributed_data_parallel_config.py),
+as the Megatron-Bridge performance recipes set (scripts/performance/configs/llama/
+llama31_llm_pretrain.py, set_llama31_common_configs: cfg.ddp.grad_reduce_in_fp32 = False)."""
+
+# FSDP2 as torchtitan 0.3.0 applies it (torchtitan/distributed/fsdp.py apply_fsdp_to_decoder;
+# torchtitan/config/configs.py: mixed_precision_param = bfloat16, mixed_precision_reduce =
+# float32). fully_shard keeps the sharded parameters in their original fp32 and casts to bf16
+# only in the all-gather (torch.distributed.fsdp.MixedPrecisionPolicy); the sharded gradient
+# takes the parameter dtype; Adam's two moments follow the parameter (Rajbhandari et al. 2020,
+# ZeRO, Sec. 5: 16 bytes per parameter over N_d ranks, K = 12 with the fp32 copy as the param).
+FSDP_PARAM_BYTES = 4
+"""Sharded fp32 parameters (they are the master weights: no separate copy)."""
+FSDP_GRAD_BYTES = 4
+"""Sharded fp32 gradients (reduce-scattered in fp32: mixed_precision_reduce)."""
+FSDP_ADAM_BYTES = 8
+"""Adam first and second moments, fp32, sharded."""
+FSDP_GATHER_BYTES = 2
+"""Bytes per unsharded parameter after the all-gather (mixed_precision_param bf16)."""
+FSDP_FP8_GATHER_BYTES = 1
+"""With torchao float8 and enable_fsdp_float8_all_gather, linear weights are all-gathered in
+fp8 (1 byte; torchtitan float8 converter docs); counted for every layer weight."""
+FSDP_UNSHARDED_GRAD_BYTES = 2 + 4
+"""One layer's unsharded gradients in backward: autograd's bf16 gradient (2) and the fp32
+reduce-scatter input FSDP2 copies it into when reduce dtype != param dtype (4)."""
+FSDP_PREFETCH_LAYERS = 2
+"""Unsharded layers alive at once with resharding after forward: the one computing and the
+one FSDP2's implicit prefetch has all-gathered (one module ahead, forward and backward)."""
 
 
 MX_BLOCK = 32
@@ -185,6 +214,30 @@ def _activation_bytes_per_layer(model: ModelSpec, micro_batch, seq_len, tp, cp=1
     return np.where(code == 2, full, np.where(code == 1, selective, none))
 
 
+def titan_sac_bytes_per_layer(model: ModelSpec, micro_batch, seq_len, tp, cp=1,
+                              sequence_parallel=False):
+    """Activation bytes one layer keeps under torchtitan's per-op selective AC (bf16).
+
+    torchtitan 0.3.0 torchtitan/distributed/activation_checkpoint.py (`_get_custom_policy`):
+    inside each checkpointed block the outputs of ops on the save list (flash SDPA, collectives)
+    are kept, matmul outputs alternately (the 1st, 3rd, ... mm of the block forward: count % 2
+    == 1 saved), everything else recomputed in backward from the block input and those. Per
+    token, in forward order: wq (q width), wk, wv (kv width), wo (h), w1, [w3] (f), w2 (h);
+    plus the block input (h; /tp with sequence parallelism) and the SDPA output (q width, 2 B)
+    and its fp32 log-sum-exp (4 B per head). Widths split over tp except the row-parallel
+    outputs (wo, w2: partial sums of width h before the reduce). Context parallelism divides s.
+    """
+    sb = micro_batch * (seq_len / cp)
+    h, f = model.hidden_size, model.active_ffn_width
+    kv = (model.qkv_width - model.attn_out_width) / 2
+    mms = [model.attn_out_width / tp, kv / tp, kv / tp, h, f / tp] \
+        + ([f / tp] if model.gated_mlp else []) + [h]
+    saved_mm = sum(w for i, w in enumerate(mms) if i % 2 == 0)
+    block_in = np.where(sequence_parallel, h / tp, h)
+    sdpa = 2 * model.attn_out_width / tp + 4 * model.num_heads / tp
+    return sb * (2 * (block_in + saved_mm) + sdpa)
+
+
 def _recompute_code(recompute):
     if isinstance(recompute, str):
         return {"none": 0, "selective": 1, "full": 2}[recompute]
@@ -206,11 +259,21 @@ def inflight_microbatches(pp, vp, num_microbatches, pp_rank=0):
     return np.where(vp > 1, chunks / vp, one_f_one_b)
 
 
-def logits_bytes(model: ModelSpec, micro_batch, seq_len, tp, cp=1):
-    """Logits on the last stage for one micro-batch: the LM head's bf16 output (2 bytes per
-    logit) and the vocab-parallel cross entropy's fp32 softmax (4 bytes), whose gradient is
-    written in place (Megatron-LM fused vocab-parallel cross entropy)."""
-    return 6 * micro_batch * (seq_len / cp) * model.vocab_size / tp
+MEGATRON_LOGIT_BYTES = 6
+"""Megatron-LM fused vocab-parallel cross entropy: the LM head's bf16 output (2) and the fp32
+softmax (4), whose gradient is written in place (megatron/core/tensor_parallel/
+cross_entropy.py)."""
+TITAN_LOGIT_BYTES = 12
+"""torchtitan 0.3.0 (torchtitan/components/loss.py cross_entropy_loss): F.cross_entropy on
+pred.float(); at the loss backward the fp32 log-softmax output (4, saved), its incoming
+gradient (4) and the fp32 gradient of the logits (4) are alive together (the bf16 pred is
+deleted before backward; its 2-byte gradient follows once the fp32 copy is freed)."""
+
+
+def logits_bytes(model: ModelSpec, micro_batch, seq_len, tp, cp=1, per_logit=MEGATRON_LOGIT_BYTES):
+    """Logits on the last stage for one micro-batch: `per_logit` bytes per vocabulary entry
+    and token (MEGATRON_LOGIT_BYTES or TITAN_LOGIT_BYTES)."""
+    return per_logit * micro_batch * (seq_len / cp) * model.vocab_size / tp
 
 
 def embedding_output_bytes(model: ModelSpec, micro_batch, seq_len, tp, cp=1, sequence_parallel=False):
@@ -221,26 +284,70 @@ def embedding_output_bytes(model: ModelSpec, micro_batch, seq_len, tp, cp=1, seq
 
 
 def rank_memory(model: ModelSpec, g, params, optimizer_params, layers, first, last,
-                pp_rank) -> dict[str, np.ndarray]:
+                pp_rank, layer_params=0.0, head_params=0.0) -> dict[str, np.ndarray]:
     """Peak bytes on one GPU of pipeline rank `pp_rank` of every layout in the grid `g`, by
     part (`MemoryBreakdown` field names). The rank holds `params` parameters and the optimizer
     state of `optimizer_params` of them (sharded over data parallelism with the distributed
-    optimizer), `layers` layers' activations for its in-flight micro-batches, and the
-    embedding output / logits when it is the first / last rank (`first`, `last`)."""
+    optimizer; with FSDP every state is that shard), `layers` layers' activations for its
+    in-flight micro-batches, and the embedding output / logits when it is the first / last
+    rank (`first`, `last`). `layer_params` / `head_params`: one block's and the LM head's
+    parameters on this GPU before FSDP sharding (for the unsharded in-flight term).
+    Gradients: fp32 (4 bytes) or bf16 (2) main grads as `grad_reduce_fp32` says."""
     fp8 = g.dtype if g.dtype in FP8_DTYPES else False
+    fsdp = g.column("fsdp")
+    grad_bytes = np.where(g.column("grad_reduce_fp32"), GRAD_BYTES, BF16_GRAD_BYTES)
     act_args = (model, g.micro_batch_size, g.seq_len, g.tp, g.cp, g.sequence_parallel)
+    titan = g.column("framework") == "torchtitan"
     per_layer = activation_bytes_per_layer(*act_args, g.recompute, g.flash_attention, fp8, g.etp)
+    per_layer = np.where(titan & (g.recompute == 1), titan_sac_bytes_per_layer(*act_args),
+                         per_layer)
     no_recompute = activation_bytes_per_layer(*act_args, "none", g.flash_attention, fp8, g.etp)
     inflight = schedules.inflight_microbatches(g.schedule, g.pp, g.vp, g.num_microbatches,
                                                pp_rank)
     act = per_layer * layers * inflight
     act = act + np.where(g.recompute > 0, no_recompute - per_layer, 0.0)  # rematerialised layer
     act = act + np.where(first, embedding_output_bytes(*act_args) * inflight, 0.0)
-    act = act + np.where(last, logits_bytes(*act_args[:5]), 0.0)
+    per_logit = np.where(titan, TITAN_LOGIT_BYTES, MEGATRON_LOGIT_BYTES)
+    act = act + np.where(last, logits_bytes(*act_args[:5], per_logit), 0.0)
+    sharded = optimizer_params  # with FSDP the rank's shard of every parameter
+    gather = FSDP_FP8_GATHER_BYTES if fp8 else FSDP_GATHER_BYTES
+    inflight = fsdp_inflight_bytes(layer_params, head_params, layers, g.pp, gather)
+    weight_bytes = WEIGHT_BYTES + (FP8_EXTRA_WEIGHT_BYTES if fp8 else 0)
+    # FSDP states: FSDP2 (torchtitan) fp32 param 4 + fp32 grad 4 + Adam 8; Megatron-FSDP
+    # (optim_grads_params) the distributed optimizer's bytes, every one sharded: bf16 param 2
+    # + main grad (fp32 4 / bf16 2) + fp32 master and Adam 12.
+    shard_w = np.where(titan, FSDP_PARAM_BYTES, weight_bytes)
+    shard_g = np.where(titan, FSDP_GRAD_BYTES, grad_bytes)
+    shard_o = np.where(titan, FSDP_ADAM_BYTES, OPTIMIZER_BYTES)
     return {
-        "weights_bytes": params * (WEIGHT_BYTES + (FP8_EXTRA_WEIGHT_BYTES if fp8 else 0)),
-        "grads_bytes": params * GRAD_BYTES,
-        "optimizer_state_bytes": optimizer_params * OPTIMIZER_BYTES,
+        "weights_bytes": np.where(fsdp, sharded * shard_w, params * weight_bytes),
+        "grads_bytes": np.where(fsdp, sharded * shard_g, params * grad_bytes),
+        "optimizer_state_bytes": np.where(fsdp, sharded * shard_o,
+                                          optimizer_params * OPTIMIZER_BYTES),
         "activations_bytes": act,
         "buffers_bytes": BUFFER_FIXED_BYTES + FRAGMENTATION * act,
+        "unsharded_inflight_bytes": np.where(fsdp, inflight, 0.0),
     }
+
+
+def fsdp_inflight_bytes(layer_params, head_params, layers, pp, gather_bytes):
+    """Unsharded parameters and gradients FSDP holds at the peak on one GPU (bytes).
+
+    torchtitan 0.3.0 (torchtitan/distributed/fsdp.py) wraps each transformer block as one
+    FSDP unit that reshards after forward unless pipeline parallelism is on ("default"
+    policy: pp keeps the stage's blocks unsharded between its forwards and backwards), and
+    keeps the final norm + LM head unsharded from forward to backward. So:
+      blocks:   FSDP_PREFETCH_LAYERS x layer_params x gather_bytes   (pp == 1)
+                layers x layer_params x gather_bytes                   (pp > 1)
+      backward: one block's unsharded gradients, bf16 + the fp32 reduce-scatter input
+      LM head:  head_params x gather_bytes (on the rank holding it)
+      pp > 1:   torch.distributed.pipelining's stage runs every backward but the last
+                without gradient sync or resharding (stage.py backward_maybe_with_nosync), so
+                FSDP2 accumulates the stage's unsharded gradients, upcast to the fp32 reduce
+                dtype (_fsdp_param.py to_accumulated_grad_if_needed): 4 bytes x stage params.
+    `layer_params` are one block's parameters on this GPU before sharding (split over tp).
+    """
+    blocks = np.where(pp > 1, layers, np.minimum(layers, FSDP_PREFETCH_LAYERS))
+    accumulated = np.where(pp > 1, (layers * layer_params + head_params) * FSDP_GRAD_BYTES, 0.0)
+    return (blocks * layer_params * gather_bytes + layer_params * FSDP_UNSHARDED_GRAD_BYTES
+            + head_params * gather_bytes + accumulated)

@@ -45,6 +45,9 @@ FP8_DTYPES: tuple[str, ...] = ("fp8", "mxfp8")
 MlpKind = Literal["gated_silu", "gated_gelu", "gelu", "squared_relu"]
 MLP_KINDS: tuple[str, ...] = ("gated_silu", "gated_gelu", "gelu", "squared_relu")
 Schedule = Literal["1f1b", "interleaved", "zb-h1", "zb-v", "dualpipe", "dualpipev"]
+Framework = Literal["megatron", "torchtitan"]
+FRAMEWORKS: tuple[str, ...] = ("megatron", "torchtitan")
+"""Whose memory conventions an estimate follows (selective recompute, loss, FSDP states)."""
 NicKind = Literal["infiniband", "roce", "ethernet", "nvlink", "loopback"]
 NIC_KINDS: tuple[str, ...] = ("infiniband", "roce", "ethernet", "nvlink", "loopback")
 
@@ -651,6 +654,23 @@ class Layout:
     pipeline_schedule: Schedule | None = None
     """Pipeline schedule (`cost_models.schedules.SCHEDULES`); None: Megatron-LM's default for
     vp (interleaved when vp > 1, else 1f1b). Read it as `schedule`."""
+    fsdp: bool = False
+    """Fully sharded data parallelism (ZeRO-3; torchtitan FSDP2, Megatron-FSDP): parameters,
+    gradients and optimizer state sharded over the shard group (dp/dp_replicate x cp), each
+    layer's parameters all-gathered before its forward and backward and its gradients
+    reduce-scattered after; `distributed_optimizer` is then moot."""
+    dp_replicate: int = 1
+    """HSDP: dp = dp_replicate x dp_shard; shard within a group of dp/dp_replicate ranks,
+    replicate (all-reduce the sharded gradients) across the dp_replicate groups. Needs fsdp."""
+    grad_reduce_fp32: bool = True
+    """Main gradients (grad buffers) in fp32 (Megatron-LM's bf16 default forces
+    accumulate_allreduce_grads_in_fp32; torchtitan's FSDP2 reduce dtype fp32); False: bf16
+    grad buffers (Megatron-Bridge perf recipes set ddp.grad_reduce_in_fp32 = False)."""
+    framework: Framework = "megatron"
+    """Whose memory conventions apply. megatron: Megatron-Core + Transformer Engine (selective
+    = attention core recomputed, fused vocab-parallel loss, Megatron-FSDP states 2 + g + 12
+    bytes per sharded parameter). torchtitan: selective = per-op SAC (every other matmul
+    output saved), fp32 cross entropy on upcast logits, FSDP2 states 4 + 4 + 8."""
 
     def __post_init__(self) -> None:
         if self.etp is None:  # Megatron-Core: expert_tensor_parallel_size defaults to tp
@@ -699,6 +719,20 @@ class Layout:
         ends = self.layers_per_stage or (1,)
         self.dims.validate(model, num_gpus, self.seq_len,
                            end_chunks=int(ends[0] == 0) + int(len(ends) > 1 and ends[-1] == 0))
+        for name in ("fsdp", "grad_reduce_fp32"):
+            if not isinstance(getattr(self, name), bool):
+                raise SpecError(f"{name} must be true or false, got {_short(getattr(self, name))}")
+        if not isinstance(self.dp_replicate, int) or isinstance(self.dp_replicate, bool) \
+                or self.dp_replicate < 1:
+            raise SpecError(f"dp-replicate must be a positive integer, got {_short(self.dp_replicate)}")
+        if self.framework not in FRAMEWORKS:
+            raise SpecError(f"framework must be one of {FRAMEWORKS}, got {_short(self.framework)}")
+        if self.dp_replicate > 1 and not self.fsdp:
+            raise SpecError("dp-replicate > 1 is HSDP and needs --fsdp; add --fsdp or drop "
+                            "--dp-replicate")
+        if self.dp % self.dp_replicate:
+            raise SpecError(f"dp-replicate {self.dp_replicate} must divide dp = {self.dp} "
+                            "(HSDP shards over dp/dp_replicate ranks); choose a divisor of dp")
         if self.sequence_parallel and self.tp == 1:
             raise SpecError("sequence parallel needs tp > 1; drop --sequence-parallel or raise --tp")
         if self.sequence_parallel and (self.seq_len // self.cp) % self.tp:
@@ -790,11 +824,14 @@ class MemoryBreakdown:
     activations_bytes: float
     buffers_bytes: float
     """Allowance for communication buffers, workspaces and allocator fragmentation."""
+    unsharded_inflight_bytes: float = 0.0
+    """FSDP only: parameters all-gathered (and their unsharded gradients) alive at the peak;
+    weights/grads/optimizer are then the rank's shards."""
 
     @property
     def peak_bytes(self) -> float:
         return (self.weights_bytes + self.grads_bytes + self.optimizer_state_bytes
-                + self.activations_bytes + self.buffers_bytes)
+                + self.activations_bytes + self.buffers_bytes + self.unsharded_inflight_bytes)
 
     def to_dict(self) -> dict:
         """weights_GiB, grads_GiB, optimizer_GiB, activations_GiB, buffers_GiB, peak_GiB."""

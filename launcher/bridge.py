@@ -79,11 +79,29 @@ def other_fields(plan: Plan) -> dict[str, dict[str, object]]:
         "train": {"micro_batch_size": lay.micro_batch_size,
                   "global_batch_size": lay.global_batch_size},
         "dataset": {"sequence_length": lay.seq_len},
-        "ddp": {"use_distributed_optimizer": lay.distributed_optimizer,
+        "ddp": {"use_distributed_optimizer": lay.distributed_optimizer or lay.fsdp,
                 "overlap_grad_reduce": overlap,
-                "overlap_param_gather": overlap and lay.distributed_optimizer},
-        "optimizer": {"use_distributed_optimizer": lay.distributed_optimizer},
+                "overlap_param_gather": overlap and (lay.distributed_optimizer or lay.fsdp),
+                # Bridge's mixed_precision.grad_reduce_in_fp32 is applied over this one at
+                # setup: its perf recipes set both (llama31_llm_pretrain.py).
+                "grad_reduce_in_fp32": lay.grad_reduce_fp32,
+                **_fsdp_fields(plan)},
+        "optimizer": {"use_distributed_optimizer": lay.distributed_optimizer or lay.fsdp},
     }
+
+
+def _fsdp_fields(plan: Plan) -> dict[str, object]:
+    """Megatron-FSDP in megatron-core's DistributedDataParallelConfig: ZeRO-3 sharding
+    (optim_grads_params) and, for HSDP, the replicated outer dp as
+    num_distributed_optimizer_instances (what Bridge's GB200 405B recipe sets with FSDP)."""
+    lay = plan.layout
+    if not lay.fsdp:
+        return {}
+    out: dict[str, object] = {"use_megatron_fsdp": True,
+                              "data_parallel_sharding_strategy": "optim_grads_params"}
+    if lay.dp_replicate > 1:
+        out["num_distributed_optimizer_instances"] = lay.dp_replicate
+    return out
 
 
 def recipe_override_py(plan: Plan) -> str:

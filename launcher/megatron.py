@@ -42,6 +42,10 @@ def cuda_arch_major(plan: Plan) -> int | None:
 def megatron_env(plan: Plan) -> dict[str, str]:
     """Environment Megatron-LM requires for this plan (validate_args asserts it)."""
     lay, arch = plan.layout, cuda_arch_major(plan)
+    # Megatron-FSDP asserts the opposite (CUDA_DEVICE_MAX_CONNECTIONS unset or > 1) and only
+    # warns about tp/cp with it (validate_args, NVIDIA/Megatron-LM@d98e8a64).
+    if lay.fsdp:
+        return {}
     if (lay.tp > 1 or lay.cp > 1) and (arch is None or arch < 10):  # unknown GPU: set it
         return {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
     return {}
@@ -112,14 +116,34 @@ def tp_overlap_assumed(plan: Plan) -> bool:
 def _overlap_args(plan: Plan) -> list[str]:
     lay, gpu = plan.layout, plan.cluster.gpu
     args = ["--tp-comm-overlap"] if tp_overlap_assumed(plan) else []
-    if lay.distributed_optimizer:
+    if lay.distributed_optimizer or lay.fsdp:  # Megatron-FSDP v1 runs on the dist. optimizer
         args.append("--use-distributed-optimizer")
+    args += _sharding_args(plan)
     if lay.dims.group("dp_cp").size > 1 and gpu.dp_comm_overlap > 0:
         args.append("--overlap-grad-reduce")
-        if lay.distributed_optimizer:
+        if lay.distributed_optimizer or lay.fsdp:
             args.append("--overlap-param-gather")
     if lay.cuda_graphs:  # Megatron asserts the NaN check is off under full-iteration graphs
         args += _flag("cuda-graph-impl", "full_iteration") + ["--no-check-for-nan-in-loss-and-grad"]
+    return args
+
+
+def _sharding_args(plan: Plan) -> list[str]:
+    """Megatron-FSDP (ZeRO-3) and main-grad precision, as NVIDIA/Megatron-LM@d98e8a64 spells
+    them: --use-megatron-fsdp with --data-parallel-sharding-strategy optim_grads_params (params,
+    grads and optimizer sharded); HSDP as --num-distributed-optimizer-instances R (the outer,
+    replicated dp dimension, --outer-dp-sharding-strategy no_shard by default); gradient
+    accumulation fusion off (Megatron-Bridge's perf recipes switch it off with Megatron-FSDP);
+    bf16 main grads as --grad-reduce-in-bf16; Megatron-FSDP asserts --ckpt-format fsdp_dtensor."""
+    lay, args = plan.layout, []
+    if lay.fsdp:
+        args += ["--use-megatron-fsdp", *_flag("data-parallel-sharding-strategy",
+                                               "optim_grads_params"),
+                 "--no-gradient-accumulation-fusion", *_flag("ckpt-format", "fsdp_dtensor")]
+        if lay.dp_replicate > 1:
+            args += _flag("num-distributed-optimizer-instances", lay.dp_replicate)
+    if not lay.grad_reduce_fp32:
+        args.append("--grad-reduce-in-bf16")
     return args
 
 

@@ -11,7 +11,10 @@ What both need and what the mapping decides:
 - The model: `--module M --config C` of a torchtitan config registry whose model has the
   plan's shape (TITAN_MODELS); a model torchtitan does not ship gets no --module/--config and
   a note (the user registers one).
-- dp -> `data_parallel_shard_degree` (FSDP2). torchtitan has no ZeRO-1; sharding with
+- An FSDP / HSDP plan (`Layout.fsdp`) -> `data_parallel_shard_degree` dp/dp_replicate and
+  `data_parallel_replicate_degree` dp_replicate with torchtitan's default reshard policy
+  (reshard after forward unless pp), the FSDP2 the estimate modelled.
+- Any other plan: dp -> `data_parallel_shard_degree` (FSDP2). torchtitan has no ZeRO-1; sharding with
   `fsdp_reshard_after_forward never` keeps the gathered weights from the forward to the
   backward, so weights are gathered once and gradients reduce-scattered once per micro-batch
   step, the communication the plan's distributed optimizer has. Expert parallelism needs it
@@ -99,11 +102,18 @@ def settings(plan: Plan, version: str = DEFAULT_VERSION) -> dict[str, object]:
     lay = plan.layout
     dims = lay.dims
     out: dict[str, object] = {key: dims.size(name) for name, key in DEGREE_SETTINGS.items()}
-    out |= {
-        "parallelism.data_parallel_shard_degree": lay.dp,
-        "parallelism.data_parallel_replicate_degree": 1,
-        "parallelism.fsdp_reshard_after_forward": "never",
-    }
+    if lay.fsdp:
+        out |= {
+            "parallelism.data_parallel_shard_degree": dims.dp_shard,
+            "parallelism.data_parallel_replicate_degree": dims.dp_replicate,
+            "parallelism.fsdp_reshard_after_forward": "default",
+        }
+    else:
+        out |= {
+            "parallelism.data_parallel_shard_degree": lay.dp,
+            "parallelism.data_parallel_replicate_degree": 1,
+            "parallelism.fsdp_reshard_after_forward": "never",
+        }
     if lay.tp > 1:
         out["parallelism.enable_sequence_parallel"] = lay.sequence_parallel
     if lay.pp > 1:
@@ -165,7 +175,7 @@ def notes(plan: Plan, version: str = DEFAULT_VERSION) -> list[str]:
     if titan_model(plan) is None:
         out.append(f"torchtitan {version} ships no {plan.model.name} model: torchtitan_args.sh "
                    "has the layout only; add --module/--config of a model you registered")
-    if lay.dp > 1 and not lay.distributed_optimizer:
+    if lay.dp > 1 and not lay.distributed_optimizer and not lay.fsdp:
         out.append("torchtitan shards dp with FSDP2 (no plain DDP with expert/fsdp meshes here); "
                    "the plan modelled replicated optimizer state, so memory will be lower")
     if lay.ep > 1 and lay.etp != 1:
@@ -177,6 +187,10 @@ def notes(plan: Plan, version: str = DEFAULT_VERSION) -> list[str]:
         out.append(f"torchtitan (torch.distributed.pipelining) has no {lay.schedule} schedule; "
                    f"the settings run {FALLBACK[lay.schedule]}, whose bubble is larger than "
                    "planned: re-plan with --schedule zb-v or dualpipev (torchtitan runs both)")
+    if lay.framework != "torchtitan":
+        out.append("the estimate used Megatron memory conventions (selective = attention core, "
+                   "fused loss); re-estimate with --framework torchtitan for torchtitan's "
+                   "per-op SAC and fp32 loss buffers")
     if lay.dtype == "fp8":
         out.append("torchtitan fp8 needs a float8 model converter in the recipe "
                    "(e.g. llama3_8b's *_float8 configs); the arguments keep bf16 unless you add it")

@@ -23,10 +23,12 @@ from .jsonout import to_json
 from .options import (
     DEFAULT_PLAN_HEADROOM,
     _positive,
+    check_sharding,
     expert_imbalance_option,
     finite_range,
     problem_options,
     resolve_problem,
+    sharding_options,
     with_expert_imbalance,
 )
 from .report import print_estimate
@@ -65,10 +67,13 @@ from .verdict import TIGHT_FRACTION, memory_verdict
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
               help="Pipeline schedule [default: interleaved when vp > 1, else 1f1b]; zb-v and "
                    "dualpipev need --vp 2.")
+@sharding_options
 def estimate(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model,
              as_json, micro_batch_size, recompute, sequence_parallel, distributed_optimizer,
-             mem_headroom, etp, expert_imbalance, cuda_graphs, schedule, **degrees):
+             mem_headroom, etp, expert_imbalance, cuda_graphs, schedule, fsdp, dp_replicate,
+             grad_reduce_fp32, framework, **degrees):
     """Predict step time, throughput, MFU and peak memory of one layout."""
+    check_sharding(fsdp, dp_replicate)
     prob = with_expert_imbalance(resolve_problem(
         model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model),
         expert_imbalance)
@@ -85,6 +90,8 @@ def estimate(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, d
         sequence_parallel=dims.tp > 1 if sequence_parallel is None else sequence_parallel,
         distributed_optimizer=distributed_optimizer, dtype=dtype, cuda_graphs=cuda_graphs,
         pipeline_schedule=None if schedule == default_schedule(dims.vp) else schedule,
+        fsdp=fsdp, dp_replicate=dp_replicate, grad_reduce_fp32=grad_reduce_fp32,
+        framework=framework,
     )
     est = estimate_layout(prob, layout, mem_headroom)
     verdict = memory_verdict(est, mem_headroom, _recompute_options(prob, layout, est,

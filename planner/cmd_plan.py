@@ -26,10 +26,12 @@ from .jsonout import to_json
 from .options import (
     DEFAULT_PLAN_HEADROOM,
     _positive,
+    check_sharding,
     expert_imbalance_option,
     finite_range,
     problem_options,
     resolve_problem,
+    sharding_options,
     with_expert_imbalance,
 )
 from .planfile import Plan, stage_ranges, write_plan
@@ -65,10 +67,16 @@ from .search import SearchResult, SearchSpace
                    "domain larger than a node, e.g. 2 trays of a GB200 NVL72).")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
               help="Fix the pipeline schedule [default: search all of them].")
+@sharding_options
+@click.option("--consider-fsdp", is_flag=True,
+              help="Search FSDP layouts alongside Megatron DP / distributed optimizer ones "
+                   "(--fsdp: FSDP only).")
 def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model,
          as_json, top_k, output, report, micro_batch_size, recompute, mem_headroom, max_tp,
-         expert_imbalance, schedule, **degrees):
+         expert_imbalance, schedule, fsdp, dp_replicate, grad_reduce_fp32, framework,
+         consider_fsdp, **degrees):
     """Rank every valid TP/PP/CP/DP layout and write the fastest one that fits."""
+    check_sharding(fsdp or consider_fsdp, dp_replicate)
     for path, option in ((output, "-o"), (report, "--report")):
         if path:
             check_output_file(path, option)
@@ -77,7 +85,10 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
         expert_imbalance)
     space = SearchSpace(dtype=dtype, recompute=tuple(recompute) or RECOMPUTE_KINDS,
                         headroom=mem_headroom, max_tp=max_tp, micro_batch_size=micro_batch_size,
-                        schedule=schedule, **degrees)
+                        schedule=schedule,
+                        fsdp=(True,) if fsdp else (False, True) if consider_fsdp else (False,),
+                        dp_replicate=dp_replicate, grad_reduce_fp32=grad_reduce_fp32,
+                        framework=framework, **degrees)
     console = cli_console(stderr=as_json)
     with progress(f"planning {prob.model.name} on {prob.cluster.world_size:,} GPUs"):
         planned = engine.plan(prob, space, top_k)

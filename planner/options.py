@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import click
 
-from cost_models.specs import DTYPES, ClusterSpec, ModelSpec, SpecError
+from cost_models.specs import DTYPES, FRAMEWORKS, ClusterSpec, ModelSpec, SpecError
 
 from .cli import one_line
 from .specfiles import load_cluster, load_model
@@ -62,6 +62,35 @@ def problem_options(func):
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
     ]
     return functools.reduce(lambda f, opt: opt(f), reversed(opts), func)
+
+
+def sharding_options(func):
+    """--fsdp --dp-replicate --grad-reduce-in-fp32/--no-grad-reduce-in-fp32 --framework
+    (plan, estimate)."""
+    opts = [
+        click.option("--fsdp", is_flag=True,
+                     help="Fully sharded data parallelism (ZeRO-3, torchtitan FSDP2): params, "
+                          "grads and optimizer sharded over dp/dp-replicate x cp ranks."),
+        click.option("--dp-replicate", type=int, default=1, show_default=True,
+                     callback=_positive,
+                     help="HSDP: replicate over this many groups, shard within each (needs --fsdp)."),
+        click.option("--grad-reduce-in-fp32/--no-grad-reduce-in-fp32", "grad_reduce_fp32",
+                     default=True, show_default=True,
+                     help="fp32 main gradients (Megatron-LM and torchtitan default); off: bf16 "
+                          "grad buffers (Megatron-Bridge perf recipes)."),
+        click.option("--framework", type=click.Choice(FRAMEWORKS), default="megatron",
+                     show_default=True,
+                     help="Whose memory conventions: selective recompute (megatron: attention "
+                          "core; torchtitan: per-op SAC), loss buffers, FSDP states."),
+    ]
+    return functools.reduce(lambda f, opt: opt(f), reversed(opts), func)
+
+
+def check_sharding(fsdp: bool, dp_replicate: int) -> None:
+    """The one-line error for --dp-replicate without --fsdp."""
+    if dp_replicate > 1 and not fsdp:
+        raise click.BadParameter("--dp-replicate > 1 is HSDP and needs --fsdp; add --fsdp",
+                                 param_hint="--dp-replicate")
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,10 +19,14 @@ def layout_label(lay: Layout) -> str:
         parts.append({"selective": "rc-sel", "full": "rc-full"}[lay.recompute])
     if lay.sequence_parallel:
         parts.append("sp")
-    if not lay.distributed_optimizer:
+    if lay.fsdp:
+        parts.append(f"hsdp{lay.dp_replicate}" if lay.dp_replicate > 1 else "fsdp")
+    elif not lay.distributed_optimizer:
         parts.append("no-dopt")
     if lay.pipeline_schedule is not None:  # the vp's default (1f1b / interleaved) goes unsaid
         parts.append(lay.pipeline_schedule)
+    if not lay.grad_reduce_fp32:
+        parts.append("bf16-grads")
     return " ".join(parts)
 
 
@@ -38,12 +42,35 @@ def breakdown_table(est: Estimate) -> Table:
     return t
 
 
+def memory_labels(lay: Layout) -> dict[str, str]:
+    """Row names of the memory table: what each term holds under the layout's sharding."""
+    grad = "fp32" if lay.grad_reduce_fp32 else "bf16"
+    if not lay.fsdp:
+        opt = f"optimizer (sharded /{lay.dp * lay.cp})" if lay.distributed_optimizer else "optimizer"
+        return {"grads": f"grads ({grad})", "optimizer": opt}
+    shard = lay.dims.group("dp_shard").size
+    held = "stage's blocks (pp: no reshard)" if lay.pp > 1 else "2 blocks (prefetch)"
+    inflight = f"unsharded in flight ({held} + 1 block's grads + LM head)"
+    if lay.framework == "torchtitan":  # FSDP2: the fp32 shard is the master copy
+        return {"weights": f"weights (FSDP2 fp32 shard /{shard})",
+                "grads": f"grads (fp32 shard /{shard})",
+                "optimizer": f"optimizer (Adam m, v shard /{shard})", "unsharded_inflight": inflight}
+    return {"weights": f"weights (Megatron-FSDP bf16 shard /{shard})",
+            "grads": f"grads ({grad} shard /{shard})",
+            "optimizer": f"optimizer (fp32 master + Adam shard /{shard})",
+            "unsharded_inflight": inflight}
+
+
 def memory_table(est: Estimate) -> Table:
     t = Table(title="Peak memory per GPU (most loaded rank)", show_edge=False)
     t.add_column("part")
     t.add_column("GiB", justify="right")
+    labels = memory_labels(est.layout)
     for name, value in est.memory.to_dict().items():
         label = name.removesuffix("_GiB")
+        if label == "unsharded_inflight" and not est.layout.fsdp:
+            continue
+        label = labels.get(label, label)
         t.add_row(f"[b]{label}[/b]" if label == "peak" else label, f"{value:.2f}")
     t.add_row("capacity", f"{est.capacity_GiB:.2f}")
     return t

@@ -75,6 +75,15 @@ class SearchSpace:
     """Pipeline schedules to consider (`cost_models.schedules`)."""
     schedule: str | None = None
     """A fixed schedule (`--schedule`); None lets the search choose among `schedules`."""
+    fsdp: tuple[bool, ...] = (False,)
+    """Sharding choices: (False,) Megatron DP / distributed optimizer only, (True,) FSDP only,
+    (False, True) both (plan --fsdp / --consider-fsdp)."""
+    dp_replicate: int = 1
+    """HSDP replicate degree of the FSDP candidates."""
+    grad_reduce_fp32: bool = True
+    """fp32 main gradients (False: bf16 grad buffers) for every candidate."""
+    framework: str = "megatron"
+    """Memory conventions of every candidate (`Layout.framework`)."""
 
     def to_dict(self) -> dict:
         """The plan file's form (tuples as lists)."""
@@ -235,7 +244,11 @@ def generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
         mbs = np.array([space.micro_batch_size])
     recs = np.array([RECOMPUTE_KINDS.index(r) for r in space.recompute])
     sps = np.array(space.sequence_parallel)
-    dopts = np.array(space.distributed_optimizer)
+    # sharding: (distributed optimizer, fsdp); FSDP makes the optimizer choice moot
+    shardings = [(x, False) for x in space.distributed_optimizer if False in space.fsdp]
+    shardings += [(True, True)] if True in space.fsdp else []
+    dopts = np.array([x[0] for x in shardings], dtype=bool)
+    fsdps = np.array([x[1] for x in shardings], dtype=bool)
     names = (space.schedules if space.schedule is None else (space.schedule,))
     scheds = schedules.codes(names)
     # Expand one axis at a time, filtering as soon as a rule can be checked.
@@ -249,15 +262,17 @@ def generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
     if space.schedule is None and "zb-h1" in space.schedules:  # see `dominated`
         keep &= ~((sc == schedules.CODE["1f1b"]) & (pp_b > 1))
     (b, v, mb, sc), sp = _expand(b[keep], sps, v[keep], mb[keep], sc[keep])
-    (b, v, mb, sc, sp), do = _expand(b, dopts, v, mb, sc, sp)
+    (b, v, mb, sc, sp), sh = _expand(b, np.arange(len(shardings)), v, mb, sc, sp)
+    do, fs = dopts[sh], fsdps[sh]
     d = dims.ParallelDims(**{n: col[b] for n, col in base.items()}, vp=v)
     sp_ok = (seq_len // d.cp) % d.tp == 0
     ok = np.where(d.tp == 1, ~sp, sp_ok)  # SP only with tp > 1, s/cp split by tp
     ok &= do | (d.group("dp_cp").size > 1)  # without DP both optimisers coincide
+    ok &= ~fs | ((d.dp % space.dp_replicate == 0) & (d.group("dp_cp").size > 1))  # HSDP splits dp
     ok &= ~dominated(space, d, sc, sp, sp_ok, do, model.is_moe)
     keep = np.nonzero(ok)[0]
-    (b, v, mb, sc, sp, do), rc = _expand(b[keep], recs, v[keep], mb[keep], sc[keep], sp[keep],
-                                         do[keep])
+    (b, v, mb, sc, sp, do, fs), rc = _expand(b[keep], recs, v[keep], mb[keep], sc[keep],
+                                             sp[keep], do[keep], fs[keep])
     d = dims.ParallelDims(**{n: col[b] for n, col in base.items()}, vp=v)
     idx = np.arange(len(b))
     degrees = {n: col[idx] for n, col in d.to_dict().items()}
@@ -269,7 +284,8 @@ def generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
         sequence_parallel=sp[idx], distributed_optimizer=do[idx],
         flash_attention=np.full(len(idx), space.flash_attention), layers_first=counts[:, 0],
         layers_last=counts[:, 1], layers_mid=counts[:, 2], seq_len=seq_len, dtype=space.dtype,
-        schedule=sc[idx],
+        schedule=sc[idx], fsdp=fs[idx], dp_replicate=np.where(fs[idx], space.dp_replicate, 1),
+        grad_reduce_fp32=space.grad_reduce_fp32, framework=space.framework,
     )
 
 
@@ -499,4 +515,4 @@ def scaled_cluster(cluster: ClusterSpec, factor: int) -> ClusterSpec:
 
 def layout_key(lay: Layout) -> tuple:
     return (*lay.dims.key(), lay.micro_batch_size, lay.recompute, lay.sequence_parallel,
-            lay.distributed_optimizer, lay.schedule)
+            lay.distributed_optimizer, lay.schedule, lay.fsdp)

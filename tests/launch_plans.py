@@ -7,7 +7,8 @@ Layouts and uneven splits are the ones `meshplan plan` chose for these problems:
   70b-pp3   --model llama3.1-70b --nodes 6 --pp 3                      -> tp4 pp3 cp2 dp2, 27/27/26
   70b-fp8   --model llama3.1-70b --nodes 6 --pp 6 --dtype fp8          -> tp2 pp6 cp4, 13/14/14/13/13/13
   mixtral   --model mixtral-8x7b --nodes 2 --ep 8                      -> pp2 cp4 dp2 ep8 vp3, 5/6/6/5/5/5
-(FSDP is not modelled yet, so the acceptance's FSDP plan is not among them.)
+  8b-fsdp   --model llama3.1-8b  --nodes 1 --tp 1 --pp 1 --fsdp      -> dp8 FSDP2
+  8b-hsdp   --model llama3.1-8b  --nodes 2 --tp 2 --fsdp --dp-replicate 2 -> tp2 dp8 (4 x 2)
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ ACCEPTANCE = {
                                         dtype="fp8", layers_per_stage=(13, 14, 14, 13, 13, 13))),
     "mixtral-ep8": ("mixtral-8x7b", 2, dict(tp=1, pp=2, dp=2, cp=4, ep=8, vp=3,
                                             layers_per_stage=(5, 6, 6, 5, 5, 5))),
+    "8b-fsdp": ("llama3.1-8b", 1, dict(tp=1, pp=1, dp=8, fsdp=True, framework="torchtitan")),
+    "8b-hsdp": ("llama3.1-8b", 2, dict(tp=2, pp=1, dp=8, fsdp=True, dp_replicate=2,
+                                       sequence_parallel=True, framework="torchtitan")),
 }
 FAMILIES = {
     "qwen2.5-7b": ("qwen2.5-7b", 1, dict(tp=2, pp=1, dp=4, sequence_parallel=True)),

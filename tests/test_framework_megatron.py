@@ -116,8 +116,12 @@ def test_megatron_args_rebuild_the_plan(name):
     assert "overlap-grad-reduce" in f and "use-distributed-optimizer" in f
     vp, sizes = _megatron_split(f, m.num_layers, lay.pp)
     assert vp == lay.vp and sizes == [s.num_layers for s in plan.stages]
+    # Megatron-FSDP asserts CUDA_DEVICE_MAX_CONNECTIONS != 1; tp/cp on Hopper need it = 1
     assert frameworks.megatron_env(plan) == ({"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
-                                             if lay.tp > 1 or lay.cp > 1 else {})
+                                             if (lay.tp > 1 or lay.cp > 1) and not lay.fsdp
+                                             else {})
+    assert ("use-megatron-fsdp" in f) == lay.fsdp
+    assert int(f.get("num-distributed-optimizer-instances", 1)) == lay.dp_replicate
 
 
 def test_deepseek_dense_layers_and_router():

@@ -88,8 +88,12 @@ def test_torchtitan_accepts_plan_and_builds_it(results, name):
     assert got["accepted"], got.get("error")
     assert got["errors"] == []
     lay = plan.layout
-    assert got["dims"] == {"dp_replicate": 1, "dp_shard": lay.dp, "cp": lay.cp, "tp": lay.tp,
-                           "pp": lay.pp, "ep": lay.ep}
+    dims = lay.dims  # FSDP / HSDP plans: shard dp/dp_replicate, replicate dp_replicate
+    assert got["dims"] == {"dp_replicate": dims.dp_replicate if lay.fsdp else 1,
+                           "dp_shard": dims.dp_shard if lay.fsdp else lay.dp, "cp": lay.cp,
+                           "tp": lay.tp, "pp": lay.pp, "ep": lay.ep}
+    # the estimate of an FSDP plan assumed torchtitan's default resharding (fsdp.py)
+    assert got["reshard_after_forward"] == ("default" if lay.fsdp else "never")
     if lay.pp > 1:
         assert got["stages"] == [[s.first_layer, s.num_layers] for s in plan.stages]
     if titan_model(plan) is not None and plan.model.name.startswith("llama"):

@@ -32,19 +32,26 @@ CSV_2025 = CSV.parent / "published_runs_2025_2026.csv"
 @pytest.mark.skipif(not CSV_2025.exists(), reason=f"{CSV_2025} not present")
 def test_2025_2026_runs_blackwell_dense_and_moe():
     """Megatron-Bridge 2025-2026 rows (../shared/data/published_runs_2025_2026.csv): every
-    layout is accepted (only FSDP rows skipped, issue 14); dense rows within 6% on average and
+    layout is accepted (FSDP rows too, issue 14); dense Bridge rows within 6% on average and
     each dense Blackwell row within 12% (3.6% / 7.5% now); MoE rows held under 25% (19% now:
     container releases differ by up to 1.6x on the same layout, see README)."""
     from published import load_cases_2025
 
     cases, skipped = load_cases_2025(CSV_2025)
-    assert all("FSDP" in reason for _, reason in skipped), skipped
-    assert len(cases) >= 32
+    assert not skipped, skipped  # FSDP rows included since issue 14
+    assert len(cases) >= 45
     errs = {c.label: abs(best_estimate(c).step_time_s / c.measured_step_s - 1) for c in cases}
-    dense = [c for c in cases if not c.model.is_moe]
+    dense = [c for c in cases if not c.model.is_moe and "Megatron-Bridge" in c.source]
     assert np.mean([errs[c.label] for c in dense]) <= 0.06
     for c in dense:
         if c.cluster.gpu.name in ("B200", "GB200"):
             assert errs[c.label] <= 0.12, c.label
     moe = [errs[c.label] for c in cases if c.model.is_moe]
     assert len(moe) == 21 and np.mean(moe) <= 0.25
+    # torchtitan FSDP2 rows (docs/fsdp.md): H200 within 12% (9.6, 11.2% now); the 96 GB H100 at
+    # 500 W, whose tensor throughput is unknown, held under 30% (27.0% now)
+    titan = [c for c in cases if "torchtitan" in c.source]
+    assert len(titan) == 12
+    h200 = [errs[c.label] for c in titan if c.cluster.gpu.name == "H200"]
+    assert len(h200) == 2 and max(h200) <= 0.12
+    assert np.mean([errs[c.label] for c in titan if c.cluster.gpu.name != "H200"]) <= 0.30

@@ -1,0 +1,160 @@
+"""FSDP / HSDP memory and the memory verdict against runs that ran (issue 14).
+
+- FSDP2 shards: weights, grads and Adam state of the whole model are 4 + 4 + 8 bytes per
+  parameter over the shard group (checked against `flops.parameter_count`, not the memory
+  code); HSDP shards over dp/dp_replicate; bf16 main grads halve the grad buffers.
+- The published runs that state a measured peak (benchmarks/validate_memory.py): the eight
+  of the shared 2025-2026 file within the 10% goal.
+- Zero false OOMs: every published run of both shared files that states its layout is judged
+  to fit (with its recompute where stated), except the rows listed in KNOWN_FALSE_OOMS with
+  the physics not modelled yet; the list must match exactly, so a fix must shrink it.
+- `meshplan estimate --fsdp` names the sharded and in-flight terms (run as a process).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from cost_models.errors import SpecError
+from cost_models.flops import parameter_count
+from cost_models.megatron import estimate
+from cost_models.specs import GiB, Layout
+from planner.options import DEFAULT_PLAN_HEADROOM
+from planner.specfiles import load_cluster, load_model
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+from published import CSV, CSV_2025, load_cases, load_cases_2025  # noqa: E402
+from validate_memory import GOAL, predict, shared_file_runs  # noqa: E402
+
+KNOWN_FALSE_OOMS = {
+    "Llama-3.1-405B 256xGB200 fp8": "over by ~2 GiB: fp8_param_gather's 1-byte weights on "
+                                    "Blackwell (no transpose copy) not modelled",
+    "Llama-3-70B 64xGB200 fp8": "Megatron-FSDP row: activation offload of 40 layers "
+                                "(cpu_offloading_num_layers=40) not modelled",
+    "gpt-oss-120b 64xB200 bf16": "MoE expert memory at ep=8 (the MoE model's owner)",
+}
+"""Label prefix (after the row number) -> why the model still says it does not fit."""
+
+
+@pytest.fixture(scope="module")
+def llama8b():
+    return load_model("llama3.1-8b")
+
+
+def _fsdp(dp: int, **kw) -> Layout:
+    return Layout(tp=1, pp=1, dp=dp, micro_batch_size=1, global_batch_size=dp, seq_len=8192,
+                  fsdp=True, framework="torchtitan", **kw)
+
+
+def test_fsdp2_shards_every_state_over_the_shard_group(llama8b):
+    params = parameter_count(llama8b)
+    for nodes in (1, 16):
+        dp = 8 * nodes
+        est = estimate(llama8b, load_cluster("dgx-h100", nodes=nodes), _fsdp(dp))
+        mem = est.memory
+        assert mem.weights_bytes * dp == pytest.approx(4 * params, rel=1e-9)
+        assert mem.grads_bytes * dp == pytest.approx(4 * params, rel=1e-9)
+        assert mem.optimizer_state_bytes * dp == pytest.approx(8 * params, rel=1e-9)
+        # two bf16 blocks (prefetch), one block's bf16 + fp32 grads, the bf16 LM head
+        block = (params - 2 * llama8b.vocab_size * llama8b.hidden_size) / llama8b.num_layers
+        head = llama8b.vocab_size * llama8b.hidden_size
+        assert mem.unsharded_inflight_bytes == pytest.approx(
+            2 * 2 * block + 6 * block + 2 * head, rel=0.01)
+    # HSDP: replicate 2 x shard 64 holds twice the shard of FSDP over 128, and all-reduces it
+    cluster = load_cluster("dgx-h100", nodes=16)
+    full, hsdp = estimate(llama8b, cluster, _fsdp(128)), estimate(llama8b, cluster,
+                                                                 _fsdp(128, dp_replicate=2))
+    assert hsdp.memory.weights_bytes == pytest.approx(2 * full.memory.weights_bytes)
+    assert hsdp.time.dp_comm_s > 0
+
+
+def test_bf16_main_grads_halve_the_grad_buffers(llama8b):
+    cluster = load_cluster("dgx-h100", nodes=1)
+    lay = Layout(tp=2, pp=1, dp=4, micro_batch_size=1, global_batch_size=8, seq_len=8192,
+                 sequence_parallel=True)
+    fp32, bf16 = (estimate(llama8b, cluster, replace(lay, grad_reduce_fp32=g)) for g in (True, False))
+    assert bf16.memory.grads_bytes == pytest.approx(fp32.memory.grads_bytes / 2)
+    assert bf16.memory.weights_bytes == fp32.memory.weights_bytes
+
+
+def test_hsdp_rules_are_explained(llama8b):
+    cluster = load_cluster("dgx-h100", nodes=1)
+    with pytest.raises(SpecError, match="needs --fsdp"):
+        replace(_fsdp(8, dp_replicate=2), fsdp=False).validate(llama8b, 8)
+    with pytest.raises(SpecError, match="must divide dp"):
+        _fsdp(8, dp_replicate=3).validate(llama8b, 8)
+    old = Layout.from_dict({"tp": 1, "pp": 1, "dp": 8, "micro_batch_size": 1,
+                            "global_batch_size": 8, "seq_len": 8192})  # a plan file from before
+    assert (old.fsdp, old.dp_replicate, old.grad_reduce_fp32) == (False, 1, True)
+    estimate(llama8b, cluster, old)
+
+
+@pytest.mark.skipif(not CSV_2025.exists(), reason=f"{CSV_2025} not present")
+def test_measured_peaks_of_the_shared_file_within_goal():
+    runs = shared_file_runs()
+    assert len(runs) == 8
+    errors = {run.source[:60]: predict(run).peak_GiB / run.measured_GiB - 1 for run in runs}
+    assert all(abs(e) <= GOAL for e in errors.values()), errors
+
+
+@pytest.mark.skipif(not (CSV.exists() and CSV_2025.exists()), reason="shared/ data not present")
+def test_no_false_ooms_on_published_runs():
+    false_ooms = []
+    cases = load_cases(CSV)[0] + load_cases_2025(CSV_2025)[0]
+    assert len(cases) >= 110
+    for case in cases:
+        ests = [estimate(case.model, case.cluster, lay, DEFAULT_PLAN_HEADROOM)
+                for lay in case.layouts]
+        if not any(e.fits for e in ests):
+            false_ooms.append(case.label.split(None, 1)[1].strip())  # without the row number
+    assert sorted(false_ooms) == sorted(KNOWN_FALSE_OOMS), false_ooms
+
+
+def test_estimate_fsdp_names_sharded_and_inflight_terms():
+    base = ["--model", "llama3.1-8b", "--cluster", "dgx-h100", "--nodes", "16", "--seq-len",
+            "8192", "--global-batch-size", "128", "--tp", "1", "--pp", "1",
+            "--micro-batch-size", "1"]
+    r = subprocess.run([sys.executable, "-m", "planner.cli", "estimate", *base, "--fsdp"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for name in ("weights (Megatron-FSDP bf16 shard /128)", "grads (fp32 shard /128)",
+                 "optimizer (fp32 master + Adam shard /128)", "unsharded in flight", "fsdp"):
+        assert name in r.stdout, r.stdout
+    titan = subprocess.run([sys.executable, "-m", "planner.cli", "estimate", *base, "--fsdp",
+                            "--framework", "torchtitan"], capture_output=True, text=True)
+    assert "weights (FSDP2 fp32 shard /128)" in titan.stdout, titan.stdout
+    bad = subprocess.run([sys.executable, "-m", "planner.cli", "estimate", *base,
+                          "--dp-replicate", "2"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "needs --fsdp" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+def test_unsharded_bytes_stay_small_next_to_the_states_they_replace(llama8b):
+    """FSDP over 128 ranks needs less than a tenth of ZeRO-1's weights + grads + optimizer."""
+    cluster = load_cluster("dgx-h100", nodes=16)
+    fsdp = estimate(llama8b, cluster, _fsdp(128)).memory
+    zero1 = estimate(llama8b, cluster, replace(_fsdp(128), fsdp=False)).memory
+    states = lambda m: m.weights_bytes + m.grads_bytes + m.optimizer_state_bytes  # noqa: E731
+    assert states(fsdp) + fsdp.unsharded_inflight_bytes < 0.3 * states(zero1)
+    assert fsdp.unsharded_inflight_bytes < 4 * GiB
+
+
+def test_search_considers_sharding_alongside_the_degrees(llama8b):
+    from planner.search import SearchSpace, generate
+
+    both = generate(llama8b, 16, 8, 8192, 128, SearchSpace(fsdp=(False, True), dp_replicate=2))
+    fs, rep = both.column("fsdp"), both.column("dp_replicate")
+    assert fs.any() and (~fs).any()
+    assert (rep[fs] == 2).all() and (rep[~fs] == 1).all() and (both.dp[fs] % 2 == 0).all()
+    assert both.distributed_optimizer[fs].all()  # FSDP rows are not doubled by the ZeRO-1 axis
+    only = generate(llama8b, 16, 8, 8192, 128, SearchSpace(fsdp=(True,)))
+    assert only.column("fsdp").all()
+    lay = only.layout(0)
+    assert lay.fsdp and lay.framework == "megatron"
