@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from netns_cluster import why_not_available
 
 from cost_models.specs import Layout, SpecError
 from launcher.monitor import Incident, MonitorConfig, RankView, read_new_records
@@ -143,6 +144,9 @@ def test_clean_run_has_no_false_positives(clean_run):
 
 @pytest.mark.torchrun
 @pytest.mark.timeout(500)
+@pytest.mark.skipif(why_not_available() is None,
+                    reason="a host kill, exclusion, re-plan and resume run on the 4-host netns "
+                           "cluster (tests/test_supervisor_netns.py), where namespaces can be built")
 def test_kill_detected_replanned_and_resumed(plan_file, clean_run, tmp_path):
     out = tmp_path / "kill"
     with fault_env(kill="1:12"):
