@@ -139,7 +139,8 @@ def _launch(tmp: Path, plan_path: Path, extra_args: list[str]) -> Path:
     return out
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["TP2xDP2", "PP2xDP2", "TP2xPP2"])
+# TP2xPP2 covers the pipeline and TP2xDP2 data parallelism (PP2xDP2 was dropped for CI time).
+@pytest.mark.parametrize("tp,pp", [(2, 1), (2, 2)], ids=["TP2xDP2", "TP2xPP2"])
 def test_launch_runs_layout_and_matches_single_process(tmp_path, reference, tp, pp):
     plan_path = _write_plan(tmp_path / "plan.yaml", tp=tp, pp=pp)
     out = _launch(tmp_path, plan_path, [])

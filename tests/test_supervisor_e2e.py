@@ -109,6 +109,13 @@ def injection_t(monitor_dir: Path, rank: int, step: int) -> float:
     return recs[-1]["t"]
 
 
+NETNS_COVERS = pytest.mark.skipif(
+    why_not_available() is None,
+    reason="the same faults (clean run, host kill + re-plan + resume, straggler, hang) run on the "
+           "4-host netns cluster (tests/test_supervisor_netns.py) where namespaces can be built; "
+           "the incident log's torn-line handling is also tested process-free below")
+
+
 @pytest.fixture(scope="module")
 def plan_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("plan") / "plan.yaml"
@@ -131,6 +138,7 @@ def clean_run(plan_file, tmp_path_factory):
 
 @pytest.mark.torchrun
 @pytest.mark.timeout(400)
+@NETNS_COVERS
 def test_clean_run_has_no_false_positives(clean_run):
     result, out, seconds = clean_run
     assert result.ok, result.message
@@ -144,9 +152,7 @@ def test_clean_run_has_no_false_positives(clean_run):
 
 @pytest.mark.torchrun
 @pytest.mark.timeout(500)
-@pytest.mark.skipif(why_not_available() is None,
-                    reason="a host kill, exclusion, re-plan and resume run on the 4-host netns "
-                           "cluster (tests/test_supervisor_netns.py), where namespaces can be built")
+@NETNS_COVERS
 def test_kill_detected_replanned_and_resumed(plan_file, clean_run, tmp_path):
     out = tmp_path / "kill"
     with fault_env(kill="1:12"):
@@ -177,6 +183,7 @@ def test_kill_detected_replanned_and_resumed(plan_file, clean_run, tmp_path):
 
 @pytest.mark.torchrun
 @pytest.mark.timeout(500)
+@NETNS_COVERS
 def test_straggler_then_hang_then_supervisor_restart(plan_file, clean_run, tmp_path):
     out = tmp_path / "slowhang"
     with fault_env(slow="3:3:5", hang="1:12"):
