@@ -24,6 +24,7 @@ import shlex
 from collections.abc import Sequence
 
 from planner.planfile import Plan
+from planner.specfiles import job_domain_nodes
 
 from .torchrun import DEFAULT_PYTHON, DEFAULT_RDZV_PORT, torchrun_argv, watchdog_env
 
@@ -63,9 +64,7 @@ def nvlink_segment(plan: Plan) -> int:
     per_domain = plan.cluster.nodes_per_domain
     if per_domain <= 1 or plan.cluster.gpu.name == "CPU":
         return 0
-    if plan.nnodes <= per_domain:
-        return plan.nnodes
-    return max(d for d in range(1, per_domain + 1) if plan.nnodes % d == 0)
+    return job_domain_nodes(per_domain, plan.nnodes)
 
 
 def imex_check() -> list[str]:

@@ -497,7 +497,7 @@ def _preset_cluster(name: str, raw: dict, nodes: int, gpus_per_node: int | None)
         raise SpecError(f"--nodes {nodes} x {gpn} GPUs = {nodes * gpn:,} GPUs is over meshplan's "
                         f"limit of {MAX_GPUS:,}; plan a part of the cluster")
     gpu = gpu_preset(raw["gpu"])
-    per_domain = _job_domain(raw.get("nodes_per_domain", 1), nodes)
+    per_domain = job_domain_nodes(raw.get("nodes_per_domain", 1), nodes)
     per_rack = per_domain if per_domain > 1 else raw.get("nodes_per_rack", 32)
     node_list = tuple(
         NodeSpec(f"{raw.get('node_prefix', 'node')}{i}", gpn, gpu.name, raw["nic"],
@@ -514,13 +514,15 @@ def _preset_cluster(name: str, raw: dict, nodes: int, gpus_per_node: int | None)
     )
 
 
-def _job_domain(rack_nodes: int, nodes: int) -> int:
+def job_domain_nodes(rack_nodes: int, nodes: int) -> int:
     """Nodes of one NVLink domain a job of `nodes` nodes gets: the whole job when it fits in one
     rack, else the largest divisor of `nodes` up to a rack (18 trays of an NVL72). This is
     what `meshplan launch` asks SLURM for (`#SBATCH --segment`, launcher/slurm.py): a 64-tray
     job runs as 4 racks x 16 trays, so its domains are 16 trays, not 18."""
-    if rack_nodes <= 1 or nodes <= rack_nodes:
-        return max(1, min(rack_nodes, nodes)) if rack_nodes > 1 else 1
+    if rack_nodes <= 1:
+        return 1
+    if nodes <= rack_nodes:
+        return nodes
     return max(d for d in range(1, rack_nodes + 1) if nodes % d == 0)
 
 
