@@ -17,6 +17,7 @@ torchrun agent per host inside its namespace.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import shutil
 import signal
@@ -43,8 +44,10 @@ class Host:
     rate_mbit: float
 
 
+@functools.cache
 def why_not_available() -> str | None:
-    """A skip reason, or None when namespaces can be built here."""
+    """A skip reason, or None when namespaces can be built here (probed once per process:
+    several test modules ask at collection time)."""
     if sys.platform != "linux":
         return "network namespaces need Linux"
     if os.geteuid() != 0:
