@@ -293,6 +293,10 @@ def attribute_exit(views: dict[int, RankView], exit_codes: dict[str, int | None]
     wrote a `signal` record and ranks that finished wrote `close`; of the rest, the one whose
     records stopped first is blamed (peers that failed because of it ran on to the next
     collective before they noticed). A rank that never started on a failed node comes first.
+    A quiet rank on a node whose process exited outranks one on a node still running, and a
+    node process killed by a signal (negative status: the host or its agent was killed)
+    outranks one that exited with an error: record times cross the network and a peer stuck
+    in a collective can look quieter than the rank that died.
     """
     failed = {node: code for node, code in exit_codes.items() if code not in (None, 0)}
     candidates = []
@@ -300,17 +304,20 @@ def attribute_exit(views: dict[int, RankView], exit_codes: dict[str, int | None]
         view = views.get(rank)
         if view is None or view.started_t is None:
             if node in failed:
-                candidates.append((float("-inf"), rank, node, None))
+                candidates.append(((0, float("-inf")), rank, node, None))
             continue
         if view.terminal is None:
-            candidates.append((view.last_t or view.started_t, rank, view.node or node, view))
+            where = view.node or node
+            code = failed.get(where)
+            tier = 2 if code is None else (0 if code < 0 else 1)
+            candidates.append(((tier, view.last_t or view.started_t), rank, where, view))
     evidence = {"detected_by": "process exit", "exit_codes": failed}
     if not candidates:
         # every rank closed or was stopped: the script or an agent failed, not a rank. Blame
         # a node only if it alone failed (a lost agent); a script error fails them all.
         node = next(iter(failed)) if len(failed) == 1 else None
         return Incident(now, "exit", None, node, None, evidence)
-    last_t, rank, node, view = min(candidates, key=lambda item: (item[0], item[1]))
+    (_, last_t), rank, node, view = min(candidates, key=lambda item: (item[0], item[1]))
     evidence["quiet_ranks"] = sorted(r for _, r, _, _ in candidates)
     if view is not None:
         evidence["last_record_t"] = last_t

@@ -272,6 +272,21 @@ def test_exit_attribution_blames_rank_that_went_quiet_first():
     assert json.loads(inc.to_json())["rank"] == 3
 
 
+def test_exit_attribution_prefers_killed_node_over_quieter_peer():
+    # rank 0 (n0) is waiting in a collective and looks quietest; n1's whole host was
+    # SIGKILLed (status -9) after its ranks wrote later records (seen in a 4-host netns run)
+    recs = {r: records(r, range(5)) for r in range(4)}
+    t = recs[0][-1]["t"]
+    for r in (1, 2, 3):
+        recs[r].append({"ev": "begin", "step": 5, "t": t + 0.2})
+    running = attribute_exit(views_of(recs), {"n0": None, "n1": -9}, NODES, t + 1)
+    assert (running.kind, running.node) == ("dead", "n1") and running.rank in (2, 3)
+    both = attribute_exit(views_of(recs), {"n0": 1, "n1": -9}, NODES, t + 1)
+    assert both.node == "n1"  # a signal kill outranks an error exit that followed it
+    errors = attribute_exit(views_of(recs), {"n0": 1, "n1": 1}, NODES, t + 1)
+    assert errors.rank == 0  # no signal: the rank that went quiet first
+
+
 def _with_link_delay(recs: dict[int, list[dict]], slow_ranks: set[int], delay_s: float) -> None:
     """Delay the leave of `slow_ranks`' collectives (their group's link is slow)."""
     for r in slow_ranks:
