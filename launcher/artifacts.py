@@ -4,6 +4,7 @@ DIR gets, whatever the backend (the backend only decides what README.md leads wi
     plan.yaml             copy of the plan (the training script reads it: --plan DIR/plan.yaml)
     node-<r>.sh           per-node torchrun command for node rank r (run on that node's host)
     launch.sbatch         SLURM batch script (srun torchrun on every node)
+    launch.supervised.sbatch  SLURM batch script running `meshplan run` (framework plain)
     pytorchjob.yaml       ConfigMap (plan.yaml) + Kubeflow PyTorchJob (training-operator v1.9)
     megatron_args.sh      MEGATRON_ARGS=( ... ) bash array for Megatron-LM pretrain_gpt.py
     megatron_bridge_override.py  apply_meshplan(cfg) for a Megatron-Bridge recipe
@@ -103,6 +104,11 @@ def render_launch(plan: Plan, script: str, out_dir: Path, backend: str = "torchr
                   plan_hosts=plan_hosts, python=python, extra_env=env)
     files = {f"node-{c.node_rank}.sh": node_script(c, plan.nnodes) for c in cmds}
     files["launch.sbatch"] = slurm.sbatch_script(plan, script, args, **common)
+    if framework == "plain":  # `meshplan run` speaks the trainer contract (--plan, --ckpt-dir)
+        files["launch.supervised.sbatch"] = slurm.supervised_sbatch_script(
+            plan, script, script_args, plan_path=str(out_dir / "plan.yaml"),
+            run_dir=str(out_dir / "run"), run_id=run_id, dump_dir=dump_dir,
+            plan_hosts=plan_hosts, python=python, extra_env=env)
     files["pytorchjob.yaml"] = k8s.pytorchjob_yaml(plan, script, args, image=image,
                                                    launch_dir=str(out_dir), **common)
     files["megatron_args.sh"] = _bash_array_file(
@@ -159,7 +165,13 @@ def readme(plan: Plan, cmds: Sequence[NodeCommand], backend: str, framework: str
         "torchrun": _readme_torchrun(cmds, out_dir),
         "slurm": "## SLURM\n\n```\n"
                  f"sbatch {shlex.quote(str(out_dir / 'launch.sbatch'))}\n```\n\n"
-                 "Node ranks follow the hosts file (or SLURM's node order without one).\n",
+                 "Node ranks follow the hosts file (or SLURM's node order without one).\n"
+                 + ("\nUnder supervision (`meshplan run` in the batch step starts one node agent "
+                    "per node with srun, watches the ranks over the network, and on a fault "
+                    "excludes the node, re-plans and resumes inside the allocation; extra "
+                    "`meshplan run` options in $MESHPLAN_RUN_OPTS):\n\n```\n"
+                    f"sbatch {shlex.quote(str(out_dir / 'launch.supervised.sbatch'))}\n```\n"
+                    if framework == "plain" else ""),
         "k8s": "## Kubernetes (Kubeflow training operator)\n\n```\n"
                f"kubectl apply -f {shlex.quote(str(out_dir / 'pytorchjob.yaml'))}\n```\n\n"
                f"Targets {k8s.OPERATOR}. The image must hold the training script; plan.yaml "

@@ -16,6 +16,7 @@ from planner.jsonout import to_json
 from planner.options import _positive, finite_range
 from planner.planfile import read_plan
 
+from .link_probe import ProbeConfig
 from .monitor import MonitorConfig
 from .supervisor import RunOptions, run_summary, supervise
 
@@ -82,6 +83,12 @@ def _words(text: str | None, option: str) -> tuple[str, ...]:
               help="Where the record collector listens [default: 127.0.0.1 locally, else 0.0.0.0].")
 @click.option("--collector-host", default=None,
               help="Address ranks reach the collector at [default: this machine's host name].")
+@click.option("--link-probe-every", type=float, default=2.0, show_default=True,
+              callback=finite_range(0.0, 3600.0),
+              help="Seconds between the node agents' host-pair link probes (multi-host "
+                   "launchers, 3+ hosts); 0: off.")
+@click.option("--link-probe-mb", type=float, default=4.0, show_default=True,
+              callback=finite_range(0.01, 1000.0), help="Megabytes per link probe.")
 @click.option("--no-precompute", is_flag=True,
               help="Do not plan for N-1 / N-2 nodes in the background.")
 @click.option("--json", "as_json", is_flag=True, help="Print run.json's object on stdout.")
@@ -92,7 +99,8 @@ def run(plan_file: str, script: str, steps: int | None, out_dir: str, ckpt_dir: 
         straggler_threshold: float, straggler_window: int, straggler_steps: int,
         straggler_min_excess: float, poll: float, launcher: str, hosts: str | None,
         addresses: str | None, collector_bind: str | None,
-        collector_host: str | None, no_precompute: bool, as_json: bool,
+        collector_host: str | None, link_probe_every: float, link_probe_mb: float,
+        no_precompute: bool, as_json: bool,
         script_args: tuple[str, ...]) -> None:
     """Launch PLAN.yaml with torchrun under supervision: on a dead or hung rank, a failed node
     or a persistent straggler, exclude the node, re-plan for the nodes left and resume from
@@ -118,7 +126,9 @@ def run(plan_file: str, script: str, steps: int | None, out_dir: str, ckpt_dir: 
         straggler_action=on_straggler, monitor=cfg, poll_s=poll, heartbeat_s=heartbeat,
         launcher=launcher, hosts=host_list, addresses=_words(addresses, "--addresses"),
         collector_bind=collector_bind or ("127.0.0.1" if launcher == "local" else "0.0.0.0"),
-        collector_host=collector_host, precompute=not no_precompute)
+        collector_host=collector_host, precompute=not no_precompute,
+        link_probe=(ProbeConfig(period_s=link_probe_every, nbytes=int(link_probe_mb * 1e6))
+                    if link_probe_every > 0 else None))
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         result = supervise(plan, opts, echo=lambda line: click.echo(f"[meshplan run] {line}",

@@ -114,6 +114,66 @@ def sbatch_script(plan: Plan, script: str, script_args: Sequence[str], *, run_id
     argv = torchrun_argv(plan, script, script_args, node_rank="@NODE_RANK@",
                          endpoint="@ENDPOINT@", run_id=run_id, max_restarts=max_restarts,
                          is_host="@IS_HOST@", python=python)
+    header, segment = _header(plan, run_id, plan_hosts)
+    env = dict(watchdog_env(dump_dir), MESHPLAN_NNODES=str(plan.nnodes), **(extra_env or {}))
+    body = [
+        f"# meshplan launch for a {plan.nnodes}-node plan; submit with: sbatch launch.sbatch",
+        "set -euo pipefail",
+        *_exports(env, segment),
+        'mkdir -p -- "$MESHPLAN_DUMP_DIR"',
+        'mapfile -t ALLOCATED < <(scontrol show hostnames "$SLURM_JOB_NODELIST")',
+        _bash_array("PLAN_HOSTS", plan_hosts),
+        'if ((${#PLAN_HOSTS[@]})); then HEAD_HOST="${PLAN_HOSTS[0]}"; else HEAD_HOST="${ALLOCATED[0]}"; fi',
+        f'export MESHPLAN_RDZV_ENDPOINT="${{MESHPLAN_RDZV_ENDPOINT:-$HEAD_HOST:{port}}}"',
+        f"srun --nodes={plan.nnodes} --ntasks-per-node=1 "
+        '--cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" --kill-on-bad-exit=1 '
+        f"bash -c {q(node_snippet(plan, argv, plan_hosts))} meshplan-node",
+    ]
+    return "\n".join(header + [""] + body) + "\n"
+
+
+def supervised_sbatch_script(plan: Plan, script: str, script_args: Sequence[str], *,
+                             plan_path: str, run_dir: str, run_id: str, dump_dir: str,
+                             plan_hosts: Sequence[str] = (), python: str = DEFAULT_PYTHON,
+                             extra_env: dict[str, str] | None = None) -> str:
+    """The sbatch script that runs `meshplan run` in the batch step: the supervisor starts one
+    node agent per allocated node with `srun --nodes=1 --nodelist=HOST` (its srun launcher),
+    watches the ranks over the network (its TCP collector), and on a fault excludes the node,
+    re-plans for the nodes left and resumes inside the same allocation. `script_args`: the
+    user's, after the trainer contract's --plan/--ckpt-dir that `meshplan run` adds."""
+    q = shlex.quote
+    header, segment = _header(plan, run_id, plan_hosts)
+    env = dict(watchdog_env(dump_dir), MESHPLAN_NNODES=str(plan.nnodes), **(extra_env or {}))
+    run = [python, "-m", "planner.cli", "run", plan_path, "--script", script,
+           "--launcher", "srun", "--python", python]
+    body = [
+        f"# meshplan run under SLURM for a {plan.nnodes}-node plan: sbatch launch.supervised.sbatch",
+        "# The batch step runs the supervisor; it starts one agent per node with srun, and",
+        "# excludes, re-plans and resumes inside this allocation (docs/supervisor.md).",
+        "set -euo pipefail",
+        *_exports(env, segment),
+        'mkdir -p -- "$MESHPLAN_DUMP_DIR"',
+        'mapfile -t ALLOCATED < <(scontrol show hostnames "$SLURM_JOB_NODELIST")',
+        _bash_array("PLAN_HOSTS", plan_hosts),
+        f'if ((${{#PLAN_HOSTS[@]}})); then HOSTS=("${{PLAN_HOSTS[@]}}"); '
+        f'else HOSTS=("${{ALLOCATED[@]:0:{plan.nnodes}}}"); fi',
+        'HOST_LIST="$(IFS=,; echo "${HOSTS[*]}")"',
+        f'RUN_DIR="${{MESHPLAN_RUN_DIR:-{run_dir}/job-$SLURM_JOB_ID}}"',
+        f'exec {" ".join(q(w) for w in run)} --hosts "$HOST_LIST" -o "$RUN_DIR" '
+        f'${{MESHPLAN_RUN_OPTS:-}} -- {" ".join(q(a) for a in script_args)}'.rstrip(),
+    ]
+    return "\n".join(header + [""] + body) + "\n"
+
+
+def _exports(env: dict[str, str], segment: int) -> list[str]:
+    lines = [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
+    if segment:
+        lines.append('export NCCL_MNNVL_ENABLE="${NCCL_MNNVL_ENABLE:-1}"  # fail, do not fall back to NICs')
+    return lines
+
+
+def _header(plan: Plan, run_id: str, plan_hosts: Sequence[str]) -> tuple[list[str], int]:
+    """The #SBATCH lines, and the NVLink segment size (0: none)."""
     header = [
         "#!/usr/bin/env bash",
         f"#SBATCH --job-name={run_id}",
@@ -131,23 +191,7 @@ def sbatch_script(plan: Plan, script: str, script_args: Sequence[str], *, run_id
         header += _segment_lines(plan, segment)
     if plan_hosts and all(_SAFE_SLURM_WORD.match(h) for h in plan_hosts):
         header.append(f"#SBATCH --nodelist={','.join(plan_hosts)}")
-    env = dict(watchdog_env(dump_dir), MESHPLAN_NNODES=str(plan.nnodes), **(extra_env or {}))
-    body = [
-        f"# meshplan launch for a {plan.nnodes}-node plan; submit with: sbatch launch.sbatch",
-        "set -euo pipefail",
-        *(f"export {k}={q(v)}" for k, v in sorted(env.items())),
-        *(['export NCCL_MNNVL_ENABLE="${NCCL_MNNVL_ENABLE:-1}"  # fail, do not fall back to NICs']
-          if segment else []),
-        'mkdir -p -- "$MESHPLAN_DUMP_DIR"',
-        'mapfile -t ALLOCATED < <(scontrol show hostnames "$SLURM_JOB_NODELIST")',
-        _bash_array("PLAN_HOSTS", plan_hosts),
-        'if ((${#PLAN_HOSTS[@]})); then HEAD_HOST="${PLAN_HOSTS[0]}"; else HEAD_HOST="${ALLOCATED[0]}"; fi',
-        f'export MESHPLAN_RDZV_ENDPOINT="${{MESHPLAN_RDZV_ENDPOINT:-$HEAD_HOST:{port}}}"',
-        f"srun --nodes={plan.nnodes} --ntasks-per-node=1 "
-        '--cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" --kill-on-bad-exit=1 '
-        f"bash -c {q(node_snippet(plan, argv, plan_hosts))} meshplan-node",
-    ]
-    return "\n".join(header + [""] + body) + "\n"
+    return header, segment
 
 
 def _segment_lines(plan: Plan, segment: int) -> list[str]:

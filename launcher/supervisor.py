@@ -7,7 +7,9 @@ supervisor polls the ranks' runtime records (`launcher.runtime`) and asks the de
 `launcher.monitor`. A hard fault (dead rank, failed node, hang) or a persistent straggler ends
 the attempt: the node is excluded, the re-planner picks a layout for the nodes left, and the
 next attempt resumes from the trainer's latest complete checkpoint, with MESHPLAN_FAULT_*
-removed from the environment. Slow links are reported, not acted on.
+removed from the environment. Slow links are reported, not acted on: from the ranks'
+collective timings where they localise one (`monitor.find_slow_link`), and from the node
+agents' host-pair probes (`launcher.link_probe`) on multi-host launches.
 
 Layout of the output directory (`-o DIR`; a second `meshplan run` with the same DIR keeps
 appending to the same incident log and never touches the checkpoints):
@@ -43,6 +45,7 @@ from planner.fileio import write_atomic
 from planner.planfile import Plan, PlanRequest, write_plan
 
 from .collector import COLLECTOR_ENV, Collector
+from .link_probe import LinkTable, ProbeConfig, find_slow_pair
 from .monitor import (
     Incident,
     MonitorConfig,
@@ -109,6 +112,9 @@ class RunOptions:
     """Python on the nodes [default: this interpreter]."""
     precompute: bool = True
     """Plan for N-1 and N-2 nodes in the background while the job runs."""
+    link_probe: ProbeConfig | None = field(default_factory=ProbeConfig)
+    """Host-pair link probes between the node agents (netns, ssh and srun launches with 3 or
+    more hosts; see `launcher.link_probe`); None: off."""
 
     @property
     def ckpt(self) -> Path:
@@ -302,30 +308,55 @@ LAUNCHERS = ("local", "netns", "ssh", "srun")
 
 
 def agent_argv(opts: RunOptions, node: str, host: str, argv: tuple[str, ...],
-               env: dict[str, str], collector: str | None) -> list[str]:
+               env: dict[str, str], collector: str | None,
+               probe: tuple[str, ...] = ()) -> list[str]:
     """The command that starts node `node`'s agent (running torchrun `argv`) on `host`.
 
     local: the agent directly; netns: `ip netns exec HOST`; srun: one task on node HOST of
     the current allocation (environment exported by srun); ssh: `ssh HOST` with the node's
     environment written out as `env K=V ...` (ssh carries none) and --stdin-eof-stops, since
-    ssh forwards no signals but closes the remote stdin when its client is killed."""
+    ssh forwards no signals but closes the remote stdin when its client is killed. `probe`:
+    the agent's link-probe arguments (`probe_args`)."""
     python = opts.python or sys.executable
     agent = [python, "-m", "launcher.agent", "--node", node, "--grace", str(opts.teardown_grace_s)]
     if collector:
-        agent += ["--collector", collector]
+        agent += ["--collector", collector, *probe]
     if opts.launcher == "local":
         return [*agent, "--", *argv]
     if opts.launcher == "netns":
         return ["ip", "netns", "exec", host, *agent, "--", *argv]
     if opts.launcher == "srun":
+        # every CPU of the node to the agent's torchrun and its workers (a step task gets one
+        # by default); the batch step's own CPUs are not counted against the step
+        cpus = os.environ.get("SLURM_CPUS_ON_NODE", "1")
         return ["srun", "--nodes=1", "--ntasks=1", f"--nodelist={host}", "--export=ALL",
-                "--kill-on-bad-exit=1", *agent, "--", *argv]
+                f"--cpus-per-task={cpus}", "--kill-on-bad-exit=1", *agent, "--", *argv]
     inherited = set(os.environ.items())
     words = ["cd", os.getcwd(), "&&", "exec", "env",
              *(f"{k}={v}" for k, v in sorted(env.items()) if (k, v) not in inherited
                or k.startswith(("MESHPLAN_", "TORCH", "GLOO_", "NCCL_", "OMP_", "PYTHONPATH"))),
              *agent, "--stdin-eof-stops", "--", *argv]
     return ["ssh", "-o", "BatchMode=yes", host, " ".join(shlex.quote(w) for w in words)]
+
+
+PROBE_PORT_BASE = 29600
+"""Link-probe sinks listen on PROBE_PORT_BASE + attempt % 100 of each host's address."""
+
+
+def probe_args(opts: RunOptions, plan: Plan, node: str, addr: dict[str, str],
+               attempt: int) -> tuple[str, ...]:
+    """The agent arguments that make node `node` probe the plan's other nodes, or () when
+    probing is off, the launch is on one machine, or fewer than 3 hosts have addresses (one
+    pair has nothing to be compared with)."""
+    cfg = opts.link_probe
+    nodes = [n for n in plan.node_order if n in addr]
+    if (cfg is None or cfg.period_s <= 0 or opts.launcher == "local" or len(nodes) < 3
+            or node not in addr):
+        return ()
+    port = PROBE_PORT_BASE + attempt % 100
+    peers = ",".join(f"{n}={addr[n]}:{port}" for n in nodes if n != node)
+    return ("--probe-listen", f"{addr[node]}:{port}", "--probe-peers", peers,
+            "--probe-every", str(cfg.period_s), "--probe-bytes", str(cfg.nbytes))
 
 
 def start_nodes(plan: Plan, plan_path: Path, attempt_dir: Path, opts: RunOptions,
@@ -355,7 +386,8 @@ def start_nodes(plan: Plan, plan_path: Path, attempt_dir: Path, opts: RunOptions
             torchrun = list(cmd.argv)
             if cmd.node_name in addr:  # c10d rendezvous: peers reach this node here, not at the
                 torchrun[1:1] = ["--local-addr", addr[cmd.node_name]]  # hostname (netns share it)
-            argv = agent_argv(opts, cmd.node_name, host, tuple(torchrun), env, collector)
+            probe = probe_args(opts, plan, cmd.node_name, addr, int(attempt_dir.name[7:] or 0))
+            argv = agent_argv(opts, cmd.node_name, host, tuple(torchrun), env, collector, probe)
             with open(attempt_dir / f"node{cmd.node_rank}.log", "wb") as out:
                 procs.append(subprocess.Popen(
                     argv, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -425,9 +457,12 @@ def watch(procs: list[subprocess.Popen], names: list[str], plan: Plan, monitor_d
     views: dict[int, RankView] = {}
     offsets: dict[int, int] = {}
     reported: set[tuple[str, object]] = set()
+    links = LinkTable(opts.link_probe.window) if opts.link_probe else None
     launched_t, failed_t, tree_t, scored_through = time.time(), None, 0.0, -1
     while True:
         _poll_records(monitor_dir, views, offsets)
+        if links is not None and _poll_links(monitor_dir, links, offsets):
+            _report_slow_pair(links, views, opts.link_probe, reported, report)
         codes = {name: p.poll() for name, p in zip(names, procs, strict=True)}
         now = time.time()
         if now - tree_t > 2.0:  # remember the workers, in case torchrun dies before them
@@ -457,6 +492,34 @@ def watch(procs: list[subprocess.Popen], names: list[str], plan: Plan, monitor_d
             if stop is not None:
                 return stop, codes
         time.sleep(opts.poll_s)
+
+
+def _poll_links(monitor_dir: Path, links: LinkTable, offsets: dict) -> bool:
+    """Fold new agent `link` records into `links`; True when there were any."""
+    recs, offsets["agents"], _ = read_new_records(monitor_dir / "agents.jsonl",
+                                                  offsets.get("agents", 0))
+    new = [r for r in recs if r.get("ev") == "link"]
+    for rec in new:
+        links.add(rec)
+    return bool(new)
+
+
+def _report_slow_pair(links: LinkTable, views: dict[int, RankView], cfg: ProbeConfig,
+                      reported: set, report: Callable[[Incident], None]) -> None:
+    """Report the probes' slow pair (or host) once per attempt; step = the furthest step a
+    rank has begun."""
+    verdict = find_slow_pair(links, cfg.factor)
+    if verdict is None or ("slow_link", None, verdict.where) in reported:
+        return
+    reported.add(("slow_link", None, verdict.where))
+    step = max((v.current_step for v in views.values() if v.current_step is not None), default=None)
+    evidence = {"detected_by": "link probes", "pairs": ["<->".join(p) for p in verdict.pairs],
+                "rate_MBps": round(verdict.rate_Bps / 1e6, 3),
+                "healthy_MBps": round(verdict.healthy_Bps / 1e6, 3),
+                "pair_MBps": {"<->".join(p): round(r / 1e6, 3)
+                              for p, r in sorted(links.medians().items())}}
+    report(Incident(time.time(), "slow_link", None, verdict.where, step, evidence,
+                    action="logged; no action"))
 
 
 def _soft_incidents(views: dict[int, RankView], opts: RunOptions, groups: dict[int, int],

@@ -13,6 +13,8 @@ looking at the records the collector wrote:
                inside the trainer: see docs/supervisor.md for why a SIGSTOP/SIGCONT duty cycle
                from outside does not make a 3x compute straggler); the straggler is logged
                (--on-straggler log)
+  then         the h0<->h3 link rate-limited to 1/10 with tc (both directions): the node
+               agents' link probes must name that pair (launcher.link_probe); then restored
   then         rank 3 (host h1) SIGSTOPped: a hang -> h1 excluded, re-planned (precomputed
                N-1 plan), resumed from the checkpoint on 3 hosts
   attempt 1    every process of host h2's namespace SIGKILLed -> h2 excluded, re-planned (N-2
@@ -36,6 +38,7 @@ import pytest
 from netns_cluster import IFNAME, NetnsCluster, why_not_available
 
 from cost_models.specs import Layout
+from launcher.link_probe import ProbeConfig
 from launcher.monitor import MonitorConfig, read_new_records
 from launcher.supervisor import RunOptions, supervise
 from planner.planfile import Plan, write_plan
@@ -50,7 +53,10 @@ CLEAN_STEPS = 50
 CKPT_EVERY = 10
 SLOW_CKPT = (11.0, 30)
 SLOW_RANK, HANG_RANK, KILL_HOST = 5, 3, 2
+SLOW_PAIR = (0, 3)
 RATE_MBIT = 1000
+PROBE = ProbeConfig(period_s=1.0, nbytes=2_000_000)
+"""Probes every 1 s, not the default 2 s: this job's steps take ~0.3 s, real ones seconds."""
 
 
 MODEL = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4, "n_inner": 256,
@@ -138,6 +144,12 @@ class Driver(threading.Thread):
         self.wait_for(lambda: any(i["kind"] == "straggler" and i["rank"] == SLOW_RANK
                                   for i in self.incidents()), 30.0)
         a0.poll()
+        self.cluster.set_pair_rate(*SLOW_PAIR, RATE_MBIT / 10)
+        self.log["slow_pair_t"], self.log["slow_pair_step"] = time.time(), max(a0.done.values()) + 1
+        self.wait_for(lambda: any(i["kind"] == "slow_link" and i["time"] > self.log["slow_pair_t"]
+                                  for i in self.incidents()), 40.0)
+        self.cluster.set_pair_rate(*SLOW_PAIR, RATE_MBIT)
+        a0.poll()
         if not self.wait_for(at(a0, 8, max(a0.done.values()) + 2)):
             return
         os.kill(a0.pid[HANG_RANK], signal.SIGSTOP)
@@ -196,7 +208,7 @@ def faulty_run(cluster, tmp_path_factory):
         extra_env=(("GLOO_SOCKET_IFNAME", IFNAME),
                    ("MESHPLAN_FAULT_SLOW_CKPT", f"{SLOW_CKPT[0]}:{SLOW_CKPT[1]}"),
                    ("MESHPLAN_FAULT_SLOW", f"{SLOW_RANK}:3:{CLEAN_STEPS}")),
-        max_restarts=3)
+        max_restarts=3, link_probe=PROBE)
     driver = Driver(cluster, out)
     driver.start()
     t0 = time.monotonic()
@@ -265,6 +277,21 @@ def test_slow_rank_flagged_within_five_steps(faulty_run):
     print(f"3x slow rank: flagged at step {flagged[0]['step']}, onset "
           f"{driver.log['slow_from_step']}")
     assert flagged[0]["step"] - driver.log["slow_from_step"] <= 5, (flagged[0], driver.log)
+
+
+def test_degraded_pair_named_by_link_probes_within_ten_steps(faulty_run):
+    _, out, driver, _ = faulty_run
+    want = f"localnode{SLOW_PAIR[0]}<->localnode{SLOW_PAIR[1]}"
+    links = [i for i in incidents_of(out) if i["kind"] == "slow_link"]
+    probed = [i for i in links if i["evidence"].get("detected_by") == "link probes"]
+    assert probed and all(i["node"] == want for i in probed), links  # no other pair, no host
+    first = probed[0]
+    delay = first["time"] - driver.log["slow_pair_t"]
+    steps = first["step"] - driver.log["slow_pair_step"]
+    print(f"tc 1/10 link {want}: named after {delay:.2f} s, {steps} step(s); pair rates "
+          f"{first['evidence']['pair_MBps']} MB/s")
+    assert 0 < delay and steps <= 10, (first, driver.log)
+    assert first["evidence"]["rate_MBps"] < 0.35 * first["evidence"]["healthy_MBps"]
 
 
 def test_sigstop_hang_detected_right_rank_in_bound(faulty_run):
