@@ -89,6 +89,8 @@ def _words(text: str | None, option: str) -> tuple[str, ...]:
                    "launchers, 3+ hosts); 0: off.")
 @click.option("--link-probe-mb", type=float, default=4.0, show_default=True,
               callback=finite_range(0.01, 1000.0), help="Megabytes per link probe.")
+@click.option("--python", "python", default=None,
+              help="Python on the nodes for the agent and torchrun [default: this interpreter].")
 @click.option("--no-precompute", is_flag=True,
               help="Do not plan for N-1 / N-2 nodes in the background.")
 @click.option("--json", "as_json", is_flag=True, help="Print run.json's object on stdout.")
@@ -100,6 +102,7 @@ def run(plan_file: str, script: str, steps: int | None, out_dir: str, ckpt_dir: 
         straggler_min_excess: float, poll: float, launcher: str, hosts: str | None,
         addresses: str | None, collector_bind: str | None,
         collector_host: str | None, link_probe_every: float, link_probe_mb: float,
+        python: str | None,
         no_precompute: bool, as_json: bool,
         script_args: tuple[str, ...]) -> None:
     """Launch PLAN.yaml with torchrun under supervision: on a dead or hung rank, a failed node
@@ -126,7 +129,7 @@ def run(plan_file: str, script: str, steps: int | None, out_dir: str, ckpt_dir: 
         straggler_action=on_straggler, monitor=cfg, poll_s=poll, heartbeat_s=heartbeat,
         launcher=launcher, hosts=host_list, addresses=_words(addresses, "--addresses"),
         collector_bind=collector_bind or ("127.0.0.1" if launcher == "local" else "0.0.0.0"),
-        collector_host=collector_host, precompute=not no_precompute,
+        collector_host=collector_host, precompute=not no_precompute, python=python,
         link_probe=(ProbeConfig(period_s=link_probe_every, nbytes=int(link_probe_mb * 1e6))
                     if link_probe_every > 0 else None))
     previous = signal.signal(signal.SIGTERM, _terminate)

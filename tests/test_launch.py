@@ -283,6 +283,38 @@ def test_injection_node_scripts_run_intended_command_only(fakes):
     _no_injection(tmp)
 
 
+def hosts_in_plan_order(plan: Plan, cluster_order: list[str]) -> list[str]:
+    """The hosts file lists hosts in the cluster's node order; --hosts wants the plan's."""
+    names = [n.name for n in plan.cluster.nodes]
+    return [cluster_order[names.index(n)] for n in plan.node_order]
+
+
+def test_supervised_sbatch_execs_meshplan_run_with_the_plan_hosts(fakes):
+    tmp, script, env = fakes
+    plan = make_plan()
+    hosts = tmp / "hosts"
+    hosts.write_text("slurm-a\nslurm-b\n")
+    fake_py = tmp / "bin" / "fake-python"  # records the argv `meshplan run` would get
+    fake_py.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$REC.argv"\n')
+    fake_py.chmod(0o755)
+    out = tmp / "out"
+    write_launch(plan, str(script), out, "slurm", hosts_file=hosts, python=str(fake_py),
+                 script_args=[EVIL, "--n", "1"])
+    sbatch = out / "launch.supervised.sbatch"
+    subprocess.run(["bash", "-n", str(sbatch)], check=True)
+    env = dict(env, FAKE_HOSTS="slurm-b\nslurm-a", SLURM_JOB_NODELIST="x", SLURM_JOB_ID="77",
+               MESHPLAN_RUN_OPTS="--max-restarts 5")
+    subprocess.run(["bash", str(sbatch)], env=env, cwd=tmp, check=True, timeout=60)
+    argv = Path(env["REC"] + ".argv").read_text().splitlines()
+    assert argv == ["-m", "planner.cli", "run", str(out / "plan.yaml"), "--script", str(script),
+                    "--launcher", "srun", "--python", str(fake_py),
+                    "--hosts", ",".join(hosts_in_plan_order(plan, ["slurm-a", "slurm-b"])),
+                    "-o", str(out / "run" / "job-77"), "--max-restarts", "5", "--",
+                    EVIL, "--n", "1"]
+    assert "launch.supervised.sbatch" in (out / "README.md").read_text()
+    _no_injection(tmp)
+
+
 def test_sbatch_passes_bash_n_and_runs_per_node(fakes):
     tmp, script, env = fakes
     plan = make_plan()
