@@ -154,6 +154,8 @@ def _expected(plan) -> dict:
         "fp8": "hybrid" if lay.dtype == "fp8" else None, "bf16": True,
         "recompute_granularity": None if lay.recompute == "none" else lay.recompute,
     }
+    if lay.recompute == "selective":
+        exp["recompute_modules"] = list(lay.recompute_modules or ("core_attn",))
     if arch.mla is None:
         exp["num_query_groups"] = m.num_kv_heads
         exp["kv_channels"] = m.head_dim

@@ -279,6 +279,13 @@ def recomputes_2025(text: str) -> list[str]:
     return ["none", "selective", "full"]
 
 
+def modules_2025(text: str) -> tuple[str, ...]:
+    """Megatron's --recompute-modules of a 'selective:layernorm+moe_act' cell; () (Megatron's
+    default, core_attn) when the cell names none."""
+    _, sep, mods = text.strip().partition(":")
+    return tuple(m.strip() for m in mods.split("+") if m.strip()) if sep else ()
+
+
 def layouts_2025(row: dict, model: ModelSpec, gpus: int) -> tuple[Layout, ...]:
     """The published layout of a row. Megatron-Bridge: Megatron-Core (sequence parallel with
     tp > 1, distributed optimizer or Megatron-FSDP, flash attention; etp blank = Megatron-Core's
@@ -297,6 +304,8 @@ def layouts_2025(row: dict, model: ModelSpec, gpus: int) -> tuple[Layout, ...]:
     out = []
     for rec in recomputes_2025(row["recompute"]):
         lay = Layout(**given, dp=derived_dp(gpus, **given), etp=int(etp) if etp else None,
+                     recompute_modules=modules_2025(row["recompute"]) if rec == "selective"
+                     and not titan else (),
                      micro_batch_size=int(_num(row["micro_batch_size"])),
                      global_batch_size=int(_num(row["global_batch_size"])),
                      seq_len=int(_num(row["seq_len"]) or TITAN_DEFAULT_SEQ), recompute=rec,

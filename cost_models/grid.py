@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .dims import DEGREES, ParallelDims
+from .recompute_modules import DEFAULT_MASK, mask_of, names_of
 from .schedules import CODE, SCHEDULES, V_SHAPE, default_schedule
 from .specs import RECOMPUTE_KINDS, Layout
 
@@ -53,6 +54,8 @@ class LayoutGrid:
     """fp32 main gradients (False: bf16 grad buffers)."""
     framework: np.ndarray | str = "megatron"
     """Whose memory conventions (`Layout.framework`)."""
+    recompute_modules: np.ndarray | int = DEFAULT_MASK
+    """Selective recompute's Megatron modules as a bitmask (`recompute_modules.BIT`)."""
 
     def __post_init__(self) -> None:
         if self.schedule is None:
@@ -96,6 +99,7 @@ class LayoutGrid:
             dp_replicate=int(self.column("dp_replicate")[i]),
             grad_reduce_fp32=bool(self.column("grad_reduce_fp32")[i]),
             framework=str(self.column("framework")[i]),
+            recompute_modules=_modules(int(self.recompute[i]), int(self.column("recompute_modules")[i])),
         )
 
     @classmethod
@@ -116,14 +120,23 @@ class LayoutGrid:
             dp_replicate=np.array([layout.dp_replicate], dtype=np.int64),
             grad_reduce_fp32=np.array([layout.grad_reduce_fp32]),
             framework=np.array([layout.framework]),
+            recompute_modules=np.array([mask_of(layout.recompute_modules) or DEFAULT_MASK]),
         )
+
+
+def _modules(recompute: int, mask: int) -> tuple[str, ...]:
+    """Layout.recompute_modules of a grid row: () for Megatron's default or without
+    selective recompute."""
+    if RECOMPUTE_KINDS[recompute] != "selective" or mask == DEFAULT_MASK:
+        return ()
+    return names_of(mask)
 
 
 _ARRAY_FIELDS = INT_FIELDS + (
     "recompute", "sequence_parallel", "distributed_optimizer", "flash_attention", "layers_first", "layers_last",
     "layers_mid",
 )
-OPTIONAL_FIELDS = ("fsdp", "dp_replicate", "grad_reduce_fp32", "framework")
+OPTIONAL_FIELDS = ("fsdp", "dp_replicate", "grad_reduce_fp32", "framework", "recompute_modules")
 """Columns with a grid-wide default (searches that do not vary them pass nothing)."""
 
 

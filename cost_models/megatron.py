@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from . import comm, compute, flops, memory, schedules
+from . import comm, compute, flops, memory, recompute_modules, schedules
 from .dims import Group
 from .grid import LayoutGrid
 from .specs import (
@@ -267,7 +267,8 @@ def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutG
     # recomputes the others (`memory.titan_sac_bytes_per_layer`) plus the elementwise ops.
     titan_sel = compute.gemm_time(gemm * titan_sac_recomputed_share(model), 4, gpu, g.dtype) \
         + compute.memory_bound_time(elem_bytes, gpu)
-    selective = np.where(g.column("framework") == "torchtitan", titan_sel, attn_f)
+    selective = np.where(g.column("framework") == "torchtitan", titan_sel,
+                         _module_recompute_s(model, gpu, g, tokens, attn_f, experts_f))
     recompute = np.where(g.recompute == 2, fwd, np.where(g.recompute == 1, selective, 0.0))
     # TP: 2 all-reduces (or RS+AG with SP, same bytes) forward, 2 backward, 2 more when the
     # forward is recomputed; each moves the full [tokens x h] bf16 activation. A parallel
@@ -290,9 +291,30 @@ def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutG
     cp_fwd = np.maximum(ring_f - window, 0.0)
     cp_bwd = np.maximum(2 * ring_f - ATTENTION_BACKWARD_FACTOR * window, 0.0)
     cp_comm = np.where(c > 1, cp_fwd * (1 + (g.recompute == 2)) + cp_bwd, 0.0)
+    # a recomputed MoE layer (--recompute-modules moe) dispatches and combines again
+    ep_passes = passes + ((g.recompute == 1) & _has_module(g, "moe"))
     return LayerTimes(fwd_s=fwd, bwd_s=bwd, recompute_s=recompute, tp_comm_s=tp_comm,
                       cp_comm_s=cp_comm,
-                      ep_comm_s=expert_all_to_all(model, cluster, g, tokens, passes))
+                      ep_comm_s=expert_all_to_all(model, cluster, g, tokens, ep_passes))
+
+
+def _has_module(g: LayoutGrid, name: str) -> np.ndarray:
+    return (g.column("recompute_modules") & recompute_modules.BIT[name]) != 0
+
+
+def _module_recompute_s(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, tokens, attn_f,
+                        experts_f):
+    """Megatron selective recompute, one layer and micro-batch: the forward of every module
+    in `Layout.recompute_modules` again (`recompute_modules.recompute_parts`): the attention
+    core (default), the dense-MLP / shared-expert / router / MLA up-projection GEMMs, the
+    routed experts (moe), and the norms' and activations' elementwise passes."""
+    mask = g.column("recompute_modules")
+    if not np.any(mask != recompute_modules.DEFAULT_MASK):
+        return attn_f
+    gemm, elem, core, moe = recompute_modules.recompute_parts(model, tokens, g.tp, mask)
+    return (np.where(gemm > 0, compute.gemm_time(gemm, 2, gpu, g.dtype), 0.0)
+            + compute.memory_bound_time(elem, gpu)
+            + np.where(core, attn_f, 0.0) + np.where(moe, experts_f, 0.0))
 
 
 def routed_expert_flops(model: ModelSpec, tokens):

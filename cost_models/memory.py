@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import schedules
+from . import recompute_modules, schedules
 from .flops import (
     attention_params,
     dense_mlp_params,
@@ -299,9 +299,15 @@ def rank_memory(model: ModelSpec, g, params, optimizer_params, layers, first, la
     act_args = (model, g.micro_batch_size, g.seq_len, g.tp, g.cp, g.sequence_parallel)
     titan = g.column("framework") == "torchtitan"
     per_layer = activation_bytes_per_layer(*act_args, g.recompute, g.flash_attention, fp8, g.etp)
+    no_recompute = activation_bytes_per_layer(*act_args, "none", g.flash_attention, fp8, g.etp)
+    masks = g.column("recompute_modules")
+    if np.any(masks != recompute_modules.DEFAULT_MASK):  # Megatron's --recompute-modules
+        freed = recompute_modules.freed_bytes(
+            model, g.micro_batch_size, g.seq_len, g.tp, g.cp, g.sequence_parallel, masks,
+            g.flash_attention, gemm_input_bytes(fp8) if fp8 else 2, g.etp)
+        per_layer = np.where(g.recompute == 1, no_recompute - freed, per_layer)
     per_layer = np.where(titan & (g.recompute == 1), titan_sac_bytes_per_layer(*act_args),
                          per_layer)
-    no_recompute = activation_bytes_per_layer(*act_args, "none", g.flash_attention, fp8, g.etp)
     inflight = schedules.inflight_microbatches(g.schedule, g.pp, g.vp, g.num_microbatches,
                                                pp_rank)
     act = per_layer * layers * inflight

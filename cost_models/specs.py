@@ -637,6 +637,10 @@ class Layout:
     means tp (Megatron-Core's default). Folded with ep over the stage's tp·cp·dp ranks."""
     recompute: Recompute = "none"
     """Activation recomputation: none | selective (attention core) | full (whole layer)."""
+    recompute_modules: tuple[str, ...] = ()
+    """With selective recompute (Megatron): the submodules recomputed, Megatron-Core's
+    `--recompute-modules` names (`cost_models.recompute_modules.MODULES`); () means its
+    default, ("core_attn",)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (norms/dropout split over tp; RS+AG instead of AR)."""
     distributed_optimizer: bool = True
@@ -712,6 +716,8 @@ class Layout:
                             f"over the limits ({MAX_SEQ_LEN:,} tokens, {MAX_GLOBAL_BATCH:,} sequences)")
         if self.recompute not in RECOMPUTE_KINDS:
             raise SpecError(f"recompute must be one of {RECOMPUTE_KINDS}, got {self.recompute!r}")
+        if self.recompute_modules:
+            self._validate_modules(model)
         if not isinstance(self.cuda_graphs, bool):
             raise SpecError(f"cuda_graphs must be true or false, got {_short(self.cuda_graphs)}")
         if self.dtype not in DTYPES:
@@ -766,13 +772,33 @@ class Layout:
         if problem:
             raise SpecError(problem)
 
+    def _validate_modules(self, model: ModelSpec) -> None:
+        from .recompute_modules import check  # the module imports ModelSpec from here
+
+        if not isinstance(self.recompute_modules, tuple) or \
+                not all(isinstance(m, str) for m in self.recompute_modules):
+            raise SpecError(f"recompute_modules must be a list of names, got "
+                            f"{_short(self.recompute_modules)}")
+        if self.recompute != "selective":
+            raise SpecError("recompute modules need --recompute selective (Megatron's "
+                            "--recompute-granularity selective)")
+        if self.framework != "megatron":
+            raise SpecError("recompute modules are Megatron-Core's; torchtitan's selective AC "
+                            "is per-op (drop --recompute-modules)")
+        problem = check(model, self.recompute_modules)
+        if problem:
+            raise SpecError(problem)
+
     def to_dict(self) -> dict:
-        """The JSON/YAML form of DESIGN.md (schedule added, layers_per_stage when set)."""
+        """The JSON/YAML form of DESIGN.md (schedule added, layers_per_stage and
+        recompute_modules when set)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)
-               if f.name not in ("layers_per_stage", "pipeline_schedule")}
+               if f.name not in ("layers_per_stage", "pipeline_schedule", "recompute_modules")}
         out["schedule"] = self.schedule
         if self.layers_per_stage is not None:
             out["layers_per_stage"] = list(self.layers_per_stage)
+        if self.recompute_modules:
+            out["recompute_modules"] = list(self.recompute_modules)
         return out
 
     @classmethod
@@ -788,6 +814,8 @@ class Layout:
             kwargs["pipeline_schedule"] = named
         if kwargs.get("layers_per_stage") is not None:
             kwargs["layers_per_stage"] = tuple(int(x) for x in kwargs["layers_per_stage"])
+        if isinstance(kwargs.get("recompute_modules"), list):
+            kwargs["recompute_modules"] = tuple(kwargs["recompute_modules"])
         try:
             return cls(**kwargs)
         except TypeError as exc:

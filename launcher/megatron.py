@@ -104,6 +104,8 @@ def _recompute_args(plan: Plan) -> list[str]:
     args = _flag("recompute-granularity", kind)
     if kind == "full":  # every layer (Megatron needs a method with full)
         args += _flag("recompute-method", "uniform") + _flag("recompute-num-layers", 1)
+    if kind == "selective" and plan.layout.recompute_modules:  # () = Megatron's [core_attn]
+        args += ["--recompute-modules", *plan.layout.recompute_modules]
     return args
 
 

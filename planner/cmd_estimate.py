@@ -22,10 +22,12 @@ from .engine import estimate_layout
 from .jsonout import to_json
 from .options import (
     DEFAULT_PLAN_HEADROOM,
+    MODULES_HELP,
     _positive,
     check_sharding,
     expert_imbalance_option,
     finite_range,
+    module_list,
     problem_options,
     resolve_problem,
     sharding_options,
@@ -54,6 +56,8 @@ from .verdict import TIGHT_FRACTION, memory_verdict
 @click.option("--micro-batch-size", "--mbs", "micro_batch_size", type=int, required=True,
               callback=_positive, help="Sequences per micro-batch.")
 @click.option("--recompute", type=click.Choice(RECOMPUTE_KINDS), default="none", show_default=True)
+@click.option("--recompute-modules", default=None,
+              help=MODULES_HELP + " [default: core_attn, Megatron's].")
 @click.option("--sequence-parallel/--no-sequence-parallel", default=None,
               help="Megatron sequence parallelism [default: on when tp > 1].")
 @click.option("--distributed-optimizer/--no-distributed-optimizer", default=True, show_default=True,
@@ -69,7 +73,8 @@ from .verdict import TIGHT_FRACTION, memory_verdict
                    "dualpipev need --vp 2.")
 @sharding_options
 def estimate(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model,
-             as_json, micro_batch_size, recompute, sequence_parallel, distributed_optimizer,
+             as_json, micro_batch_size, recompute, recompute_modules, sequence_parallel,
+             distributed_optimizer,
              mem_headroom, etp, expert_imbalance, cuda_graphs, schedule, fsdp, dp_replicate,
              grad_reduce_fp32, framework, **degrees):
     """Predict step time, throughput, MFU and peak memory of one layout."""
@@ -92,6 +97,7 @@ def estimate(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, d
         pipeline_schedule=None if schedule == default_schedule(dims.vp) else schedule,
         fsdp=fsdp, dp_replicate=dp_replicate, grad_reduce_fp32=grad_reduce_fp32,
         framework=framework,
+        recompute_modules=module_list(recompute_modules) if recompute_modules else (),
     )
     est = estimate_layout(prob, layout, mem_headroom)
     verdict = memory_verdict(est, mem_headroom, _recompute_options(prob, layout, est,
@@ -114,4 +120,5 @@ def _recompute_options(prob, layout: Layout, est, headroom: float) -> dict:
     if est.fits and usable - est.peak_GiB >= TIGHT_FRACTION * usable:
         return {}
     heavier = RECOMPUTE_KINDS[RECOMPUTE_KINDS.index(layout.recompute) + 1:]
-    return {r: estimate_layout(prob, replace(layout, recompute=r), headroom) for r in heavier}
+    return {r: estimate_layout(prob, replace(layout, recompute=r, recompute_modules=()), headroom)
+            for r in heavier}

@@ -16,8 +16,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from cost_models import recompute_modules
 from cost_models.schedules import SCHEDULES
-from cost_models.specs import RECOMPUTE_KINDS
+from cost_models.specs import RECOMPUTE_KINDS, SpecError
 
 from . import engine
 from .explain import advise, explain, group_spans, spans_lines
@@ -25,10 +26,12 @@ from .fileio import check_output_file
 from .jsonout import to_json
 from .options import (
     DEFAULT_PLAN_HEADROOM,
+    MODULES_HELP,
     _positive,
     check_sharding,
     expert_imbalance_option,
     finite_range,
+    module_list,
     problem_options,
     resolve_problem,
     sharding_options,
@@ -60,6 +63,9 @@ from .search import SearchResult, SearchSpace
               help="Fix the micro-batch size.")
 @click.option("--recompute", type=click.Choice(RECOMPUTE_KINDS), multiple=True,
               help="Allowed recompute settings (repeatable) [default: all].")
+@click.option("--recompute-modules", "module_lists", multiple=True,
+              help="A module list to try with selective recompute (repeatable): "
+                   + MODULES_HELP + " [default: the model's search sets, docs/planning.md].")
 @click.option("--mem-headroom", type=float, default=DEFAULT_PLAN_HEADROOM, show_default=True,
               callback=finite_range(0.0, 0.5), help="Fraction of GPU memory to keep free.")
 @click.option("--max-tp", type=int, callback=_positive,
@@ -72,7 +78,8 @@ from .search import SearchResult, SearchSpace
               help="Search FSDP layouts alongside Megatron DP / distributed optimizer ones "
                    "(--fsdp: FSDP only).")
 def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model,
-         as_json, top_k, output, report, micro_batch_size, recompute, mem_headroom, max_tp,
+         as_json, top_k, output, report, micro_batch_size, recompute, module_lists, mem_headroom,
+         max_tp,
          expert_imbalance, schedule, fsdp, dp_replicate, grad_reduce_fp32, framework,
          consider_fsdp, **degrees):
     """Rank every valid TP/PP/CP/DP layout and write the fastest one that fits."""
@@ -88,7 +95,9 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
                         schedule=schedule,
                         fsdp=(True,) if fsdp else (False, True) if consider_fsdp else (False,),
                         dp_replicate=dp_replicate, grad_reduce_fp32=grad_reduce_fp32,
-                        framework=framework, **degrees)
+                        framework=framework, recompute_modules=_module_lists(prob.model,
+                                                                             module_lists),
+                        **degrees)
     console = cli_console(stderr=as_json)
     with progress(f"planning {prob.model.name} on {prob.cluster.world_size:,} GPUs"):
         planned = engine.plan(prob, space, top_k)
@@ -227,3 +236,15 @@ def _print(console: Console, prob, res: SearchResult, headroom: float) -> None:
         best = res.plans[0]
         stages = stage_ranges(best.layout, prob.model.num_layers)
         console.print("layers per stage: " + " ".join(str(s.num_layers) for s in stages))
+
+
+def _module_lists(model, texts: tuple[str, ...]) -> tuple[tuple[str, ...], ...] | None:
+    """--recompute-modules values as module lists, each checked against the model."""
+    if not texts:
+        return None
+    lists = tuple(module_list(t) for t in texts)
+    for mods in lists:
+        problem = recompute_modules.check(model, mods)
+        if problem:
+            raise SpecError(f"--recompute-modules {','.join(mods)[:80]}: {problem}")
+    return lists

@@ -142,3 +142,17 @@ def with_expert_imbalance(prob: Problem, imbalance: float) -> Problem:
         return prob
     return replace(prob, model=replace(prob.model, expert_load_imbalance=imbalance))
 
+
+
+MODULES_HELP = ("Megatron modules recomputed with --recompute selective, comma-separated: "
+                "core_attn, layernorm, mlp, moe_act, moe, shared_experts, mla_up_proj")
+
+
+def module_list(text: str, option: str = "--recompute-modules") -> tuple[str, ...]:
+    """'layernorm,mlp' -> ('layernorm', 'mlp'); SpecError naming the option on an empty item
+    (names are checked against the model by `Layout.validate` / `recompute_modules.check`)."""
+    names = tuple(w.strip() for w in text.split(","))
+    if not all(names) or len(text) > 500:
+        raise SpecError(f"{option} {text[:80]!r}: write a comma-separated list such as "
+                        "layernorm,mlp")
+    return names

@@ -15,7 +15,7 @@ from functools import cache
 
 import numpy as np
 
-from cost_models import dims, megatron, schedules
+from cost_models import dims, megatron, recompute_modules, schedules
 from cost_models.grid import LayoutGrid, rank_layer_counts
 from cost_models.specs import (
     RECOMPUTE_KINDS,
@@ -84,11 +84,15 @@ class SearchSpace:
     """fp32 main gradients (False: bf16 grad buffers) for every candidate."""
     framework: str = "megatron"
     """Memory conventions of every candidate (`Layout.framework`)."""
+    recompute_modules: tuple[tuple[str, ...], ...] | None = None
+    """Megatron module lists tried with selective recompute (`--recompute-modules`); None:
+    `recompute_modules.search_sets(model)` (the default, a cheap and a whole-MLP set)."""
 
     def to_dict(self) -> dict:
         """The plan file's form (tuples as lists)."""
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-                for f in fields(self)}
+        def plain(v):
+            return [plain(x) for x in v] if isinstance(v, tuple) else v
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, data: dict, where: str) -> SearchSpace:
@@ -97,6 +101,8 @@ class SearchSpace:
             extra = sorted(set(data) - set(known)) if isinstance(data, dict) else data
             raise SpecError(f"{where}: unknown search-space keys {extra}; regenerate the plan")
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        if kwargs.get("recompute_modules") is not None:
+            kwargs["recompute_modules"] = tuple(tuple(x) for x in kwargs["recompute_modules"])
         try:
             return cls(**kwargs)
         except TypeError as exc:
@@ -242,7 +248,7 @@ def generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
     mbs = np.array([b for b in space.micro_batch_sizes if space.micro_batch_size in (None, b)])
     if space.micro_batch_size is not None and not len(mbs):
         mbs = np.array([space.micro_batch_size])
-    recs = np.array([RECOMPUTE_KINDS.index(r) for r in space.recompute])
+    rec_codes, rec_masks = recompute_options(model, space)
     sps = np.array(space.sequence_parallel)
     # sharding: (distributed optimizer, fsdp); FSDP makes the optimizer choice moot
     shardings = [(x, False) for x in space.distributed_optimizer if False in space.fsdp]
@@ -271,8 +277,9 @@ def generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
     ok &= ~fs | ((d.dp % space.dp_replicate == 0) & (d.group("dp_cp").size > 1))  # HSDP splits dp
     ok &= ~dominated(space, d, sc, sp, sp_ok, do, model.is_moe)
     keep = np.nonzero(ok)[0]
-    (b, v, mb, sc, sp, do, fs), rc = _expand(b[keep], recs, v[keep], mb[keep], sc[keep],
-                                             sp[keep], do[keep], fs[keep])
+    (b, v, mb, sc, sp, do, fs), ri = _expand(b[keep], np.arange(len(rec_codes)), v[keep],
+                                             mb[keep], sc[keep], sp[keep], do[keep], fs[keep])
+    rc, rm = rec_codes[ri], rec_masks[ri]
     d = dims.ParallelDims(**{n: col[b] for n, col in base.items()}, vp=v)
     idx = np.arange(len(b))
     degrees = {n: col[idx] for n, col in d.to_dict().items()}
@@ -286,7 +293,28 @@ def generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
         layers_last=counts[:, 1], layers_mid=counts[:, 2], seq_len=seq_len, dtype=space.dtype,
         schedule=sc[idx], fsdp=fs[idx], dp_replicate=np.where(fs[idx], space.dp_replicate, 1),
         grad_reduce_fp32=space.grad_reduce_fp32, framework=space.framework,
+        recompute_modules=rm[idx],
     )
+
+
+def recompute_options(model: ModelSpec, space: SearchSpace) -> tuple[np.ndarray, np.ndarray]:
+    """(recompute code, module mask) pairs the search tries: each of `space.recompute`, and
+    for Megatron's selective recompute each module list (`SearchSpace.recompute_modules`).
+    Megatron's default list (core_attn) with flash attention frees nothing and costs the
+    attention forward: dominated by no recompute when that is allowed (exact)."""
+    codes, masks = [], []
+    for kind in space.recompute:
+        code = RECOMPUTE_KINDS.index(kind)
+        sets = ((recompute_modules.DEFAULT,) if kind != "selective" or space.framework != "megatron"
+                else space.recompute_modules or recompute_modules.search_sets(model))
+        for mods in sets:
+            mask = recompute_modules.mask_of(mods)
+            if (kind == "selective" and space.framework == "megatron" and space.flash_attention
+                    and mask == recompute_modules.DEFAULT_MASK and "none" in space.recompute):
+                continue
+            codes.append(code)
+            masks.append(mask)
+    return np.array(codes, dtype=np.int64), np.array(masks, dtype=np.int64)
 
 
 SIMPLER_FIRST = ("tp", "pp", "cp", "vp", "recompute", "schedule")
@@ -359,6 +387,24 @@ def _per_rank_layers(lay: Layout, num_layers: int) -> np.ndarray:
     return np.array([sum(stages[r::lay.pp]) for r in range(lay.pp)], dtype=float)
 
 
+def _leaders(grid: LayoutGrid, order: np.ndarray, fits: np.ndarray, count: int) -> list[int]:
+    """The first `count` fitting rows of `order` that differ in more than their recompute
+    setting: variants of one layout with more recompute rank right behind it (a norm
+    recomputed costs little) and would crowd distinct layouts out of the ILP refinement."""
+    cols = [grid.column(n) for n in ("tp", "pp", "dp", "cp", "ep", "etp", "vp",
+                                     "micro_batch_size", "sequence_parallel",
+                                     "distributed_optimizer", "schedule", "fsdp")]
+    out, seen = [], set()
+    for i in order:
+        if len(out) == count or not fits[i]:
+            break
+        key = tuple(int(c[i]) for c in cols)
+        if key not in seen:
+            seen.add(key)
+            out.append(int(i))
+    return out
+
+
 def search(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_batch_size: int,
            space: SearchSpace | None = None, top_k: int = 5) -> SearchResult:
     """Rank every valid layout for `model` on `cluster` (homogeneous cost model)."""
@@ -373,7 +419,7 @@ def search(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_batch_si
     step = res.step_time_s
     fits = megatron.fits_mask(res, gpu, space.headroom)
     order = _order(grid, np.where(fits, step, np.inf))
-    leaders = [int(i) for i in order[: max(top_k, space.refine_top)] if fits[i]]
+    leaders = _leaders(grid, order, fits, max(top_k, space.refine_top))
     plans, parts, solver = [], [], "none"
     for i in leaders:
         est = megatron.result_estimate(res, i, grid.layout(i), gpu, space.headroom)
@@ -514,5 +560,5 @@ def scaled_cluster(cluster: ClusterSpec, factor: int) -> ClusterSpec:
 
 
 def layout_key(lay: Layout) -> tuple:
-    return (*lay.dims.key(), lay.micro_batch_size, lay.recompute, lay.sequence_parallel,
-            lay.distributed_optimizer, lay.schedule, lay.fsdp)
+    return (*lay.dims.key(), lay.micro_batch_size, lay.recompute, lay.recompute_modules,
+            lay.sequence_parallel, lay.distributed_optimizer, lay.schedule, lay.fsdp)

@@ -38,6 +38,13 @@ FAMILIES = {
     "nemotron-4-15b": ("nemotron-4-15b", 2, dict(tp=4, pp=2, dp=2, sequence_parallel=True)),
     "gpt3-175b": ("gpt3-175b", 16, dict(tp=8, pp=8, dp=2, vp=3, sequence_parallel=True,
                                         recompute="selective")),
+    "qwen3-8b-modules": ("qwen3-8b", 1, dict(tp=2, pp=2, dp=2, sequence_parallel=True,
+                                             recompute="selective",
+                                             recompute_modules=("layernorm", "mlp"))),
+    "deepseek-v3-modules": ("deepseek-v3", 32, dict(
+        tp=2, pp=8, dp=16, ep=16, recompute="selective",
+        recompute_modules=("layernorm", "moe_act", "mla_up_proj"),
+        layers_per_stage=(7, 8, 8, 8, 8, 8, 8, 6))),
     "deepseek-v3": ("deepseek-v3", 32, dict(tp=2, pp=8, dp=16, ep=16, recompute="full",
                                             layers_per_stage=(7, 8, 8, 8, 8, 8, 8, 6))),
     # MoE parallel folding: ep 32 over tp 2 x dp 16 (ep > dp), whole experts (etp 1).

@@ -38,7 +38,6 @@ KNOWN_FALSE_OOMS = {
                                     "Blackwell (no transpose copy) not modelled",
     "Llama-3-70B 64xGB200 fp8": "Megatron-FSDP row: activation offload of 40 layers "
                                 "(cpu_offloading_num_layers=40) not modelled",
-    "gpt-oss-120b 64xB200 bf16": "MoE expert memory at ep=8 (the MoE model's owner)",
 }
 """Label prefix (after the row number) -> why the model still says it does not fit."""
 

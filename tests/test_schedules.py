@@ -2,7 +2,8 @@
 
 - Brute force: on random small problems the planner's pick equals the best of every layout
   `Layout.validate` (what `estimate` and the frameworks accept) admits, every tp/pp/cp/ep/vp,
-  micro-batch size, recompute, SP, optimizer and schedule, priced by the same cost model.
+  micro-batch size, recompute (with every Megatron module list for dense models), SP,
+  optimizer and schedule, priced by the same cost model.
 - The event simulator plays each schedule; its bubble agrees with the analytic one.
 - The CLI: `plan --pp 8 --vp 12` plans (the vp hole of issue 17); `--schedule` on both.
 """
@@ -17,7 +18,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from cost_models import megatron, schedules, step_tasks
+from cost_models import megatron, recompute_modules, schedules, step_tasks
 from cost_models.dims import divisors
 from cost_models.grid import LayoutGrid, rank_layer_counts
 from cost_models.schedules import SCHEDULES
@@ -76,9 +77,26 @@ def _every_layout(model, world: int, seq: int, gbs: int):
                 except SpecError:
                     continue
                 # no rule involves the recompute kind or the optimizer: every pair is valid
-                out += [replace(lay, recompute=rec, distributed_optimizer=do)
-                        for rec in RECOMPUTE_KINDS for do in (False, True)]
+                out += [replace(lay, recompute=rec, recompute_modules=mods,
+                                distributed_optimizer=do)
+                        for rec in RECOMPUTE_KINDS for mods in _module_lists(model, rec)
+                        for do in (False, True)]
     return out
+
+
+def _module_lists(model, recompute: str) -> list[tuple[str, ...]]:
+    """Selective recompute's Megatron module lists: for dense models every non-empty subset
+    of the modules that apply (exhaustive); for MoE models the search's curated family
+    (`recompute_modules.search_sets`, a declared bound)."""
+    if recompute != "selective":
+        return [()]
+    if model.is_moe:
+        return [() if m == recompute_modules.DEFAULT else m
+                for m in recompute_modules.search_sets(model)]
+    usable = [m for m in recompute_modules.MODULES
+              if recompute_modules.check(model, (m,)) is None]
+    subsets = [c for k in range(1, len(usable) + 1) for c in itertools.combinations(usable, k)]
+    return [() if c == recompute_modules.DEFAULT else c for c in subsets]
 
 
 def _grid(layouts, num_layers: int) -> LayoutGrid:
@@ -92,6 +110,8 @@ def _grid(layouts, num_layers: int) -> LayoutGrid:
         **col, recompute=np.array([RECOMPUTE_KINDS.index(x.recompute) for x in layouts]),
         sequence_parallel=np.array([x.sequence_parallel for x in layouts]),
         distributed_optimizer=np.array([x.distributed_optimizer for x in layouts]),
+        recompute_modules=np.array([recompute_modules.mask_of(x.recompute_modules)
+                                    or recompute_modules.DEFAULT_MASK for x in layouts]),
         flash_attention=np.ones(len(layouts), dtype=bool), layers_first=counts[:, 0],
         layers_last=counts[:, 1], layers_mid=counts[:, 2], seq_len=layouts[0].seq_len,
         dtype="bf16", schedule=schedules.codes([x.schedule for x in layouts]))
@@ -123,6 +143,29 @@ def test_planner_pick_equals_brute_force_best_on_50_random_problems():
         assert again.step_time_s == pytest.approx(pick.step_time_s, rel=1e-12)
         checked += 1
     assert checked == 50
+
+
+@pytest.mark.parametrize(("layers", "seq", "gpus", "moe"), [
+    (2, 32768, 2, True), (4, 16384, 2, False), (4, 32768, 2, True), (4, 32768, 4, False)])
+def test_memory_bound_picks_equal_brute_force_over_recompute_modules(layers, seq, gpus, moe):
+    """Problems where activations bind (tp = cp = 1 fixed, long sequences, hidden 8192): the
+    pick is the brute-force best over every recompute setting including Megatron's module
+    lists, and it is a module list, not `none` / `full` (the modules are really searched)."""
+    model = ModelSpec(name="tiny", num_layers=layers, hidden_size=8192, ffn_hidden_size=32768,
+                      num_heads=8, num_kv_heads=8, head_dim=1024, vocab_size=32000,
+                      **({"num_experts": 4, "experts_top_k": 2, "expert_ffn_hidden_size": 8192}
+                         if moe else {}))
+    cluster = _with_gpus(load_cluster("dgx-h100", nodes=1), gpus)
+    layouts = [x for x in _every_layout(model, gpus, seq, 4) if x.tp == 1 and x.cp == 1]
+    res = megatron.evaluate(model, cluster, _grid(layouts, model.num_layers))
+    fits = megatron.fits_mask(res, cluster.gpu, HEADROOM)
+    best = int(np.argmin(np.where(fits, res.step_time_s, np.inf)))
+    space = SearchSpace(headroom=HEADROOM, refine_top=0, max_tp=gpus, tp=1, cp=1,
+                        micro_batch_sizes=tuple(range(1, 17)))
+    pick = search(model, cluster, seq, 4, space, top_k=1).plans[0]
+    assert pick.step_time_s == pytest.approx(float(res.step_time_s[best]), rel=1e-9)
+    assert pick.layout.recompute == "selective" and pick.layout.recompute_modules, pick.layout
+    assert layouts[best].recompute_modules == pick.layout.recompute_modules
 
 
 # ------------------------------------------------------------------ simulator vs analytic
