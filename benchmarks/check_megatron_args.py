@@ -185,6 +185,8 @@ def _expected_args(plan) -> dict:
     exp["overlap_param_gather"] = exp["overlap_grad_reduce"] and (lay.distributed_optimizer
                                                                   or lay.fsdp)
     exp["use_distributed_optimizer"] = lay.distributed_optimizer or lay.fsdp
+    # fp8 parameters, as the memory model's fp8 weights assume (memory.fp8_weight_bytes)
+    exp["fp8_param_gather"] = lay.dtype in ("fp8", "mxfp8") and lay.distributed_optimizer
     # sharding and main-grad precision (issue 14): what the estimate modelled
     exp["use_megatron_fsdp"] = lay.fsdp
     exp["accumulate_allreduce_grads_in_fp32"] = lay.grad_reduce_fp32

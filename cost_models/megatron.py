@@ -584,7 +584,7 @@ def rank_costs(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerT
     local_opt = np.where(fsdp, sharded, local_opt)
     opt = compute.memory_bound_time(ADAM_BYTES_PER_PARAM * local_opt, gpu)
     mem = memory.rank_memory(model, g, dense + expert, local_opt, layers, first, last, pp_rank,
-                             layer_params, head_params)
+                             layer_params, head_params, gpu.fp8_transpose_copy)
     return RankCosts(dp_comm_s=comm_s, dp_exposed_s=exposed, optimizer_step_s=opt, memory=mem)
 
 

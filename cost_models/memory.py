@@ -32,7 +32,24 @@ OPTIMIZER_BYTES = 12
 """fp32 master weights + Adam first and second moments (4 + 4 + 4)."""
 FP8_EXTRA_WEIGHT_BYTES = 0
 """FP8 recipes (Transformer Engine with fp8_param_gather) keep primary weights in fp8 plus a
-transposed fp8 copy for the backward GEMM on Hopper: 2 bytes, the same as bf16."""
+transposed fp8 copy for the backward GEMM on Hopper: 2 bytes, the same as bf16
+(`fp8_weight_bytes` has the per-GPU and MXFP8 cases)."""
+MXFP8_SCALE_BYTES = 1 / 32
+"""One E8M0 scale per 32 elements (OCP Microscaling spec v1.0), per quantized copy."""
+
+
+def fp8_weight_bytes(dtype: str, transpose_copy, param_gather):
+    """Bytes per weight element a GPU holds for fp8 training with Transformer Engine.
+
+    fp8 (per-tensor scaling): the fp8 data (1) plus its transpose where fp8 GEMMs need TN
+    (`GpuSpec.fp8_transpose_copy`, Hopper: 1). mxfp8: rowwise and columnwise copies (the
+    32-element scaling blocks run along different axes), each 1 byte + 1/32 of scales.
+    With fp8_param_gather (Megatron-Bridge's fp8 and mxfp8 recipes set it; Megatron needs the
+    distributed optimizer for it) these are the parameters; without it the bf16 weights (2)
+    are kept besides the fp8 copies TE caches over the micro-batches."""
+    quantized = np.where(dtype == "mxfp8", 2 * (1 + MXFP8_SCALE_BYTES),
+                         1 + np.where(transpose_copy, 1, 0))
+    return quantized + np.where(param_gather, 0, WEIGHT_BYTES)
 
 BUFFER_FIXED_BYTES = 1.25 * (1 << 30)
 """Allowance: NCCL communicator buffers, cuBLAS/cuDNN workspaces and gradient-reduction
@@ -284,7 +301,8 @@ def embedding_output_bytes(model: ModelSpec, micro_batch, seq_len, tp, cp=1, seq
 
 
 def rank_memory(model: ModelSpec, g, params, optimizer_params, layers, first, last,
-                pp_rank, layer_params=0.0, head_params=0.0) -> dict[str, np.ndarray]:
+                pp_rank, layer_params=0.0, head_params=0.0,
+                fp8_transpose_copy: bool = True) -> dict[str, np.ndarray]:
     """Peak bytes on one GPU of pipeline rank `pp_rank` of every layout in the grid `g`, by
     part (`MemoryBreakdown` field names). The rank holds `params` parameters and the optimizer
     state of `optimizer_params` of them (sharded over data parallelism with the distributed
@@ -318,7 +336,9 @@ def rank_memory(model: ModelSpec, g, params, optimizer_params, layers, first, la
     sharded = optimizer_params  # with FSDP the rank's shard of every parameter
     gather = FSDP_FP8_GATHER_BYTES if fp8 else FSDP_GATHER_BYTES
     inflight = fsdp_inflight_bytes(layer_params, head_params, layers, g.pp, gather)
-    weight_bytes = WEIGHT_BYTES + (FP8_EXTRA_WEIGHT_BYTES if fp8 else 0)
+    # fp8 parameters where Megatron gathers them in fp8 (distributed optimizer / FSDP)
+    weight_bytes = (fp8_weight_bytes(g.dtype, fp8_transpose_copy,
+                                     g.distributed_optimizer | fsdp) if fp8 else WEIGHT_BYTES)
     # FSDP states: FSDP2 (torchtitan) fp32 param 4 + fp32 grad 4 + Adam 8; Megatron-FSDP
     # (optim_grads_params) the distributed optimizer's bytes, every one sharded: bf16 param 2
     # + main grad (fp32 4 / bf16 2) + fp32 master and Adam 12.

@@ -363,6 +363,10 @@ class GpuSpec:
     """Fixed seconds per MoE layer per pass (forward or backward) of a micro-batch, whatever
     its size: the dropless token dispatcher's device-to-host sync of per-expert token counts,
     and the router, permute and dispatch kernels' launches (calibrated on the MoE rows)."""
+    fp8_transpose_copy: bool = True
+    """Per-tensor-scaled fp8 GEMMs need the TN layout (Hopper), so Transformer Engine keeps a
+    transposed fp8 copy of each weight for the backward; False where fp8 GEMMs take any
+    layout (Blackwell: TE 2.x runs non-TN fp8 GEMMs there and keeps rowwise data only)."""
 
     def __post_init__(self) -> None:
         _require_positive(self, ("memory_GiB", "hbm_bandwidth_GBps", "grouped_gemm_half_rows"))

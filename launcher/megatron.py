@@ -152,11 +152,15 @@ def _sharding_args(plan: Plan) -> list[str]:
 def _precision_args(plan: Plan) -> list[str]:
     """bf16, plus fp8 per-tensor current scaling (hybrid E4M3/E5M2), or MXFP8: E4M3 with one
     E8M0 scale per 32 elements (TransformerConfig.fp8_recipe 'mxfp8', fp8 'e4m3'), with the
-    fp8 parameter all-gather of Megatron-Bridge's bf16_with_mxfp8_mixed recipe when the
-    optimizer is distributed (Megatron requires it for --fp8-param-gather)."""
+    fp8 parameter all-gather of Megatron-Bridge's bf16_with_fp8_current_scaling_mixed and
+    bf16_with_mxfp8_mixed recipes (both set fp8_param_gather, mixed_precision.py at v0.5.1)
+    when the optimizer is distributed (Megatron requires it for --fp8-param-gather): the
+    memory model's fp8 weights (`memory.fp8_weight_bytes`)."""
     args = ["--bf16"]
     if plan.layout.dtype == "fp8":
         args += _flag("fp8-format", "hybrid") + _flag("fp8-recipe", FP8_RECIPE)
+        if plan.layout.distributed_optimizer:
+            args += ["--fp8-param-gather"]
     elif plan.layout.dtype == "mxfp8":
         args += _flag("fp8-format", "e4m3") + _flag("fp8-recipe", "mxfp8")
         if plan.layout.distributed_optimizer:

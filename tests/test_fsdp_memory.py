@@ -34,8 +34,6 @@ from published import CSV, CSV_2025, load_cases, load_cases_2025  # noqa: E402
 from validate_memory import GOAL, predict, shared_file_runs  # noqa: E402
 
 KNOWN_FALSE_OOMS = {
-    "Llama-3.1-405B 256xGB200 fp8": "over by ~2 GiB: fp8_param_gather's 1-byte weights on "
-                                    "Blackwell (no transpose copy) not modelled",
     "Llama-3-70B 64xGB200 fp8": "Megatron-FSDP row: activation offload of 40 layers "
                                 "(cpu_offloading_num_layers=40) not modelled",
 }
