@@ -156,6 +156,9 @@ def _expected(plan) -> dict:
     }
     if lay.recompute == "selective":
         exp["recompute_modules"] = list(lay.recompute_modules or ("core_attn",))
+    exp["cpu_offloading"] = lay.offload_activation_layers > 0
+    if lay.offload_activation_layers:
+        exp["cpu_offloading_num_layers"] = lay.offload_activation_layers
     if arch.mla is None:
         exp["num_query_groups"] = m.num_kv_heads
         exp["kv_channels"] = m.head_dim

@@ -279,6 +279,12 @@ def recomputes_2025(text: str) -> list[str]:
     return ["none", "selective", "full"]
 
 
+def offload_2025(notes: str) -> int:
+    """Layers of activation offload a row's preset sets ('cpu_offloading_num_layers=40')."""
+    found = re.search(r"cpu_offloading_num_layers=(\d+)", notes)
+    return int(found.group(1)) if found else 0
+
+
 def modules_2025(text: str) -> tuple[str, ...]:
     """Megatron's --recompute-modules of a 'selective:layernorm+moe_act' cell; () (Megatron's
     default, core_attn) when the cell names none."""
@@ -306,6 +312,7 @@ def layouts_2025(row: dict, model: ModelSpec, gpus: int) -> tuple[Layout, ...]:
         lay = Layout(**given, dp=derived_dp(gpus, **given), etp=int(etp) if etp else None,
                      recompute_modules=modules_2025(row["recompute"]) if rec == "selective"
                      and not titan else (),
+                     offload_activation_layers=offload_2025(row["notes"]) if rec == "none" else 0,
                      micro_batch_size=int(_num(row["micro_batch_size"])),
                      global_batch_size=int(_num(row["global_batch_size"])),
                      seq_len=int(_num(row["seq_len"]) or TITAN_DEFAULT_SEQ), recompute=rec,

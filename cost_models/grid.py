@@ -56,6 +56,8 @@ class LayoutGrid:
     """Whose memory conventions (`Layout.framework`)."""
     recompute_modules: np.ndarray | int = DEFAULT_MASK
     """Selective recompute's Megatron modules as a bitmask (`recompute_modules.BIT`)."""
+    offload_activation_layers: np.ndarray | int = 0
+    """Layers whose activations are offloaded to host memory (`Layout.offload_activation_layers`)."""
 
     def __post_init__(self) -> None:
         if self.schedule is None:
@@ -100,6 +102,7 @@ class LayoutGrid:
             grad_reduce_fp32=bool(self.column("grad_reduce_fp32")[i]),
             framework=str(self.column("framework")[i]),
             recompute_modules=_modules(int(self.recompute[i]), int(self.column("recompute_modules")[i])),
+            offload_activation_layers=int(self.column("offload_activation_layers")[i]),
         )
 
     @classmethod
@@ -121,6 +124,7 @@ class LayoutGrid:
             grad_reduce_fp32=np.array([layout.grad_reduce_fp32]),
             framework=np.array([layout.framework]),
             recompute_modules=np.array([mask_of(layout.recompute_modules) or DEFAULT_MASK]),
+            offload_activation_layers=np.array([layout.offload_activation_layers]),
         )
 
 
@@ -136,7 +140,8 @@ _ARRAY_FIELDS = INT_FIELDS + (
     "recompute", "sequence_parallel", "distributed_optimizer", "flash_attention", "layers_first", "layers_last",
     "layers_mid",
 )
-OPTIONAL_FIELDS = ("fsdp", "dp_replicate", "grad_reduce_fp32", "framework", "recompute_modules")
+OPTIONAL_FIELDS = ("fsdp", "dp_replicate", "grad_reduce_fp32", "framework", "recompute_modules",
+                   "offload_activation_layers")
 """Columns with a grid-wide default (searches that do not vary them pass nothing)."""
 
 

@@ -270,6 +270,7 @@ def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutG
     selective = np.where(g.column("framework") == "torchtitan", titan_sel,
                          _module_recompute_s(model, gpu, g, tokens, attn_f, experts_f))
     recompute = np.where(g.recompute == 2, fwd, np.where(g.recompute == 1, selective, 0.0))
+    recompute = recompute + _offload_exposed_s(model, gpu, g, fwd, bwd)
     # TP: 2 all-reduces (or RS+AG with SP, same bytes) forward, 2 backward, 2 more when the
     # forward is recomputed; each moves the full [tokens x h] bf16 activation. A parallel
     # attention+MLP block sums both branches before one all-reduce per pass (PaLM Sec. 2).
@@ -296,6 +297,23 @@ def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutG
     return LayerTimes(fwd_s=fwd, bwd_s=bwd, recompute_s=recompute, tp_comm_s=tp_comm,
                       cp_comm_s=cp_comm,
                       ep_comm_s=expert_all_to_all(model, cluster, g, tokens, ep_passes))
+
+
+def _offload_exposed_s(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, fwd_s, bwd_s):
+    """Activation offload's exposed transfer per layer and micro-batch (averaged over the
+    layers, counted with recompute): each offloaded layer's activations go to the host while
+    the next layers compute forward and come back while the later ones compute backward, over
+    `GpuSpec.host_link_GBps`; only what one layer's compute cannot hide shows."""
+    offload = g.column("offload_activation_layers")
+    if not np.any(offload):
+        return 0.0
+    fp8 = g.dtype if g.dtype in FP8_CAST_BYTES else False
+    nbytes = memory.activation_bytes_per_layer(model, g.micro_batch_size, g.seq_len, g.tp, g.cp,
+                                               g.sequence_parallel, "none", g.flash_attention,
+                                               fp8, g.etp)
+    move_s = nbytes / (gpu.host_link_GBps * 1e9)
+    exposed = np.maximum(move_s - fwd_s, 0.0) + np.maximum(move_s - bwd_s, 0.0)
+    return exposed * offload / model.num_layers
 
 
 def _has_module(g: LayoutGrid, name: str) -> np.ndarray:

@@ -328,7 +328,9 @@ def rank_memory(model: ModelSpec, g, params, optimizer_params, layers, first, la
                          per_layer)
     inflight = schedules.inflight_microbatches(g.schedule, g.pp, g.vp, g.num_microbatches,
                                                pp_rank)
-    act = per_layer * layers * inflight
+    # offloaded layers' activations live in host memory; one layer's is in transit on the GPU
+    offload = g.column("offload_activation_layers")
+    act = per_layer * (layers - offload + (offload > 0)) * inflight
     act = act + np.where(g.recompute > 0, no_recompute - per_layer, 0.0)  # rematerialised layer
     act = act + np.where(first, embedding_output_bytes(*act_args) * inflight, 0.0)
     per_logit = np.where(titan, TITAN_LOGIT_BYTES, MEGATRON_LOGIT_BYTES)

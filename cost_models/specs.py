@@ -363,13 +363,18 @@ class GpuSpec:
     """Fixed seconds per MoE layer per pass (forward or backward) of a micro-batch, whatever
     its size: the dropless token dispatcher's device-to-host sync of per-expert token counts,
     and the router, permute and dispatch kernels' launches (calibrated on the MoE rows)."""
+    host_link_GBps: float = 55.0
+    """GPU <-> host memory, achieved per direction, 10^9 bytes/s (activation offload): PCIe
+    Gen5 x16 (64 GB/s peak) on HGX H100/H200/B200; NVLink-C2C on Grace superchips (GB200,
+    GB300: 900 GB/s bidirectional, 450 each way); PCIe Gen4 x16 on A100 (32 peak)."""
     fp8_transpose_copy: bool = True
     """Per-tensor-scaled fp8 GEMMs need the TN layout (Hopper), so Transformer Engine keeps a
     transposed fp8 copy of each weight for the backward; False where fp8 GEMMs take any
     layout (Blackwell: TE 2.x runs non-TN fp8 GEMMs there and keeps rowwise data only)."""
 
     def __post_init__(self) -> None:
-        _require_positive(self, ("memory_GiB", "hbm_bandwidth_GBps", "grouped_gemm_half_rows"))
+        _require_positive(self, ("memory_GiB", "hbm_bandwidth_GBps", "grouped_gemm_half_rows",
+                                 "host_link_GBps"))
         _require_range(self, ("moe_layer_overhead_s",), 0, 1)
         _require_range(self, ("hbm_efficiency",), 0, 1, low_open=True)
         _require_range(self, ("tp_comm_overlap", "dp_comm_overlap", "ep_comm_overlap"), 0, 1)
@@ -645,6 +650,11 @@ class Layout:
     """With selective recompute (Megatron): the submodules recomputed, Megatron-Core's
     `--recompute-modules` names (`cost_models.recompute_modules.MODULES`); () means its
     default, ("core_attn",)."""
+    offload_activation_layers: int = 0
+    """Megatron-Core activation offload (`--cpu-offloading-num-layers N`): the activations of
+    N layers go to host memory in the forward and come back for the backward, overlapped with
+    the other layers' compute over `GpuSpec.host_link_GBps`. Megatron allows it with pp = 1
+    and no recompute only."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (norms/dropout split over tp; RS+AG instead of AR)."""
     distributed_optimizer: bool = True
@@ -722,6 +732,8 @@ class Layout:
             raise SpecError(f"recompute must be one of {RECOMPUTE_KINDS}, got {self.recompute!r}")
         if self.recompute_modules:
             self._validate_modules(model)
+        if self.offload_activation_layers:
+            self._validate_offload(model)
         if not isinstance(self.cuda_graphs, bool):
             raise SpecError(f"cuda_graphs must be true or false, got {_short(self.cuda_graphs)}")
         if self.dtype not in DTYPES:
@@ -775,6 +787,15 @@ class Layout:
         problem = schedule_problem(self.schedule, self.pp, self.vp, self.num_microbatches)
         if problem:
             raise SpecError(problem)
+
+    def _validate_offload(self, model: ModelSpec) -> None:
+        n = self.offload_activation_layers
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n < model.num_layers:
+            raise SpecError(f"offload-activation-layers must be an integer in 0..{model.num_layers - 1} "
+                            f"(fewer than the model's layers), got {_short(n)}")
+        if self.pp > 1 or self.recompute != "none" or self.framework != "megatron":
+            raise SpecError("activation offload (Megatron --cpu-offloading-num-layers) needs pp = 1, "
+                            "no recompute and the megatron framework")
 
     def _validate_modules(self, model: ModelSpec) -> None:
         from .recompute_modules import check  # the module imports ModelSpec from here

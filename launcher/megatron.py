@@ -109,6 +109,12 @@ def _recompute_args(plan: Plan) -> list[str]:
     return args
 
 
+def _offload_args(plan: Plan) -> list[str]:
+    """Activation offload: Megatron sets cpu_offloading itself when the count is > 0."""
+    n = plan.layout.offload_activation_layers
+    return _flag("cpu-offloading-num-layers", n) if n else []
+
+
 def tp_overlap_assumed(plan: Plan) -> bool:
     """The cost model hid TP communication behind GEMMs (TE userbuffers; needs SP)."""
     lay = plan.layout
@@ -258,7 +264,7 @@ def megatron_args(plan: Plan) -> list[str]:
     """Megatron-LM pretrain_gpt.py arguments: layout, batch, recompute, overlaps, precision,
     and the complete network of the planned model."""
     arch, _ = architecture(plan.model)
-    return (_parallel_args(plan) + _batch_args(plan) + _recompute_args(plan)
+    return (_parallel_args(plan) + _batch_args(plan) + _recompute_args(plan) + _offload_args(plan)
             + _overlap_args(plan) + _precision_args(plan) + _shape_args(plan, arch)
             + _position_args(arch) + _layer_args(arch, plan) + _mla_args(arch)
             + _moe_args(plan, arch))

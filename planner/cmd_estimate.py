@@ -58,6 +58,9 @@ from .verdict import TIGHT_FRACTION, memory_verdict
 @click.option("--recompute", type=click.Choice(RECOMPUTE_KINDS), default="none", show_default=True)
 @click.option("--recompute-modules", default=None,
               help=MODULES_HELP + " [default: core_attn, Megatron's].")
+@click.option("--offload-activation-layers", type=click.IntRange(0, 100_000), default=0,
+              help="Megatron activation offload (--cpu-offloading-num-layers): layers whose "
+                   "activations go to host memory (pp 1, no recompute).")
 @click.option("--sequence-parallel/--no-sequence-parallel", default=None,
               help="Megatron sequence parallelism [default: on when tp > 1].")
 @click.option("--distributed-optimizer/--no-distributed-optimizer", default=True, show_default=True,
@@ -73,7 +76,8 @@ from .verdict import TIGHT_FRACTION, memory_verdict
                    "dualpipev need --vp 2.")
 @sharding_options
 def estimate(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model,
-             as_json, micro_batch_size, recompute, recompute_modules, sequence_parallel,
+             as_json, micro_batch_size, recompute, recompute_modules, offload_activation_layers,
+             sequence_parallel,
              distributed_optimizer,
              mem_headroom, etp, expert_imbalance, cuda_graphs, schedule, fsdp, dp_replicate,
              grad_reduce_fp32, framework, **degrees):
@@ -98,6 +102,7 @@ def estimate(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, d
         fsdp=fsdp, dp_replicate=dp_replicate, grad_reduce_fp32=grad_reduce_fp32,
         framework=framework,
         recompute_modules=module_list(recompute_modules) if recompute_modules else (),
+        offload_activation_layers=offload_activation_layers,
     )
     est = estimate_layout(prob, layout, mem_headroom)
     verdict = memory_verdict(est, mem_headroom, _recompute_options(prob, layout, est,
@@ -120,5 +125,6 @@ def _recompute_options(prob, layout: Layout, est, headroom: float) -> dict:
     if est.fits and usable - est.peak_GiB >= TIGHT_FRACTION * usable:
         return {}
     heavier = RECOMPUTE_KINDS[RECOMPUTE_KINDS.index(layout.recompute) + 1:]
-    return {r: estimate_layout(prob, replace(layout, recompute=r, recompute_modules=()), headroom)
+    return {r: estimate_layout(prob, replace(layout, recompute=r, recompute_modules=(),
+                                             offload_activation_layers=0), headroom)
             for r in heavier}

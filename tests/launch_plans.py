@@ -45,6 +45,8 @@ FAMILIES = {
         tp=2, pp=8, dp=16, ep=16, recompute="selective",
         recompute_modules=("layernorm", "moe_act", "mla_up_proj"),
         layers_per_stage=(7, 8, 8, 8, 8, 8, 8, 6))),
+    "70b-offload": ("llama3.1-70b", 8, dict(tp=8, pp=1, dp=8, sequence_parallel=True,
+                                            offload_activation_layers=40)),
     "deepseek-v3": ("deepseek-v3", 32, dict(tp=2, pp=8, dp=16, ep=16, recompute="full",
                                             layers_per_stage=(7, 8, 8, 8, 8, 8, 8, 6))),
     # MoE parallel folding: ep 32 over tp 2 x dp 16 (ep > dp), whole experts (etp 1).

@@ -92,3 +92,33 @@ def test_gqa_shrinks_kv_activations():
     mha = ModelSpec("a", 2, 1024, 4096, 16, 16, 64, 1000)
     gqa = ModelSpec("b", 2, 1024, 4096, 16, 4, 64, 1000)
     assert memory.activation_bytes_per_layer(gqa, 1, 512, 1) < memory.activation_bytes_per_layer(mha, 1, 512, 1)
+
+
+def test_activation_offload_moves_layers_to_host_and_costs_what_the_link_cannot_hide():
+    """Megatron --cpu-offloading-num-layers: N of L layers' activations leave the GPU (one
+    stays in transit); the transfer is exposed only where the host link is slower than the
+    layer's compute (PCIe H100 vs Grace NVLink-C2C GB200)."""
+    from cost_models import megatron
+    from cost_models.specs import Layout, SpecError
+    from planner.specfiles import load_cluster, load_model
+
+    model = load_model("llama3.1-70b")
+    base = dict(tp=8, pp=1, dp=1, micro_batch_size=1, global_batch_size=8, seq_len=8192,
+                sequence_parallel=True)
+    for preset, gpus in (("dgx-h100", 8), ("gb200-nvl72", 4)):
+        cluster = load_cluster(preset, nodes=8 // gpus)
+        plain = megatron.estimate(model, cluster, Layout(**base))
+        off = megatron.estimate(model, cluster, Layout(**base, offload_activation_layers=40))
+        per_layer = memory.activation_bytes_per_layer(model, 1, 8192, 8, 1, True)
+        assert plain.memory.activations_bytes - off.memory.activations_bytes == pytest.approx(
+            (40 - 1) * per_layer, rel=1e-9)
+        extra = off.step_time_s / plain.step_time_s - 1
+        if preset == "dgx-h100":
+            assert extra > 0.02, extra  # 55 GB/s PCIe cannot hide a layer's activations
+        else:
+            assert 0 <= extra < 0.01, extra  # 450 GB/s C2C can
+    for bad in (dict(pp=2, dp=1), dict(recompute="full")):
+        with pytest.raises(SpecError, match="pp = 1, no recompute"):
+            Layout(**{**base, "tp": 4, **bad}, offload_activation_layers=4).validate(model, 8)
+    with pytest.raises(SpecError, match="fewer than the model's layers"):
+        Layout(**base, offload_activation_layers=80).validate(model, 8)
