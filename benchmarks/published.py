@@ -229,7 +229,9 @@ H100_96GB_GiB = 95.5
 rows), taken at the H100-SXM ratio of planner/data/gpus.yaml (79.6 GiB of 80 GB)."""
 H100_96GB_HBM_GBps = 2400
 """Its HBM2e peak bandwidth, as the torchtitan benchmark document states (2.4 TB/s; the
-80 GB H100-SXM preset has 3350). Its 500 W power limit is not modelled."""
+80 GB H100-SXM preset has 3350)."""
+H100_96GB_POWER_W = 500
+"""Its power limit, as the document states (`GpuSpec.power_limit_W`; the preset's 700 W TDP)."""
 TITAN_DEFAULT_SEQ = 8192
 """torchtitan's train_configs seq_len at the benchmark commits (rows that leave it blank)."""
 BRIDGE_GRADS_NOTE = ("Megatron-Bridge perf recipes set cfg.ddp.grad_reduce_in_fp32 = False "
@@ -251,7 +253,8 @@ def cluster_2025(gpu: str, gpus: int) -> ClusterSpec:
     else:
         cluster = load_cluster(preset, nodes=gpus // per_node)
     if "H100 SXM 96GB" in gpu:
-        cluster = with_gpu(cluster, memory_GiB=H100_96GB_GiB, hbm_bandwidth_GBps=H100_96GB_HBM_GBps)
+        cluster = with_gpu(cluster, memory_GiB=H100_96GB_GiB, hbm_bandwidth_GBps=H100_96GB_HBM_GBps,
+                           power_limit_W=H100_96GB_POWER_W if "500W" in gpu else 0.0)
     return cluster
 
 
@@ -313,6 +316,8 @@ def layouts_2025(row: dict, model: ModelSpec, gpus: int) -> tuple[Layout, ...]:
                      recompute_modules=modules_2025(row["recompute"]) if rec == "selective"
                      and not titan else (),
                      offload_activation_layers=offload_2025(row["notes"]) if rec == "none" else 0,
+                     torch_compile=titan and "compile" in row["source_note"] + row["notes"],
+                     async_tp=titan and "'async TP'" in row["source_note"],
                      micro_batch_size=int(_num(row["micro_batch_size"])),
                      global_batch_size=int(_num(row["global_batch_size"])),
                      seq_len=int(_num(row["seq_len"]) or TITAN_DEFAULT_SEQ), recompute=rec,

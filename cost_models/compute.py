@@ -10,13 +10,15 @@ from .specs import GpuSpec
 
 
 def gemm_time(flops, kernels, gpu: GpuSpec, dtype: str):
-    """`kernels` GEMMs totalling `flops`: flops / (max_fraction · peak) + kernels · overhead.
+    """`kernels` GEMMs totalling `flops`: flops / (max_fraction · peak · clock_fraction) +
+    kernels · overhead (`GpuSpec.clock_fraction`: 1 unless the GPUs are power-capped).
 
     The fixed per-kernel term captures launch latency and the tail wave, which is what makes
     small (high-tp, small-batch) GEMMs less efficient than large ones.
     """
     eff = gpu.efficiency[dtype]
-    return flops / (eff.max_fraction * gpu.peak_flops(dtype)) + kernels * eff.overhead_s
+    rate = eff.max_fraction * gpu.peak_flops(dtype) * gpu.clock_fraction  # power cap
+    return flops / rate + kernels * eff.overhead_s
 
 
 def attention_time(flops, gpu: GpuSpec, dtype: str, kernels=1):
@@ -28,7 +30,8 @@ def attention_time(flops, gpu: GpuSpec, dtype: str, kernels=1):
     """
     kernel_dtype = "bf16"
     eff = gpu.efficiency[kernel_dtype]
-    return flops / (eff.attention_fraction * gpu.peak_flops(kernel_dtype)) + kernels * eff.overhead_s
+    rate = eff.attention_fraction * gpu.peak_flops(kernel_dtype) * gpu.clock_fraction
+    return flops / rate + kernels * eff.overhead_s
 
 
 def memory_bound_time(nbytes, gpu: GpuSpec):

@@ -43,6 +43,10 @@ class LayoutGrid:
     dtype: str
     cuda_graphs: bool = False
     """Grid-wide: whole-iteration CUDA graphs (`Layout.cuda_graphs`)."""
+    torch_compile: bool = False
+    """Grid-wide: torchtitan under torch.compile (`Layout.torch_compile`)."""
+    async_tp: bool = False
+    """Grid-wide: torchtitan async TP (`Layout.async_tp`)."""
     schedule: np.ndarray | None = None
     """Pipeline schedule codes (`cost_models.schedules.SCHEDULES` index); None: the default
     for each row's vp. With a V-shape schedule the first rank holds the LM head too."""
@@ -85,7 +89,8 @@ class LayoutGrid:
         arrays = {name: self.column(name)[index]
                   for name in (*_ARRAY_FIELDS, "schedule", *OPTIONAL_FIELDS)}
         return LayoutGrid(**arrays, seq_len=self.seq_len, dtype=self.dtype,
-                          cuda_graphs=self.cuda_graphs)
+                          cuda_graphs=self.cuda_graphs, torch_compile=self.torch_compile,
+                          async_tp=self.async_tp)
 
     def layout(self, i: int, layers_per_stage: tuple[int, ...] | None = None) -> Layout:
         """The i-th candidate as a Layout."""
@@ -96,6 +101,7 @@ class LayoutGrid:
             distributed_optimizer=bool(self.distributed_optimizer[i]),
             flash_attention=bool(self.flash_attention[i]), dtype=self.dtype,
             layers_per_stage=layers_per_stage, cuda_graphs=self.cuda_graphs,
+            torch_compile=self.torch_compile, async_tp=self.async_tp,
             pipeline_schedule=_named_schedule(int(self.schedule[i]), int(self.vp[i])),
             fsdp=bool(self.column("fsdp")[i]),
             dp_replicate=int(self.column("dp_replicate")[i]),
@@ -118,6 +124,7 @@ class LayoutGrid:
             flash_attention=np.array([layout.flash_attention]),
             layers_first=np.array([first]), layers_last=np.array([last]), layers_mid=np.array([mid]),
             seq_len=layout.seq_len, dtype=layout.dtype, cuda_graphs=layout.cuda_graphs,
+            torch_compile=layout.torch_compile, async_tp=layout.async_tp,
             schedule=np.array([CODE[layout.schedule]], dtype=np.int64),
             fsdp=np.array([layout.fsdp]),
             dp_replicate=np.array([layout.dp_replicate], dtype=np.int64),

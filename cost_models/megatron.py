@@ -40,6 +40,16 @@ ELEMENTWISE_PASSES_OUTSIDE = 10
 residual adds (2 reads + 1 write each), rotary/bias/dropout traffic."""
 ELEMENTWISE_PASSES_INSIDE = 3
 """HBM passes over the tensor-parallel-split activations (activation function read/write)."""
+EAGER_EXTRA_PASSES_OUTSIDE = 45
+"""torchtitan without torch.compile: extra HBM passes over the h-wide activations per layer
+forward against the fused kernels of `ELEMENTWISE_PASSES_OUTSIDE`, counted from the eager ops
+(bf16 units; an fp32 tensor is two): each composite RMSNorm upcasts, squares, means, scales,
+downcasts and multiplies by its weight (~18 passes against 2 fused, x2 norms = +32), and the
+complex-multiply rotary embedding of q and k upcasts, multiplies and downcasts (~10 passes
+over q + k, ~1.25 h for 8 query per KV head: +12.5). Backward takes twice the forward's."""
+EAGER_EXTRA_PASSES_INSIDE = 2
+"""... and over the MLP's inner width f: eager SwiGLU runs silu (read, write) and the product
+(2 reads, 1 write) as two kernels, 5 passes against 3 fused."""
 ATTENTION_BACKWARD_FACTOR = 2.5
 """Flash-attention backward costs ~2.5x its forward (it recomputes Q·K^T; Dao 2023, FA2 Sec. 3)."""
 P2P_STEADY_EXPOSED = 0.5
@@ -254,6 +264,10 @@ def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutG
     if model.is_moe:  # permute before and unpermute after the experts: read + write each copy
         elem_bytes = elem_bytes + (model.num_moe_layers / model.num_layers) * MOE_PERMUTE_PASSES \
             * 2 * tokens * model.experts_top_k * h
+    eager = (g.column("framework") == "torchtitan") & (not g.torch_compile)
+    elem_bytes = elem_bytes + np.where(eager, 2 * tokens * (
+        EAGER_EXTRA_PASSES_OUTSIDE * outside + (EAGER_EXTRA_PASSES_INSIDE if model.gated_mlp else 0)
+        * model.active_ffn_width / t), 0.0)
     if g.dtype in FP8_CAST_BYTES:  # QKV and MLP inputs (h wide), projection and down inputs
         gemm_inputs = tokens * (2 * h + (model.attn_out_width + model.active_ffn_width) / t)
         elem_bytes = elem_bytes + FP8_CAST_BYTES[g.dtype] * gemm_inputs
@@ -280,6 +294,10 @@ def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutG
     passes = 2 + np.where(g.recompute == 2, 1, 0)  # forward, backward, recomputed forward
     tp_count = (1 if model.parallel_attention_mlp else 2) * passes
     tp_hidden = np.where(g.sequence_parallel, gpu.tp_comm_overlap, 0.0)  # TE overlap needs SP
+    # torchtitan has no userbuffer overlap; its async TP pipelines the collectives with the
+    # matmuls, taken to hide as much as TE does on this GPU (an assumption)
+    tp_hidden = np.where(g.column("framework") == "torchtitan",
+                         gpu.tp_comm_overlap if g.async_tp else 0.0, tp_hidden)
     tp_comm = tp_count * one_ar * (1 - tp_hidden)
     # CP: ring attention passes K and V chunks around cp ranks, overlapped with attention
     # compute of the chunk in hand; backward also returns dK, dV (2x bytes).

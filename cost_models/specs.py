@@ -367,6 +367,11 @@ class GpuSpec:
     """GPU <-> host memory, achieved per direction, 10^9 bytes/s (activation offload): PCIe
     Gen5 x16 (64 GB/s peak) on HGX H100/H200/B200; NVLink-C2C on Grace superchips (GB200,
     GB300: 900 GB/s bidirectional, 450 each way); PCIe Gen4 x16 on A100 (32 peak)."""
+    tdp_W: float = 0.0
+    """Board power the fitted efficiencies hold at (datasheet TDP; 0: unknown)."""
+    power_limit_W: float = 0.0
+    """A lower power cap the GPUs run at (nvidia-smi -pl, e.g. 500 W H100s); 0: none. Tensor
+    kernels then run at `clock_fraction` of their calibrated rate."""
     fp8_transpose_copy: bool = True
     """Per-tensor-scaled fp8 GEMMs need the TN layout (Hopper), so Transformer Engine keeps a
     transposed fp8 copy of each weight for the backward; False where fp8 GEMMs take any
@@ -376,6 +381,10 @@ class GpuSpec:
         _require_positive(self, ("memory_GiB", "hbm_bandwidth_GBps", "grouped_gemm_half_rows",
                                  "host_link_GBps"))
         _require_range(self, ("moe_layer_overhead_s",), 0, 1)
+        _require_range(self, ("tdp_W", "power_limit_W"), 0, 100_000)
+        if self.power_limit_W and not self.tdp_W:
+            raise SpecError(f"GPU {self.name}: power_limit_W needs tdp_W (the power the "
+                            "efficiencies were calibrated at)")
         _require_range(self, ("hbm_efficiency",), 0, 1, low_open=True)
         _require_range(self, ("tp_comm_overlap", "dp_comm_overlap", "ep_comm_overlap"), 0, 1)
         if not isinstance(self.peak_tflops, dict) or not isinstance(self.efficiency, dict):
@@ -389,6 +398,16 @@ class GpuSpec:
         for dtype in self.peak_tflops:
             if dtype not in self.efficiency:
                 raise SpecError(f"GPU {self.name}: no efficiency entry for dtype {dtype}")
+
+    @property
+    def clock_fraction(self) -> float:
+        """Sustained tensor-core clock under `power_limit_W` relative to `tdp_W`: dynamic
+        power P ~ C·V²·f with the voltage scaling with the frequency in the DVFS range, so
+        f ~ P^(1/3) (static power ignored: an approximation that errs towards too little
+        slowdown). 1.0 without a cap. Memory-bound kernels keep their speed (HBM clock)."""
+        if not self.power_limit_W or not self.tdp_W or self.power_limit_W >= self.tdp_W:
+            return 1.0
+        return (self.power_limit_W / self.tdp_W) ** (1 / 3)
 
     def peak_flops(self, dtype: str) -> float:
         """Dense peak FLOP/s for `dtype`; SpecError if the GPU has none (e.g. fp8 on A100)."""
@@ -650,6 +669,15 @@ class Layout:
     """With selective recompute (Megatron): the submodules recomputed, Megatron-Core's
     `--recompute-modules` names (`cost_models.recompute_modules.MODULES`); () means its
     default, ("core_attn",)."""
+    torch_compile: bool = False
+    """torchtitan: the model under torch.compile (`--compile.enable`), which fuses the
+    norms, rotary and activation elementwise ops; eager PyTorch runs each as its own kernel
+    (`megatron.EAGER_EXTRA_PASSES_*`). Megatron-Core always runs Transformer Engine's fused
+    kernels, so it is ignored there."""
+    async_tp: bool = False
+    """torchtitan: async tensor parallelism (`--compile.enable_async_tensor_parallel`, needs
+    torch_compile): TP collectives pipelined with the matmuls. Without it torchtitan's TP
+    communication is exposed (no Transformer Engine userbuffer overlap)."""
     offload_activation_layers: int = 0
     """Megatron-Core activation offload (`--cpu-offloading-num-layers N`): the activations of
     N layers go to host memory in the forward and come back for the backward, overlapped with
@@ -734,6 +762,12 @@ class Layout:
             self._validate_modules(model)
         if self.offload_activation_layers:
             self._validate_offload(model)
+        for name in ("torch_compile", "async_tp"):
+            if not isinstance(getattr(self, name), bool):
+                raise SpecError(f"{name} must be true or false, got {_short(getattr(self, name))}")
+        if self.async_tp and not (self.torch_compile and self.framework == "torchtitan"):
+            raise SpecError("async TP is torchtitan's and needs torch.compile: add "
+                            "--framework torchtitan --torch-compile, or drop --async-tp")
         if not isinstance(self.cuda_graphs, bool):
             raise SpecError(f"cuda_graphs must be true or false, got {_short(self.cuda_graphs)}")
         if self.dtype not in DTYPES:

@@ -120,6 +120,11 @@ def settings(plan: Plan, version: str = DEFAULT_VERSION) -> dict[str, object]:
         out["parallelism.pipeline_parallel_schedule"] = SCHEDULES.get(lay.schedule) \
             or FALLBACK[lay.schedule]
     out.update(_batch_settings(plan, version))
+    # what the estimate priced: eager kernels, or fused ones under compile (and async TP);
+    # set both ways, since some torchtitan model configs enable compile by default
+    out["compile.enable"] = lay.torch_compile
+    if lay.torch_compile:
+        out["compile.enable_async_tensor_parallel"] = lay.async_tp
     if lay.pp > 1 or lay.ep > 1:
         out["training.disable_cuda_graphs"] = True
     return out
@@ -198,7 +203,8 @@ def notes(plan: Plan, version: str = DEFAULT_VERSION) -> list[str]:
         out.append("torchtitan mxfp8 needs the MX converter in the recipe "
                    "(torchtitan.components.quantization.mx.MXFP8LinearConverter, torchao, SM100+, "
                    "torch.compile); the arguments keep bf16 unless you add it")
-    if lay.tp > 1 and plan.cluster.gpu.tp_comm_overlap > 0 and lay.sequence_parallel:
+    if (lay.tp > 1 and plan.cluster.gpu.tp_comm_overlap > 0 and lay.sequence_parallel
+            and lay.framework != "torchtitan"):
         out.append("torchtitan overlaps TP communication only with async TP under torch.compile "
                    "(--compile.enable --compile.enable_async_tensor_parallel); without it the "
                    "TP communication the estimate hid is exposed")

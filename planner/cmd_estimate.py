@@ -25,6 +25,7 @@ from .options import (
     MODULES_HELP,
     _positive,
     check_sharding,
+    check_titan,
     expert_imbalance_option,
     finite_range,
     module_list,
@@ -80,9 +81,10 @@ def estimate(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, d
              sequence_parallel,
              distributed_optimizer,
              mem_headroom, etp, expert_imbalance, cuda_graphs, schedule, fsdp, dp_replicate,
-             grad_reduce_fp32, framework, **degrees):
+             grad_reduce_fp32, framework, torch_compile, async_tp, **degrees):
     """Predict step time, throughput, MFU and peak memory of one layout."""
     check_sharding(fsdp, dp_replicate)
+    check_titan(framework, torch_compile, async_tp)
     prob = with_expert_imbalance(resolve_problem(
         model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model),
         expert_imbalance)
@@ -102,7 +104,8 @@ def estimate(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, d
         fsdp=fsdp, dp_replicate=dp_replicate, grad_reduce_fp32=grad_reduce_fp32,
         framework=framework,
         recompute_modules=module_list(recompute_modules) if recompute_modules else (),
-        offload_activation_layers=offload_activation_layers,
+        offload_activation_layers=offload_activation_layers, torch_compile=torch_compile,
+        async_tp=async_tp,
     )
     est = estimate_layout(prob, layout, mem_headroom)
     verdict = memory_verdict(est, mem_headroom, _recompute_options(prob, layout, est,

@@ -29,6 +29,7 @@ from .options import (
     MODULES_HELP,
     _positive,
     check_sharding,
+    check_titan,
     expert_imbalance_option,
     finite_range,
     module_list,
@@ -81,9 +82,10 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
          as_json, top_k, output, report, micro_batch_size, recompute, module_lists, mem_headroom,
          max_tp,
          expert_imbalance, schedule, fsdp, dp_replicate, grad_reduce_fp32, framework,
-         consider_fsdp, **degrees):
+         consider_fsdp, torch_compile, async_tp, **degrees):
     """Rank every valid TP/PP/CP/DP layout and write the fastest one that fits."""
     check_sharding(fsdp or consider_fsdp, dp_replicate)
+    check_titan(framework, torch_compile, async_tp)
     for path, option in ((output, "-o"), (report, "--report")):
         if path:
             check_output_file(path, option)
@@ -95,7 +97,8 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
                         schedule=schedule,
                         fsdp=(True,) if fsdp else (False, True) if consider_fsdp else (False,),
                         dp_replicate=dp_replicate, grad_reduce_fp32=grad_reduce_fp32,
-                        framework=framework, recompute_modules=_module_lists(prob.model,
+                        framework=framework, torch_compile=torch_compile, async_tp=async_tp,
+                        recompute_modules=_module_lists(prob.model,
                                                                              module_lists),
                         **degrees)
     console = cli_console(stderr=as_json)

@@ -66,7 +66,7 @@ def problem_options(func):
 
 def sharding_options(func):
     """--fsdp --dp-replicate --grad-reduce-in-fp32/--no-grad-reduce-in-fp32 --framework
-    (plan, estimate)."""
+    --torch-compile --async-tp (plan, estimate)."""
     opts = [
         click.option("--fsdp", is_flag=True,
                      help="Fully sharded data parallelism (ZeRO-3, torchtitan FSDP2): params, "
@@ -82,6 +82,12 @@ def sharding_options(func):
                      show_default=True,
                      help="Whose memory conventions: selective recompute (megatron: attention "
                           "core; torchtitan: per-op SAC), loss buffers, FSDP states."),
+        click.option("--torch-compile", is_flag=True,
+                     help="torchtitan: torch.compile the model (fused elementwise kernels; "
+                          "launch writes --compile.enable). Eager without it."),
+        click.option("--async-tp", is_flag=True,
+                     help="torchtitan: async tensor parallelism (needs --torch-compile); "
+                          "without it torchtitan's TP communication is not overlapped."),
     ]
     return functools.reduce(lambda f, opt: opt(f), reversed(opts), func)
 
@@ -91,6 +97,16 @@ def check_sharding(fsdp: bool, dp_replicate: int) -> None:
     if dp_replicate > 1 and not fsdp:
         raise click.BadParameter("--dp-replicate > 1 is HSDP and needs --fsdp; add --fsdp",
                                  param_hint="--dp-replicate")
+
+
+def check_titan(framework: str, torch_compile: bool, async_tp: bool) -> None:
+    """One-line errors for torchtitan-only options given without torchtitan / compile."""
+    if (torch_compile or async_tp) and framework != "torchtitan":
+        raise click.BadParameter("--torch-compile and --async-tp model torchtitan; add "
+                                 "--framework torchtitan", param_hint="--framework")
+    if async_tp and not torch_compile:
+        raise click.BadParameter("async TP runs under torch.compile; add --torch-compile",
+                                 param_hint="--async-tp")
 
 
 @dataclass(frozen=True, slots=True)

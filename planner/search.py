@@ -84,6 +84,10 @@ class SearchSpace:
     """fp32 main gradients (False: bf16 grad buffers) for every candidate."""
     framework: str = "megatron"
     """Memory conventions of every candidate (`Layout.framework`)."""
+    torch_compile: bool = False
+    """torchtitan candidates under torch.compile (`Layout.torch_compile`)."""
+    async_tp: bool = False
+    """torchtitan candidates with async TP (`Layout.async_tp`; needs torch_compile)."""
     recompute_modules: tuple[tuple[str, ...], ...] | None = None
     """Megatron module lists tried with selective recompute (`--recompute-modules`); None:
     `recompute_modules.search_sets(model)` (the default, a cheap and a whole-MLP set)."""
@@ -293,7 +297,7 @@ def generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
         layers_last=counts[:, 1], layers_mid=counts[:, 2], seq_len=seq_len, dtype=space.dtype,
         schedule=sc[idx], fsdp=fs[idx], dp_replicate=np.where(fs[idx], space.dp_replicate, 1),
         grad_reduce_fp32=space.grad_reduce_fp32, framework=space.framework,
-        recompute_modules=rm[idx],
+        recompute_modules=rm[idx], torch_compile=space.torch_compile, async_tp=space.async_tp,
     )
 
 

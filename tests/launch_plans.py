@@ -29,7 +29,8 @@ ACCEPTANCE = {
                                             layers_per_stage=(5, 6, 6, 5, 5, 5))),
     "8b-fsdp": ("llama3.1-8b", 1, dict(tp=1, pp=1, dp=8, fsdp=True, framework="torchtitan")),
     "8b-hsdp": ("llama3.1-8b", 2, dict(tp=2, pp=1, dp=8, fsdp=True, dp_replicate=2,
-                                       sequence_parallel=True, framework="torchtitan")),
+                                       sequence_parallel=True, framework="torchtitan",
+                                       torch_compile=True, async_tp=True)),
 }
 FAMILIES = {
     "qwen2.5-7b": ("qwen2.5-7b", 1, dict(tp=2, pp=1, dp=4, sequence_parallel=True)),

@@ -94,6 +94,8 @@ def test_torchtitan_accepts_plan_and_builds_it(results, name):
                            "tp": lay.tp, "pp": lay.pp, "ep": lay.ep}
     # the estimate of an FSDP plan assumed torchtitan's default resharding (fsdp.py)
     assert got["reshard_after_forward"] == ("default" if lay.fsdp else "never")
+    # what the estimate priced: fused kernels under compile, async TP (torchtitan's config)
+    assert got["compile"] == [lay.torch_compile, lay.async_tp]
     if lay.pp > 1:
         assert got["stages"] == [[s.first_layer, s.num_layers] for s in plan.stages]
     if titan_model(plan) is not None and plan.model.name.startswith("llama"):

@@ -110,7 +110,8 @@ def check(case: dict) -> dict:
                       f"is not a multiple of ep {dims.ep}")
     result = {"accepted": True, "dims": {k: getattr(dims, k) for k in
                                          ("dp_replicate", "dp_shard", "cp", "tp", "pp", "ep")},
-              "reshard_after_forward": par.fsdp_reshard_after_forward}
+              "reshard_after_forward": par.fsdp_reshard_after_forward,
+              "compile": [config.compile.enable, config.compile.enable_async_tensor_parallel]}
     if config.model_spec is not None and not case.get("stand_in"):
         model_cfg = config.model_spec.model
         with torch.device("meta"):
