@@ -36,8 +36,8 @@ gradients, recompute included) and W the backward for the weights; tau = F + B +
   `overlapped_pairs` (and cost_models.megatron.fb_hidden) take it off the EP communication.
 
 The bubbles are written as factors of (sum_r tau_r - max_r tau_r), which is (p-1)·tau for
-equal ranks and keeps uneven splits meaningful. Clamped at 0 (W can exceed F+B-W only in
-contrived inputs).
+equal ranks and keeps uneven splits meaningful. F+B-W is taken as F + max(B-W, 0) (a W
+longer than B has no more B-wait to fill; see `bubble_factor`).
 """
 
 from __future__ import annotations
@@ -107,14 +107,18 @@ def is_v_shape(code):
 def bubble_factor(code, pp, vp, w_frac, b_frac, hidden_frac):
     """Bubble as a multiple of (sum_r tau_r - max_r tau_r) (= (p-1)·tau for equal ranks).
 
-    w_frac: the W share of tau. Formulas and sources in the module docstring; with
-    tau = F + B + W, F+B-W = tau - 2W. (b_frac and hidden_frac, the B and F&B-hidden shares,
-    are accepted for callers that have them; the fill and drain do not depend on them.)
+    w_frac, b_frac: the W and B shares of tau. Formulas and sources in the module docstring;
+    the zero-bubble step F+B-W (Qi et al. 2024 Table 3) is F + max(B-W, 0): a W larger than
+    B cannot fill more than the B-wait of the fill, and the simulator's ZB-H1 then gives
+    (p-1)·F. With W <= B (every transformer layer: B holds the input-gradient GEMMs plus the
+    attention backward) it is tau - 2W. (hidden_frac, the F&B-hidden share, is accepted for
+    callers that have it; the fill and drain do not depend on it.)
     """
-    del b_frac, hidden_frac
+    del hidden_frac
     c = np.asarray(code)
     p = np.maximum(pp, 2)
-    zb = 1.0 - 2 * w_frac
+    f_frac = 1.0 - np.asarray(b_frac) - w_frac
+    zb = f_frac + np.maximum(np.asarray(b_frac) - w_frac, 0.0)
     out = np.select(
         [c == CODE["1f1b"], c == CODE["interleaved"], c == CODE["zb-h1"], c == CODE["zb-v"],
          c == CODE["dualpipe"], c == CODE["dualpipev"]],

@@ -363,7 +363,8 @@ def _run_greedy(tasks: StepTasks, schedule: str) -> tuple[list[tuple], list[floa
 
     Each rank, when free at time t, runs one operation ready at t, by priority:
     zb-h1: the next forward/backward of 1F1B's order, else the oldest pending W (Qi et al.
-    2024 Sec. 3.1: W fills the bubbles); zb-v: a ready B, else a ready F (later stage first,
+    2024 Sec. 3.1: W fills the bubbles; a W runs only if it ends before any input the rank
+    already knows is on its way, `_w_fits`); zb-v: a ready B, else a ready F (later stage first,
     while the rank holds fewer than `inflight_cap` chunk activations), else the oldest W;
     dualpipe/dualpipev: as zb-v, but a ready F and a ready B of different micro-batches run
     together as one F&B operation (their W included) lasting F + B + W - min(overlap of the
@@ -443,6 +444,29 @@ def _run_greedy(tasks: StepTasks, schedule: str) -> tuple[list[tuple], list[floa
         a = arrive_b.get((d, k, j)) if not last else arrive_f.get(("done", d, k, j))
         return j if a is not None and a <= t else None
 
+    def _w_fits(r, t, w_op, f_allowed):
+        """Whether W `w_op` ends before the next input this rank already knows is coming (a
+        B's gradient or, when the in-flight cap allows one, an F's activation, from a
+        producer that has started). A W that would delay that pass waits for it: W only
+        fills bubbles and never pushes back the B chain (Qi et al. 2024 Sec. 2-3: the
+        handcrafted and automatic schedules place each W where it fits; a W started just
+        before the gradient arrives adds up to W per stage to the drain, which is what made
+        the simulated ZB-H1 bubble exceed (p-1)(F+B-W))."""
+        end = t + times(w_op[0], w_op[1])[2]
+        for d, k in slots[r]:
+            q, i = queues[(d, k)], qptr[(d, k)]
+            if i >= len(q):
+                continue
+            kind, j = q[i]
+            if kind == "F" and not f_allowed:
+                continue
+            last = kind == "B" and k == len(pipes[d][0]) - 1
+            key = ("done", d, k, j) if last else (d, k, j)
+            a = (arrive_b if kind == "B" and not last else arrive_f).get(key)
+            if a is not None and t < a < end - 1e-12:
+                return False
+        return True
+
     def run(r, t, kind, d, k, j, dur, label):
         nonlocal remaining
         c = pipes[d][0][k][1]
@@ -473,8 +497,8 @@ def _run_greedy(tasks: StepTasks, schedule: str) -> tuple[list[tuple], list[floa
         elif choice is None and fs:
             kf, df, jf = max(fs)
             choice = ("F", df, kf, jf)
-        if choice is None and pending_w[r]:  # W fills what would be idle time
-            d, k, j = pending_w[r].pop(0)
+        if choice is None and pending_w[r] and _w_fits(r, t, pending_w[r][0], held[r] < limit):
+            d, k, j = pending_w[r].pop(0)  # W fills what would be idle time
             choice = ("W", d, k, j)
         if choice is None:
             continue  # idle until an input arrives (its sender pushes this rank)
