@@ -62,6 +62,13 @@ class LayoutGrid:
     """Selective recompute's Megatron modules as a bitmask (`recompute_modules.BIT`)."""
     offload_activation_layers: np.ndarray | int = 0
     """Layers whose activations are offloaded to host memory (`Layout.offload_activation_layers`)."""
+    layers_per_stage: tuple[int, ...] | None = None
+    """Grid-wide explicit split (`Layout.layers_per_stage`, a grid of one layout); None: each
+    row's even split (the rank counts above are derived from it either way)."""
+    price_stall: np.ndarray | bool = True
+    """Whether `megatron.evaluate` prices the stall of an interleaved row's uneven chunks
+    (`simulator.interleaved_stall_layers`); False leaves it out, a lower bound on the step
+    that `planner.search` refines only where the ranking reads it."""
 
     def __post_init__(self) -> None:
         if self.schedule is None:
@@ -90,7 +97,7 @@ class LayoutGrid:
                   for name in (*_ARRAY_FIELDS, "schedule", *OPTIONAL_FIELDS)}
         return LayoutGrid(**arrays, seq_len=self.seq_len, dtype=self.dtype,
                           cuda_graphs=self.cuda_graphs, torch_compile=self.torch_compile,
-                          async_tp=self.async_tp)
+                          async_tp=self.async_tp, layers_per_stage=self.layers_per_stage)
 
     def layout(self, i: int, layers_per_stage: tuple[int, ...] | None = None) -> Layout:
         """The i-th candidate as a Layout."""
@@ -132,6 +139,7 @@ class LayoutGrid:
             framework=np.array([layout.framework]),
             recompute_modules=np.array([mask_of(layout.recompute_modules) or DEFAULT_MASK]),
             offload_activation_layers=np.array([layout.offload_activation_layers]),
+            layers_per_stage=layout.layers_per_stage,
         )
 
 
@@ -148,7 +156,7 @@ _ARRAY_FIELDS = INT_FIELDS + (
     "layers_mid",
 )
 OPTIONAL_FIELDS = ("fsdp", "dp_replicate", "grad_reduce_fp32", "framework", "recompute_modules",
-                   "offload_activation_layers")
+                   "offload_activation_layers", "price_stall")
 """Columns with a grid-wide default (searches that do not vary them pass nothing)."""
 
 

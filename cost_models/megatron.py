@@ -19,6 +19,7 @@ import numpy as np
 from . import comm, compute, flops, memory, recompute_modules, schedules
 from .dims import Group
 from .grid import LayoutGrid
+from .simulator import interleaved_stall_layers
 from .specs import (
     ClusterSpec,
     Estimate,
@@ -29,6 +30,7 @@ from .specs import (
     ModelSpec,
     SpecError,
     TimeBreakdown,
+    even_split,
 )
 
 DEFAULT_HEADROOM = 0.0
@@ -503,6 +505,7 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid) -> GridResul
     # Σ_r τ_r = all layers + both ends (pp == 1: the single rank's τ).
     tau_sum = np.where(single, tau_first, model.num_layers * lt.total_s + emb + head)
     bubble = (tau_sum - tau_max) * schedule_bubble_factor(model, gpu, g, lt)
+    bubble = bubble + interleaved_stall_s(model, g, lt, emb, head)
     # DualPipe's F&B pairs hide each micro-batch's all-to-all under the other's compute
     ep_hidden = schedules.overlapped_pairs(g.schedule, p, m) * fb_hidden(lt)
     hop = pp_hop_time(model, cluster, g)
@@ -516,6 +519,48 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid) -> GridResul
         model_flops=float(flops.model_flops_per_step(model, 1, g.seq_len)),
         hardware_flops=_hardware_flops(model, g),
     )
+
+
+STALL_END_QUANTUM = 8
+"""The embedding and LM head enter the stall's unit pattern rounded to 1/8 of a layer (one
+cached playback serves the rows that differ by less)."""
+
+
+def uneven_interleaved(model: ModelSpec, g: LayoutGrid) -> np.ndarray:
+    """Rows whose interleaved chunks hold unequal layer counts: the only ones that stall."""
+    inter = g.schedule == schedules.CODE["interleaved"]
+    if g.layers_per_stage is not None:
+        return inter & (len(set(g.layers_per_stage)) > 1)
+    return inter & (model.num_layers % (g.pp * g.vp) != 0)
+
+
+def interleaved_stall_s(model: ModelSpec, g: LayoutGrid, lt: LayerTimes, emb, head):
+    """Seconds per step the fixed interleaved order idles beyond (Σ_r τ_r − τ_max)/v when its
+    chunks are uneven (`simulator.interleaved_stall_layers`, in layer τ units, of the row's
+    split with the embedding and LM head as fractions of a layer), for the rows with
+    `price_stall`; 0 elsewhere (for the unpriced rows a lower bound)."""
+    out = np.zeros(len(g))
+    rows = np.nonzero(uneven_interleaved(model, g) & g.column("price_stall"))[0]
+    if not len(rows):
+        return out
+    layer = np.broadcast_to(np.asarray(lt.total_s, dtype=float), (len(g),))[rows]
+    q = STALL_END_QUANTUM
+    ends = [np.round(np.broadcast_to(np.asarray(x, dtype=float), (len(g),))[rows]
+                     / np.maximum(layer, 1e-30) * q) / q for x in (emb, head)]
+    keys = np.stack([g.pp[rows], g.vp[rows], g.num_microbatches[rows], *ends], axis=1)
+    uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+    units = np.array([_stall_units(model.num_layers, g.layers_per_stage, *key) for key in uniq])
+    out[rows] = units[inverse.ravel()] * layer
+    return out
+
+
+def _stall_units(num_layers: int, split, pp, vp, m, emb_layers, head_layers) -> float:
+    """`simulator.interleaved_stall_layers` of a split (even unless given), ends added."""
+    pp, vp, m = int(pp), int(vp), int(m)
+    loads = [float(n) for n in (split or even_split(num_layers, pp * vp))]
+    loads[0] += float(emb_layers)
+    loads[-1] += float(head_layers)
+    return interleaved_stall_layers(tuple(loads), pp, m)
 
 
 def weight_grad_time(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid) -> np.ndarray:

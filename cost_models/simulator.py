@@ -13,6 +13,7 @@ Pure: numpy only, no I/O. Times are seconds.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from operator import itemgetter
 from typing import Literal
 
@@ -196,6 +197,92 @@ def rank_order(pp: int, vp: int, num_microbatches: int, rank: int) -> list[Op]:
     for i in range(len(fwd) - warmup):  # steady phase: 1 forward then 1 backward
         order += [fwd[warmup + i], bwd[i]]
     return order + bwd[len(fwd) - warmup:]
+
+
+STALL_PROBE_MICROBATCHES = (3, 5)
+"""Micro-batch counts (multiples of pp) past which `interleaved_stall_layers` extrapolates:
+both past every rank's warm-up ((v+1)·pp - 2 forwards at most), so the fixed order runs
+periodically between them and the stall grows linearly from there."""
+
+
+@cache
+def interleaved_stall_layers(stage_loads: tuple[float, ...], pp: int,
+                             num_microbatches: int) -> float:
+    """Idle time per step that Megatron-LM's interleaved order adds, beyond the closed-form
+    fill and drain, when the virtual stages hold unequal layer counts; in units of one layer's
+    forward + backward (F : B = 1 : 2, transfers free). 0 for equal chunks.
+
+    Narayanan et al. 2021 Sec. 2.2.2 prices the interleaved schedule as m·tau_max plus a fill
+    and drain of (p-1)·tau/v, which assumes equal chunks. The order is fixed (`rank_order`:
+    one forward, one backward, each waiting for its input), so a chunk row that is one layer
+    heavier on most ranks (even_split of 126 layers on 16 x 7 chunks: chunk 0 of ranks 1-14
+    holds 2 layers, every other chunk 1) stalls every group of pp micro-batches: the period
+    per micro-batch exceeds tau_max and the loss grows with m, not with p. The period of such
+    a fixed-order (max-plus linear) system is the maximum cycle mean of its dependency graph
+    (Baccelli et al. 1992, "Synchronization and Linearity", Sec. 3.7), which has no closed
+    form over these orders; so the order is played once on unit layers: exactly up to 5·pp
+    micro-batches, and beyond that extrapolated along the period measured between 3·pp and
+    5·pp (cached per split and m; ~1-30 ms each). A heavier end chunk alone (equal layer
+    chunks plus the LM head) does not stall the order, but with uneven layer chunks the ends
+    add to it (the 126-layer split: ~0.25 s without the head, ~0.36 s with it). Never
+    negative, so a step priced without it is a lower bound (what `planner.search` relies on
+    to compute it lazily).
+    """
+    vp = len(stage_loads) // pp
+    if vp < 2 or pp < 2 or len(set(stage_loads)) == 1:
+        return 0.0
+    lo, hi = (c * pp for c in STALL_PROBE_MICROBATCHES)
+    if num_microbatches <= hi:
+        stall = _unit_extra(stage_loads, pp, num_microbatches)
+    else:
+        at_lo, at_hi = _unit_extra(stage_loads, pp, lo), _unit_extra(stage_loads, pp, hi)
+        stall = at_hi + (num_microbatches - hi) * (at_hi - at_lo) / (hi - lo)
+    return stall if stall > 1e-9 else 0.0  # equal periods differ by rounding only
+
+
+@cache
+def _unit_extra(stage_loads: tuple[float, ...], pp: int, m: int) -> float:
+    """The unit-layer fixed order's pipeline span beyond m·tau_max + (Σ_r tau_r - tau_max)/v."""
+    vp = len(stage_loads) // pp
+    taus = [sum(stage_loads[r::pp]) for r in range(pp)]
+    closed = m * max(taus) + (sum(taus) - max(taus)) / vp
+    return _unit_interleaved_span(stage_loads, pp, vp, m) - closed
+
+
+def _unit_interleaved_span(stage_loads: tuple[float, ...], pp: int, vp: int, m: int) -> float:
+    """End of the last backward of `rank_order` on unit layers (forward n/3, backward 2n/3
+    for a stage of n layers; no transfers): `_run_pipeline` without events or links."""
+    stages = pp * vp
+    fwd_end = [[-1.0] * m for _ in range(stages)]
+    bwd_end = [[-1.0] * m for _ in range(stages)]
+    orders = [[(b, c * pp + r, j) for b, c, j in rank_order(pp, vp, m, r)] for r in range(pp)]
+    free = [0.0] * pp
+    ptr = [0] * pp
+    work = list(range(pp))
+    while work:
+        r = work.pop()
+        order = orders[r]
+        while ptr[r] < len(order):
+            is_bwd, k, j = order[ptr[r]]
+            if is_bwd:
+                ready = fwd_end[k][j] if k == stages - 1 else bwd_end[k + 1][j]
+            else:
+                ready = fwd_end[k - 1][j] if k else 0.0
+            if ready < 0.0:
+                break
+            n = stage_loads[k]
+            end = (free[r] if free[r] > ready else ready) + (2 * n / 3 if is_bwd else n / 3)
+            free[r] = end
+            ptr[r] += 1
+            if is_bwd:
+                bwd_end[k][j] = end
+                if k > 0:
+                    work.append((k - 1) % pp)
+            else:
+                fwd_end[k][j] = end
+                if k < stages - 1:
+                    work.append((k + 1) % pp)
+    return max(free)
 
 
 def _check_schedule(tasks: StepTasks, schedule: str) -> None:

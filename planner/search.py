@@ -236,6 +236,53 @@ def _stage_counts(num_layers: int, pp: np.ndarray, vp: np.ndarray, vshape: np.nd
     return table[inverse.ravel()]
 
 
+def _stall_keys(grid: LayoutGrid, rows) -> np.ndarray:
+    """(pp, vp, micro-batches) of `rows` as one integer each (what the stall depends on,
+    with the ends)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    return (grid.num_microbatches[rows] * 4096 + grid.pp[rows]) * 4096 + grid.vp[rows]
+
+
+def _read_prefix(grid: LayoutGrid, order, fits, leaders: int, families: int) -> list[int]:
+    """The rows of `order` that `search` reads: every row up to the last of `_leaders`' picks
+    and up to the first of `families` distinct `FAMILY` keys (the explanation's walk)."""
+    chosen = _leaders(grid, order, fits, leaders)
+    last = int(np.nonzero(np.isin(order, chosen))[0].max()) if chosen else -1
+    seen, out = set(), []
+    for pos, i in enumerate(order):
+        if not fits[i]:
+            break
+        out.append(int(i))
+        seen.add(tuple(int(getattr(grid, name)[i]) for name in FAMILY))
+        if pos >= last and len(seen) >= families:
+            break
+    return out
+
+
+def _evaluate_with_stalls(model: ModelSpec, cluster: ClusterSpec, grid: LayoutGrid,
+                          headroom: float, leaders: int):
+    """`megatron.evaluate` of `grid` with the interleaved stall priced only where it can
+    change what `search` returns (branch and bound, exact): unpriced, a row's step is a lower
+    bound (the stall only adds bubble), so the rows of the prefix the ranking reads are priced
+    (with every row sharing their pp, vp and m) until that prefix is exact; a row below it
+    already loses on its lower bound. Returns (grid, result, fits, order)."""
+    grid = replace(grid, price_stall=np.zeros(len(grid), dtype=bool))
+    res = megatron.evaluate(model, cluster, grid)
+    fits = megatron.fits_mask(res, cluster.gpu, headroom)  # memory does not see the stall
+    open_rows = megatron.uneven_interleaved(model, grid)
+    every = _stall_keys(grid, np.arange(len(grid)))
+    while True:
+        order = _order(grid, np.where(fits, res.step_time_s, np.inf))
+        prefix = [i for i in _read_prefix(grid, order, fits, leaders, FAMILY_COUNT + 1)
+                  if open_rows[i]]
+        if not prefix:
+            return grid, res, fits, order
+        priced = np.isin(every, _stall_keys(grid, prefix))
+        open_rows &= ~priced
+        grid = replace(grid, price_stall=grid.price_stall | priced)
+        res = megatron.evaluate(model, cluster, grid)
+
+
 @cache
 def _rank_counts(num_layers: int, pp: int, vp: int, v_shape: bool) -> tuple[int, int, int]:
     return rank_layer_counts(even_split(num_layers, pp * vp), pp, v_shape)
@@ -419,10 +466,8 @@ def search(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_batch_si
                     space)
     if not len(grid):
         raise NoCandidates(_no_candidate_reason(model, cluster, seq_len, global_batch_size, space))
-    res = megatron.evaluate(model, cluster, grid)
-    step = res.step_time_s
-    fits = megatron.fits_mask(res, gpu, space.headroom)
-    order = _order(grid, np.where(fits, step, np.inf))
+    grid, res, fits, order = _evaluate_with_stalls(model, cluster, grid, space.headroom,
+                                                   max(top_k, space.refine_top))
     leaders = _leaders(grid, order, fits, max(top_k, space.refine_top))
     plans, parts, solver = [], [], "none"
     for i in leaders:
@@ -450,8 +495,12 @@ def search(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_batch_si
     )
 
 
+FAMILY_COUNT = 4
+"""Other families the explanation compares the winner with (`_family_leaders`)."""
+
+
 def _family_leaders(res, grid: LayoutGrid, order, fits, gpu, headroom: float,
-                    winner: Layout | None, count: int = 4) -> tuple[Estimate, ...]:
+                    winner: Layout | None, count: int = FAMILY_COUNT) -> tuple[Estimate, ...]:
     """The fastest fitting layout of each `FAMILY` other than the winner's."""
     if winner is None:
         return ()
