@@ -277,10 +277,13 @@ def _evaluate_with_stalls(model: ModelSpec, cluster: ClusterSpec, grid: LayoutGr
                   if open_rows[i]]
         if not prefix:
             return grid, res, fits, order
-        priced = np.isin(every, _stall_keys(grid, prefix))
+        priced = np.isin(every, _stall_keys(grid, prefix)) & open_rows
         open_rows &= ~priced
         grid = replace(grid, price_stall=grid.price_stall | priced)
-        res = megatron.evaluate(model, cluster, grid)
+        rows = np.nonzero(priced)[0]  # only these rows' bubble changes: re-price just them
+        bubble = np.array(res.pp_bubble_s, dtype=float)
+        bubble[rows] = megatron.evaluate(model, cluster, grid.take(rows)).pp_bubble_s
+        res = replace(res, pp_bubble_s=bubble)
 
 
 @cache
