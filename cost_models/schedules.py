@@ -18,6 +18,9 @@ gradients, recompute included) and W the backward for the weights; tau = F + B +
   dualpipev    V: 2 chunks            (p-1)·(F+B-W)/2                         min(m, p+1/2)
 
 - 1F1B: Narayanan et al. 2021 (SC'21) Sec. 2.2; interleaved: ibid. Sec. 2.2.2 (bubble / v).
+  That assumes equal chunks; with uneven ones Megatron's fixed order also stalls in its
+  steady phase, which `cost_models.megatron.interleaved_stall_s` adds on top
+  (`simulator.interleaved_stall_layers`).
 - ZB-H1: Qi et al. 2024 Sec. 3.1 and Table 3 (memory p·M_B, bubble (p-1)(T_F+T_B-T_W)).
 - ZB-V: Qi et al. 2024 Sec. 6 (V-shape placement, two chunks per rank, 1F1B's memory
   p·M_B). Its chunks are half a rank, so its fill and drain are ZB-H1's halved:
