@@ -236,13 +236,6 @@ def _stage_counts(num_layers: int, pp: np.ndarray, vp: np.ndarray, vshape: np.nd
     return table[inverse.ravel()]
 
 
-def _stall_keys(grid: LayoutGrid, rows) -> np.ndarray:
-    """(pp, vp, micro-batches) of `rows` as one integer each (what the stall depends on,
-    with the ends)."""
-    rows = np.asarray(rows, dtype=np.int64)
-    return (grid.num_microbatches[rows] * 4096 + grid.pp[rows]) * 4096 + grid.vp[rows]
-
-
 def _read_prefix(grid: LayoutGrid, order, fits, leaders: int, families: int) -> list[int]:
     """The rows of `order` that `search` reads: every row up to the last of `_leaders`' picks
     and up to the first of `families` distinct `FAMILY` keys (the explanation's walk)."""
@@ -259,31 +252,50 @@ def _read_prefix(grid: LayoutGrid, order, fits, leaders: int, families: int) -> 
     return out
 
 
+STALL_POOL_ROWS = 4096
+"""Rows (by lower bound) `_evaluate_with_stalls` re-ranks while pricing stalls; grown when the
+ranking's prefix could reach past them."""
+
+
 def _evaluate_with_stalls(model: ModelSpec, cluster: ClusterSpec, grid: LayoutGrid,
                           headroom: float, leaders: int):
     """`megatron.evaluate` of `grid` with the interleaved stall priced only where it can
     change what `search` returns (branch and bound, exact): unpriced, a row's step is a lower
-    bound (the stall only adds bubble), so the rows of the prefix the ranking reads are priced
-    (with every row sharing their pp, vp and m) until that prefix is exact; a row below it
-    already loses on its lower bound. Returns (grid, result, fits, order)."""
-    grid = replace(grid, price_stall=np.zeros(len(grid), dtype=bool))
+    bound (the stall only adds bubble), so the unpriced rows of the prefix the ranking reads
+    are priced (only those rows re-evaluated) until that prefix is exact. The re-ranking runs
+    on the `STALL_POOL_ROWS` best lower bounds; it is exact once the prefix ends inside the
+    pool and before the first lower bound outside it (else the pool grows). Returns (grid,
+    result, fits, order); past the prefix, order is by lower bound."""
+    priced = np.zeros(len(grid), dtype=bool)
+    grid = replace(grid, price_stall=priced)
     res = megatron.evaluate(model, cluster, grid)
     fits = megatron.fits_mask(res, cluster.gpu, headroom)  # memory does not see the stall
     open_rows = megatron.uneven_interleaved(model, grid)
-    every = _stall_keys(grid, np.arange(len(grid)))
+    first = _order(grid, np.where(fits, res.step_time_s, np.inf))  # by lower bound
+    size = STALL_POOL_ROWS
     while True:
-        order = _order(grid, np.where(fits, res.step_time_s, np.inf))
-        prefix = [i for i in _read_prefix(grid, order, fits, leaders, FAMILY_COUNT + 1)
-                  if open_rows[i]]
-        if not prefix:
+        pool = first[:size]
+        sub = grid.take(pool)  # for the tie-break keys only
+        while True:
+            order = pool[_order(sub, np.where(fits[pool], res.step_time_s[pool], np.inf))]
+            prefix = _read_prefix(grid, order, fits, leaders, FAMILY_COUNT + 1)
+            todo = np.array([i for i in prefix if open_rows[i]], dtype=np.int64)
+            if not len(todo):
+                break
+            open_rows[todo] = False
+            priced = priced.copy()
+            priced[todo] = True
+            grid = replace(grid, price_stall=priced)
+            bubble = np.array(res.pp_bubble_s, dtype=float)  # only these rows' bubble changes
+            bubble[todo] = megatron.evaluate(model, cluster, grid.take(todo)).pp_bubble_s
+            res = replace(res, pp_bubble_s=bubble)
+        if size >= len(grid):
             return grid, res, fits, order
-        priced = np.isin(every, _stall_keys(grid, prefix)) & open_rows
-        open_rows &= ~priced
-        grid = replace(grid, price_stall=grid.price_stall | priced)
-        rows = np.nonzero(priced)[0]  # only these rows' bubble changes: re-price just them
-        bubble = np.array(res.pp_bubble_s, dtype=float)
-        bubble[rows] = megatron.evaluate(model, cluster, grid.take(rows)).pp_bubble_s
-        res = replace(res, pp_bubble_s=bubble)
+        rest = first[size]  # the best lower bound outside the pool
+        if not fits[rest] or (prefix and len(prefix) < len(pool) and np.round(
+                res.step_time_s[prefix[-1]], 9) < np.round(res.step_time_s[rest], 9)):
+            return grid, res, fits, np.concatenate([order, first[size:]])
+        size *= 8
 
 
 @cache

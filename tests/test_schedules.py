@@ -292,11 +292,14 @@ def test_interleaved_405b_layouts_agree_with_the_simulator():
         assert abs(idle - analytic) <= 2.0, (vp, idle, analytic)
 
 
-def test_search_prices_interleaved_stalls_only_where_they_matter_and_stays_exact():
+@pytest.mark.parametrize("pool", [4096, 8])
+def test_search_prices_interleaved_stalls_only_where_they_matter_and_stays_exact(pool, monkeypatch):
     """The search prices the stall lazily (unpriced, a step is a lower bound); its top 5 and
-    alternatives equal a ranking with every row's stall priced, and it priced fewer rows."""
+    alternatives equal a ranking with every row's stall priced, also when the re-ranked pool
+    starts far smaller than the prefix it must hold (8 rows: it has to grow)."""
     from planner import search as S
 
+    monkeypatch.setattr(S, "STALL_POOL_ROWS", pool)
     model, cluster = load_model("gpt3-175b"), load_cluster("dgx-h100", nodes=32)
     lazy = S.search(model, cluster, 2048, 512, SearchSpace(refine_top=0), top_k=5)
     space = S.with_default_max_tp(SearchSpace(refine_top=0), cluster)
