@@ -305,13 +305,20 @@ def expert_degrees(model, stage_ranks: int, etp: int) -> list[int]:
     return [e for e in divisors(model.num_experts) if stage_ranks % (e * etp) == 0]
 
 
-def expert_tp_degrees(model, tp: int) -> list[int]:
-    """etp values the search tries: 1 (the Megatron-Bridge MoE recipes' choice: whole experts
-    per rank, no expert all-reduce) and tp (Megatron-Core's default when --etp is not set),
-    where they divide the expert width; [tp] for dense models (etp is then meaningless)."""
+def expert_tp_degrees(model, tp: int, stage_ranks: int | None = None,
+                      max_etp: int | None = None) -> list[int]:
+    """etp values the search tries: every one Megatron-Core accepts, i.e. dividing the expert
+    width and the stage's tp·cp·dp ranks (`stage_ranks`), up to `max_etp` (the search's tp
+    bound: an expert tensor-parallel group inside one NVLink domain, like tp's); without a
+    stage, 1 (the Megatron-Bridge MoE recipes' whole experts) and tp (Megatron-Core's default).
+    [tp] for dense models (etp is then meaningless)."""
     if not model.is_moe:
         return [tp]
-    return sorted({e for e in (1, tp) if model.expert_ffn_hidden_size % e == 0})
+    if stage_ranks is None:
+        options = {1, tp}
+    else:
+        options = {e for e in divisors(stage_ranks) if max_etp is None or e <= max_etp}
+    return sorted(e for e in options if model.expert_ffn_hidden_size % e == 0)
 
 
 def mesh_degrees(world: int, fixed: dict[str, int | None], allowed: dict[str, list[int]]):

@@ -59,7 +59,7 @@ from .search import SearchResult, SearchSpace
 @click.option("--dp", type=int, callback=_positive, help="Fix the data-parallel degree.")
 @click.option("--ep", type=int, callback=_positive, help="Fix the expert-parallel degree (MoE).")
 @click.option("--etp", type=int, callback=_positive,
-              help="Fix the expert tensor-parallel degree (MoE) [default: search 1 and tp].")
+              help="Fix the expert tensor-parallel degree (MoE) [default: search every valid one up to --max-tp].")
 @click.option("--micro-batch-size", "--mbs", "micro_batch_size", type=int, callback=_positive,
               help="Fix the micro-batch size.")
 @click.option("--recompute", type=click.Choice(RECOMPUTE_KINDS), multiple=True,

@@ -69,7 +69,8 @@ class SearchSpace:
     dp: int | None = None
     ep: int | None = None
     etp: int | None = None
-    """Fixed expert tensor-parallel degree (MoE); None searches 1 and tp."""
+    """Fixed expert tensor-parallel degree (MoE); None searches every etp Megatron accepts
+    up to max_tp (`dims.expert_tp_degrees`)."""
     micro_batch_size: int | None = None
     schedules: tuple[str, ...] = SCHEDULES
     """Pipeline schedules to consider (`cost_models.schedules`)."""
@@ -181,7 +182,7 @@ def degree_combos(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int
             continue
         stage = combo["tp"] * combo["cp"] * combo["dp"]
         etps = ([space.etp] if space.etp is not None and model.is_moe
-                else dims.expert_tp_degrees(model, combo["tp"]))
+                else dims.expert_tp_degrees(model, combo["tp"], stage, max_tp))
         for etp in etps:
             for ep in dims.expert_degrees(model, stage, etp):
                 if space.ep in (None, ep):

@@ -55,9 +55,9 @@ def _every_layout(model, world: int, seq: int, gbs: int):
         if world % (tp * pp * cp):
             continue
         dp = world // (tp * pp * cp)
-        # etp: {1, tp}, the MoE search's own choice (dims.expert_tp_degrees); Layout.validate
-        # also accepts other etp dividing the stage, a bound left to the MoE work (see docs)
-        etps = sorted({1, tp}) if model.is_moe else [tp]
+        # etp: every divisor of the GPUs (Layout.validate keeps those dividing the stage and
+        # the expert width, as Megatron-Core does)
+        etps = divisors(world) if model.is_moe else [tp]
         for ep, etp, vp, mbs in itertools.product(divisors(world), etps,
                                                   range(1, model.num_layers + 1),
                                                   range(1, gbs + 1)):
