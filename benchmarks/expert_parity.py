@@ -65,7 +65,12 @@ def main() -> None:
                       "memory model")
                 continue
             headroom = max(0.0, (1 - pub.peak_GiB / memory) * (1 - 1e-9))
-        full = SearchSpace(dtype=lay.dtype, headroom=headroom)
+        # the stack's sharding (FSDP may be chosen where the run used it), main-grad
+        # precision and framework conventions are part of what the published run had
+        full = SearchSpace(dtype=lay.dtype, headroom=headroom,
+                           fsdp=(False, True) if lay.fsdp else (False,),
+                           dp_replicate=lay.dp_replicate, grad_reduce_fp32=lay.grad_reduce_fp32,
+                           framework=lay.framework)
         era = replace(full, flash_attention=lay.flash_attention,
                       recompute=("full",) if lay.recompute == "full" else full.recompute,
                       sequence_parallel=(lay.sequence_parallel,),
