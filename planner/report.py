@@ -16,7 +16,12 @@ def layout_label(lay: Layout) -> str:
     parts = lay.dims.label_parts()
     parts.append(f"mbs{lay.micro_batch_size}")
     if lay.recompute != "none":
-        parts.append({"selective": "rc-sel", "full": "rc-full"}[lay.recompute])
+        label = {"selective": "rc-sel", "full": "rc-full"}[lay.recompute]
+        if lay.recompute_modules:  # Megatron's modules, e.g. rc-sel(layernorm+mlp)
+            label += "(" + "+".join(lay.recompute_modules) + ")"
+        parts.append(label)
+    if lay.offload_activation_layers:
+        parts.append(f"offload{lay.offload_activation_layers}")
     if lay.sequence_parallel:
         parts.append("sp")
     if lay.fsdp:
