@@ -13,8 +13,10 @@ acknowledgement. Each measurement becomes an agent record
 `{"ev": "link", "src", "dst", "bytes", "s", "t"}` in `ATTEMPT/monitor/agents.jsonl`.
 
 The supervisor keeps the last `window` rates of every unordered pair (both directions pool:
-a degraded link is usually degraded both ways) and calls a pair slow when the median of its
-window is below `factor` x the fastest pair's median (the healthy rate; a median over pairs
+a degraded link is usually degraded both ways) and takes the best rate of that window as the
+pair's capacity: contention and CPU scheduling only ever make a probe slower, so one good probe
+in the window shows the link is healthy, while a degraded link caps every probe. A pair is slow
+when that is below `factor` x the fastest pair's (the healthy rate; a median over pairs
 would read a slow host's pairs as the norm when they are the majority, e.g. 2 of 3 pairs on 3
 hosts). Slow pairs that are every pair of one host are that host's link; otherwise the slowest
 pair is named `A<->B`. With two hosts there is one pair and nothing to compare: nothing is
@@ -49,7 +51,7 @@ class ProbeConfig:
     fanout: int = 3
     """Peers each agent probes per round."""
     window: int = 4
-    """Rates per pair the verdict takes the median of."""
+    """Rates per pair the verdict takes the best of (all must be slow to call a pair slow)."""
     factor: float = 0.35
     """A pair is slow below this fraction of the healthy pair rate (a link at 1/10 reads
     ~0.1-0.2 after probe overheads; a healthy one under CPU contention rarely below 0.5)."""
@@ -184,9 +186,10 @@ class LinkTable:
         mine.append(float(rec["bytes"]) / float(sec))
         del mine[:-self.window]
 
-    def medians(self) -> dict[tuple[str, str], float]:
-        """Pair -> median rate over its window, for pairs whose window is full."""
-        return {p: statistics.median(r) for p, r in self.rates.items() if len(r) >= self.window}
+    def capacities(self) -> dict[tuple[str, str], float]:
+        """Pair -> best rate of its window (its capacity estimate), for pairs whose window is
+        full."""
+        return {p: max(r) for p, r in self.rates.items() if len(r) >= self.window}
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +204,7 @@ class LinkVerdict:
 
 def find_slow_pair(table: LinkTable, factor: float) -> LinkVerdict | None:
     """The slow host pair (or host) among the probed pairs, or None (see the module doc)."""
-    med = table.medians()
+    med = table.capacities()
     if len(med) < 2:
         return None
     healthy = max(med.values())

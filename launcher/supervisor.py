@@ -517,7 +517,7 @@ def _report_slow_pair(links: LinkTable, views: dict[int, RankView], cfg: ProbeCo
                 "rate_MBps": round(verdict.rate_Bps / 1e6, 3),
                 "healthy_MBps": round(verdict.healthy_Bps / 1e6, 3),
                 "pair_MBps": {"<->".join(p): round(r / 1e6, 3)
-                              for p, r in sorted(links.medians().items())}}
+                              for p, r in sorted(links.capacities().items())}}
     report(Incident(time.time(), "slow_link", None, verdict.where, step, evidence,
                     action="logged; no action"))
 
