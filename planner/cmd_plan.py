@@ -188,7 +188,7 @@ def _json(res: SearchResult, plans: list[Plan], with_groups: bool = True) -> dic
     dp groups and pp hops run (`explain.group_spans`)."""
     out = []
     for p in plans:
-        d = p.to_dict()
+        d = p.layout_dict()
         out.append({"layout": d["layout"], "estimate": d["estimate"],
                     "placement": {**d["placement"], "stages": d["stages"]}})
         if with_groups:

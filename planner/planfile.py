@@ -121,6 +121,17 @@ class Plan:
             "meshplan": PLAN_FORMAT,
             "model": model_to_dict(self.model),
             "cluster": cluster_to_dict(self.cluster),
+            **self.layout_dict(),
+        }
+        if self.request is not None:
+            out["planning"] = self.request.to_dict()
+        return out
+
+    def layout_dict(self) -> dict:
+        """The plan file's layout, stages, placement and estimate (no model or cluster: `plan
+        --json` prints these, and writing out a 2,048-node cluster per plan costs more than the
+        search)."""
+        return {
             "layout": self.layout.to_dict(),
             "stages": [
                 {"index": s.index, "pp_rank": s.pp_rank, "chunk": s.chunk,
@@ -130,9 +141,6 @@ class Plan:
             "placement": {"rank_order": RANK_ORDER, "node_order": list(self.node_order)},
             "estimate": self.estimate,
         }
-        if self.request is not None:
-            out["planning"] = self.request.to_dict()
-        return out
 
 
 def stage_ranges(layout: Layout, num_layers: int) -> tuple[Stage, ...]:
