@@ -624,6 +624,60 @@ class RankCosts:
         return sum(self.memory.values())
 
 
+@dataclass(frozen=True, slots=True)
+class RankState:
+    """Parameters one GPU of a pipeline rank holds (arrays over the grid)."""
+
+    dense: np.ndarray
+    """Replicated parameters (split over tp), times the schedule's weight copies."""
+    expert: np.ndarray
+    """Routed-expert parameters (split over etp x ep), times the weight copies."""
+    sharded: np.ndarray
+    """The FSDP shard of both: dense over the dp_shard group, experts over edp / replicate."""
+    optimizer: np.ndarray
+    """Parameters whose optimizer state the GPU keeps: all (plain optimizer), the DP shard
+    (distributed optimizer) or `sharded` (FSDP)."""
+
+
+def rank_state(model: ModelSpec, g: LayoutGrid, layers, first, last, copies) -> RankState:
+    """`RankState` of a rank holding `layers` layers (`first`/`last`: the embedding / LM head,
+    `copies`: `schedules.weight_copies`). DualPipe's mirrored copies are one more replica
+    each: the distributed optimizer shards their state over copies x dp ranks (Megatron-style
+    ZeRO-1)."""
+    dims = g.dims
+    dpc, edp = dims.group("dp_cp").size, dims.group("edp").size
+    dense, expert = rank_params(model, g, layers, first, last)
+    dense, expert = dense * copies, expert * copies
+    local_opt = dense / np.where(g.distributed_optimizer, dpc * copies, 1) \
+        + expert / np.where(g.distributed_optimizer, edp * copies, 1)
+    expert_shard = np.maximum(edp // dims.dp_replicate, 1)
+    sharded = dense / dims.group("dp_shard").size + expert / expert_shard
+    return RankState(dense, expert, sharded, np.where(g.column("fsdp"), sharded, local_opt))
+
+
+def state_bytes_lower_bound(model: ModelSpec, g: LayoutGrid,
+                            fp8_transpose_copy: bool = True) -> np.ndarray:
+    """A lower bound of the peak bytes (`GridResult.peak_bytes`) of every row of `g` valid for
+    any vp, schedule, layer split, micro-batch size, recompute and sequence parallelism: only
+    the degrees and the sharding columns (distributed optimizer, fsdp, dp_replicate,
+    grad_reduce_fp32, framework) are read.
+
+    The peak is the fullest rank's total, so at least the weights, gradients and optimizer
+    state (`memory.state_bytes`) of the rank with the most layers, plus the fixed buffer
+    allowance (activations, fragmentation and FSDP's unsharded parameters are >= 0). That
+    rank holds >= ceil(L / pp) layers (the pp ranks share the L layers) and each term grows
+    with its layers; the embedding and LM head are left out (the rank may hold neither) and
+    one weight copy is counted (DualPipe's second only adds; its optimizer shard is the
+    same). `fp8_transpose_copy`: the GPU's (`GpuSpec.fp8_transpose_copy`). Used by the
+    search to skip degree combinations whose static memory alone cannot fit, before their
+    inner choices are expanded."""
+    layers = -(-model.num_layers // g.pp)
+    single = g.pp == 1  # the only rank holds both ends
+    state = rank_state(model, g, layers, single, single, 1)
+    parts = memory.state_bytes(g, state.dense + state.expert, state.optimizer, fp8_transpose_copy)
+    return sum(parts.values()) + memory.BUFFER_FIXED_BYTES
+
+
 def rank_costs(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerTimes, emb, head,
                layers, first, last, pp_rank) -> RankCosts:
     """DP reduction, optimizer step and peak memory of pipeline rank `pp_rank` holding `layers`
@@ -637,9 +691,8 @@ def rank_costs(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerT
     dp_bw, dp_alpha = links.bandwidth_Bps(dpg), links.latency_s(dpg)
     first = np.asarray(first) | (g.pp == 1)
     last = np.asarray(last) | (g.pp == 1)
-    copies = schedules.weight_copies(g.schedule)  # DualPipe: a stage of each direction
-    dense, expert = rank_params(model, g, layers, first, last)
-    dense, expert = dense * copies, expert * copies
+    state = rank_state(model, g, layers, first, last, schedules.weight_copies(g.schedule))
+    dense, expert, local_opt = state.dense, state.expert, state.optimizer
     edp = edpg.size  # expert data-parallel group: ranks holding the same experts
     edp_bw, edp_alpha = links.bandwidth_Bps(edpg), links.latency_s(edpg)
     grad_bytes = np.where(g.column("grad_reduce_fp32"), memory.GRAD_BYTES, memory.BF16_GRAD_BYTES)
@@ -647,22 +700,14 @@ def rank_costs(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerT
               + _grad_sync(expert, edp, edp_bw, edp_alpha, g.distributed_optimizer, grad_bytes))
     window = layers * lt.compute_s + np.where(first, emb, 0.0) + np.where(last, head, 0.0)
     exposed = comm.overlapped(comm_s, window, gpu.dp_comm_overlap)
-    # DualPipe's mirrored copies are one more replica each: the distributed optimizer
-    # shards their state over copies x dp ranks (Megatron-style ZeRO-1).
-    local_opt = dense / np.where(g.distributed_optimizer, dpc * copies, 1) \
-        + expert / np.where(g.distributed_optimizer, edp * copies, 1)
     fsdp = g.column("fsdp")
     layer_params = memory.dense_layer_params(model) / g.tp \
         + memory.expert_layer_params(model) / (dims.expert_tp * dims.ep)
     head_params = np.where(last, model.vocab_size * model.hidden_size / g.tp, 0.0)
-    shard = dims.group("dp_shard").size
-    expert_shard = np.maximum(edp // dims.dp_replicate, 1)
-    sharded = dense / shard + expert / expert_shard
     if np.any(fsdp):
         f_comm, f_exposed = fsdp_comm(model, cluster, g, lt, layers, layer_params, head_params,
-                                      head, sharded)
+                                      head, state.sharded)
         comm_s, exposed = np.where(fsdp, f_comm, comm_s), np.where(fsdp, f_exposed, exposed)
-    local_opt = np.where(fsdp, sharded, local_opt)
     opt = compute.memory_bound_time(ADAM_BYTES_PER_PARAM * local_opt, gpu)
     mem = memory.rank_memory(model, g, dense + expert, local_opt, layers, first, last, pp_rank,
                              layer_params, head_params, gpu.fp8_transpose_copy)

@@ -313,7 +313,6 @@ def rank_memory(model: ModelSpec, g, params, optimizer_params, layers, first, la
     Gradients: fp32 (4 bytes) or bf16 (2) main grads as `grad_reduce_fp32` says."""
     fp8 = g.dtype if g.dtype in FP8_DTYPES else False
     fsdp = g.column("fsdp")
-    grad_bytes = np.where(g.column("grad_reduce_fp32"), GRAD_BYTES, BF16_GRAD_BYTES)
     act_args = (model, g.micro_batch_size, g.seq_len, g.tp, g.cp, g.sequence_parallel)
     titan = g.column("framework") == "torchtitan"
     per_layer = activation_bytes_per_layer(*act_args, g.recompute, g.flash_attention, fp8, g.etp)
@@ -335,15 +334,36 @@ def rank_memory(model: ModelSpec, g, params, optimizer_params, layers, first, la
     act = act + np.where(first, embedding_output_bytes(*act_args) * inflight, 0.0)
     per_logit = np.where(titan, TITAN_LOGIT_BYTES, MEGATRON_LOGIT_BYTES)
     act = act + np.where(last, logits_bytes(*act_args[:5], per_logit), 0.0)
-    sharded = optimizer_params  # with FSDP the rank's shard of every parameter
     gather = FSDP_FP8_GATHER_BYTES if fp8 else FSDP_GATHER_BYTES
     inflight = fsdp_inflight_bytes(layer_params, head_params, layers, g.pp, gather)
-    # fp8 parameters where Megatron gathers them in fp8 (distributed optimizer / FSDP)
+    return {
+        **state_bytes(g, params, optimizer_params, fp8_transpose_copy),
+        "activations_bytes": act,
+        "buffers_bytes": BUFFER_FIXED_BYTES + FRAGMENTATION * act,
+        "unsharded_inflight_bytes": np.where(fsdp, inflight, 0.0),
+    }
+
+
+def state_bytes(g, params, optimizer_params, fp8_transpose_copy: bool = True
+                ) -> dict[str, np.ndarray]:
+    """Weights, gradients and optimizer state on one GPU holding `params` parameters and the
+    optimizer state of `optimizer_params` of them (`rank_memory`'s arguments), by
+    `MemoryBreakdown` field: the part of the memory no micro-batch, recompute or schedule
+    choice changes.
+
+    Megatron: bf16 weights 2 (fp8: `fp8_weight_bytes`, the parameters themselves where
+    Megatron gathers them in fp8, i.e. with the distributed optimizer or FSDP) + main grads
+    (fp32 4 / bf16 2) per parameter, fp32 master + Adam 12 per optimizer-state parameter.
+    FSDP states (every one the rank's shard, `optimizer_params`): FSDP2 (torchtitan) fp32
+    param 4 + fp32 grad 4 + Adam 8; Megatron-FSDP (optim_grads_params) the distributed
+    optimizer's bytes: param + main grad + 12."""
+    fp8 = g.dtype in FP8_DTYPES
+    fsdp = g.column("fsdp")
+    titan = g.column("framework") == "torchtitan"
+    grad_bytes = np.where(g.column("grad_reduce_fp32"), GRAD_BYTES, BF16_GRAD_BYTES)
     weight_bytes = (fp8_weight_bytes(g.dtype, fp8_transpose_copy,
                                      g.distributed_optimizer | fsdp) if fp8 else WEIGHT_BYTES)
-    # FSDP states: FSDP2 (torchtitan) fp32 param 4 + fp32 grad 4 + Adam 8; Megatron-FSDP
-    # (optim_grads_params) the distributed optimizer's bytes, every one sharded: bf16 param 2
-    # + main grad (fp32 4 / bf16 2) + fp32 master and Adam 12.
+    sharded = optimizer_params  # with FSDP the rank's shard of every parameter
     shard_w = np.where(titan, FSDP_PARAM_BYTES, weight_bytes)
     shard_g = np.where(titan, FSDP_GRAD_BYTES, grad_bytes)
     shard_o = np.where(titan, FSDP_ADAM_BYTES, OPTIMIZER_BYTES)
@@ -352,9 +372,6 @@ def rank_memory(model: ModelSpec, g, params, optimizer_params, layers, first, la
         "grads_bytes": np.where(fsdp, sharded * shard_g, params * grad_bytes),
         "optimizer_state_bytes": np.where(fsdp, sharded * shard_o,
                                           optimizer_params * OPTIMIZER_BYTES),
-        "activations_bytes": act,
-        "buffers_bytes": BUFFER_FIXED_BYTES + FRAGMENTATION * act,
-        "unsharded_inflight_bytes": np.where(fsdp, inflight, 0.0),
     }
 
 
