@@ -195,7 +195,7 @@ def _json(res: SearchResult, plans: list[Plan], with_groups: bool = True) -> dic
             out[-1]["groups"] = [g.to_dict() for g in group_spans(p.layout, res.cluster)]
     return {
         "plans": out,
-        "search": {"candidates": res.candidates, "feasible": res.feasible,
+        "search": {"candidates": res.candidates, "feasible": res.feasible, "pruned": res.pruned,
                    "seconds": round(res.seconds, 4), "rate_per_s": round(res.rate),
                    "solver": res.solver, "idle_nodes": list(res.idle_nodes)},
     }
@@ -228,8 +228,10 @@ def _print(console: Console, prob, res: SearchResult, headroom: float) -> None:
                       f"{100 * comm:.1f}%")
     if res.plans:
         console.print(table)
+    ruled_out = (f"; {res.pruned:,} more ruled out by their weights and optimizer state "
+                 "alone") if res.pruned else ""
     console.print(f"searched {res.candidates:,} valid layouts ({res.feasible:,} fit with "
-                  f"{100 * headroom:g}% of memory kept free) in "
+                  f"{100 * headroom:g}% of memory kept free{ruled_out}) in "
                   f"{res.seconds:.2f} s ({res.rate:,.0f}/s); {_split_note(res)}")
     console.print("[dim]MFU = model FLOPs (causal attention, no recompute) / dense "
                   f"{prob.dtype} peak[/dim]")

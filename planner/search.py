@@ -22,6 +22,7 @@ from cost_models.specs import (
     SCHEDULES,
     ClusterSpec,
     Estimate,
+    GiB,
     InfeasibleLayout,
     Layout,
     ModelSpec,
@@ -135,6 +136,9 @@ class SearchResult:
     """Nodes left out because no valid layout uses all of them."""
     alternatives: tuple[Estimate, ...] = ()
     """Best fitting layout of each other (tp, pp, cp) family, for explaining the winner."""
+    pruned: int = 0
+    """Valid layouts not evaluated: their weights, gradients and optimizer state alone exceed
+    the GPU memory (`state_fits`), so none of them fits."""
 
     @property
     def rate(self) -> float:
@@ -307,6 +311,52 @@ def _rank_counts(num_layers: int, pp: int, vp: int, v_shape: bool) -> tuple[int,
 def generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
              global_batch_size: int, space: SearchSpace) -> LayoutGrid:
     """All valid candidates as a LayoutGrid (only valid rows are ever materialised)."""
+    return _generate(model, world, gpus_per_node, seq_len, global_batch_size, space)[0]
+
+
+STATE_BOUND_SLACK = 1e-9
+"""Relative margin of the static-memory prefilter: a combination is skipped only when its
+lower bound exceeds the capacity by more than this, so float rounding between the bound and
+the evaluated peak can never drop a layout that fits."""
+
+
+def _shardings(space: SearchSpace) -> list[tuple[bool, bool]]:
+    """(distributed optimizer, fsdp) pairs of the space; FSDP makes the optimizer choice moot."""
+    out = [(x, False) for x in space.distributed_optimizer if False in space.fsdp]
+    return out + ([(True, True)] if True in space.fsdp else [])
+
+
+def state_fits(model: ModelSpec, base: dict[str, np.ndarray], space: SearchSpace,
+               seq_len: int, capacity_bytes: float) -> np.ndarray:
+    """(combinations x shardings) mask: False where the static memory of the degree
+    combination `base` row with that sharding (`megatron.state_bytes_lower_bound`: weights,
+    gradients and optimizer state of its fullest rank, over every vp, schedule, micro-batch,
+    recompute and SP choice) already exceeds `capacity_bytes`, so no inner choice can fit."""
+    shardings = _shardings(space)
+    n, k = len(base["tp"]), len(shardings)
+    cols = {name: np.repeat(col, k) for name, col in base.items()}
+    fsdp = np.tile([f for _, f in shardings], n).astype(bool)
+    one = np.ones(n * k, dtype=np.int64)
+    grid = LayoutGrid(
+        **cols, vp=one, micro_batch_size=one, global_batch_size=one, recompute=0 * one,
+        sequence_parallel=np.zeros(n * k, dtype=bool),
+        distributed_optimizer=np.tile([d for d, _ in shardings], n).astype(bool),
+        flash_attention=np.full(n * k, space.flash_attention), layers_first=one,
+        layers_last=one, layers_mid=one, seq_len=seq_len, dtype=space.dtype, fsdp=fsdp,
+        # HSDP needs dp % dp_replicate == 0 (`generate` drops the other FSDP rows anyway)
+        dp_replicate=np.where(fsdp & (cols["dp"] % space.dp_replicate == 0),
+                              space.dp_replicate, 1),
+        grad_reduce_fp32=space.grad_reduce_fp32, framework=space.framework)
+    bound = megatron.state_bytes_lower_bound(model, grid)
+    return (bound <= capacity_bytes * (1 + STATE_BOUND_SLACK)).reshape(n, k)
+
+
+def _generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
+              global_batch_size: int, space: SearchSpace,
+              capacity_bytes: float | None = None) -> tuple[LayoutGrid, int]:
+    """(the valid candidates, how many valid candidates were left out): with
+    `capacity_bytes`, the rows whose degree combination and sharding `state_fits` rules out
+    (their static memory alone exceeds it) are counted, not materialised."""
     base = degree_combos(model, world, gpus_per_node, seq_len, space)
     combos = len(base["tp"])
     max_vp = model.num_layers if space.max_vp is None else space.max_vp
@@ -317,9 +367,7 @@ def generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
         mbs = np.array([space.micro_batch_size])
     rec_codes, rec_masks = recompute_options(model, space)
     sps = np.array(space.sequence_parallel)
-    # sharding: (distributed optimizer, fsdp); FSDP makes the optimizer choice moot
-    shardings = [(x, False) for x in space.distributed_optimizer if False in space.fsdp]
-    shardings += [(True, True)] if True in space.fsdp else []
+    shardings = _shardings(space)  # (distributed optimizer, fsdp)
     dopts = np.array([x[0] for x in shardings], dtype=bool)
     fsdps = np.array([x[1] for x in shardings], dtype=bool)
     names = (space.schedules if space.schedule is None else (space.schedule,))
@@ -343,6 +391,11 @@ def generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
     ok &= do | (d.group("dp_cp").size > 1)  # without DP both optimisers coincide
     ok &= ~fs | ((d.dp % space.dp_replicate == 0) & (d.group("dp_cp").size > 1))  # HSDP splits dp
     ok &= ~dominated(space, d, sc, sp, sp_ok, do, model.is_moe)
+    pruned = 0
+    if capacity_bytes is not None and len(b):
+        fits = state_fits(model, base, space, seq_len, capacity_bytes)[b, sh]
+        pruned = int(np.count_nonzero(ok & ~fits)) * len(rec_codes)
+        ok &= fits
     keep = np.nonzero(ok)[0]
     (b, v, mb, sc, sp, do, fs), ri = _expand(b[keep], np.arange(len(rec_codes)), v[keep],
                                              mb[keep], sc[keep], sp[keep], do[keep], fs[keep])
@@ -352,7 +405,7 @@ def generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
     degrees = {n: col[idx] for n, col in d.to_dict().items()}
     counts = _stage_counts(model.num_layers, degrees["pp"], degrees["vp"],
                            schedules.is_v_shape(sc[idx]))
-    return LayoutGrid(
+    grid = LayoutGrid(
         **degrees, micro_batch_size=mb[idx],
         global_batch_size=np.full_like(degrees["tp"], global_batch_size), recompute=rc[idx],
         sequence_parallel=sp[idx], distributed_optimizer=do[idx],
@@ -362,6 +415,7 @@ def generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
         grad_reduce_fp32=space.grad_reduce_fp32, framework=space.framework,
         recompute_modules=rm[idx], torch_compile=space.torch_compile, async_tp=space.async_tp,
     )
+    return grid, pruned
 
 
 def recompute_options(model: ModelSpec, space: SearchSpace) -> tuple[np.ndarray, np.ndarray]:
@@ -478,13 +532,21 @@ def search(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_batch_si
     space = with_default_max_tp(space, cluster)
     start = time.perf_counter()
     gpu = cluster.gpu
-    grid = generate(model, cluster.world_size, cluster.gpus_per_node, seq_len, global_batch_size,
-                    space)
-    if not len(grid):
-        raise NoCandidates(_no_candidate_reason(model, cluster, seq_len, global_batch_size, space))
-    grid, res, fits, order = _evaluate_with_stalls(model, cluster, grid, space.headroom,
-                                                   max(top_k, space.refine_top))
-    leaders = _leaders(grid, order, fits, max(top_k, space.refine_top))
+    problem = (model, cluster.world_size, cluster.gpus_per_node, seq_len, global_batch_size, space)
+    capacity = megatron.capacity_GiB(gpu, space.headroom) * GiB
+    leading = max(top_k, space.refine_top)
+    grid, pruned = _generate(*problem, capacity_bytes=capacity)
+    if len(grid):
+        grid, res, fits, order = _evaluate_with_stalls(model, cluster, grid, space.headroom,
+                                                       leading)
+    if not len(grid) or (pruned and not fits.any()):  # `nearest` ranks every valid layout
+        grid, pruned = _generate(*problem)
+        if not len(grid):
+            raise NoCandidates(_no_candidate_reason(model, cluster, seq_len, global_batch_size,
+                                                    space))
+        grid, res, fits, order = _evaluate_with_stalls(model, cluster, grid, space.headroom,
+                                                       leading)
+    leaders = _leaders(grid, order, fits, leading)
     plans, parts, solver = [], [], "none"
     for i in leaders:
         est = megatron.result_estimate(res, i, grid.layout(i), gpu, space.headroom)
@@ -507,7 +569,7 @@ def search(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_batch_si
         plans=tuple(e for e, _ in ranked), candidates=len(grid), feasible=int(fits.sum()),
         seconds=time.perf_counter() - start, solver=solver,
         partitions=tuple(p for _, p in ranked), nearest=nearest, cluster=cluster,
-        alternatives=alternatives,
+        alternatives=alternatives, pruned=pruned,
     )
 
 

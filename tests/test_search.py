@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from cost_models import megatron
 from cost_models.specs import Layout, SpecError
+from planner import search as search_module
 from planner.planfile import read_plan
 from planner.search import SearchSpace, generate, search, search_nodes
 from planner.specfiles import load_cluster, load_model
@@ -178,3 +179,68 @@ def test_min_max_rank_time_equals_brute_force():
                    for split in itertools.product(range(vp, layers + 1), repeat=pp)
                    if sum(split) == layers)
         assert min_max_rank_time(t, extra, layers, vp) == pytest.approx(best, rel=1e-12)
+
+
+# ---------------------------------------------------- static-memory prefilter (issue 12)
+
+PREFILTER_PROBLEMS = [
+    # (model, nodes, seq, gbs, space): dense and MoE, FSDP/HSDP, torchtitan, bf16 grads, fp8,
+    # each with combinations whose weights and optimizer state alone overflow an H100
+    ("llama3.1-405b", 32, 8192, 256, SearchSpace()),
+    ("llama3.1-405b", 16, 4096, 128, SearchSpace(fsdp=(False, True), dp_replicate=2,
+                                                  grad_reduce_fp32=False)),
+    ("llama3.1-70b", 2, 4096, 64, SearchSpace(fsdp=(False, True), framework="torchtitan")),
+    ("gpt3-175b", 16, 2048, 128, SearchSpace(dtype="fp8", distributed_optimizer=(False,))),
+    ("mixtral-8x7b", 4, 4096, 64, SearchSpace()),
+    ("deepseek-v3", 64, 4096, 512, SearchSpace()),
+]
+
+
+def _full(model, cluster, seq, gbs, space):
+    """Every valid layout, evaluated (what the search did before the prefilter)."""
+    grid = generate(model, cluster.world_size, cluster.gpus_per_node, seq, gbs, space)
+    res = megatron.evaluate(model, cluster, grid)
+    return grid, res, megatron.fits_mask(res, cluster.gpu, space.headroom)
+
+
+@pytest.mark.parametrize("name,nodes,seq,gbs,space", PREFILTER_PROBLEMS)
+def test_state_bound_never_exceeds_the_evaluated_peak(name, nodes, seq, gbs, space):
+    """`state_bytes_lower_bound` reads only degrees and sharding, so it must stay below the
+    peak of every row, whatever its vp, schedule, micro-batch, recompute and SP."""
+    model, cluster = load_model(name), load_cluster("dgx-h100", nodes=nodes)
+    grid, res, _ = _full(model, cluster, seq, gbs, space)
+    bound = megatron.state_bytes_lower_bound(model, grid)
+    assert np.all(bound <= res.peak_bytes * (1 + 1e-12)), name
+    assert np.any(bound > 0.5 * res.peak_bytes)  # and it is not trivially loose
+
+
+@pytest.mark.parametrize("name,nodes,seq,gbs,space", PREFILTER_PROBLEMS)
+def test_prefilter_drops_only_layouts_that_do_not_fit(name, nodes, seq, gbs, space, monkeypatch):
+    model, cluster = load_model(name), load_cluster("dgx-h100", nodes=nodes)
+    grid, res, fits = _full(model, cluster, seq, gbs, space)
+    space = replace(space, refine_top=0)
+    got = search(model, cluster, seq, gbs, space, top_k=3)
+    assert got.pruned > 0, "the prefilter ruled nothing out: the test exercises nothing"
+    assert got.candidates + got.pruned == len(grid)
+    assert got.feasible == int(fits.sum())
+    assert got.plans[0].step_time_s == pytest.approx(res.step_time_s[fits].min(), rel=1e-12)
+    # the same search with the prefilter off (every combination passes) ranks the same plans
+    monkeypatch.setattr(search_module, "state_fits", lambda _m, base, space, *_: np.ones(
+        (len(base["tp"]), len(search_module._shardings(space))), dtype=bool))
+    every = search(model, cluster, seq, gbs, space, top_k=3)
+    assert every.pruned == 0 and every.candidates == len(grid)
+    assert [e.layout for e in got.plans] == [e.layout for e in every.plans]
+    assert [e.step_time_s for e in got.plans] == [e.step_time_s for e in every.plans]
+    assert [e.layout for e in got.alternatives] == [e.layout for e in every.alternatives]
+
+
+def test_nothing_fits_still_ranks_nearest_over_every_layout():
+    """When nothing fits, `nearest` (the advice's starting point) is the least-overflowing of
+    all valid layouts, pruned ones included."""
+    model, cluster = load_model("llama3.1-405b"), load_cluster("dgx-h100", nodes=1)
+    grid, res, fits = _full(model, cluster, 8192, 128, SearchSpace())
+    got = search(model, cluster, 8192, 128)
+    assert not got.plans and not fits.any()
+    assert got.candidates == len(grid) and got.pruned == 0
+    least = np.sort(res.peak_bytes)[:3] / (1 << 30)
+    assert [e.peak_GiB for e in got.nearest] == pytest.approx(least.tolist(), rel=1e-9)
