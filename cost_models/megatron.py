@@ -679,9 +679,11 @@ def state_bytes_lower_bound(model: ModelSpec, g: LayoutGrid,
 
 
 def rank_costs(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerTimes, emb, head,
-               layers, first, last, pp_rank) -> RankCosts:
+               layers, first, last, pp_rank,
+               acts: memory.ActivationTerms | None = None) -> RankCosts:
     """DP reduction, optimizer step and peak memory of pipeline rank `pp_rank` holding `layers`
-    layers (`first`/`last`: it holds the embedding / the LM head)."""
+    layers (`first`/`last`: it holds the embedding / the LM head); `acts`: the grid's
+    `memory.activation_terms`, when already computed for another rank."""
     gpu = cluster.gpu
     links = Links.of(cluster)
     # Megatron-LM reduces gradients over the data-parallel x context-parallel group.
@@ -710,7 +712,7 @@ def rank_costs(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerT
         comm_s, exposed = np.where(fsdp, f_comm, comm_s), np.where(fsdp, f_exposed, exposed)
     opt = compute.memory_bound_time(ADAM_BYTES_PER_PARAM * local_opt, gpu)
     mem = memory.rank_memory(model, g, dense + expert, local_opt, layers, first, last, pp_rank,
-                             layer_params, head_params, gpu.fp8_transpose_copy)
+                             layer_params, head_params, gpu.fp8_transpose_copy, acts)
     return RankCosts(dp_comm_s=comm_s, dp_exposed_s=exposed, optimizer_step_s=opt, memory=mem)
 
 
@@ -772,7 +774,8 @@ def _dp_optimizer_memory(model, cluster, g, lt, emb, head):
     vshape = schedules.is_v_shape(g.schedule)  # rank 0 holds the first and the last stage
     kinds = ((g.layers_first, True, vshape, 0), (g.layers_last, False, ~vshape, g.pp - 1),
              (g.layers_mid, False, False, np.minimum(1, g.pp - 1)))
-    ranks = [rank_costs(model, cluster, g, lt, emb, head, *kind) for kind in kinds]
+    acts = memory.activation_terms(model, g)  # the same for every rank kind
+    ranks = [rank_costs(model, cluster, g, lt, emb, head, *kind, acts) for kind in kinds]
     has_mid = g.layers_mid > 0  # pp <= 2: no middle rank
     totals = np.stack([r.total_bytes for r in ranks[:2]] + [np.where(has_mid, ranks[2].total_bytes, -1.0)])
     worst = np.argmax(totals, axis=0)

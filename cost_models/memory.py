@@ -12,6 +12,8 @@ All functions broadcast over numpy arrays of layout fields.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from . import recompute_modules, schedules
@@ -300,19 +302,27 @@ def embedding_output_bytes(model: ModelSpec, micro_batch, seq_len, tp, cp=1, seq
     return np.where(sequence_parallel, per / tp, per)
 
 
-def rank_memory(model: ModelSpec, g, params, optimizer_params, layers, first, last,
-                pp_rank, layer_params=0.0, head_params=0.0,
-                fp8_transpose_copy: bool = True) -> dict[str, np.ndarray]:
-    """Peak bytes on one GPU of pipeline rank `pp_rank` of every layout in the grid `g`, by
-    part (`MemoryBreakdown` field names). The rank holds `params` parameters and the optimizer
-    state of `optimizer_params` of them (sharded over data parallelism with the distributed
-    optimizer; with FSDP every state is that shard), `layers` layers' activations for its
-    in-flight micro-batches, and the embedding output / logits when it is the first / last
-    rank (`first`, `last`). `layer_params` / `head_params`: one block's and the LM head's
-    parameters on this GPU before FSDP sharding (for the unsharded in-flight term).
-    Gradients: fp32 (4 bytes) or bf16 (2) main grads as `grad_reduce_fp32` says."""
+@dataclass(frozen=True, slots=True)
+class ActivationTerms:
+    """Activation bytes per GPU of every row of a grid that no pipeline rank changes (the
+    rank only scales them by its layers and in-flight micro-batches): `rank_memory` takes
+    them computed once for its three rank kinds."""
+
+    per_layer: np.ndarray
+    """One layer and micro-batch with the row's recompute (Megatron's selective recompute of
+    the row's `recompute_modules`; torchtitan's per-op selective AC for its selective rows)."""
+    no_recompute: np.ndarray
+    """The same layer without recompute: what the rematerialised layer holds in backward."""
+    embedding: np.ndarray
+    """Embedding output of one micro-batch (the first rank)."""
+    logits: np.ndarray
+    """Logits of one micro-batch (the last rank)."""
+
+
+def activation_terms(model: ModelSpec, g) -> ActivationTerms:
+    """`ActivationTerms` of the grid `g` (Korthikanti et al. 2022 Sec. 4 per layer, see
+    `_activation_bytes_per_layer`)."""
     fp8 = g.dtype if g.dtype in FP8_DTYPES else False
-    fsdp = g.column("fsdp")
     act_args = (model, g.micro_batch_size, g.seq_len, g.tp, g.cp, g.sequence_parallel)
     titan = g.column("framework") == "torchtitan"
     per_layer = activation_bytes_per_layer(*act_args, g.recompute, g.flash_attention, fp8, g.etp)
@@ -323,18 +333,40 @@ def rank_memory(model: ModelSpec, g, params, optimizer_params, layers, first, la
             model, g.micro_batch_size, g.seq_len, g.tp, g.cp, g.sequence_parallel, masks,
             g.flash_attention, gemm_input_bytes(fp8) if fp8 else 2, g.etp)
         per_layer = np.where(g.recompute == 1, no_recompute - freed, per_layer)
-    per_layer = np.where(titan & (g.recompute == 1), titan_sac_bytes_per_layer(*act_args),
-                         per_layer)
+    sac = titan & (g.recompute == 1)
+    if np.any(sac):
+        per_layer = np.where(sac, titan_sac_bytes_per_layer(*act_args), per_layer)
+    per_logit = np.where(titan, TITAN_LOGIT_BYTES, MEGATRON_LOGIT_BYTES)
+    return ActivationTerms(per_layer, no_recompute, embedding_output_bytes(*act_args),
+                           logits_bytes(*act_args[:5], per_logit))
+
+
+def rank_memory(model: ModelSpec, g, params, optimizer_params, layers, first, last,
+                pp_rank, layer_params=0.0, head_params=0.0,
+                fp8_transpose_copy: bool = True,
+                acts: ActivationTerms | None = None) -> dict[str, np.ndarray]:
+    """Peak bytes on one GPU of pipeline rank `pp_rank` of every layout in the grid `g`, by
+    part (`MemoryBreakdown` field names). The rank holds `params` parameters and the optimizer
+    state of `optimizer_params` of them (sharded over data parallelism with the distributed
+    optimizer; with FSDP every state is that shard), `layers` layers' activations for its
+    in-flight micro-batches, and the embedding output / logits when it is the first / last
+    rank (`first`, `last`). `layer_params` / `head_params`: one block's and the LM head's
+    parameters on this GPU before FSDP sharding (for the unsharded in-flight term).
+    Gradients: fp32 (4 bytes) or bf16 (2) main grads as `grad_reduce_fp32` says.
+    `fp8_transpose_copy`: `GpuSpec.fp8_transpose_copy` (`fp8_weight_bytes`). `acts`:
+    `activation_terms(model, g)` when the caller already has them."""
+    acts = acts if acts is not None else activation_terms(model, g)
+    fsdp = g.column("fsdp")
     inflight = schedules.inflight_microbatches(g.schedule, g.pp, g.vp, g.num_microbatches,
                                                pp_rank)
+    per_layer = acts.per_layer
     # offloaded layers' activations live in host memory; one layer's is in transit on the GPU
     offload = g.column("offload_activation_layers")
     act = per_layer * (layers - offload + (offload > 0)) * inflight
-    act = act + np.where(g.recompute > 0, no_recompute - per_layer, 0.0)  # rematerialised layer
-    act = act + np.where(first, embedding_output_bytes(*act_args) * inflight, 0.0)
-    per_logit = np.where(titan, TITAN_LOGIT_BYTES, MEGATRON_LOGIT_BYTES)
-    act = act + np.where(last, logits_bytes(*act_args[:5], per_logit), 0.0)
-    gather = FSDP_FP8_GATHER_BYTES if fp8 else FSDP_GATHER_BYTES
+    act = act + np.where(g.recompute > 0, acts.no_recompute - per_layer, 0.0)  # rematerialised
+    act = act + np.where(first, acts.embedding * inflight, 0.0)
+    act = act + np.where(last, acts.logits, 0.0)
+    gather = FSDP_FP8_GATHER_BYTES if g.dtype in FP8_DTYPES else FSDP_GATHER_BYTES
     inflight = fsdp_inflight_bytes(layer_params, head_params, layers, g.pp, gather)
     return {
         **state_bytes(g, params, optimizer_params, fp8_transpose_copy),
