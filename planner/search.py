@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, fields, replace
 from functools import cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,7 +33,9 @@ from cost_models.specs import (
 )
 
 from .fixed_degrees import FIXED_AXES, explain_fixed
-from .ilp_partition import Partition, partition_layers
+
+if TYPE_CHECKING:
+    from .ilp_partition import Partition
 
 
 class NoCandidates(SpecError):
@@ -465,6 +468,8 @@ def refine_partition(model: ModelSpec, cluster: ClusterSpec, est: Estimate,
     if times.max() <= min_max_rank_time(costs.layer_time_s, costs.extra_time_s,
                                         model.num_layers, lay.vp) * (1 + 1e-9):
         return est, None  # ... or the exact integer optimum: the ILP cannot do better
+    from .ilp_partition import partition_layers  # pulp: imported only when a split is solved
+
     try:
         part = partition_layers(model.num_layers, lay.pp, costs.layer_time_s, np.ones(lay.pp),
                                 costs.extra_time_s, costs.layer_mem_bytes, costs.fixed_mem_bytes,
