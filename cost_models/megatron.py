@@ -762,10 +762,13 @@ def _grad_sync(params, size, bw, alpha, distributed, grad_bytes=memory.GRAD_BYTE
     grads (fp32, or bf16 with grad_reduce_in_fp32 off) + all-gather of bf16 params
     (distributed optimizer), else an all-reduce of the main grads."""
     grad_bytes = params * grad_bytes
-    return np.where(distributed,
-                    comm.reduce_scatter_time(grad_bytes, size, bw, alpha)
-                    + comm.all_gather_time(params * memory.WEIGHT_BYTES, size, bw, alpha),
-                    comm.all_reduce_time(grad_bytes, size, bw, alpha))
+    distributed = np.asarray(distributed)
+    # each branch only where some row takes it (the search's rows all use the distributed one)
+    split = 0.0 if not distributed.any() else (
+        comm.reduce_scatter_time(grad_bytes, size, bw, alpha)
+        + comm.all_gather_time(params * memory.WEIGHT_BYTES, size, bw, alpha))
+    whole = 0.0 if distributed.all() else comm.all_reduce_time(grad_bytes, size, bw, alpha)
+    return np.where(distributed, split, whole)
 
 
 def _dp_optimizer_memory(model, cluster, g, lt, emb, head):

@@ -366,13 +366,16 @@ def rank_memory(model: ModelSpec, g, params, optimizer_params, layers, first, la
     act = act + np.where(g.recompute > 0, acts.no_recompute - per_layer, 0.0)  # rematerialised
     act = act + np.where(first, acts.embedding * inflight, 0.0)
     act = act + np.where(last, acts.logits, 0.0)
-    gather = FSDP_FP8_GATHER_BYTES if g.dtype in FP8_DTYPES else FSDP_GATHER_BYTES
-    inflight = fsdp_inflight_bytes(layer_params, head_params, layers, g.pp, gather)
+    unsharded = np.zeros_like(act)
+    if fsdp.any():
+        gather = FSDP_FP8_GATHER_BYTES if g.dtype in FP8_DTYPES else FSDP_GATHER_BYTES
+        inflight = fsdp_inflight_bytes(layer_params, head_params, layers, g.pp, gather)
+        unsharded = np.where(fsdp, inflight, 0.0)
     return {
         **state_bytes(g, params, optimizer_params, fp8_transpose_copy),
         "activations_bytes": act,
         "buffers_bytes": BUFFER_FIXED_BYTES + FRAGMENTATION * act,
-        "unsharded_inflight_bytes": np.where(fsdp, inflight, 0.0),
+        "unsharded_inflight_bytes": unsharded,
     }
 
 
@@ -395,6 +398,9 @@ def state_bytes(g, params, optimizer_params, fp8_transpose_copy: bool = True
     grad_bytes = np.where(g.column("grad_reduce_fp32"), GRAD_BYTES, BF16_GRAD_BYTES)
     weight_bytes = (fp8_weight_bytes(g.dtype, fp8_transpose_copy,
                                      g.distributed_optimizer | fsdp) if fp8 else WEIGHT_BYTES)
+    if not fsdp.any():  # the Megatron terms alone (the same values, less work)
+        return {"weights_bytes": params * weight_bytes, "grads_bytes": params * grad_bytes,
+                "optimizer_state_bytes": optimizer_params * OPTIMIZER_BYTES}
     sharded = optimizer_params  # with FSDP the rank's shard of every parameter
     shard_w = np.where(titan, FSDP_PARAM_BYTES, weight_bytes)
     shard_g = np.where(titan, FSDP_GRAD_BYTES, grad_bytes)

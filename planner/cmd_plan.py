@@ -228,11 +228,10 @@ def _print(console: Console, prob, res: SearchResult, headroom: float) -> None:
                       f"{100 * comm:.1f}%")
     if res.plans:
         console.print(table)
-    ruled_out = (f"; {res.pruned:,} more ruled out by their weights and optimizer state "
-                 "alone") if res.pruned else ""
-    console.print(f"searched {res.candidates:,} valid layouts ({res.feasible:,} fit with "
-                  f"{100 * headroom:g}% of memory kept free{ruled_out}) in "
-                  f"{res.seconds:.2f} s ({res.rate:,.0f}/s); {_split_note(res)}")
+    ruled_out = f"; {res.pruned:,} ruled out by static memory alone" if res.pruned else ""
+    console.print(f"searched {res.candidates + res.pruned:,} valid layouts ({res.feasible:,} fit "
+                  f"with {100 * headroom:g}% of memory kept free{ruled_out}) in "
+                  f"{res.seconds:.2f} s ({res.rate:,.0f} evaluated/s); {_split_note(res)}")
     console.print("[dim]MFU = model FLOPs (causal attention, no recompute) / dense "
                   f"{prob.dtype} peak[/dim]")
     for line in explain(res.plans, res.alternatives):
