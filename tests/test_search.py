@@ -187,6 +187,7 @@ PREFILTER_PROBLEMS = [
     # (model, nodes, seq, gbs, space): dense and MoE, FSDP/HSDP, torchtitan, bf16 grads, fp8,
     # each with combinations whose weights and optimizer state alone overflow an H100
     ("llama3.1-405b", 32, 8192, 256, SearchSpace()),
+    ("llama3.1-405b", 2048, 8192, 2048, SearchSpace()),  # plan_speed (b), 16,384 H100
     ("llama3.1-405b", 16, 4096, 128, SearchSpace(fsdp=(False, True), dp_replicate=2,
                                                   grad_reduce_fp32=False)),
     ("llama3.1-70b", 2, 4096, 64, SearchSpace(fsdp=(False, True), framework="torchtitan")),
