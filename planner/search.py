@@ -123,7 +123,7 @@ class SearchResult:
     plans: tuple[Estimate, ...]
     """Fitting layouts, fastest first (deduplicated)."""
     candidates: int
-    """Valid layouts generated and evaluated."""
+    """Valid layouts generated and evaluated (`pruned` counts the others)."""
     feasible: int
     """Of those, how many fit in memory."""
     seconds: float
