@@ -400,23 +400,23 @@ def _generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
         pruned = int(np.count_nonzero(ok & ~fits)) * len(rec_codes)
         ok &= fits
     keep = np.nonzero(ok)[0]
-    (b, v, mb, sc, sp, do, fs), ri = _expand(b[keep], np.arange(len(rec_codes)), v[keep],
-                                             mb[keep], sc[keep], sp[keep], do[keep], fs[keep])
-    rc, rm = rec_codes[ri], rec_masks[ri]
+    b, v, mb, sc, sp, do, fs = (col[keep] for col in (b, v, mb, sc, sp, do, fs))
+    # rank layer counts once per layout, before its recompute variants (the innermost axis)
+    counts = _stage_counts(model.num_layers, base["pp"][b], v, schedules.is_v_shape(sc))
+    (b, v, mb, sc, sp, do, fs, first, last, mid), ri = _expand(
+        b, np.arange(len(rec_codes)), v, mb, sc, sp, do, fs, *counts.T)
     d = dims.ParallelDims(**{n: col[b] for n, col in base.items()}, vp=v)
-    idx = np.arange(len(b))
-    degrees = {n: col[idx] for n, col in d.to_dict().items()}
-    counts = _stage_counts(model.num_layers, degrees["pp"], degrees["vp"],
-                           schedules.is_v_shape(sc[idx]))
+    degrees = d.to_dict()
     grid = LayoutGrid(
-        **degrees, micro_batch_size=mb[idx],
-        global_batch_size=np.full_like(degrees["tp"], global_batch_size), recompute=rc[idx],
-        sequence_parallel=sp[idx], distributed_optimizer=do[idx],
-        flash_attention=np.full(len(idx), space.flash_attention), layers_first=counts[:, 0],
-        layers_last=counts[:, 1], layers_mid=counts[:, 2], seq_len=seq_len, dtype=space.dtype,
-        schedule=sc[idx], fsdp=fs[idx], dp_replicate=np.where(fs[idx], space.dp_replicate, 1),
+        **degrees, micro_batch_size=mb,
+        global_batch_size=np.full_like(degrees["tp"], global_batch_size), recompute=rec_codes[ri],
+        sequence_parallel=sp, distributed_optimizer=do,
+        flash_attention=np.full(len(b), space.flash_attention), layers_first=first,
+        layers_last=last, layers_mid=mid, seq_len=seq_len, dtype=space.dtype,
+        schedule=sc, fsdp=fs, dp_replicate=np.where(fs, space.dp_replicate, 1),
         grad_reduce_fp32=space.grad_reduce_fp32, framework=space.framework,
-        recompute_modules=rm[idx], torch_compile=space.torch_compile, async_tp=space.async_tp,
+        recompute_modules=rec_masks[ri], torch_compile=space.torch_compile,
+        async_tp=space.async_tp,
     )
     return grid, pruned
 
@@ -448,9 +448,13 @@ FAMILY = ("tp", "pp", "cp")
 
 
 def _order(grid: LayoutGrid, step: np.ndarray) -> np.ndarray:
-    """Deterministic ranking: step time, then simpler layouts (`SIMPLER_FIRST`)."""
-    keys = [getattr(grid, name) for name in reversed(SIMPLER_FIRST)]
-    return np.lexsort((*keys, np.round(step, 9)))
+    """Deterministic ranking: step time, then simpler layouts (`SIMPLER_FIRST`), then row
+    order (the sort is stable)."""
+    simpler = np.zeros(len(grid), dtype=np.int64)  # the tie-break keys as one mixed-radix int
+    for name in SIMPLER_FIRST:
+        col = getattr(grid, name)
+        simpler = simpler * (int(col.max(initial=0)) + 1) + col
+    return np.lexsort((simpler, np.round(step, 9)))
 
 
 def refine_partition(model: ModelSpec, cluster: ClusterSpec, est: Estimate,
