@@ -330,11 +330,13 @@ def _shardings(space: SearchSpace) -> list[tuple[bool, bool]]:
 
 
 def state_fits(model: ModelSpec, base: dict[str, np.ndarray], space: SearchSpace,
-               seq_len: int, capacity_bytes: float) -> np.ndarray:
+               seq_len: int, capacity_bytes: float, fp8_transpose_copy: bool = True
+               ) -> np.ndarray:
     """(combinations x shardings) mask: False where the static memory of the degree
     combination `base` row with that sharding (`megatron.state_bytes_lower_bound`: weights,
     gradients and optimizer state of its fullest rank, over every vp, schedule, micro-batch,
-    recompute and SP choice) already exceeds `capacity_bytes`, so no inner choice can fit."""
+    recompute and SP choice) already exceeds `capacity_bytes`, so no inner choice can fit.
+    `fp8_transpose_copy`: the GPU's (`GpuSpec.fp8_transpose_copy`)."""
     shardings = _shardings(space)
     n, k = len(base["tp"]), len(shardings)
     cols = {name: np.repeat(col, k) for name, col in base.items()}
@@ -350,16 +352,18 @@ def state_fits(model: ModelSpec, base: dict[str, np.ndarray], space: SearchSpace
         dp_replicate=np.where(fsdp & (cols["dp"] % space.dp_replicate == 0),
                               space.dp_replicate, 1),
         grad_reduce_fp32=space.grad_reduce_fp32, framework=space.framework)
-    bound = megatron.state_bytes_lower_bound(model, grid)
+    bound = megatron.state_bytes_lower_bound(model, grid, fp8_transpose_copy)
     return (bound <= capacity_bytes * (1 + STATE_BOUND_SLACK)).reshape(n, k)
 
 
 def _generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
               global_batch_size: int, space: SearchSpace,
-              capacity_bytes: float | None = None) -> tuple[LayoutGrid, int]:
+              capacity_bytes: float | None = None,
+              fp8_transpose_copy: bool = True) -> tuple[LayoutGrid, int]:
     """(the valid candidates, how many valid candidates were left out): with
     `capacity_bytes`, the rows whose degree combination and sharding `state_fits` rules out
-    (their static memory alone exceeds it) are counted, not materialised."""
+    (their static memory alone exceeds it on a GPU with `fp8_transpose_copy`) are counted,
+    not materialised."""
     base = degree_combos(model, world, gpus_per_node, seq_len, space)
     combos = len(base["tp"])
     max_vp = model.num_layers if space.max_vp is None else space.max_vp
@@ -396,7 +400,8 @@ def _generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
     ok &= ~dominated(space, d, sc, sp, sp_ok, do, model.is_moe)
     pruned = 0
     if capacity_bytes is not None and len(b):
-        fits = state_fits(model, base, space, seq_len, capacity_bytes)[b, sh]
+        fits = state_fits(model, base, space, seq_len, capacity_bytes,
+                          fp8_transpose_copy)[b, sh]
         pruned = int(np.count_nonzero(ok & ~fits)) * len(rec_codes)
         ok &= fits
     keep = np.nonzero(ok)[0]
@@ -544,7 +549,8 @@ def search(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_batch_si
     problem = (model, cluster.world_size, cluster.gpus_per_node, seq_len, global_batch_size, space)
     capacity = megatron.capacity_GiB(gpu, space.headroom) * GiB
     leading = max(top_k, space.refine_top)
-    grid, pruned = _generate(*problem, capacity_bytes=capacity)
+    grid, pruned = _generate(*problem, capacity_bytes=capacity,
+                             fp8_transpose_copy=gpu.fp8_transpose_copy)
     if len(grid):
         grid, res, fits, order = _evaluate_with_stalls(model, cluster, grid, space.headroom,
                                                        leading)

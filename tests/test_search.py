@@ -184,40 +184,46 @@ def test_min_max_rank_time_equals_brute_force():
 # ---------------------------------------------------- static-memory prefilter (issue 12)
 
 PREFILTER_PROBLEMS = [
-    # (model, nodes, seq, gbs, space): dense and MoE, FSDP/HSDP, torchtitan, bf16 grads, fp8,
-    # each with combinations whose weights and optimizer state alone overflow an H100
-    ("llama3.1-405b", 32, 8192, 256, SearchSpace()),
-    ("llama3.1-405b", 2048, 8192, 2048, SearchSpace()),  # plan_speed (b), 16,384 H100
-    ("llama3.1-405b", 16, 4096, 128, SearchSpace(fsdp=(False, True), dp_replicate=2,
-                                                  grad_reduce_fp32=False)),
-    ("llama3.1-70b", 2, 4096, 64, SearchSpace(fsdp=(False, True), framework="torchtitan")),
-    ("gpt3-175b", 16, 2048, 128, SearchSpace(dtype="fp8", distributed_optimizer=(False,))),
-    ("mixtral-8x7b", 4, 4096, 64, SearchSpace()),
-    ("deepseek-v3", 64, 4096, 512, SearchSpace()),
+    # (model, cluster, nodes, seq, gbs, space): dense and MoE, FSDP/HSDP, torchtitan, bf16
+    # grads, fp8 on Hopper (transposed fp8 weight copy) and Blackwell (none), each with
+    # combinations whose weights and optimizer state alone overflow the GPU
+    ("llama3.1-405b", "dgx-h100", 32, 8192, 256, SearchSpace()),
+    ("llama3.1-405b", "dgx-h100", 2048, 8192, 2048, SearchSpace()),  # plan_speed (b)
+    ("llama3.1-405b", "dgx-h100", 16, 4096, 128, SearchSpace(fsdp=(False, True), dp_replicate=2,
+                                                              grad_reduce_fp32=False)),
+    ("llama3.1-70b", "dgx-h100", 2, 4096, 64, SearchSpace(fsdp=(False, True),
+                                                          framework="torchtitan")),
+    ("gpt3-175b", "dgx-h100", 16, 2048, 128, SearchSpace(dtype="fp8",
+                                                         distributed_optimizer=(False,))),
+    ("llama3.1-405b", "gb200-nvl72", 16, 8192, 128, SearchSpace(dtype="fp8")),
+    ("mixtral-8x7b", "dgx-h100", 4, 4096, 64, SearchSpace()),
+    ("deepseek-v3", "dgx-h100", 64, 4096, 512, SearchSpace()),
 ]
 
 
 def _full(model, cluster, seq, gbs, space):
     """Every valid layout, evaluated (what the search did before the prefilter)."""
+    space = search_module.with_default_max_tp(space, cluster)
     grid = generate(model, cluster.world_size, cluster.gpus_per_node, seq, gbs, space)
     res = megatron.evaluate(model, cluster, grid)
     return grid, res, megatron.fits_mask(res, cluster.gpu, space.headroom)
 
 
-@pytest.mark.parametrize("name,nodes,seq,gbs,space", PREFILTER_PROBLEMS)
-def test_state_bound_never_exceeds_the_evaluated_peak(name, nodes, seq, gbs, space):
+@pytest.mark.parametrize("name,cluster_name,nodes,seq,gbs,space", PREFILTER_PROBLEMS)
+def test_state_bound_never_exceeds_the_evaluated_peak(name, cluster_name, nodes, seq, gbs, space):
     """`state_bytes_lower_bound` reads only degrees and sharding, so it must stay below the
     peak of every row, whatever its vp, schedule, micro-batch, recompute and SP."""
-    model, cluster = load_model(name), load_cluster("dgx-h100", nodes=nodes)
+    model, cluster = load_model(name), load_cluster(cluster_name, nodes=nodes)
     grid, res, _ = _full(model, cluster, seq, gbs, space)
-    bound = megatron.state_bytes_lower_bound(model, grid)
+    bound = megatron.state_bytes_lower_bound(model, grid, cluster.gpu.fp8_transpose_copy)
     assert np.all(bound <= res.peak_bytes * (1 + 1e-12)), name
     assert np.any(bound > 0.5 * res.peak_bytes)  # and it is not trivially loose
 
 
-@pytest.mark.parametrize("name,nodes,seq,gbs,space", PREFILTER_PROBLEMS)
-def test_prefilter_drops_only_layouts_that_do_not_fit(name, nodes, seq, gbs, space, monkeypatch):
-    model, cluster = load_model(name), load_cluster("dgx-h100", nodes=nodes)
+@pytest.mark.parametrize("name,cluster_name,nodes,seq,gbs,space", PREFILTER_PROBLEMS)
+def test_prefilter_drops_only_layouts_that_do_not_fit(name, cluster_name, nodes, seq, gbs, space,
+                                                      monkeypatch):
+    model, cluster = load_model(name), load_cluster(cluster_name, nodes=nodes)
     grid, res, fits = _full(model, cluster, seq, gbs, space)
     space = replace(space, refine_top=0)
     got = search(model, cluster, seq, gbs, space, top_k=3)
@@ -245,3 +251,19 @@ def test_nothing_fits_still_ranks_nearest_over_every_layout():
     assert got.candidates == len(grid) and got.pruned == 0
     least = np.sort(res.peak_bytes)[:3] / (1 << 30)
     assert [e.peak_GiB for e in got.nearest] == pytest.approx(least.tolist(), rel=1e-9)
+
+
+def test_prefilter_prices_fp8_weights_for_the_gpu():
+    """Blackwell keeps no transposed fp8 weight copy: a bound with Hopper's copy would rule out
+    layouts that fit. With the capacity set to the peak of such a layout, it is kept."""
+    model, cluster = load_model("llama3.1-405b"), load_cluster("gb200-nvl72", nodes=16)
+    space = SearchSpace(dtype="fp8", refine_top=0)
+    grid, res, _ = _full(model, cluster, 8192, 128, space)
+    hopper = megatron.state_bytes_lower_bound(model, grid, fp8_transpose_copy=True)
+    over = np.flatnonzero(hopper > res.peak_bytes)
+    assert len(over), "no layout where Hopper's fp8 bytes would overstate the bound"
+    headroom = 1 - res.peak_bytes[over].max() / (cluster.gpu.memory_GiB * (1 << 30))
+    capacity = megatron.capacity_GiB(cluster.gpu, headroom) * (1 << 30)
+    assert np.any(res.peak_bytes[over] <= capacity)  # some of them fit
+    got = search(model, cluster, 8192, 128, replace(space, headroom=headroom), top_k=1)
+    assert got.feasible == int((res.peak_bytes <= capacity).sum())
