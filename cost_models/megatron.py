@@ -483,8 +483,14 @@ def pp_hop_time(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid) -> np.nda
     return comm.p2p_time(nbytes, bw, alpha)
 
 
-def evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid) -> GridResult:
-    """Step time and peak memory of every layout in `g` (vectorised)."""
+def evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid,
+             variants: int = 1) -> GridResult:
+    """Step time and peak memory of every layout in `g` (vectorised). `variants`: the rows
+    come in runs of this many consecutive layouts that differ only in `RECOMPUTE_COLUMNS`
+    (the search's innermost axis); each run's recompute-free per-rank terms (`RankStatic`:
+    parameters, gradient sync, optimizer step, static memory, in-flight micro-batches) are
+    then computed once, the same values as row by row."""
+    assert variants == 1 or _variant_runs_hold(g, variants), "rows are not recompute runs"
     gpu = cluster.gpu
     lt = layer_times(model, gpu, cluster, g)
     m, p, v = g.num_microbatches, g.pp, g.vp
@@ -510,7 +516,7 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid) -> GridResul
     ep_hidden = schedules.overlapped_pairs(g.schedule, p, m) * fb_hidden(lt)
     hop = pp_hop_time(model, cluster, g)
     p2p = np.where(single, 0.0, 2 * (p - 1) * hop + 2 * m * v * hop * P2P_STEADY_EXPOSED)
-    dp_exposed, opt_time, mem = _dp_optimizer_memory(model, cluster, g, lt, emb, head)
+    dp_exposed, opt_time, mem = _dp_optimizer_memory(model, cluster, g, lt, emb, head, variants)
     return GridResult(
         compute_s=m * (layers_crit * lt.compute_s + ends_crit),
         tp_comm_s=m * layers_crit * lt.tp_comm_s, cp_comm_s=m * layers_crit * lt.cp_comm_s,
@@ -678,42 +684,79 @@ def state_bytes_lower_bound(model: ModelSpec, g: LayoutGrid,
     return sum(parts.values()) + memory.BUFFER_FIXED_BYTES
 
 
-def rank_costs(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerTimes, emb, head,
-               layers, first, last, pp_rank,
-               acts: memory.ActivationTerms | None = None) -> RankCosts:
-    """DP reduction, optimizer step and peak memory of pipeline rank `pp_rank` holding `layers`
-    layers (`first`/`last`: it holds the embedding / the LM head); `acts`: the grid's
-    `memory.activation_terms`, when already computed for another rank."""
+@dataclass(frozen=True, slots=True)
+class RankStatic:
+    """The per-rank terms of `rank_costs` that no recompute choice changes (arrays over the
+    grid): what the recompute variants of one layout share."""
+
+    first: np.ndarray
+    """The rank holds the embedding (pp == 1 included)."""
+    last: np.ndarray
+    """The rank holds the LM head (pp == 1 included)."""
+    state: RankState
+    comm_s: np.ndarray
+    """Megatron's DP gradient reduction (`_grad_sync`), before overlap."""
+    optimizer_step_s: np.ndarray
+    layer_params: np.ndarray
+    """One block's parameters on this GPU before FSDP sharding."""
+    head_params: np.ndarray
+    """The LM head's parameters on this GPU (0 off the last rank)."""
+    memory: memory.RankStaticMemory
+
+
+def rank_static(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, layers, first, last,
+                pp_rank) -> RankStatic:
+    """`RankStatic` of pipeline rank `pp_rank` holding `layers` layers (`rank_costs`'s
+    arguments). Megatron-LM reduces the replicated gradients over the data-parallel x
+    context-parallel group and the experts' over the expert data-parallel group (the ranks
+    holding the same experts); Adam touches `ADAM_BYTES_PER_PARAM` per local parameter."""
     gpu = cluster.gpu
     links = Links.of(cluster)
-    # Megatron-LM reduces gradients over the data-parallel x context-parallel group.
     dims = g.dims
     dpg, edpg = dims.group("dp_cp"), dims.group("edp")
-    dpc = dpg.size
     dp_bw, dp_alpha = links.bandwidth_Bps(dpg), links.latency_s(dpg)
     first = np.asarray(first) | (g.pp == 1)
     last = np.asarray(last) | (g.pp == 1)
     state = rank_state(model, g, layers, first, last, schedules.weight_copies(g.schedule))
-    dense, expert, local_opt = state.dense, state.expert, state.optimizer
-    edp = edpg.size  # expert data-parallel group: ranks holding the same experts
     edp_bw, edp_alpha = links.bandwidth_Bps(edpg), links.latency_s(edpg)
     grad_bytes = np.where(g.column("grad_reduce_fp32"), memory.GRAD_BYTES, memory.BF16_GRAD_BYTES)
-    comm_s = (_grad_sync(dense, dpc, dp_bw, dp_alpha, g.distributed_optimizer, grad_bytes)
-              + _grad_sync(expert, edp, edp_bw, edp_alpha, g.distributed_optimizer, grad_bytes))
-    window = layers * lt.compute_s + np.where(first, emb, 0.0) + np.where(last, head, 0.0)
-    exposed = comm.overlapped(comm_s, window, gpu.dp_comm_overlap)
-    fsdp = g.column("fsdp")
+    comm_s = (_grad_sync(state.dense, dpg.size, dp_bw, dp_alpha, g.distributed_optimizer,
+                         grad_bytes)
+              + _grad_sync(state.expert, edpg.size, edp_bw, edp_alpha, g.distributed_optimizer,
+                           grad_bytes))
     layer_params = memory.dense_layer_params(model) / g.tp \
         + memory.expert_layer_params(model) / (dims.expert_tp * dims.ep)
     head_params = np.where(last, model.vocab_size * model.hidden_size / g.tp, 0.0)
+    opt = compute.memory_bound_time(ADAM_BYTES_PER_PARAM * state.optimizer, gpu)
+    mem = memory.rank_static_memory(g, state.dense + state.expert, state.optimizer, layers,
+                                    pp_rank, layer_params, head_params, gpu.fp8_transpose_copy)
+    return RankStatic(first, last, state, comm_s, opt, layer_params, head_params, mem)
+
+
+def rank_costs(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerTimes, emb, head,
+               layers, first, last, pp_rank,
+               acts: memory.ActivationTerms | None = None,
+               static: RankStatic | None = None) -> RankCosts:
+    """DP reduction, optimizer step and peak memory of pipeline rank `pp_rank` holding `layers`
+    layers (`first`/`last`: it holds the embedding / the LM head); `acts`: the grid's
+    `memory.activation_terms` and `static`: the rank's `rank_static`, when already computed.
+    The DP reduction overlaps the rank's compute (`GpuSpec.dp_comm_overlap`)."""
+    if static is None:
+        static = rank_static(model, cluster, g, layers, first, last, pp_rank)
+    first, last, state = static.first, static.last, static.state
+    comm_s = static.comm_s
+    window = layers * lt.compute_s + np.where(first, emb, 0.0) + np.where(last, head, 0.0)
+    exposed = comm.overlapped(comm_s, window, cluster.gpu.dp_comm_overlap)
+    fsdp = g.column("fsdp")
     if np.any(fsdp):
-        f_comm, f_exposed = fsdp_comm(model, cluster, g, lt, layers, layer_params, head_params,
-                                      head, state.sharded)
+        f_comm, f_exposed = fsdp_comm(model, cluster, g, lt, layers, static.layer_params,
+                                      static.head_params, head, state.sharded)
         comm_s, exposed = np.where(fsdp, f_comm, comm_s), np.where(fsdp, f_exposed, exposed)
-    opt = compute.memory_bound_time(ADAM_BYTES_PER_PARAM * local_opt, gpu)
-    mem = memory.rank_memory(model, g, dense + expert, local_opt, layers, first, last, pp_rank,
-                             layer_params, head_params, gpu.fp8_transpose_copy, acts)
-    return RankCosts(dp_comm_s=comm_s, dp_exposed_s=exposed, optimizer_step_s=opt, memory=mem)
+    mem = memory.rank_memory(model, g, state.dense + state.expert, state.optimizer, layers,
+                             first, last, pp_rank, static.layer_params, static.head_params,
+                             cluster.gpu.fp8_transpose_copy, acts, static.memory)
+    return RankCosts(dp_comm_s=comm_s, dp_exposed_s=exposed,
+                     optimizer_step_s=static.optimizer_step_s, memory=mem)
 
 
 def fsdp_comm(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerTimes, layers,
@@ -771,14 +814,60 @@ def _grad_sync(params, size, bw, alpha, distributed, grad_bytes=memory.GRAD_BYTE
     return np.where(distributed, split, whole)
 
 
-def _dp_optimizer_memory(model, cluster, g, lt, emb, head):
-    """Exposed DP reduction, optimizer time and the memory breakdown of the fullest rank,
-    over the first, last and busiest middle pipeline ranks."""
+def _rank_kinds(g: LayoutGrid) -> tuple[tuple, ...]:
+    """(layers, first, last, pp_rank) of the first, last and busiest middle pipeline ranks."""
     vshape = schedules.is_v_shape(g.schedule)  # rank 0 holds the first and the last stage
-    kinds = ((g.layers_first, True, vshape, 0), (g.layers_last, False, ~vshape, g.pp - 1),
-             (g.layers_mid, False, False, np.minimum(1, g.pp - 1)))
+    return ((g.layers_first, True, vshape, 0), (g.layers_last, False, ~vshape, g.pp - 1),
+            (g.layers_mid, False, False, np.minimum(1, g.pp - 1)))
+
+
+RECOMPUTE_COLUMNS = ("recompute", "recompute_modules")
+"""The columns in which the rows of a run of recompute variants differ (`evaluate`)."""
+
+
+def _repeat_rows(value, n: int):
+    """`value` (an array over rows, or a dataclass / dict of them) with each row repeated n
+    times; scalars stay as they are."""
+    if isinstance(value, dict):
+        return {k: _repeat_rows(v, n) for k, v in value.items()}
+    if hasattr(value, "__dataclass_fields__"):
+        return type(value)(**{f.name: _repeat_rows(getattr(value, f.name), n)
+                              for f in fields(value)})
+    return np.repeat(value, n) if np.ndim(value) else value
+
+
+def _variant_runs_hold(g: LayoutGrid, variants: int) -> bool:
+    """Whether every run of `variants` consecutive rows agrees on every column but the
+    recompute ones (the invariant `evaluate(variants=...)` relies on)."""
+    if len(g) % variants:
+        return False
+    for f in fields(g):
+        col = getattr(g, f.name)
+        if f.name in RECOMPUTE_COLUMNS or not isinstance(col, np.ndarray) or col.ndim == 0:
+            continue  # grid-wide values (scalars, an explicit layer split) hold for every run
+        runs = np.asarray(col).reshape(-1, variants)
+        if not (runs == runs[:, :1]).all():
+            return False
+    return True
+
+
+def _rank_statics(model, cluster, g: LayoutGrid, variants: int) -> list[RankStatic]:
+    """`rank_static` of each rank kind, computed once per run of `variants` recompute
+    variants (on the run's first row) and repeated over the run."""
+    if variants == 1:
+        return [rank_static(model, cluster, g, *kind) for kind in _rank_kinds(g)]
+    base = g.take(slice(None, None, variants))
+    return [_repeat_rows(rank_static(model, cluster, base, *kind), variants)
+            for kind in _rank_kinds(base)]
+
+
+def _dp_optimizer_memory(model, cluster, g, lt, emb, head, variants: int = 1):
+    """Exposed DP reduction, optimizer time and the memory breakdown of the fullest rank,
+    over the first, last and busiest middle pipeline ranks (`variants`: see `evaluate`)."""
     acts = memory.activation_terms(model, g)  # the same for every rank kind
-    ranks = [rank_costs(model, cluster, g, lt, emb, head, *kind, acts) for kind in kinds]
+    statics = _rank_statics(model, cluster, g, variants)
+    ranks = [rank_costs(model, cluster, g, lt, emb, head, *kind, acts, static)
+             for kind, static in zip(_rank_kinds(g), statics, strict=True)]
     has_mid = g.layers_mid > 0  # pp <= 2: no middle rank
     totals = np.stack([r.total_bytes for r in ranks[:2]] + [np.where(has_mid, ranks[2].total_bytes, -1.0)])
     worst = np.argmax(totals, axis=0)

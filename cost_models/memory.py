@@ -341,10 +341,38 @@ def activation_terms(model: ModelSpec, g) -> ActivationTerms:
                            logits_bytes(*act_args[:5], per_logit))
 
 
+@dataclass(frozen=True, slots=True)
+class RankStaticMemory:
+    """The parts of `rank_memory` that no recompute choice changes (arrays over the grid)."""
+
+    state: dict[str, np.ndarray]
+    """Weights, gradients and optimizer state (`state_bytes`)."""
+    inflight: np.ndarray
+    """Micro-batches whose activations the rank holds (`schedules.inflight_microbatches`)."""
+    unsharded: np.ndarray
+    """FSDP's unsharded parameters and gradients (`fsdp_inflight_bytes`; 0 without FSDP)."""
+
+
+def rank_static_memory(g, params, optimizer_params, layers, pp_rank, layer_params=0.0,
+                       head_params=0.0, fp8_transpose_copy: bool = True) -> RankStaticMemory:
+    """`RankStaticMemory` of pipeline rank `pp_rank` (`rank_memory`'s arguments)."""
+    fsdp = g.column("fsdp")
+    inflight = schedules.inflight_microbatches(g.schedule, g.pp, g.vp, g.num_microbatches,
+                                               pp_rank)
+    unsharded = np.zeros(np.broadcast(fsdp, layers, layer_params).shape)
+    if fsdp.any():
+        gather = FSDP_FP8_GATHER_BYTES if g.dtype in FP8_DTYPES else FSDP_GATHER_BYTES
+        unsharded = np.where(fsdp, fsdp_inflight_bytes(layer_params, head_params, layers, g.pp,
+                                                       gather), 0.0)
+    return RankStaticMemory(state_bytes(g, params, optimizer_params, fp8_transpose_copy),
+                            inflight, unsharded)
+
+
 def rank_memory(model: ModelSpec, g, params, optimizer_params, layers, first, last,
                 pp_rank, layer_params=0.0, head_params=0.0,
                 fp8_transpose_copy: bool = True,
-                acts: ActivationTerms | None = None) -> dict[str, np.ndarray]:
+                acts: ActivationTerms | None = None,
+                static: RankStaticMemory | None = None) -> dict[str, np.ndarray]:
     """Peak bytes on one GPU of pipeline rank `pp_rank` of every layout in the grid `g`, by
     part (`MemoryBreakdown` field names). The rank holds `params` parameters and the optimizer
     state of `optimizer_params` of them (sharded over data parallelism with the distributed
@@ -354,11 +382,13 @@ def rank_memory(model: ModelSpec, g, params, optimizer_params, layers, first, la
     parameters on this GPU before FSDP sharding (for the unsharded in-flight term).
     Gradients: fp32 (4 bytes) or bf16 (2) main grads as `grad_reduce_fp32` says.
     `fp8_transpose_copy`: `GpuSpec.fp8_transpose_copy` (`fp8_weight_bytes`). `acts`:
-    `activation_terms(model, g)` when the caller already has them."""
+    `activation_terms(model, g)` and `static`: `rank_static_memory(...)`, when the caller
+    already has them."""
     acts = acts if acts is not None else activation_terms(model, g)
-    fsdp = g.column("fsdp")
-    inflight = schedules.inflight_microbatches(g.schedule, g.pp, g.vp, g.num_microbatches,
-                                               pp_rank)
+    if static is None:
+        static = rank_static_memory(g, params, optimizer_params, layers, pp_rank, layer_params,
+                                    head_params, fp8_transpose_copy)
+    inflight = static.inflight
     per_layer = acts.per_layer
     # offloaded layers' activations live in host memory; one layer's is in transit on the GPU
     offload = g.column("offload_activation_layers")
@@ -366,16 +396,11 @@ def rank_memory(model: ModelSpec, g, params, optimizer_params, layers, first, la
     act = act + np.where(g.recompute > 0, acts.no_recompute - per_layer, 0.0)  # rematerialised
     act = act + np.where(first, acts.embedding * inflight, 0.0)
     act = act + np.where(last, acts.logits, 0.0)
-    unsharded = np.zeros_like(act)
-    if fsdp.any():
-        gather = FSDP_FP8_GATHER_BYTES if g.dtype in FP8_DTYPES else FSDP_GATHER_BYTES
-        inflight = fsdp_inflight_bytes(layer_params, head_params, layers, g.pp, gather)
-        unsharded = np.where(fsdp, inflight, 0.0)
     return {
-        **state_bytes(g, params, optimizer_params, fp8_transpose_copy),
+        **static.state,
         "activations_bytes": act,
         "buffers_bytes": BUFFER_FIXED_BYTES + FRAGMENTATION * act,
-        "unsharded_inflight_bytes": unsharded,
+        "unsharded_inflight_bytes": static.unsharded,
     }
 
 

@@ -266,17 +266,18 @@ ranking's prefix could reach past them."""
 
 
 def _evaluate_with_stalls(model: ModelSpec, cluster: ClusterSpec, grid: LayoutGrid,
-                          headroom: float, leaders: int):
+                          headroom: float, leaders: int, variants: int = 1):
     """`megatron.evaluate` of `grid` with the interleaved stall priced only where it can
     change what `search` returns (branch and bound, exact): unpriced, a row's step is a lower
     bound (the stall only adds bubble), so the unpriced rows of the prefix the ranking reads
     are priced (only those rows re-evaluated) until that prefix is exact. The re-ranking runs
     on the `STALL_POOL_ROWS` best lower bounds; it is exact once the prefix ends inside the
     pool and before the first lower bound outside it (else the pool grows). Returns (grid,
-    result, fits, order); past the prefix, order is by lower bound."""
+    result, fits, order); past the prefix, order is by lower bound. `variants`: the grid's
+    runs of recompute variants (`megatron.evaluate`)."""
     priced = np.zeros(len(grid), dtype=bool)
     grid = replace(grid, price_stall=priced)
-    res = megatron.evaluate(model, cluster, grid)
+    res = megatron.evaluate(model, cluster, grid, variants)
     fits = megatron.fits_mask(res, cluster.gpu, headroom)  # memory does not see the stall
     open_rows = megatron.uneven_interleaved(model, grid)
     first = _order(grid, np.where(fits, res.step_time_s, np.inf))  # by lower bound
@@ -360,8 +361,9 @@ def _generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
               global_batch_size: int, space: SearchSpace,
               capacity_bytes: float | None = None,
               fp8_transpose_copy: bool = True) -> tuple[LayoutGrid, int]:
-    """(the valid candidates, how many valid candidates were left out): with
-    `capacity_bytes`, the rows whose degree combination and sharding `state_fits` rules out
+    """(the valid candidates, how many valid candidates were left out). The rows come in runs
+    of the `recompute_options` variants of one layout (the innermost axis; see
+    `megatron.evaluate`'s `variants`). With `capacity_bytes`, the rows whose degree combination and sharding `state_fits` rules out
     (their static memory alone exceeds it on a GPU with `fp8_transpose_copy`) are counted,
     not materialised."""
     base = degree_combos(model, world, gpus_per_node, seq_len, space)
@@ -551,16 +553,17 @@ def search(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_batch_si
     leading = max(top_k, space.refine_top)
     grid, pruned = _generate(*problem, capacity_bytes=capacity,
                              fp8_transpose_copy=gpu.fp8_transpose_copy)
+    variants = len(recompute_options(model, space)[0])  # `_generate`'s innermost axis
     if len(grid):
         grid, res, fits, order = _evaluate_with_stalls(model, cluster, grid, space.headroom,
-                                                       leading)
+                                                       leading, variants)
     if not len(grid) or (pruned and not fits.any()):  # `nearest` ranks every valid layout
         grid, pruned = _generate(*problem)
         if not len(grid):
             raise NoCandidates(_no_candidate_reason(model, cluster, seq_len, global_batch_size,
                                                     space))
         grid, res, fits, order = _evaluate_with_stalls(model, cluster, grid, space.headroom,
-                                                       leading)
+                                                       leading, variants)
     leaders = _leaders(grid, order, fits, leading)
     plans, parts, solver = [], [], "none"
     for i in leaders:

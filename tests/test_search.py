@@ -1,7 +1,7 @@
 """Planner search: validity, fit, monotonicity in GPUs, determinism, CLI contract."""
 
 import json
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
@@ -267,3 +267,21 @@ def test_prefilter_prices_fp8_weights_for_the_gpu():
     assert np.any(res.peak_bytes[over] <= capacity)  # some of them fit
     got = search(model, cluster, 8192, 128, replace(space, headroom=headroom), top_k=1)
     assert got.feasible == int((res.peak_bytes <= capacity).sum())
+
+
+@pytest.mark.parametrize("name,cluster_name,nodes,seq,gbs,space", PREFILTER_PROBLEMS[2:6])
+def test_recompute_runs_evaluate_like_row_by_row(name, cluster_name, nodes, seq, gbs, space):
+    """`evaluate(variants=...)` computes each run of recompute variants' recompute-free terms
+    once: every field equals the row-by-row evaluation exactly (FSDP/HSDP, torchtitan, fp8)."""
+    model, cluster = load_model(name), load_cluster(cluster_name, nodes=nodes)
+    space = search_module.with_default_max_tp(space, cluster)
+    grid = generate(model, cluster.world_size, cluster.gpus_per_node, seq, gbs, space)
+    variants = len(search_module.recompute_options(model, space)[0])
+    assert variants > 1
+    rows, runs = megatron.evaluate(model, cluster, grid), megatron.evaluate(model, cluster, grid,
+                                                                          variants)
+    for f in fields(rows):
+        assert np.array_equal(getattr(rows, f.name), getattr(runs, f.name)), f.name
+    shuffled = grid.take(np.random.default_rng(0).permutation(len(grid)))
+    with pytest.raises(AssertionError, match="recompute runs"):
+        megatron.evaluate(model, cluster, shuffled, variants)
