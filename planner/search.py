@@ -554,14 +554,13 @@ def search(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_batch_si
     grid, pruned = _generate(*problem, capacity_bytes=capacity,
                              fp8_transpose_copy=gpu.fp8_transpose_copy)
     variants = len(recompute_options(model, space)[0])  # `_generate`'s innermost axis
+    if not len(grid) and not pruned:
+        raise NoCandidates(_no_candidate_reason(model, cluster, seq_len, global_batch_size, space))
     if len(grid):
         grid, res, fits, order = _evaluate_with_stalls(model, cluster, grid, space.headroom,
                                                        leading, variants)
-    if not len(grid) or (pruned and not fits.any()):  # `nearest` ranks every valid layout
+    if pruned and (not len(grid) or not fits.any()):  # `nearest` ranks every valid layout
         grid, pruned = _generate(*problem)
-        if not len(grid):
-            raise NoCandidates(_no_candidate_reason(model, cluster, seq_len, global_batch_size,
-                                                    space))
         grid, res, fits, order = _evaluate_with_stalls(model, cluster, grid, space.headroom,
                                                        leading, variants)
     leaders = _leaders(grid, order, fits, leading)
