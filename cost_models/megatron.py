@@ -864,7 +864,7 @@ def _rank_statics(model, cluster, g: LayoutGrid, variants: int) -> list[RankStat
 def _dp_optimizer_memory(model, cluster, g, lt, emb, head, variants: int = 1):
     """Exposed DP reduction, optimizer time and the memory breakdown of the fullest rank,
     over the first, last and busiest middle pipeline ranks (`variants`: see `evaluate`)."""
-    acts = memory.activation_terms(model, g)  # the same for every rank kind
+    acts = memory.activation_terms(model, g, variants)  # the same for every rank kind
     statics = _rank_statics(model, cluster, g, variants)
     ranks = [rank_costs(model, cluster, g, lt, emb, head, *kind, acts, static)
              for kind, static in zip(_rank_kinds(g), statics, strict=True)]

@@ -319,14 +319,21 @@ class ActivationTerms:
     """Logits of one micro-batch (the last rank)."""
 
 
-def activation_terms(model: ModelSpec, g) -> ActivationTerms:
+def activation_terms(model: ModelSpec, g, variants: int = 1) -> ActivationTerms:
     """`ActivationTerms` of the grid `g` (Korthikanti et al. 2022 Sec. 4 per layer, see
-    `_activation_bytes_per_layer`)."""
+    `_activation_bytes_per_layer`). `variants`: runs of recompute variants of one layout
+    (`megatron.evaluate`); the recompute-free terms are computed once per run."""
     fp8 = g.dtype if g.dtype in FP8_DTYPES else False
     act_args = (model, g.micro_batch_size, g.seq_len, g.tp, g.cp, g.sequence_parallel)
     titan = g.column("framework") == "torchtitan"
     per_layer = activation_bytes_per_layer(*act_args, g.recompute, g.flash_attention, fp8, g.etp)
-    no_recompute = activation_bytes_per_layer(*act_args, "none", g.flash_attention, fp8, g.etp)
+    run = slice(None, None, variants)
+    base = (model, g.micro_batch_size[run], g.seq_len, g.tp[run], g.cp[run],
+            g.sequence_parallel[run])
+    per_logit = np.where(titan, TITAN_LOGIT_BYTES, MEGATRON_LOGIT_BYTES)[run]
+    no_recompute, embedding, logits = (np.repeat(x, variants) for x in (
+        activation_bytes_per_layer(*base, "none", g.flash_attention[run], fp8, g.etp[run]),
+        embedding_output_bytes(*base), logits_bytes(*base[:5], per_logit)))
     masks = g.column("recompute_modules")
     if np.any(masks != recompute_modules.DEFAULT_MASK):  # Megatron's --recompute-modules
         freed = recompute_modules.freed_bytes(
@@ -336,9 +343,7 @@ def activation_terms(model: ModelSpec, g) -> ActivationTerms:
     sac = titan & (g.recompute == 1)
     if np.any(sac):
         per_layer = np.where(sac, titan_sac_bytes_per_layer(*act_args), per_layer)
-    per_logit = np.where(titan, TITAN_LOGIT_BYTES, MEGATRON_LOGIT_BYTES)
-    return ActivationTerms(per_layer, no_recompute, embedding_output_bytes(*act_args),
-                           logits_bytes(*act_args[:5], per_logit))
+    return ActivationTerms(per_layer, no_recompute, embedding, logits)
 
 
 @dataclass(frozen=True, slots=True)
