@@ -693,15 +693,13 @@ class RankStatic:
     """The rank holds the embedding (pp == 1 included)."""
     last: np.ndarray
     """The rank holds the LM head (pp == 1 included)."""
-    state: RankState
     comm_s: np.ndarray
     """Megatron's DP gradient reduction (`_grad_sync`), before overlap."""
     optimizer_step_s: np.ndarray
-    layer_params: np.ndarray
-    """One block's parameters on this GPU before FSDP sharding."""
-    head_params: np.ndarray
-    """The LM head's parameters on this GPU (0 off the last rank)."""
     memory: memory.RankStaticMemory
+    fsdp_params: tuple[np.ndarray, np.ndarray, np.ndarray] | None
+    """(the rank's FSDP shard, one block's and the LM head's parameters before sharding) for
+    `fsdp_comm`; None when the grid has no FSDP row."""
 
 
 def rank_static(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, layers, first, last,
@@ -730,7 +728,8 @@ def rank_static(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, layers, f
     opt = compute.memory_bound_time(ADAM_BYTES_PER_PARAM * state.optimizer, gpu)
     mem = memory.rank_static_memory(g, state.dense + state.expert, state.optimizer, layers,
                                     pp_rank, layer_params, head_params, gpu.fp8_transpose_copy)
-    return RankStatic(first, last, state, comm_s, opt, layer_params, head_params, mem)
+    fsdp = (state.sharded, layer_params, head_params) if g.column("fsdp").any() else None
+    return RankStatic(first, last, comm_s, opt, mem, fsdp)
 
 
 def rank_costs(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerTimes, emb, head,
@@ -743,18 +742,19 @@ def rank_costs(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerT
     The DP reduction overlaps the rank's compute (`GpuSpec.dp_comm_overlap`)."""
     if static is None:
         static = rank_static(model, cluster, g, layers, first, last, pp_rank)
-    first, last, state = static.first, static.last, static.state
+    first, last = static.first, static.last
     comm_s = static.comm_s
     window = layers * lt.compute_s + np.where(first, emb, 0.0) + np.where(last, head, 0.0)
     exposed = comm.overlapped(comm_s, window, cluster.gpu.dp_comm_overlap)
     fsdp = g.column("fsdp")
-    if np.any(fsdp):
-        f_comm, f_exposed = fsdp_comm(model, cluster, g, lt, layers, static.layer_params,
-                                      static.head_params, head, state.sharded)
+    if static.fsdp_params is not None:
+        sharded, layer_params, head_params = static.fsdp_params
+        f_comm, f_exposed = fsdp_comm(model, cluster, g, lt, layers, layer_params, head_params,
+                                      head, sharded)
         comm_s, exposed = np.where(fsdp, f_comm, comm_s), np.where(fsdp, f_exposed, exposed)
-    mem = memory.rank_memory(model, g, state.dense + state.expert, state.optimizer, layers,
-                             first, last, pp_rank, static.layer_params, static.head_params,
-                             cluster.gpu.fp8_transpose_copy, acts, static.memory)
+    # the parameters and the static memory are in `static.memory` already
+    mem = memory.rank_memory(model, g, None, None, layers, first, last, pp_rank, acts=acts,
+                             static=static.memory)
     return RankCosts(dp_comm_s=comm_s, dp_exposed_s=exposed,
                      optimizer_step_s=static.optimizer_step_s, memory=mem)
 
@@ -826,10 +826,12 @@ RECOMPUTE_COLUMNS = ("recompute", "recompute_modules")
 
 
 def _repeat_rows(value, n: int):
-    """`value` (an array over rows, or a dataclass / dict of them) with each row repeated n
-    times; scalars stay as they are."""
+    """`value` (an array over rows, or a dataclass / dict / tuple of them) with each row
+    repeated n times; scalars and None stay as they are."""
     if isinstance(value, dict):
         return {k: _repeat_rows(v, n) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_repeat_rows(v, n) for v in value)
     if hasattr(value, "__dataclass_fields__"):
         return type(value)(**{f.name: _repeat_rows(getattr(value, f.name), n)
                               for f in fields(value)})

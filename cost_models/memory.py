@@ -388,7 +388,7 @@ def rank_memory(model: ModelSpec, g, params, optimizer_params, layers, first, la
     Gradients: fp32 (4 bytes) or bf16 (2) main grads as `grad_reduce_fp32` says.
     `fp8_transpose_copy`: `GpuSpec.fp8_transpose_copy` (`fp8_weight_bytes`). `acts`:
     `activation_terms(model, g)` and `static`: `rank_static_memory(...)`, when the caller
-    already has them."""
+    already has them (then `params` and `optimizer_params` are not read)."""
     acts = acts if acts is not None else activation_terms(model, g)
     if static is None:
         static = rank_static_memory(g, params, optimizer_params, layers, pp_rank, layer_params,
