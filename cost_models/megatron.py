@@ -251,8 +251,33 @@ class Links:
                         np.where(stage_size >= self.gpus_per_node, dom_Bps, inside))
 
 
-def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutGrid) -> LayerTimes:
-    """Time of one transformer layer for one micro-batch on one GPU, by part."""
+@dataclass(frozen=True, slots=True)
+class LayerBase:
+    """The parts of `layer_times` that no recompute choice changes (arrays over the grid)."""
+
+    tokens: np.ndarray
+    """Tokens each GPU processes per micro-batch."""
+    fwd_s: np.ndarray
+    bwd_s: np.ndarray
+    attn_f: np.ndarray
+    """Attention core forward (Megatron's default selective recompute redoes it)."""
+    experts_f: np.ndarray | float
+    titan_sel_s: np.ndarray
+    """torchtitan's per-op selective AC recompute."""
+    offload_s: np.ndarray | float
+    """Activation offload's exposed transfer (`_offload_exposed_s`)."""
+    one_ar_s: np.ndarray
+    """One TP all-reduce of the layer's activation."""
+    tp_hidden: np.ndarray
+    """Share of the TP communication overlapped with compute."""
+    cp_fwd_s: np.ndarray
+    cp_bwd_s: np.ndarray
+    ep_one_s: np.ndarray | None
+    """One all-to-all of the routed token copies (None for dense models)."""
+
+
+def layer_base(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutGrid) -> LayerBase:
+    """`LayerBase` of every layout in `g` (the terms are explained in `layer_times`)."""
     links = Links.of(cluster)
     b, s, t, c = g.micro_batch_size, g.seq_len, g.tp, g.cp
     tokens = b * s / c  # tokens each GPU processes per micro-batch (CP splits the sequence)
@@ -283,24 +308,14 @@ def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutG
     # recomputes the others (`memory.titan_sac_bytes_per_layer`) plus the elementwise ops.
     titan_sel = compute.gemm_time(gemm * titan_sac_recomputed_share(model), 4, gpu, g.dtype) \
         + compute.memory_bound_time(elem_bytes, gpu)
-    selective = np.where(g.column("framework") == "torchtitan", titan_sel,
-                         _module_recompute_s(model, gpu, g, tokens, attn_f, experts_f))
-    recompute = np.where(g.recompute == 2, fwd, np.where(g.recompute == 1, selective, 0.0))
-    recompute = recompute + _offload_exposed_s(model, gpu, g, fwd, bwd)
-    # TP: 2 all-reduces (or RS+AG with SP, same bytes) forward, 2 backward, 2 more when the
-    # forward is recomputed; each moves the full [tokens x h] bf16 activation. A parallel
-    # attention+MLP block sums both branches before one all-reduce per pass (PaLM Sec. 2).
     tpg, cpg = g.dims.group("tp"), g.dims.group("cp")
     tp_bw, tp_alpha = links.bandwidth_Bps(tpg), links.latency_s(tpg)
     one_ar = comm.all_reduce_time(2 * tokens * h, t, tp_bw, tp_alpha)
-    passes = 2 + np.where(g.recompute == 2, 1, 0)  # forward, backward, recomputed forward
-    tp_count = (1 if model.parallel_attention_mlp else 2) * passes
     tp_hidden = np.where(g.sequence_parallel, gpu.tp_comm_overlap, 0.0)  # TE overlap needs SP
     # torchtitan has no userbuffer overlap; its async TP pipelines the collectives with the
     # matmuls, taken to hide as much as TE does on this GPU (an assumption)
     tp_hidden = np.where(g.column("framework") == "torchtitan",
                          gpu.tp_comm_overlap if g.async_tp else 0.0, tp_hidden)
-    tp_comm = tp_count * one_ar * (1 - tp_hidden)
     # CP: ring attention passes K and V chunks around cp ranks, overlapped with attention
     # compute of the chunk in hand; backward also returns dK, dV (2x bytes).
     cp_bw, cp_alpha = links.bandwidth_Bps(cpg), links.latency_s(cpg)
@@ -311,12 +326,38 @@ def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutG
     window = attn_f * (c - 1) / c
     cp_fwd = np.maximum(ring_f - window, 0.0)
     cp_bwd = np.maximum(2 * ring_f - ATTENTION_BACKWARD_FACTOR * window, 0.0)
-    cp_comm = np.where(c > 1, cp_fwd * (1 + (g.recompute == 2)) + cp_bwd, 0.0)
+    return LayerBase(tokens, fwd, bwd, attn_f, experts_f, titan_sel,
+                     _offload_exposed_s(model, gpu, g, fwd, bwd), one_ar, tp_hidden, cp_fwd,
+                     cp_bwd, _ep_all_to_all_s(model, cluster, g, tokens))
+
+
+def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutGrid,
+                variants: int = 1) -> LayerTimes:
+    """Time of one transformer layer for one micro-batch on one GPU, by part. `variants`: runs
+    of recompute variants of one layout (`evaluate`); `layer_base` is computed once per run."""
+    if variants == 1:
+        base = layer_base(model, gpu, cluster, g)
+    else:
+        base = _repeat_rows(layer_base(model, gpu, cluster, g.take(slice(None, None, variants))),
+                            variants)
+    fwd, bwd = base.fwd_s, base.bwd_s
+    selective = np.where(g.column("framework") == "torchtitan", base.titan_sel_s,
+                         _module_recompute_s(model, gpu, g, base.tokens, base.attn_f,
+                                             base.experts_f))
+    recompute = np.where(g.recompute == 2, fwd, np.where(g.recompute == 1, selective, 0.0))
+    recompute = recompute + base.offload_s
+    # TP: 2 all-reduces (or RS+AG with SP, same bytes) forward, 2 backward, 2 more when the
+    # forward is recomputed; each moves the full [tokens x h] bf16 activation. A parallel
+    # attention+MLP block sums both branches before one all-reduce per pass (PaLM Sec. 2).
+    passes = 2 + np.where(g.recompute == 2, 1, 0)  # forward, backward, recomputed forward
+    tp_count = (1 if model.parallel_attention_mlp else 2) * passes
+    tp_comm = tp_count * base.one_ar_s * (1 - base.tp_hidden)
+    cp_comm = np.where(g.cp > 1, base.cp_fwd_s * (1 + (g.recompute == 2)) + base.cp_bwd_s, 0.0)
     # a recomputed MoE layer (--recompute-modules moe) dispatches and combines again
     ep_passes = passes + ((g.recompute == 1) & _has_module(g, "moe"))
     return LayerTimes(fwd_s=fwd, bwd_s=bwd, recompute_s=recompute, tp_comm_s=tp_comm,
                       cp_comm_s=cp_comm,
-                      ep_comm_s=expert_all_to_all(model, cluster, g, tokens, ep_passes))
+                      ep_comm_s=_ep_comm_s(model, cluster, base.ep_one_s, ep_passes))
 
 
 def _offload_exposed_s(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, fwd_s, bwd_s):
@@ -405,17 +446,24 @@ def titan_sac_recomputed_share(model: ModelSpec) -> float:
     return sum(w for k, w in enumerate(work) if k % 2 == 1) / sum(work)
 
 
-def expert_all_to_all(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, tokens,
-                      per_pass) -> np.ndarray | float:
-    """MoE token dispatch + combine per layer (averaged over layers), exposed: each forward,
-    backward and recomputed forward moves every local token's top-k copies (h wide, bf16) to
-    their experts and back, over the expert-parallel group (`ParallelDims.group("ep")`).
-    With sequence parallelism each tp rank sends its 1/tp of the tokens."""
+def _ep_all_to_all_s(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, tokens):
+    """One MoE token dispatch (or combine) of a layer: every local token's top-k copies (h
+    wide, bf16) to their experts over the expert-parallel group (`ParallelDims.group("ep")`);
+    with sequence parallelism each tp rank sends its 1/tp of the tokens. None for a dense
+    model."""
     if not model.is_moe:
-        return 0.0
+        return None
     local = np.where(g.sequence_parallel, tokens / g.tp, tokens)
     nbytes = 2 * local * model.experts_top_k * model.hidden_size
-    one = Links.of(cluster).all_to_all_s(nbytes, g.dims.group("ep"))
+    return Links.of(cluster).all_to_all_s(nbytes, g.dims.group("ep"))
+
+
+def _ep_comm_s(model: ModelSpec, cluster: ClusterSpec, one, per_pass):
+    """MoE dispatch + combine per layer (averaged over layers), exposed: each of the
+    `per_pass` passes (forward, backward, recomputed forward) runs the all-to-all `one`
+    (`_ep_all_to_all_s`) twice."""
+    if one is None:
+        return 0.0
     share = model.num_moe_layers / model.num_layers
     exposed = 1 - cluster.gpu.ep_comm_overlap
     return share * 2 * per_pass * one * exposed  # dispatch + combine in each of the passes
@@ -492,7 +540,7 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid,
     then computed once, the same values as row by row."""
     assert variants == 1 or _variant_runs_hold(g, variants), "rows are not recompute runs"
     gpu = cluster.gpu
-    lt = layer_times(model, gpu, cluster, g)
+    lt = layer_times(model, gpu, cluster, g, variants)
     m, p, v = g.num_microbatches, g.pp, g.vp
     head, emb = head_time(model, gpu, g), embedding_time(model, gpu, g)
     single = p == 1

@@ -269,10 +269,11 @@ def test_prefilter_prices_fp8_weights_for_the_gpu():
     assert got.feasible == int((res.peak_bytes <= capacity).sum())
 
 
-@pytest.mark.parametrize("name,cluster_name,nodes,seq,gbs,space", PREFILTER_PROBLEMS[2:6])
+@pytest.mark.parametrize("name,cluster_name,nodes,seq,gbs,space", PREFILTER_PROBLEMS[2:7])
 def test_recompute_runs_evaluate_like_row_by_row(name, cluster_name, nodes, seq, gbs, space):
     """`evaluate(variants=...)` computes each run of recompute variants' recompute-free terms
-    once: every field equals the row-by-row evaluation exactly (FSDP/HSDP, torchtitan, fp8)."""
+    once: every field equals the row-by-row evaluation exactly (FSDP/HSDP, torchtitan, fp8,
+    MoE)."""
     model, cluster = load_model(name), load_cluster(cluster_name, nodes=nodes)
     space = search_module.with_default_max_tp(space, cluster)
     grid = generate(model, cluster.world_size, cluster.gpus_per_node, seq, gbs, space)
