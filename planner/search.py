@@ -363,9 +363,9 @@ def _generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
               fp8_transpose_copy: bool = True) -> tuple[LayoutGrid, int]:
     """(the valid candidates, how many valid candidates were left out). The rows come in runs
     of the `recompute_options` variants of one layout (the innermost axis; see
-    `megatron.evaluate`'s `variants`). With `capacity_bytes`, the rows whose degree combination and sharding `state_fits` rules out
-    (their static memory alone exceeds it on a GPU with `fp8_transpose_copy`) are counted,
-    not materialised."""
+    `megatron.evaluate`'s `variants`). With `capacity_bytes`, the rows whose degree
+    combination and sharding `state_fits` rules out (their static memory alone exceeds it on
+    a GPU with `fp8_transpose_copy`) are counted, not materialised."""
     base = degree_combos(model, world, gpus_per_node, seq_len, space)
     combos = len(base["tp"])
     max_vp = model.num_layers if space.max_vp is None else space.max_vp
