@@ -122,3 +122,47 @@ def test_activation_offload_moves_layers_to_host_and_costs_what_the_link_cannot_
             Layout(**{**base, "tp": 4, **bad}, offload_activation_layers=4).validate(model, 8)
     with pytest.raises(SpecError, match="fewer than the model's layers"):
         Layout(**base, offload_activation_layers=80).validate(model, 8)
+
+
+def test_fp8_weight_bytes_per_gpu_generation():
+    """Transformer Engine's fp8 weights: data + a transpose where fp8 GEMMs need TN (Hopper),
+    MXFP8's rowwise and columnwise copies with one E8M0 scale per 32; + bf16 weights when
+    fp8_param_gather is off."""
+    assert float(memory.fp8_weight_bytes("fp8", True, True)) == 2.0  # Hopper
+    assert float(memory.fp8_weight_bytes("fp8", False, True)) == 1.0  # Blackwell
+    assert float(memory.fp8_weight_bytes("mxfp8", False, True)) == pytest.approx(2 + 2 / 32)
+    assert float(memory.fp8_weight_bytes("fp8", True, False)) == 4.0
+
+
+def test_power_cap_slows_tensor_kernels_not_memory_bound_ones():
+    from dataclasses import replace
+
+    from cost_models import compute
+    from planner.specfiles import gpu_preset
+
+    h100 = gpu_preset("H100-SXM")
+    capped = replace(h100, power_limit_W=500.0)
+    assert capped.clock_fraction == pytest.approx((500 / 700) ** (1 / 3))
+    flops = 1e15
+    ratio = (compute.gemm_time(flops, 0, capped, "bf16") / compute.gemm_time(flops, 0, h100, "bf16"))
+    assert ratio == pytest.approx(1 / capped.clock_fraction)
+    assert compute.memory_bound_time(1e9, capped) == compute.memory_bound_time(1e9, h100)
+    assert replace(h100, power_limit_W=800.0).clock_fraction == 1.0  # a cap above TDP: none
+
+
+def test_torchtitan_eager_and_vanilla_tp_cost_more_than_compiled_and_async():
+    from cost_models import megatron
+    from cost_models.specs import Layout
+    from planner.specfiles import load_cluster, load_model
+
+    model, cluster = load_model("llama3.1-8b"), load_cluster("dgx-h100", nodes=1)
+    base = dict(tp=8, pp=1, dp=1, micro_batch_size=1, global_batch_size=4, seq_len=8192,
+                sequence_parallel=True, framework="torchtitan")
+    step = {k: megatron.estimate(model, cluster, Layout(**base, **kw)).step_time_s
+            for k, kw in {"eager": {}, "compiled": dict(torch_compile=True),
+                          "async": dict(torch_compile=True, async_tp=True)}.items()}
+    assert step["eager"] > step["compiled"] > step["async"]
+    mega = {c: megatron.estimate(model, cluster, Layout(**{**base, "framework": "megatron"},
+                                                        torch_compile=c)).step_time_s
+            for c in (False, True)}
+    assert mega[False] == mega[True] < step["async"] * 1.0001  # TE: fused and overlapped
