@@ -39,7 +39,9 @@ def cluster(tmp_path):
     c.stop()
 
 
-def test_sbatch_of_local_cpu_plan_completes(cluster, tmp_path):
+def _plan_and_launch(tmp_path: Path) -> tuple[dict, Path, Path]:
+    """A tp2 local-cpu plan of the example trainer and its slurm launch files: (env, launch
+    directory, the trainer's loss log)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     plan, out, log = tmp_path / "plan.yaml", tmp_path / "launch", tmp_path / "losses.jsonl"
     _meshplan("plan", "--model", "tiny-gpt", "--cluster", "local-cpu", "--nodes", "1",
@@ -48,6 +50,11 @@ def test_sbatch_of_local_cpu_plan_completes(cluster, tmp_path):
     _meshplan("launch", str(plan), "--script", str(ROOT / "examples" / "train_gpt.py"),
               "--backend", "slurm", "-o", str(out), "--python", sys.executable, "--",
               "--steps", str(STEPS), "--log-file", str(log), env=env)
+    return env, out, log
+
+
+def test_sbatch_of_local_cpu_plan_completes(cluster, tmp_path):
+    env, out, log = _plan_and_launch(tmp_path)
     job_out = tmp_path / "job.out"
     probe = 'echo "cpus_per_task=${SLURM_CPUS_PER_TASK:-}"; '
     script = out / "launch.sbatch"
@@ -69,14 +76,7 @@ def test_sbatch_of_local_cpu_plan_completes(cluster, tmp_path):
 def test_supervised_sbatch_runs_meshplan_run_with_srun_agents(cluster, tmp_path):
     """launch.supervised.sbatch: `meshplan run` in the batch step, the node agent started
     with srun as a job step, the ranks' records over the collector, the job to its end."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    plan, out, log = tmp_path / "plan.yaml", tmp_path / "launch", tmp_path / "losses.jsonl"
-    _meshplan("plan", "--model", "tiny-gpt", "--cluster", "local-cpu", "--nodes", "1",
-              "--gpus-per-node", "2", "--seq-len", "32", "--global-batch-size", "8", "--tp", "2",
-              "-o", str(plan), env=env)
-    _meshplan("launch", str(plan), "--script", str(ROOT / "examples" / "train_gpt.py"),
-              "--backend", "slurm", "-o", str(out), "--python", sys.executable, "--",
-              "--steps", str(STEPS), "--log-file", str(log), env=env)
+    env, out, log = _plan_and_launch(tmp_path)
     script = out / "launch.supervised.sbatch"
     assert "planner.cli run" in script.read_text() and "--launcher srun" in script.read_text()
     job_out = tmp_path / "job.out"
