@@ -13,10 +13,11 @@
 
 For each: wall time of the whole CLI (`meshplan plan ... --json`, process start included;
 median and best of --repeat runs), its CPU time (median; robust when the machine is shared),
-the search's own time, the valid layouts it evaluated, how many of those fit, how many more it
-ruled out unevaluated because their weights and optimizer state alone overflow the GPU
-(`search.state_fits`), evaluated layouts per second, and the winner's predicted step time (a
-speed-up must leave it unchanged).
+the search's own time, the valid layouts it evaluated, how many fit (the dominated ones
+included), how many more it ruled out unevaluated because their weights and optimizer state
+alone overflow the GPU (`search.state_fits`), how many recompute variants of layouts that fit
+without recompute it skipped as dominated (`search._evaluate_dominating`), evaluated layouts
+per second, and the winner's predicted step time (a speed-up must leave it unchanged).
 
 Run: python benchmarks/plan_speed.py [--repeat 3]
 """
@@ -63,7 +64,8 @@ def main() -> None:
     ap.add_argument("--cases", default="".join(CASES), help="which cases, e.g. 'bef'")
     args = ap.parse_args()
     print(f"{'case':<5} {'problem':<44} {'wall s':>7} {'best':>5} {'cpu s':>6} {'search s':>8} "
-          f"{'evaluated':>9} {'fit':>8} {'pruned':>8} {'eval/s':>8} {'step s':>7} {'target':>6}"
+          f"{'evaluated':>9} {'fit':>9} {'pruned':>8} {'dominated':>9} {'eval/s':>8} {'step s':>7} "
+          f"{'target':>6}"
           "  best layout")
     for key, (model, cluster, nodes, seq, gbs) in CASES.items():
         if key not in args.cases:
@@ -84,7 +86,8 @@ def main() -> None:
         verdict = "-" if target is None else ("ok" if wall <= target else "SLOW")
         print(f"({key})  {model} on {gpus} {cluster} seq {seq} gbs {gbs:<6}"[:50].ljust(50)
               + f"{wall:>7.2f} {best:>5.2f} {cpu:>6.2f} {search['seconds']:>8.2f} "
-              f"{search['candidates']:>9,} {search['feasible']:>8,} {search.get('pruned', 0):>8,} "
+              f"{search['candidates']:>9,} {search['feasible']:>9,} {search.get('pruned', 0):>8,} "
+              f"{search.get('dominated', 0):>9,} "
               f"{search['candidates'] / search['seconds']:>8,.0f} "
               f"{plan['estimate']['step_time_s']:>7.4f} {verdict:>6}  {label}")
         if search["idle_nodes"]:

@@ -99,6 +99,14 @@ class LayoutGrid:
                           cuda_graphs=self.cuda_graphs, torch_compile=self.torch_compile,
                           async_tp=self.async_tp, layers_per_stage=self.layers_per_stage)
 
+    def concat(self, other: LayoutGrid) -> LayoutGrid:
+        """This grid's rows, then `other`'s (same grid-wide values)."""
+        arrays = {name: np.concatenate([self.column(name), other.column(name)])
+                  for name in (*_ARRAY_FIELDS, "schedule", *OPTIONAL_FIELDS)}
+        return LayoutGrid(**arrays, seq_len=self.seq_len, dtype=self.dtype,
+                          cuda_graphs=self.cuda_graphs, torch_compile=self.torch_compile,
+                          async_tp=self.async_tp, layers_per_stage=self.layers_per_stage)
+
     def layout(self, i: int, layers_per_stage: tuple[int, ...] | None = None) -> Layout:
         """The i-th candidate as a Layout."""
         kw = {name: int(getattr(self, name)[i]) for name in INT_FIELDS}

@@ -12,7 +12,7 @@ wraps it for one `Layout`. Both give the same numbers by construction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -92,6 +92,18 @@ class GridResult:
     hardware_flops: np.ndarray
     unsharded_inflight_bytes: np.ndarray | float = 0.0
     """FSDP: all-gathered parameters and unsharded gradients alive at the peak."""
+
+    def take(self, index) -> GridResult:
+        """The rows `index` (integer array or mask)."""
+        return replace(self, **{f.name: np.broadcast_to(getattr(self, f.name), self.compute_s.shape)[index]
+                                for f in fields(self) if f.name != "model_flops"})
+
+    def concat(self, other: GridResult) -> GridResult:
+        """These rows, then `other`'s."""
+        n, k = len(self.compute_s), len(other.compute_s)
+        return replace(self, **{f.name: np.concatenate([np.broadcast_to(getattr(self, f.name), (n,)),
+                                                        np.broadcast_to(getattr(other, f.name), (k,))])
+                                for f in fields(self) if f.name != "model_flops"})
 
     @property
     def step_time_s(self) -> np.ndarray:

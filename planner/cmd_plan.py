@@ -196,6 +196,7 @@ def _json(res: SearchResult, plans: list[Plan], with_groups: bool = True) -> dic
     return {
         "plans": out,
         "search": {"candidates": res.candidates, "feasible": res.feasible, "pruned": res.pruned,
+                   "dominated": res.dominated,
                    "seconds": round(res.seconds, 4), "rate_per_s": round(res.rate),
                    "solver": res.solver, "idle_nodes": list(res.idle_nodes)},
     }
@@ -228,9 +229,8 @@ def _print(console: Console, prob, res: SearchResult, headroom: float) -> None:
                       f"{100 * comm:.1f}%")
     if res.plans:
         console.print(table)
-    ruled_out = f"; {res.pruned:,} ruled out by static memory alone" if res.pruned else ""
-    console.print(f"searched {res.candidates + res.pruned:,} valid layouts ({res.feasible:,} fit "
-                  f"with {100 * headroom:g}% of memory kept free{ruled_out}) in "
+    console.print(f"searched {res.valid:,} valid layouts ({res.feasible:,} fit "
+                  f"with {100 * headroom:g}% of memory kept free{res.skipped_note('; ')}) in "
                   f"{res.seconds:.2f} s ({res.rate:,.0f} evaluated/s); {_split_note(res)}")
     console.print("[dim]MFU = model FLOPs (causal attention, no recompute) / dense "
                   f"{prob.dtype} peak[/dim]")

@@ -104,9 +104,8 @@ def _header(best: Plan, search_result) -> str:
     line = (f"{_esc(best.model.name)} on {_esc(c.name)}: {gpus} in {c.num_nodes} nodes; "
             f"sequence {lay.seq_len}, global batch {lay.global_batch_size}, {lay.dtype}; "
             f"cost model {_esc(est.get('cost_model', 'megatron'))}")
-    ruled_out = f", {res.pruned:,} ruled out by static memory alone" if res.pruned else ""
-    stats = (f"searched {res.candidates + res.pruned:,} valid layouts ({res.feasible:,} fit"
-             f"{ruled_out}) in "
+    stats = (f"searched {res.valid:,} valid layouts ({res.feasible:,} fit"
+             f"{res.skipped_note(', ')}) in "
              f"{res.seconds:.2f} s; "
              f"solver {_esc(res.solver)}")
     return (f"<h1>meshplan plan: {_esc(layout_label(lay))}</h1><p class='sub'>{line}</p>"

@@ -142,10 +142,26 @@ class SearchResult:
     pruned: int = 0
     """Valid layouts not evaluated: their weights, gradients and optimizer state alone exceed
     the GPU memory (`state_fits`), so none of them fits."""
+    dominated: int = 0
+    """Valid layouts not evaluated: recompute variants of a layout that fits without
+    recompute (`_evaluate_dominating`); every one of them fits and is slower. Counted in
+    `feasible`."""
 
     @property
     def rate(self) -> float:
         return self.candidates / self.seconds if self.seconds else float("inf")
+
+    @property
+    def valid(self) -> int:
+        """Every valid layout of the space: evaluated, pruned or dominated."""
+        return self.candidates + self.pruned + self.dominated
+
+    def skipped_note(self, sep: str) -> str:
+        """What was not evaluated and why, for the summary lines ('' when nothing)."""
+        parts = ([f"{self.pruned:,} ruled out by static memory alone"] if self.pruned else []) \
+            + ([f"{self.dominated:,} recompute variants of layouts that fit without recompute "
+                "skipped"] if self.dominated else [])
+        return "".join(sep + p for p in parts)
 
 
 DEFAULT_TP_CAP = 8
@@ -265,8 +281,31 @@ STALL_POOL_ROWS = 4096
 ranking's prefix could reach past them."""
 
 
+def _evaluate_dominating(model: ModelSpec, cluster: ClusterSpec, grid: LayoutGrid,
+                         headroom: float, variants: int):
+    """Evaluate `grid` (runs of `variants` recompute variants, no recompute first) but the
+    variants of a layout that fits without recompute: recompute only adds time and frees
+    memory, so they fit and are slower, and they can neither win nor lead a family (the
+    ranking keeps one row per layout). Returns (grid, result, dominated): the evaluated rows
+    (no-recompute rows of the fitting layouts, then every variant of the others) and how many
+    were skipped. The stall is not priced here (`_evaluate_with_stalls` does)."""
+    unpriced = replace(grid, price_stall=np.zeros(len(grid), dtype=bool))
+    first = unpriced.take(np.arange(0, len(grid), variants))
+    res_first = megatron.evaluate(model, cluster, first)
+    fit_first = megatron.fits_mask(res_first, cluster.gpu, headroom)
+    keep = np.nonzero(fit_first)[0]
+    rows = (np.nonzero(~fit_first)[0][:, None] * variants + np.arange(variants)).ravel()
+    if not len(rows):
+        return first.take(keep), res_first.take(keep), len(keep) * (variants - 1)
+    rest = unpriced.take(rows)
+    res_rest = megatron.evaluate(model, cluster, rest, variants)
+    return (first.take(keep).concat(rest), res_first.take(keep).concat(res_rest),
+            len(keep) * (variants - 1))
+
+
 def _evaluate_with_stalls(model: ModelSpec, cluster: ClusterSpec, grid: LayoutGrid,
-                          headroom: float, leaders: int, variants: int = 1):
+                          headroom: float, leaders: int, variants: int = 1,
+                          res: megatron.GridResult | None = None):
     """`megatron.evaluate` of `grid` with the interleaved stall priced only where it can
     change what `search` returns (branch and bound, exact): unpriced, a row's step is a lower
     bound (the stall only adds bubble), so the unpriced rows of the prefix the ranking reads
@@ -274,10 +313,12 @@ def _evaluate_with_stalls(model: ModelSpec, cluster: ClusterSpec, grid: LayoutGr
     on the `STALL_POOL_ROWS` best lower bounds; it is exact once the prefix ends inside the
     pool and before the first lower bound outside it (else the pool grows). Returns (grid,
     result, fits, order); past the prefix, order is by lower bound. `variants`: the grid's
-    runs of recompute variants (`megatron.evaluate`)."""
+    runs of recompute variants (`megatron.evaluate`); `res`: that evaluation when done
+    already (`_evaluate_dominating`)."""
     priced = np.zeros(len(grid), dtype=bool)
     grid = replace(grid, price_stall=priced)
-    res = megatron.evaluate(model, cluster, grid, variants)
+    if res is None:
+        res = megatron.evaluate(model, cluster, grid, variants)
     fits = megatron.fits_mask(res, cluster.gpu, headroom)  # memory does not see the stall
     open_rows = megatron.uneven_interleaved(model, grid)
     first = _order(grid, np.where(fits, res.step_time_s, np.inf))  # by lower bound
@@ -553,14 +594,20 @@ def search(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_batch_si
     leading = max(top_k, space.refine_top)
     grid, pruned = _generate(*problem, capacity_bytes=capacity,
                              fp8_transpose_copy=gpu.fp8_transpose_copy)
-    variants = len(recompute_options(model, space)[0])  # `_generate`'s innermost axis
+    codes = recompute_options(model, space)[0]
+    variants = len(codes)  # `_generate`'s innermost axis
     if not len(grid) and not pruned:
         raise NoCandidates(_no_candidate_reason(model, cluster, seq_len, global_batch_size, space))
+    dominated = 0
     if len(grid):
+        done = None
+        if variants > 1 and codes[0] == RECOMPUTE_KINDS.index("none"):
+            grid, done, dominated = _evaluate_dominating(model, cluster, grid, space.headroom,
+                                                         variants)
         grid, res, fits, order = _evaluate_with_stalls(model, cluster, grid, space.headroom,
-                                                       leading, variants)
+                                                       leading, variants, done)
     if pruned and (not len(grid) or not fits.any()):  # `nearest` ranks every valid layout
-        grid, pruned = _generate(*problem)
+        grid, pruned = _generate(*problem)  # nothing fits: nothing was dominated either
         grid, res, fits, order = _evaluate_with_stalls(model, cluster, grid, space.headroom,
                                                        leading, variants)
     leaders = _leaders(grid, order, fits, leading)
@@ -583,7 +630,8 @@ def search(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_batch_si
         nearest = tuple(megatron.result_estimate(res, int(i), grid.layout(int(i)), gpu,
                                                  space.headroom) for i in over)
     return SearchResult(
-        plans=tuple(e for e, _ in ranked), candidates=len(grid), feasible=int(fits.sum()),
+        plans=tuple(e for e, _ in ranked), candidates=len(grid),
+        feasible=int(fits.sum()) + dominated, dominated=dominated,
         seconds=time.perf_counter() - start, solver=solver,
         partitions=tuple(p for _, p in ranked), nearest=nearest, cluster=cluster,
         alternatives=alternatives, pruned=pruned,

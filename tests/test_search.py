@@ -36,7 +36,7 @@ def test_every_returned_plan_is_valid_and_fits(name, nodes, seq, gbs_per_node):
     res = search(model, cluster, seq, gbs_per_node * nodes * 8 // 8 * 8, top_k=3)
     for est in res.plans:
         _check_plan(est, model, cluster.world_size)
-    assert res.feasible <= res.candidates
+    assert res.feasible <= res.valid
     times = [e.step_time_s for e in res.plans]
     assert times == sorted(times)
 
@@ -228,14 +228,14 @@ def test_prefilter_drops_only_layouts_that_do_not_fit(name, cluster_name, nodes,
     space = replace(space, refine_top=0)
     got = search(model, cluster, seq, gbs, space, top_k=3)
     assert got.pruned > 0, "the prefilter ruled nothing out: the test exercises nothing"
-    assert got.candidates + got.pruned == len(grid)
+    assert got.valid == len(grid)
     assert got.feasible == int(fits.sum())
     assert got.plans[0].step_time_s == pytest.approx(res.step_time_s[fits].min(), rel=1e-12)
     # the same search with the prefilter off (every combination passes) ranks the same plans
     monkeypatch.setattr(search_module, "state_fits", lambda _m, base, space, *_: np.ones(
         (len(base["tp"]), len(search_module._shardings(space))), dtype=bool))
     every = search(model, cluster, seq, gbs, space, top_k=3)
-    assert every.pruned == 0 and every.candidates == len(grid)
+    assert every.pruned == 0 and every.valid == len(grid)
     assert [e.layout for e in got.plans] == [e.layout for e in every.plans]
     assert [e.step_time_s for e in got.plans] == [e.step_time_s for e in every.plans]
     assert [e.layout for e in got.alternatives] == [e.layout for e in every.alternatives]
@@ -286,3 +286,27 @@ def test_recompute_runs_evaluate_like_row_by_row(name, cluster_name, nodes, seq,
     shuffled = grid.take(np.random.default_rng(0).permutation(len(grid)))
     with pytest.raises(AssertionError, match="recompute runs"):
         megatron.evaluate(model, cluster, shuffled, variants)
+
+
+@pytest.mark.parametrize(("name", "nodes", "seq", "gbs", "extra"), [
+    ("llama3.1-70b", 8, 8192, 128, {}),
+    ("llama3.1-70b", 4, 8192, 64, {}),  # memory-bound: the top picks recompute layernorm
+    ("mixtral-8x7b", 2, 8192, 64, {}),  # ... and layernorm + moe_act
+    ("llama3.1-8b", 2, 8192, 64, dict(fsdp=(False, True))),
+])
+def test_skipping_variants_of_layouts_that_fit_without_recompute_changes_nothing(
+        name, nodes, seq, gbs, extra):
+    """`_evaluate_dominating` skips the recompute variants of every layout that fits without
+    recompute; with no recompute not listed first the search evaluates every row. Same plans,
+    alternatives and feasible count either way."""
+    model, cluster = load_model(name), load_cluster("dgx-h100", nodes=nodes)
+    fast = search(model, cluster, seq, gbs, SearchSpace(**extra), top_k=5)
+    full = search(model, cluster, seq, gbs,
+                  SearchSpace(recompute=("full", "none", "selective"), **extra), top_k=5)
+    assert fast.dominated > 0 and full.dominated == 0
+    assert fast.feasible == full.feasible and fast.valid == full.valid
+    assert [p.layout for p in fast.plans] == [p.layout for p in full.plans]
+    assert [p.step_time_s for p in fast.plans] == [p.step_time_s for p in full.plans]
+    assert [p.layout for p in fast.alternatives] == [p.layout for p in full.alternatives]
+    if name != "llama3.1-8b" and nodes < 8:  # the memory-bound cases: a module list wins
+        assert fast.plans[0].layout.recompute_modules
