@@ -287,20 +287,20 @@ def _evaluate_dominating(model: ModelSpec, cluster: ClusterSpec, grid: LayoutGri
     variants of a layout that fits without recompute: recompute only adds time and frees
     memory, so they fit and are slower, and they can neither win nor lead a family (the
     ranking keeps one row per layout). Returns (grid, result, dominated): the evaluated rows
-    (no-recompute rows of the fitting layouts, then every variant of the others) and how many
-    were skipped. The stall is not priced here (`_evaluate_with_stalls` does)."""
+    (every layout's no-recompute row, then the other variants of the layouts that do not fit
+    without recompute) and how many were skipped. The stall is not priced here
+    (`_evaluate_with_stalls` does)."""
     unpriced = replace(grid, price_stall=np.zeros(len(grid), dtype=bool))
     first = unpriced.take(np.arange(0, len(grid), variants))
     res_first = megatron.evaluate(model, cluster, first)
     fit_first = megatron.fits_mask(res_first, cluster.gpu, headroom)
-    keep = np.nonzero(fit_first)[0]
-    rows = (np.nonzero(~fit_first)[0][:, None] * variants + np.arange(variants)).ravel()
+    dominated = int(fit_first.sum()) * (variants - 1)
+    rows = (np.nonzero(~fit_first)[0][:, None] * variants + np.arange(1, variants)).ravel()
     if not len(rows):
-        return first.take(keep), res_first.take(keep), len(keep) * (variants - 1)
-    rest = unpriced.take(rows)
-    res_rest = megatron.evaluate(model, cluster, rest, variants)
-    return (first.take(keep).concat(rest), res_first.take(keep).concat(res_rest),
-            len(keep) * (variants - 1))
+        return first, res_first, dominated
+    rest = unpriced.take(rows)  # runs of the variants - 1 other recompute settings
+    res_rest = megatron.evaluate(model, cluster, rest, variants - 1)
+    return first.concat(rest), res_first.concat(res_rest), dominated
 
 
 def _evaluate_with_stalls(model: ModelSpec, cluster: ClusterSpec, grid: LayoutGrid,
