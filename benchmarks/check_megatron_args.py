@@ -166,11 +166,17 @@ def _expected(plan) -> dict:
         exp["fp8_recipe"] = FP8_RECIPE
     if lay.cuda_graphs:
         exp["cuda_graph_impl"] = "full_iteration"
+    elif lay.cuda_graph_modules:
+        exp["cuda_graph_impl"] = "transformer_engine"
     if m.is_moe:
+        flex = lay.moe_dispatcher != "alltoall"
         exp.update(expert_tensor_parallel_size=lay.etp,
                    num_moe_experts=m.num_experts, moe_router_topk=m.experts_top_k,
                    moe_ffn_hidden_size=m.expert_ffn_hidden_size,
-                   moe_token_dispatcher_type="alltoall", moe_grouped_gemm=True)
+                   moe_token_dispatcher_type="flex" if flex else "alltoall", moe_grouped_gemm=True,
+                   overlap_moe_expert_parallel_comm=lay.moe_a2a_overlap)
+        if flex:
+            exp["moe_flex_dispatcher_backend"] = lay.moe_dispatcher
     return exp
 
 

@@ -295,7 +295,32 @@ def modules_2025(text: str) -> tuple[str, ...]:
     return tuple(m.strip() for m in mods.split("+") if m.strip()) if sep else ()
 
 
-def layouts_2025(row: dict, model: ModelSpec, gpus: int) -> tuple[Layout, ...]:
+PRESET_FACTS = Path(__file__).resolve().parent / "data" / "bridge_moe_presets.csv"
+"""The Megatron-Bridge perf-preset facts of the MoE rows (benchmarks/bridge_presets.py)."""
+
+
+def preset_facts(path: Path = PRESET_FACTS) -> dict[int, dict]:
+    """{line of the 2025-2026 file: its preset's facts}."""
+    with open(path) as fh:
+        return {int(r["csv_line"]): r for r in csv.DictReader(fh)}
+
+
+def _moe_variants(facts: dict | None) -> list[dict]:
+    """The expert-overlap, dispatcher and CUDA-graph settings of a MoE row: its preset's, or
+    Megatron-Core's defaults (no overlap, alltoall, graphs as the notes say) where no single
+    preset matches it (choosing the fastest of the unknowns would flatter the model)."""
+    if facts is None:
+        return [{}]
+    impl, mods = facts["cuda_graph_impl"], facts["cuda_graph_modules"]
+    backend = facts["dispatcher_backend"]
+    return [{"moe_a2a_overlap": facts["moe_a2a_overlap"] == "True", "moe_dispatcher": backend,
+             "cuda_graphs": impl == "full_iteration",
+             "cuda_graph_modules": tuple(mods.split("+")) if impl == "transformer_engine"
+             and mods else ()}]
+
+
+def layouts_2025(row: dict, model: ModelSpec, gpus: int,
+                 facts: dict | None = None) -> tuple[Layout, ...]:
     """The published layout of a row. Megatron-Bridge: Megatron-Core (sequence parallel with
     tp > 1, distributed optimizer or Megatron-FSDP, flash attention; etp blank = Megatron-Core's
     default tp) with bf16 main grads (`BRIDGE_GRADS_NOTE`). torchtitan: FSDP2 over every dp
@@ -311,7 +336,8 @@ def layouts_2025(row: dict, model: ModelSpec, gpus: int) -> tuple[Layout, ...]:
         sizes[0], sizes[-1] = sizes[0] - 1, sizes[-1] - 1
         split = tuple(sizes)
     out = []
-    for rec in recomputes_2025(row["recompute"]):
+    moe = _moe_variants(facts) if model.is_moe and not titan else [{}]
+    for rec, extra in ((r, m) for r in recomputes_2025(row["recompute"]) for m in moe):
         lay = Layout(**given, dp=derived_dp(gpus, **given), etp=int(etp) if etp else None,
                      recompute_modules=modules_2025(row["recompute"]) if rec == "selective"
                      and not titan else (),
@@ -327,6 +353,7 @@ def layouts_2025(row: dict, model: ModelSpec, gpus: int) -> tuple[Layout, ...]:
                      cuda_graphs="CUDA graphs full_iteration" in row["notes"],
                      fsdp=row["sharding"] == "fsdp", grad_reduce_fp32=titan,
                      framework="torchtitan" if titan else "megatron")
+        lay = replace(lay, **extra)
         try:
             lay.validate(model, gpus)
         except SpecError:
@@ -341,6 +368,7 @@ def load_cases_2025(path: Path = CSV_2025) -> tuple[list[Case], list[tuple[str, 
     cases, skipped = [], []
     with open(path) as fh:
         rows = list(csv.DictReader(fh))
+    facts = preset_facts() if path == CSV_2025 else {}
     for i, row in enumerate(rows):
         gpus = int(_num(row["num_gpus"]))
         label = (f"{i + 2:>3} {row['model'][:16]} {gpus}x{row['gpu'].split(' ')[0][:6]} "
@@ -352,7 +380,7 @@ def load_cases_2025(path: Path = CSV_2025) -> tuple[list[Case], list[tuple[str, 
             skipped.append((label, str(exc)))
             continue
         model = load_model(str(MODELS_2025 / f"{row['model']}.json"))
-        layouts = layouts_2025(row, model, gpus)
+        layouts = layouts_2025(row, model, gpus, facts.get(i + 2))
         if not layouts:
             skipped.append((label, "published layout is invalid for the model shape"))
             continue

@@ -78,14 +78,27 @@ def overlapped(comm_s, window_s, fraction):
     return comm_s - hidden
 
 
+def node_dedup_scale(top_k, islands):
+    """Inter-node bytes of a node-deduplicating MoE dispatch (DeepEP / HybridEP: a token goes
+    once to each remote node holding one of its experts, then NVLink forwards it; DeepSeek-V3
+    Sec. 3.2.2) over those of a plain all-to-all (one copy per remote expert), for routing
+    uniform over `islands` nodes: E[remote nodes hit] / E[remote copies]
+    = (I-1)(1-(1-1/I)^k) / (k(I-1)/I) = I(1-(1-1/I)^k)/k; 1 for one island."""
+    islands = np.maximum(np.asarray(islands, dtype=float), 1.0)
+    scale = islands * (1 - (1 - 1 / islands) ** top_k) / top_k
+    return np.where(islands > 1, np.minimum(scale, 1.0), 1.0)
+
+
 def all_to_all_time(nbytes, size, stride, gpus_per_node, intra_Bps, inter_Bps, intra_latency_s,
-                    inter_latency_s):
+                    inter_latency_s, dedup_top_k=None):
     """All-to-all where each of `size` ranks sends `nbytes` split evenly over the group
     (MoE token dispatch/combine): the (size - k)/size share leaving the node goes through the
     rank's own NIC, the (k - 1)/size share to node-mates over NVLink (k = ranks per node),
-    plus log2(size) latencies of the pipelined exchange."""
+    plus log2(size) latencies of the pipelined exchange. `dedup_top_k`: a node-deduplicating
+    dispatcher of top-k routing (`node_dedup_scale` of the NIC share)."""
     n = np.maximum(size, 1)
     k = members_per_node(n, stride, gpus_per_node)
-    wire = nbytes / n * ((n - k) / inter_Bps + (k - 1) / intra_Bps)
+    nic = 1.0 if dedup_top_k is None else node_dedup_scale(dedup_top_k, n / k)
+    wire = nbytes / n * ((n - k) * nic / inter_Bps + (k - 1) / intra_Bps)
     alpha = group_latency_s(n, stride, gpus_per_node, intra_latency_s, inter_latency_s)
     return np.where(n > 1, wire + np.log2(n) * alpha, 0.0)

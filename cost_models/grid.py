@@ -43,6 +43,10 @@ class LayoutGrid:
     dtype: str
     cuda_graphs: bool = False
     """Grid-wide: whole-iteration CUDA graphs (`Layout.cuda_graphs`)."""
+    cuda_graph_modules: tuple[str, ...] = ()
+    """Grid-wide: Megatron per-module CUDA graphs (`Layout.cuda_graph_modules`)."""
+    moe_dispatcher: str = "alltoall"
+    """Grid-wide: the MoE token dispatcher (`Layout.moe_dispatcher`)."""
     torch_compile: bool = False
     """Grid-wide: torchtitan under torch.compile (`Layout.torch_compile`)."""
     async_tp: bool = False
@@ -62,6 +66,8 @@ class LayoutGrid:
     """Selective recompute's Megatron modules as a bitmask (`recompute_modules.BIT`)."""
     offload_activation_layers: np.ndarray | int = 0
     """Layers whose activations are offloaded to host memory (`Layout.offload_activation_layers`)."""
+    moe_a2a_overlap: np.ndarray | bool = False
+    """Megatron's expert all-to-all overlap (`Layout.moe_a2a_overlap`)."""
     layers_per_stage: tuple[int, ...] | None = None
     """Grid-wide explicit split (`Layout.layers_per_stage`, a grid of one layout); None: each
     row's even split (the rank counts above are derived from it either way)."""
@@ -96,7 +102,8 @@ class LayoutGrid:
         arrays = {name: self.column(name)[index]
                   for name in (*_ARRAY_FIELDS, "schedule", *OPTIONAL_FIELDS)}
         return LayoutGrid(**arrays, seq_len=self.seq_len, dtype=self.dtype,
-                          cuda_graphs=self.cuda_graphs, torch_compile=self.torch_compile,
+                          cuda_graphs=self.cuda_graphs, cuda_graph_modules=self.cuda_graph_modules,
+                          moe_dispatcher=self.moe_dispatcher, torch_compile=self.torch_compile,
                           async_tp=self.async_tp, layers_per_stage=self.layers_per_stage)
 
     def concat(self, other: LayoutGrid) -> LayoutGrid:
@@ -104,7 +111,8 @@ class LayoutGrid:
         arrays = {name: np.concatenate([self.column(name), other.column(name)])
                   for name in (*_ARRAY_FIELDS, "schedule", *OPTIONAL_FIELDS)}
         return LayoutGrid(**arrays, seq_len=self.seq_len, dtype=self.dtype,
-                          cuda_graphs=self.cuda_graphs, torch_compile=self.torch_compile,
+                          cuda_graphs=self.cuda_graphs, cuda_graph_modules=self.cuda_graph_modules,
+                          moe_dispatcher=self.moe_dispatcher, torch_compile=self.torch_compile,
                           async_tp=self.async_tp, layers_per_stage=self.layers_per_stage)
 
     def layout(self, i: int, layers_per_stage: tuple[int, ...] | None = None) -> Layout:
@@ -116,6 +124,8 @@ class LayoutGrid:
             distributed_optimizer=bool(self.distributed_optimizer[i]),
             flash_attention=bool(self.flash_attention[i]), dtype=self.dtype,
             layers_per_stage=layers_per_stage, cuda_graphs=self.cuda_graphs,
+            cuda_graph_modules=self.cuda_graph_modules, moe_dispatcher=self.moe_dispatcher,
+            moe_a2a_overlap=bool(self.column("moe_a2a_overlap")[i]),
             torch_compile=self.torch_compile, async_tp=self.async_tp,
             pipeline_schedule=_named_schedule(int(self.schedule[i]), int(self.vp[i])),
             fsdp=bool(self.column("fsdp")[i]),
@@ -139,6 +149,8 @@ class LayoutGrid:
             flash_attention=np.array([layout.flash_attention]),
             layers_first=np.array([first]), layers_last=np.array([last]), layers_mid=np.array([mid]),
             seq_len=layout.seq_len, dtype=layout.dtype, cuda_graphs=layout.cuda_graphs,
+            cuda_graph_modules=layout.cuda_graph_modules, moe_dispatcher=layout.moe_dispatcher,
+            moe_a2a_overlap=np.array([layout.moe_a2a_overlap]),
             torch_compile=layout.torch_compile, async_tp=layout.async_tp,
             schedule=np.array([CODE[layout.schedule]], dtype=np.int64),
             fsdp=np.array([layout.fsdp]),
@@ -164,7 +176,7 @@ _ARRAY_FIELDS = INT_FIELDS + (
     "layers_mid",
 )
 OPTIONAL_FIELDS = ("fsdp", "dp_replicate", "grad_reduce_fp32", "framework", "recompute_modules",
-                   "offload_activation_layers", "price_stall")
+                   "offload_activation_layers", "moe_a2a_overlap", "price_stall")
 """Columns with a grid-wide default (searches that do not vary them pass nothing)."""
 
 

@@ -232,7 +232,9 @@ class Links:
         return np.where(comm.spans_nodes(group.size, group.stride, self.gpus_per_node),
                         outer, self.intra_latency_s)
 
-    def all_to_all_s(self, nbytes, group: Group):
+    def all_to_all_s(self, nbytes, group: Group, dedup_top_k=None):
+        """`comm.all_to_all_time` over these links (`dedup_top_k`: a node-deduplicating
+        dispatcher's NIC share, `comm.node_dedup_scale`)."""
         dom_gpus, dom_Bps, dom_alpha = self._domain
         if dom_gpus > self.gpus_per_node:
             # The straddling instance: its k members on the small side send (n - k)/n of
@@ -240,11 +242,12 @@ class Links:
             crosses, k = self._straddle(group)
             n = np.maximum(group.size, 1)
             k = np.where(crosses, k, n)
-            wire = nbytes / n * ((n - k) / self.inter_Bps + (k - 1) / dom_Bps)
+            nic = 1.0 if dedup_top_k is None else comm.node_dedup_scale(dedup_top_k, n / k)
+            wire = nbytes / n * ((n - k) * nic / self.inter_Bps + (k - 1) / dom_Bps)
             alpha = np.where(crosses, self.inter_latency_s, dom_alpha)
             return np.where(n > 1, wire + np.log2(n) * alpha, 0.0)
         return comm.all_to_all_time(nbytes, group.size, group.stride, dom_gpus, dom_Bps,
-                                    self.inter_Bps, dom_alpha, self.inter_latency_s)
+                                    self.inter_Bps, dom_alpha, self.inter_latency_s, dedup_top_k)
 
     def hop_Bps(self, stage_size, pp):
         """Bandwidth of the slowest pipeline hop between stages `stage_size` ranks apart: a
@@ -369,7 +372,7 @@ def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutG
     ep_passes = passes + ((g.recompute == 1) & _has_module(g, "moe"))
     return LayerTimes(fwd_s=fwd, bwd_s=bwd, recompute_s=recompute, tp_comm_s=tp_comm,
                       cp_comm_s=cp_comm,
-                      ep_comm_s=_ep_comm_s(model, cluster, base.ep_one_s, ep_passes))
+                      ep_comm_s=_ep_comm_s(model, cluster, g, base.ep_one_s, ep_passes))
 
 
 def _offload_exposed_s(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, fwd_s, bwd_s):
@@ -440,10 +443,28 @@ def expert_gemm_times(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, tokens, rou
         return 0.0, 0.0
     rows = expert_rows(model, g, tokens)
     slow = (rows + gpu.grouped_gemm_half_rows) / rows * model.expert_load_imbalance
-    fixed = 0.0 if g.cuda_graphs else gpu.moe_layer_overhead_s * model.num_moe_layers / model.num_layers
+    fixed = host_share(g) * gpu.moe_layer_overhead_s * model.num_moe_layers / model.num_layers
     fwd = compute.gemm_time(routed * slow, 2, gpu, g.dtype) + fixed
     bwd = compute.gemm_time(2 * routed * slow, 4, gpu, g.dtype) + fixed
     return fwd, bwd
+
+
+PARTIAL_GRAPH_HOST_SAVED = 0.8
+"""Share of the per-MoE-layer host cost (`GpuSpec.moe_layer_overhead_s`) that Megatron's
+per-module CUDA graphs of the router and the dispatcher's preprocess remove (their kernel
+launches replay as one graph; the dispatch itself stays eager). Fitted on the MoE rows whose
+Megatron-Bridge presets set `cuda_graph_scope=[..., "moe_router", "moe_preprocess"]`
+(benchmarks/calibrate_moe_blackwell.py)."""
+
+
+def host_share(g: LayoutGrid) -> float:
+    """Share of the per-MoE-layer host cost left: none under whole-iteration graphs or a
+    captured MoE layer, 1 - `PARTIAL_GRAPH_HOST_SAVED` with the router or the preprocess
+    captured, all of it without graphs."""
+    mods = set(g.cuda_graph_modules)
+    if g.cuda_graphs or "moe" in mods:
+        return 0.0
+    return 1.0 - PARTIAL_GRAPH_HOST_SAVED if mods & {"moe_router", "moe_preprocess"} else 1.0
 
 
 def titan_sac_recomputed_share(model: ModelSpec) -> float:
@@ -462,22 +483,25 @@ def _ep_all_to_all_s(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, toke
     """One MoE token dispatch (or combine) of a layer: every local token's top-k copies (h
     wide, bf16) to their experts over the expert-parallel group (`ParallelDims.group("ep")`);
     with sequence parallelism each tp rank sends its 1/tp of the tokens. None for a dense
-    model."""
+    model. A flex dispatcher (DeepEP / HybridEP) sends each token once per remote node."""
     if not model.is_moe:
         return None
     local = np.where(g.sequence_parallel, tokens / g.tp, tokens)
     nbytes = 2 * local * model.experts_top_k * model.hidden_size
-    return Links.of(cluster).all_to_all_s(nbytes, g.dims.group("ep"))
+    dedup = None if g.moe_dispatcher == "alltoall" else model.experts_top_k
+    return Links.of(cluster).all_to_all_s(nbytes, g.dims.group("ep"), dedup)
 
 
-def _ep_comm_s(model: ModelSpec, cluster: ClusterSpec, one, per_pass):
+def _ep_comm_s(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, one, per_pass):
     """MoE dispatch + combine per layer (averaged over layers), exposed: each of the
     `per_pass` passes (forward, backward, recomputed forward) runs the all-to-all `one`
-    (`_ep_all_to_all_s`) twice."""
+    (`_ep_all_to_all_s`) twice, on the compute stream (Megatron-Core's default) or, with
+    `Layout.moe_a2a_overlap`, the share `GpuSpec.ep_comm_overlap` under another micro-batch's
+    compute."""
     if one is None:
         return 0.0
     share = model.num_moe_layers / model.num_layers
-    exposed = 1 - cluster.gpu.ep_comm_overlap
+    exposed = np.where(g.column("moe_a2a_overlap"), 1 - cluster.gpu.ep_comm_overlap, 1.0)
     return share * 2 * per_pass * one * exposed  # dispatch + combine in each of the passes
 
 
@@ -881,7 +905,7 @@ def _rank_kinds(g: LayoutGrid) -> tuple[tuple, ...]:
             (g.layers_mid, False, False, np.minimum(1, g.pp - 1)))
 
 
-RECOMPUTE_COLUMNS = ("recompute", "recompute_modules")
+RECOMPUTE_COLUMNS = ("recompute", "recompute_modules", "moe_a2a_overlap")
 """The columns in which the rows of a run of recompute variants differ (`evaluate`)."""
 
 

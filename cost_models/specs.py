@@ -45,6 +45,8 @@ FP8_DTYPES: tuple[str, ...] = ("fp8", "mxfp8")
 MlpKind = Literal["gated_silu", "gated_gelu", "gelu", "squared_relu"]
 MLP_KINDS: tuple[str, ...] = ("gated_silu", "gated_gelu", "gelu", "squared_relu")
 Schedule = Literal["1f1b", "interleaved", "zb-h1", "zb-v", "dualpipe", "dualpipev"]
+MoeDispatcher = Literal["alltoall", "deepep", "hybridep"]
+MOE_DISPATCHERS: tuple[str, ...] = ("alltoall", "deepep", "hybridep")
 Framework = Literal["megatron", "torchtitan"]
 FRAMEWORKS: tuple[str, ...] = ("megatron", "torchtitan")
 """Whose memory conventions an estimate follows (selective recompute, loss, FSDP states)."""
@@ -697,6 +699,24 @@ class Layout:
     """Whole-iteration CUDA graphs (Megatron-Core --cuda-graph-impl full_iteration): the host
     launches one graph per step, so the per-MoE-layer host cost (`GpuSpec.moe_layer_overhead_s`:
     the dropless dispatcher's device-to-host sync and kernel launches) disappears."""
+    cuda_graph_modules: tuple[str, ...] = ()
+    """Megatron-Core per-module CUDA graphs (`--cuda-graph-impl transformer_engine
+    --cuda-graph-modules ...`, names in `CUDA_GRAPH_MODULES`): the captured modules' launches
+    replay as graphs. Capturing the MoE router and the dispatcher's preprocess removes the
+    share `megatron.PARTIAL_GRAPH_HOST_SAVED` of the per-MoE-layer host cost; () captures
+    nothing. Exclusive with `cuda_graphs` (Megatron: modules must be empty with
+    full_iteration)."""
+    moe_dispatcher: MoeDispatcher = "alltoall"
+    """Megatron-Core's MoE token dispatcher: alltoall (`--moe-token-dispatcher-type
+    alltoall`, the default: one copy per routed expert over the wire) or a node-deduplicating
+    flex backend (`--moe-token-dispatcher-type flex --moe-flex-dispatcher-backend deepep |
+    hybridep`: one copy per remote node, forwarded over NVLink; `comm.node_dedup_scale`)."""
+    moe_a2a_overlap: bool = False
+    """Megatron-Core `--overlap-moe-expert-parallel-comm`: each micro-batch's expert
+    all-to-all runs under another micro-batch's compute (1F1B A2A overlap; the share
+    `GpuSpec.ep_comm_overlap` hidden). Off (Megatron's default), the dispatch and combine are
+    exposed. Megatron needs ep > 1, vp > 1 when pp > 1, no full recompute and no "moe" in the
+    recompute modules."""
     pipeline_schedule: Schedule | None = None
     """Pipeline schedule (`cost_models.schedules.SCHEDULES`); None: Megatron-LM's default for
     vp (interleaved when vp > 1, else 1f1b). Read it as `schedule`."""
@@ -770,6 +790,13 @@ class Layout:
                             "--framework torchtitan --torch-compile, or drop --async-tp")
         if not isinstance(self.cuda_graphs, bool):
             raise SpecError(f"cuda_graphs must be true or false, got {_short(self.cuda_graphs)}")
+        if self.cuda_graph_modules:
+            self._validate_graph_modules()
+        if self.moe_a2a_overlap:
+            self._validate_a2a_overlap(model)
+        if self.moe_dispatcher not in MOE_DISPATCHERS:
+            raise SpecError(f"moe-dispatcher must be one of {MOE_DISPATCHERS}, got "
+                            f"{_short(self.moe_dispatcher)}")
         if self.dtype not in DTYPES:
             raise SpecError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         ends = self.layers_per_stage or (1,)
@@ -831,6 +858,30 @@ class Layout:
             raise SpecError("activation offload (Megatron --cpu-offloading-num-layers) needs pp = 1, "
                             "no recompute and the megatron framework")
 
+    def _validate_graph_modules(self) -> None:
+        mods = self.cuda_graph_modules
+        if not isinstance(mods, tuple) or not all(isinstance(m, str) for m in mods):
+            raise SpecError(f"cuda_graph_modules must be a list of names, got {_short(mods)}")
+        bad = [m for m in mods if m not in CUDA_GRAPH_MODULES]
+        if bad:
+            raise SpecError(f"unknown CUDA graph module {_short(bad[0])}; Megatron's "
+                            f"--cuda-graph-modules takes {', '.join(CUDA_GRAPH_MODULES)}")
+        if self.cuda_graphs:
+            raise SpecError("--cuda-graph-modules must be empty with whole-iteration CUDA graphs "
+                            "(Megatron --cuda-graph-impl full_iteration); drop one of them")
+        if self.framework != "megatron":
+            raise SpecError("--cuda-graph-modules is Megatron-Core's (transformer_engine graphs); "
+                            "drop it with --framework torchtitan")
+
+    def _validate_a2a_overlap(self, model: ModelSpec) -> None:
+        if not isinstance(self.moe_a2a_overlap, bool):
+            raise SpecError(f"moe_a2a_overlap must be true or false, got {_short(self.moe_a2a_overlap)}")
+        problem = a2a_overlap_problem(model, self.framework, self.ep, self.pp, self.vp,
+                                      self.recompute, self.recompute_modules)
+        if problem:
+            raise SpecError(f"--moe-a2a-overlap (Megatron --overlap-moe-expert-parallel-comm) "
+                            f"{problem}")
+
     def _validate_modules(self, model: ModelSpec) -> None:
         from .recompute_modules import check  # the module imports ModelSpec from here
 
@@ -852,12 +903,15 @@ class Layout:
         """The JSON/YAML form of DESIGN.md (schedule added, layers_per_stage and
         recompute_modules when set)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)
-               if f.name not in ("layers_per_stage", "pipeline_schedule", "recompute_modules")}
+               if f.name not in ("layers_per_stage", "pipeline_schedule", "recompute_modules",
+                                 "cuda_graph_modules")}
         out["schedule"] = self.schedule
         if self.layers_per_stage is not None:
             out["layers_per_stage"] = list(self.layers_per_stage)
         if self.recompute_modules:
             out["recompute_modules"] = list(self.recompute_modules)
+        if self.cuda_graph_modules:
+            out["cuda_graph_modules"] = list(self.cuda_graph_modules)
         return out
 
     @classmethod
@@ -873,12 +927,32 @@ class Layout:
             kwargs["pipeline_schedule"] = named
         if kwargs.get("layers_per_stage") is not None:
             kwargs["layers_per_stage"] = tuple(int(x) for x in kwargs["layers_per_stage"])
-        if isinstance(kwargs.get("recompute_modules"), list):
-            kwargs["recompute_modules"] = tuple(kwargs["recompute_modules"])
+        for name in ("recompute_modules", "cuda_graph_modules"):
+            if isinstance(kwargs.get(name), list):
+                kwargs[name] = tuple(kwargs[name])
         try:
             return cls(**kwargs)
         except TypeError as exc:
             raise SpecError(f"layout is incomplete: {exc}") from None
+
+
+CUDA_GRAPH_MODULES = ("attn", "mlp", "moe", "moe_router", "moe_preprocess", "mamba")
+"""Megatron-Core's `--cuda-graph-modules` choices (megatron/training/arguments.py @ d98e8a64)."""
+
+
+def a2a_overlap_problem(model: ModelSpec, framework, ep, pp, vp, recompute,
+                        recompute_modules=()) -> str | None:
+    """Which of Megatron-Core's rules for `--overlap-moe-expert-parallel-comm`
+    (TransformerConfig.__post_init__ @ d98e8a64) a layout breaks, or None."""
+    if not model.is_moe or framework != "megatron":
+        return "needs a mixture-of-experts model under Megatron-Core"
+    if ep <= 1:
+        return "needs expert parallelism (ep > 1)"
+    if pp > 1 and vp <= 1:
+        return "needs an interleaved pipeline (vp > 1) when pp > 1"
+    if recompute == "full" or "moe" in recompute_modules:
+        return "is not allowed with full recompute or 'moe' in the recompute modules"
+    return None
 
 
 def even_split(total: int, parts: int) -> tuple[int, ...]:

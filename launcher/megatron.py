@@ -133,6 +133,9 @@ def _overlap_args(plan: Plan) -> list[str]:
             args.append("--overlap-param-gather")
     if lay.cuda_graphs:  # Megatron asserts the NaN check is off under full-iteration graphs
         args += _flag("cuda-graph-impl", "full_iteration") + ["--no-check-for-nan-in-loss-and-grad"]
+    elif lay.cuda_graph_modules:  # per-module graphs, captured by Transformer Engine
+        args += _flag("cuda-graph-impl", "transformer_engine") \
+            + ["--cuda-graph-modules", *lay.cuda_graph_modules]
     return args
 
 
@@ -240,7 +243,9 @@ def _moe_args(plan: Plan, arch: Architecture) -> list[str]:
         return []
     args = (_flag("num-experts", m.num_experts) + _flag("moe-router-topk", m.experts_top_k)
             + _flag("moe-ffn-hidden-size", m.expert_ffn_hidden_size)
-            + _flag("moe-token-dispatcher-type", "alltoall") + ["--moe-grouped-gemm"])
+            + _dispatcher_args(plan) + ["--moe-grouped-gemm"])
+    if plan.layout.moe_a2a_overlap:
+        args.append("--overlap-moe-expert-parallel-comm")
     if m.shared_expert_ffn_hidden_size:
         args += _flag("moe-shared-expert-intermediate-size", m.shared_expert_ffn_hidden_size)
     if m.num_dense_layers and m.moe_layer_every == 1:
@@ -253,6 +258,14 @@ def _moe_args(plan: Plan, arch: Architecture) -> list[str]:
     if arch.moe_router_score == "sigmoid":
         args += _flag("moe-router-score-function", "sigmoid") + ["--moe-router-enable-expert-bias"]
     return args
+
+
+def _dispatcher_args(plan: Plan) -> list[str]:
+    """alltoall, or the flex dispatcher with its node-deduplicating backend."""
+    kind = plan.layout.moe_dispatcher
+    if kind == "alltoall":
+        return _flag("moe-token-dispatcher-type", "alltoall")
+    return _flag("moe-token-dispatcher-type", "flex") + _flag("moe-flex-dispatcher-backend", kind)
 
 
 def _num(value: float) -> str:

@@ -28,7 +28,9 @@ from .options import (
     check_titan,
     expert_imbalance_option,
     finite_range,
+    graph_module_list,
     module_list,
+    moe_options,
     problem_options,
     resolve_problem,
     sharding_options,
@@ -76,12 +78,14 @@ from .verdict import TIGHT_FRACTION, memory_verdict
               help="Pipeline schedule [default: interleaved when vp > 1, else 1f1b]; zb-v and "
                    "dualpipev need --vp 2.")
 @sharding_options
+@moe_options(a2a_default=False)
 def estimate(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model,
              as_json, micro_batch_size, recompute, recompute_modules, offload_activation_layers,
              sequence_parallel,
              distributed_optimizer,
              mem_headroom, etp, expert_imbalance, cuda_graphs, schedule, fsdp, dp_replicate,
-             grad_reduce_fp32, framework, torch_compile, async_tp, **degrees):
+             grad_reduce_fp32, framework, torch_compile, async_tp, moe_dispatcher,
+             moe_a2a_overlap, cuda_graph_modules, **degrees):
     """Predict step time, throughput, MFU and peak memory of one layout."""
     check_sharding(fsdp, dp_replicate)
     check_titan(framework, torch_compile, async_tp)
@@ -105,7 +109,8 @@ def estimate(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, d
         framework=framework,
         recompute_modules=module_list(recompute_modules) if recompute_modules else (),
         offload_activation_layers=offload_activation_layers, torch_compile=torch_compile,
-        async_tp=async_tp,
+        async_tp=async_tp, moe_dispatcher=moe_dispatcher, moe_a2a_overlap=moe_a2a_overlap,
+        cuda_graph_modules=graph_module_list(cuda_graph_modules),
     )
     est = estimate_layout(prob, layout, mem_headroom)
     verdict = memory_verdict(est, mem_headroom, _recompute_options(prob, layout, est,
@@ -129,5 +134,7 @@ def _recompute_options(prob, layout: Layout, est, headroom: float) -> dict:
         return {}
     heavier = RECOMPUTE_KINDS[RECOMPUTE_KINDS.index(layout.recompute) + 1:]
     return {r: estimate_layout(prob, replace(layout, recompute=r, recompute_modules=(),
-                                             offload_activation_layers=0), headroom)
+                                             offload_activation_layers=0,
+                                             moe_a2a_overlap=layout.moe_a2a_overlap
+                                             and r != "full"), headroom)
             for r in heavier}

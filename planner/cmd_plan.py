@@ -32,7 +32,9 @@ from .options import (
     check_titan,
     expert_imbalance_option,
     finite_range,
+    graph_module_list,
     module_list,
+    moe_options,
     problem_options,
     resolve_problem,
     sharding_options,
@@ -75,6 +77,7 @@ from .search import SearchResult, SearchSpace
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
               help="Fix the pipeline schedule [default: search all of them].")
 @sharding_options
+@moe_options(a2a_default=True)
 @click.option("--consider-fsdp", is_flag=True,
               help="Search FSDP layouts alongside Megatron DP / distributed optimizer ones "
                    "(--fsdp: FSDP only).")
@@ -82,7 +85,8 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
          as_json, top_k, output, report, micro_batch_size, recompute, module_lists, mem_headroom,
          max_tp,
          expert_imbalance, schedule, fsdp, dp_replicate, grad_reduce_fp32, framework,
-         consider_fsdp, torch_compile, async_tp, **degrees):
+         consider_fsdp, torch_compile, async_tp, moe_dispatcher, moe_a2a_overlap,
+         cuda_graph_modules, **degrees):
     """Rank every valid TP/PP/CP/DP layout and write the fastest one that fits."""
     check_sharding(fsdp or consider_fsdp, dp_replicate)
     check_titan(framework, torch_compile, async_tp)
@@ -98,8 +102,9 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
                         fsdp=(True,) if fsdp else (False, True) if consider_fsdp else (False,),
                         dp_replicate=dp_replicate, grad_reduce_fp32=grad_reduce_fp32,
                         framework=framework, torch_compile=torch_compile, async_tp=async_tp,
-                        recompute_modules=_module_lists(prob.model,
-                                                                             module_lists),
+                        recompute_modules=_module_lists(prob.model, module_lists),
+                        moe_a2a_overlap=moe_a2a_overlap, moe_dispatcher=moe_dispatcher,
+                        cuda_graph_modules=graph_module_list(cuda_graph_modules),
                         **degrees)
     console = cli_console(stderr=as_json)
     with progress(f"planning {prob.model.name} on {prob.cluster.world_size:,} GPUs"):

@@ -8,7 +8,15 @@ from dataclasses import dataclass, replace
 
 import click
 
-from cost_models.specs import DTYPES, FRAMEWORKS, ClusterSpec, ModelSpec, SpecError
+from cost_models.specs import (
+    CUDA_GRAPH_MODULES,
+    DTYPES,
+    FRAMEWORKS,
+    MOE_DISPATCHERS,
+    ClusterSpec,
+    ModelSpec,
+    SpecError,
+)
 
 from .cli import one_line
 from .specfiles import load_cluster, load_model
@@ -171,4 +179,40 @@ def module_list(text: str, option: str = "--recompute-modules") -> tuple[str, ..
     if not all(names) or len(text) > 500:
         raise SpecError(f"{option} {text[:80]!r}: write a comma-separated list such as "
                         "layernorm,mlp")
+    return names
+
+
+def moe_options(a2a_default: bool):
+    """--moe-dispatcher --moe-a2a-overlap/--no-moe-a2a-overlap --cuda-graph-modules (plan and
+    estimate; plan turns the overlap on where Megatron allows it, estimate off unless asked)."""
+    where = " where Megatron allows it (ep > 1, vp > 1 with pp > 1, no full recompute)" \
+        if a2a_default else ""
+    opts = [
+        click.option("--moe-dispatcher", type=click.Choice(MOE_DISPATCHERS), default="alltoall",
+                     show_default=True,
+                     help="MoE token dispatcher: Megatron's alltoall, or the flex dispatcher's "
+                          "deepep / hybridep backend (one copy per remote node, NVLink "
+                          "forwarding)."),
+        click.option("--moe-a2a-overlap/--no-moe-a2a-overlap", default=a2a_default,
+                     show_default=True,
+                     help="MoE: Megatron --overlap-moe-expert-parallel-comm (expert all-to-all "
+                          f"under another micro-batch's compute){where}."),
+        click.option("--cuda-graph-modules", default=None,
+                     help="Megatron per-module CUDA graphs (--cuda-graph-impl "
+                          "transformer_engine), comma-separated: "
+                          f"{', '.join(CUDA_GRAPH_MODULES)}."),
+    ]
+    return lambda func: functools.reduce(lambda f, opt: opt(f), reversed(opts), func)
+
+
+def graph_module_list(text: str | None) -> tuple[str, ...]:
+    """--cuda-graph-modules 'attn,moe_router' -> ('attn', 'moe_router'); SpecError naming a
+    module Megatron does not have."""
+    if not text:
+        return ()
+    names = module_list(text, "--cuda-graph-modules")
+    bad = [n for n in names if n not in CUDA_GRAPH_MODULES]
+    if bad:
+        raise SpecError(f"--cuda-graph-modules: unknown module {bad[0][:40]!r}; Megatron "
+                        f"captures {', '.join(CUDA_GRAPH_MODULES)}")
     return names

@@ -96,6 +96,13 @@ class SearchSpace:
     recompute_modules: tuple[tuple[str, ...], ...] | None = None
     """Megatron module lists tried with selective recompute (`--recompute-modules`); None:
     `recompute_modules.search_sets(model)` (the default, a cheap and a whole-MLP set)."""
+    moe_a2a_overlap: bool = True
+    """MoE: Megatron's expert all-to-all overlap on every candidate that its rules allow
+    (`specs.a2a_overlap_problem`); False: never (`Layout.moe_a2a_overlap`)."""
+    moe_dispatcher: str = "alltoall"
+    """MoE token dispatcher of every candidate (`Layout.moe_dispatcher`)."""
+    cuda_graph_modules: tuple[str, ...] = ()
+    """Megatron per-module CUDA graphs of every candidate (`Layout.cuda_graph_modules`)."""
 
     def to_dict(self) -> dict:
         """The plan file's form (tuples as lists)."""
@@ -464,9 +471,23 @@ def _generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
         schedule=sc, fsdp=fs, dp_replicate=np.where(fs, space.dp_replicate, 1),
         grad_reduce_fp32=space.grad_reduce_fp32, framework=space.framework,
         recompute_modules=rec_masks[ri], torch_compile=space.torch_compile,
-        async_tp=space.async_tp,
+        async_tp=space.async_tp, moe_dispatcher=space.moe_dispatcher,
+        cuda_graph_modules=space.cuda_graph_modules,
+        moe_a2a_overlap=a2a_overlap_allowed(model, space, d.ep, d.pp, v, rec_codes[ri],
+                                            rec_masks[ri]),
     )
     return grid, pruned
+
+
+def a2a_overlap_allowed(model: ModelSpec, space: SearchSpace, ep, pp, vp, recompute, masks):
+    """Per row: whether the candidate runs Megatron's expert A2A overlap, i.e. the space asks
+    for it and Megatron-Core's rules allow it (`specs.a2a_overlap_problem`, vectorised: ep > 1,
+    vp > 1 with pp > 1, no full recompute, no "moe" module recomputed)."""
+    if not (space.moe_a2a_overlap and model.is_moe and space.framework == "megatron"):
+        return False
+    moe_bit = recompute_modules.BIT["moe"]
+    return (ep > 1) & ((pp == 1) | (vp > 1)) & (recompute != 2) & \
+        ~((recompute == 1) & ((masks & moe_bit) != 0))
 
 
 def recompute_options(model: ModelSpec, space: SearchSpace) -> tuple[np.ndarray, np.ndarray]:

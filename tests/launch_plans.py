@@ -46,6 +46,12 @@ FAMILIES = {
         tp=2, pp=8, dp=16, ep=16, recompute="selective",
         recompute_modules=("layernorm", "moe_act", "mla_up_proj"),
         layers_per_stage=(7, 8, 8, 8, 8, 8, 8, 6))),
+    # Megatron-Bridge-style MoE extras: expert A2A overlap (needs vp > 1 with pp > 1), the
+    # flex dispatcher's DeepEP backend and per-module CUDA graphs of attention and router.
+    "mixtral-overlap": ("mixtral-8x7b", 2, dict(
+        tp=1, pp=2, dp=2, cp=4, ep=8, vp=3, layers_per_stage=(5, 6, 6, 5, 5, 5),
+        moe_a2a_overlap=True, moe_dispatcher="deepep",
+        cuda_graph_modules=("attn", "moe_router", "moe_preprocess"))),
     "70b-offload": ("llama3.1-70b", 8, dict(tp=8, pp=1, dp=8, sequence_parallel=True,
                                             offload_activation_layers=40)),
     "deepseek-v3": ("deepseek-v3", 32, dict(tp=2, pp=8, dp=16, ep=16, recompute="full",

@@ -91,7 +91,15 @@ def test_megatron_args_rebuild_the_plan(name):
     if m.is_moe:
         assert (int(f["num-experts"]), int(f["moe-router-topk"]), int(f["moe-ffn-hidden-size"])) == (
             m.num_experts, m.experts_top_k, m.expert_ffn_hidden_size)
-        assert f["moe-token-dispatcher-type"] == "alltoall" and f["moe-grouped-gemm"] is True
+        flex = lay.moe_dispatcher != "alltoall"
+        assert f["moe-token-dispatcher-type"] == ("flex" if flex else "alltoall")
+        assert f.get("moe-flex-dispatcher-backend") == (lay.moe_dispatcher if flex else None)
+        assert f["moe-grouped-gemm"] is True
+        assert ("overlap-moe-expert-parallel-comm" in f) == lay.moe_a2a_overlap
+    args = frameworks.megatron_args(plan)
+    graphs = args[args.index("--cuda-graph-modules") + 1:] if "--cuda-graph-modules" in args else []
+    assert graphs[:len(lay.cuda_graph_modules)] == list(lay.cuda_graph_modules)
+    assert (f.get("cuda-graph-impl") == "transformer_engine") == bool(lay.cuda_graph_modules)
     # architecture
     assert f["position-embedding-type"] == arch.position_embedding
     if arch.position_embedding == "rope":

@@ -23,7 +23,7 @@ from cost_models.dims import divisors
 from cost_models.grid import LayoutGrid, rank_layer_counts
 from cost_models.schedules import SCHEDULES
 from cost_models.simulator import StepTasks, simulate_step
-from cost_models.specs import RECOMPUTE_KINDS, Layout, ModelSpec, SpecError
+from cost_models.specs import RECOMPUTE_KINDS, Layout, ModelSpec, SpecError, a2a_overlap_problem
 from planner.search import SearchSpace, search
 from planner.specfiles import load_cluster, load_model
 
@@ -76,11 +76,14 @@ def _every_layout(model, world: int, seq: int, gbs: int):
                     lay.validate(model, world)
                 except SpecError:
                     continue
-                # no rule involves the recompute kind or the optimizer: every pair is valid
+                # no rule involves the optimizer: every pair is valid; the expert A2A
+                # overlap both ways where Megatron's rules allow it
                 out += [replace(lay, recompute=rec, recompute_modules=mods,
-                                distributed_optimizer=do)
+                                distributed_optimizer=do, moe_a2a_overlap=ov)
                         for rec in RECOMPUTE_KINDS for mods in _module_lists(model, rec)
-                        for do in (False, True)]
+                        for do in (False, True)
+                        for ov in (False, True)[:1 + (a2a_overlap_problem(
+                            model, "megatron", ep, pp, vp, rec, mods) is None)]]
     return out
 
 
@@ -114,7 +117,8 @@ def _grid(layouts, num_layers: int) -> LayoutGrid:
                                     or recompute_modules.DEFAULT_MASK for x in layouts]),
         flash_attention=np.ones(len(layouts), dtype=bool), layers_first=counts[:, 0],
         layers_last=counts[:, 1], layers_mid=counts[:, 2], seq_len=layouts[0].seq_len,
-        dtype="bf16", schedule=schedules.codes([x.schedule for x in layouts]))
+        dtype="bf16", schedule=schedules.codes([x.schedule for x in layouts]),
+        moe_a2a_overlap=np.array([x.moe_a2a_overlap for x in layouts]))
 
 
 def test_planner_pick_equals_brute_force_best_on_50_random_problems():
