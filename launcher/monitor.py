@@ -340,24 +340,33 @@ def median_period_s(views: dict[int, RankView]) -> float | None:
     return statistics.median(periods) if periods else None
 
 
+def stall_s(views: dict[int, RankView], now: float, cfg: MonitorConfig) -> tuple[float, float]:
+    """(seconds since any rank last wrote a record, the hang limit outside sections:
+    max(hang_k x median period, hang_floor_s), or the start-up timeout before the period is
+    known). A stall past the limit is worth a look at the processes' states even inside a
+    section (`find_hang`)."""
+    stamps = [v.last_t for v in views.values() if v.last_t is not None]
+    period = median_period_s(views)
+    limit_s = cfg.startup_timeout_s if period is None else max(cfg.hang_k * period,
+                                                              cfg.hang_floor_s)
+    return (now - max(stamps) if stamps else 0.0), limit_s
+
+
 def find_hang(views: dict[int, RankView], now: float, cfg: MonitorConfig,
               stopped: frozenset[int] = frozenset()) -> Incident | None:
     """No rank has written a record for max(hang_k x median period, hang_floor_s) seconds
     (the start-up timeout before the period is known; `section_timeout_s` while a rank is in
-    an announced section). The culprit is a rank the supervisor sees stopped (`stopped`:
+    an announced section, unless a rank is seen stopped: a process in state T makes no
+    progress in any section). The culprit is a rank the supervisor sees stopped (`stopped`:
     process state T, e.g. SIGSTOP), else the live rank missing from the collective most
     waiting ranks are blocked in."""
     live = {r: v for r, v in views.items() if v.terminal is None and v.last_t is not None}
     if not live:
         return None
-    progress_t = max(v.last_t for v in views.values() if v.last_t is not None)
-    period = median_period_s(views)
-    limit_s = cfg.startup_timeout_s if period is None else max(cfg.hang_k * period,
-                                                              cfg.hang_floor_s)
+    stalled_s, limit_s = stall_s(views, now, cfg)
     sections = sorted({v.open_section[0] for v in live.values() if v.open_section})
-    if sections:
+    if sections and not any(r in live for r in stopped):
         limit_s = max(limit_s, cfg.section_timeout_s)
-    stalled_s = now - progress_t
     if stalled_s < limit_s:
         return None
     waiting: dict[tuple[str, int], list[int]] = {}
@@ -365,7 +374,7 @@ def find_hang(views: dict[int, RankView], now: float, cfg: MonitorConfig,
         if view.waiting_in is not None:
             waiting.setdefault(view.waiting_in[:2], []).append(rank)
     evidence = {"stalled_s": round(stalled_s, 3), "limit_s": round(limit_s, 3),
-                "median_period_s": period,
+                "median_period_s": median_period_s(views),
                 "rank_steps": {str(r): v.current_step for r, v in sorted(live.items())}}
     if sections:
         evidence["sections"] = sections

@@ -57,6 +57,7 @@ from .monitor import (
     find_straggler,
     fold_records,
     read_new_records,
+    stall_s,
 )
 from .procs import _stat, process_tree, teardown  # noqa: F401  (re-exported)
 from .runtime import HEARTBEAT_ENV, MONITOR_DIR_ENV, NODE_ENV, heartbeat_path
@@ -480,8 +481,10 @@ def watch(procs: list[subprocess.Popen], names: list[str], plan: Plan, monitor_d
             cfg = opts.monitor
             beats = _heartbeats(monitor_dir, expected, views, known, now)
             inc = find_dead(views, beats, expected, launched_t, now, cfg)
-            if inc is None and find_hang(views, now, cfg) is not None:
-                # only now look at process states (a /proc read per rank)
+            stalled, limit = stall_s(views, now, cfg)
+            if inc is None and views and stalled >= limit:
+                # stalled past the step limit (a section may still excuse it): only now look
+                # at process states (a /proc read per rank); a stopped rank is a hang at once
                 inc = find_hang(views, now, cfg, stopped_ranks(views, known))
             if inc is not None:
                 return inc, codes

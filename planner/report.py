@@ -32,6 +32,12 @@ def layout_label(lay: Layout) -> str:
         parts.append(lay.pipeline_schedule)
     if not lay.grad_reduce_fp32:
         parts.append("bf16-grads")
+    if lay.moe_a2a_overlap:
+        parts.append("a2a-overlap")
+    if lay.moe_dispatcher != "alltoall":
+        parts.append(lay.moe_dispatcher)
+    if lay.cuda_graphs or lay.cuda_graph_modules:
+        parts.append("graphs" if lay.cuda_graphs else "graphs(" + "+".join(lay.cuda_graph_modules) + ")")
     return " ".join(parts)
 
 

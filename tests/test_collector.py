@@ -200,6 +200,15 @@ def test_section_suspends_the_tight_default_hang_limit():
     assert inc is not None and inc.evidence["sections"] == ["checkpoint"]
 
 
+def test_stopped_rank_inside_a_section_is_a_hang_at_the_step_limit():
+    # a SIGSTOP that lands while the ranks save a checkpoint: state T makes no progress in
+    # any section, so the section's long allowance does not apply
+    cfg = MonitorConfig()
+    assert find_hang(_stalled_views(True), 4.0 + 10.5, cfg, stopped=frozenset()) is None
+    inc = find_hang(_stalled_views(True), 4.0 + 10.5, cfg, stopped=frozenset({1}))
+    assert inc is not None and inc.rank == 1 and inc.evidence["sections"] == ["checkpoint"]
+
+
 def test_stopped_rank_is_the_hang_culprit():
     views = _stalled_views(False)
     assert find_hang(views, 15.0, MonitorConfig()).rank == 0  # missing from rank 1's "ar"
