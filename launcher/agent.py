@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 
-from .collector import Endpoint, Sender
+from .collector import Endpoint, Sender, split_host_port
 from .link_probe import ProbeConfig, run_prober, serve_sink
 from .procs import process_tree, teardown
 
@@ -80,10 +80,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def _addr(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    hp = split_host_port(text)
+    if hp is None:
         raise ValueError(f"bad probe address {text!r}: expected ADDR:PORT")
-    return host, int(port)
+    return hp[0].strip("[]"), hp[1]
 
 
 def start_probes(args: argparse.Namespace, sender: Sender | None) -> threading.Event | None:

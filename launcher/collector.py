@@ -41,6 +41,15 @@ MAX_LINE_BYTES = 1 << 20
 """A longer line is a protocol error: the connection is closed."""
 
 
+def split_host_port(text: str) -> tuple[str, int] | None:
+    """'HOST:PORT' (or '[v6]:PORT') -> (host as written, port); None unless a host is given
+    and the port is 1..65535."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """Where ranks send records: host, port and the attempt directory name."""
@@ -55,15 +64,11 @@ class Endpoint:
     @classmethod
     def parse(cls, text: str) -> Endpoint:
         """HOST:PORT/ATTEMPT; ValueError with the expected form otherwise."""
-        try:
-            addr, attempt = text.rsplit("/", 1)
-            host, port = addr.rsplit(":", 1)
-            ep = cls(host.strip("[]"), int(port), attempt)
-        except ValueError:
-            raise ValueError(f"{COLLECTOR_ENV}={text!r} must look like HOST:PORT/attempt<K>") from None
-        if not _ATTEMPT.match(ep.attempt) or not 0 < ep.port < 65536:
+        addr, _, attempt = text.rpartition("/")
+        hp = split_host_port(addr)
+        if hp is None or not _ATTEMPT.match(attempt):
             raise ValueError(f"{COLLECTOR_ENV}={text!r} must look like HOST:PORT/attempt<K>")
-        return ep
+        return cls(hp[0].strip("[]"), hp[1], attempt)
 
 
 # -- the supervisor's side -------------------------------------------------------------------

@@ -31,6 +31,8 @@ from pathlib import Path
 from cost_models.specs import SpecError
 from planner.planfile import Plan
 
+from .collector import split_host_port
+
 DEFAULT_RDZV_PORT = 29500
 DEFAULT_PYTHON = "python3"
 # Fixed prologue run by bash as the torchrun worker (no user text inside; arguments via "$@").
@@ -175,11 +177,11 @@ def parse_hosts_file(text: str, plan: Plan) -> dict[str, str] | list[str]:
 def _endpoint(plan: Plan, host_of: dict[str, str], rdzv_endpoint: str | None) -> str:
     if rdzv_endpoint is None:
         return f"{host_of[plan.node_order[0]]}:{DEFAULT_RDZV_PORT}"
-    host, sep, port = rdzv_endpoint.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    hp = split_host_port(rdzv_endpoint)
+    if hp is None:
         raise SpecError(f"rendezvous endpoint {rdzv_endpoint[:80]!r} must be HOST:PORT, e.g. "
                         "node0:29500")
-    check_host(host.strip("[]"), rdzv_endpoint, "--rdzv-endpoint")  # [v6]:port or name:port
+    check_host(hp[0].strip("[]"), rdzv_endpoint, "--rdzv-endpoint")  # [v6]:port or name:port
     return rdzv_endpoint
 
 
