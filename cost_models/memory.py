@@ -186,14 +186,11 @@ def _activation_bytes_per_layer(model: ModelSpec, micro_batch, seq_len, tp, cp=1
     # Terms outside the tensor-parallel region (replicated over tp unless sequence parallel):
     outside = (
         4 * sbh            # two norm inputs (2 bytes each)
-        + gemm_in * sbh    # input of the QKV projection
-        + gemm_in * sbh    # input of the first MLP matrix
+        + norm_outputs_kept(model) * gemm_in * sbh  # inputs of the QKV and first MLP matrix
         + 2 * drop * sbh   # two dropout masks (1 byte each)
     )
-    if model.parallel_attention_mlp:
-        # One layer input feeds both branches: its norm input is kept once, and with a single
-        # shared norm (GPT-J, Falcon-7B) so is the QKV / first-MLP-matrix input.
-        outside = outside - 2 * sbh - (gemm_in * sbh if model.norms_per_layer == 1 else 0)
+    if model.parallel_attention_mlp:  # one layer input feeds both branches: one norm input
+        outside = outside - 2 * sbh
     # Terms inside the tensor-parallel region (split over tp):
     qkv = 2 * sb * model.qkv_width                      # Q, K, V kept for the core
     proj_in = gemm_in * sb * model.attn_out_width        # input of the output projection
@@ -203,14 +200,9 @@ def _activation_bytes_per_layer(model: ModelSpec, micro_batch, seq_len, tp, cp=1
         # RMSNorm input (2 bytes) and as the input of its up projection (gemm_in bytes).
         latent = model.q_lora_rank + model.kv_lora_rank
         outside = outside + (2 + gemm_in) * sb * latent + 2 * sb * model.qk_rope_head_dim
-    f = model.active_ffn_width  # = ffn_hidden_size for dense models
-    if model.gated_mlp:
-        mlp = 2 * sb * 2 * f + gemm_in * sb * f  # gate and up outputs, activation output
-    else:
-        mlp = 2 * sb * f + gemm_in * sb * f      # activation input, second matrix input
+    mlp = mlp_kept_bytes(model, sb, model.active_ffn_width, gemm_in)  # f for dense models
     flash_core = 4 * sb * model.num_heads  # fp32 log-sum-exp; the output O is proj_in above
-    # softmax output (2 bytes) + dropout mask (1) + dropout output (2): 5·a·s²·b
-    score_core = (2 + 3 * drop) * model.num_heads * s * s * micro_batch
+    score_core = score_bytes(model, s, micro_batch)
     core = np.where(flash_attention, flash_core, score_core)
     # Korthikanti's GPT: outside 10sbh; inside Q,K,V 6 + proj 2 + MLP 16 = 24sbh (/t).
     inside_no_core = qkv + proj_in + mlp
@@ -223,14 +215,43 @@ def _activation_bytes_per_layer(model: ModelSpec, micro_batch, seq_len, tp, cp=1
         moe_share = model.num_moe_layers / model.num_layers
         local = np.where(sequence_parallel, sbh / tp, sbh)
         # The busiest expert rank holds `expert_load_imbalance` x the mean.
-        inside_no_core = inside_no_core + moe_share * gemm_in * model.experts_top_k * local \
-            * etp * tp * model.expert_load_imbalance
+        inside_no_core = inside_no_core + moe_share * permuted_copy_bytes(model, local, etp,
+                                                                          gemm_in) * tp
     split_outside = np.where(sequence_parallel, outside / tp, outside)
     none = split_outside + (inside_no_core + core) / tp
     selective = split_outside + inside_no_core / tp + np.where(flash_attention, core / tp, 0.0)
     full = np.where(sequence_parallel, 2 * sbh / tp, 2 * sbh)
     code = _recompute_code(recompute)
     return np.where(code == 2, full, np.where(code == 1, selective, none))
+
+
+def norm_outputs_kept(model: ModelSpec) -> int:
+    """h-wide norm outputs a layer keeps as GEMM inputs: the QKV and the first MLP matrix
+    inputs, or one when a parallel attention+MLP block shares a single norm (GPT-J,
+    Falcon-7B)."""
+    return 1 if (model.parallel_attention_mlp and model.norms_per_layer == 1) else 2
+
+
+def mlp_kept_bytes(model: ModelSpec, tokens, width, gemm_in):
+    """Bytes an MLP of inner width `width` keeps for backward over `tokens` tokens: the gate
+    and up outputs (gated; bf16) or the activation input, and the second matrix's input
+    (`gemm_in` bytes per element)."""
+    kept = 2 * tokens * 2 * width if model.gated_mlp else 2 * tokens * width
+    return kept + gemm_in * tokens * width
+
+
+def score_bytes(model: ModelSpec, seq_len, micro_batch):
+    """Unfused attention's score tensors per layer: softmax output (2 bytes), dropout mask (1)
+    and dropout output (2), a·s²·b each: 5·a·s²·b (2·a·s²·b without dropout)."""
+    drop = 1 if model.dropout else 0
+    return (2 + 3 * drop) * model.num_heads * seq_len * seq_len * micro_batch
+
+
+def permuted_copy_bytes(model: ModelSpec, local_elements, etp, gemm_in):
+    """The routed experts' GEMM input one GPU keeps per MoE layer: the top-k permuted copies
+    of the `local_elements` (tokens x h) its expert tensor-parallel group of etp ranks
+    gathers, at the busiest expert rank's load (`expert_load_imbalance`)."""
+    return gemm_in * model.experts_top_k * local_elements * etp * model.expert_load_imbalance
 
 
 def titan_sac_bytes_per_layer(model: ModelSpec, micro_batch, seq_len, tp, cp=1,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import memory  # memory imports this module too: used at call time only
 from .specs import ModelSpec
 
 MODULES: tuple[str, ...] = ("core_attn", "layernorm", "mlp", "moe_act", "moe",
@@ -102,22 +103,21 @@ def freed_bytes(model: ModelSpec, micro_batch, seq_len, tp, cp, sequence_paralle
     moe_share = model.num_moe_layers / model.num_layers
     dense_share = 1.0 - moe_share
     outside = lambda x: np.where(sequence_parallel, x / tp, x)  # noqa: E731
-    norms = 1 if (model.parallel_attention_mlp and model.norms_per_layer == 1) else 2
+    norms = memory.norm_outputs_kept(model)
     out = np.where(_has(mask, "layernorm"), outside(norms * gemm_in * sb * h), 0.0)
-    if model.num_heads:  # unfused cores keep the scores; flash kernels nothing to free
-        scores = (2 + 3 * (1 if model.dropout else 0)) * model.num_heads * s * s * micro_batch
-        out = out + np.where(_has(mask, "core_attn") & ~np.asarray(flash_attention, bool),
-                             scores / tp, 0.0)
+    # unfused cores keep the scores; flash kernels nothing to free
+    out = out + np.where(_has(mask, "core_attn") & ~np.asarray(flash_attention, bool),
+                         memory.score_bytes(model, s, micro_batch) / tp, 0.0)
 
     def mlp_kept(width):  # what an MLP of inner width `width` keeps inside (split over tp)
-        return (2 * sb * 2 * width if model.gated_mlp else 2 * sb * width) + gemm_in * sb * width
+        return memory.mlp_kept_bytes(model, sb, width, gemm_in)
 
     out = out + np.where(_has(mask, "mlp"), dense_share * mlp_kept(model.ffn_hidden_size) / tp, 0.0)
     if model.is_moe:
         routed_w = model.experts_top_k * model.expert_ffn_hidden_size
         shared_w = model.shared_expert_ffn_hidden_size
         local = np.where(sequence_parallel, sb * h / tp, sb * h)
-        permuted = gemm_in * model.experts_top_k * local * etp * model.expert_load_imbalance
+        permuted = memory.permuted_copy_bytes(model, local, etp, gemm_in)
         whole = mlp_kept(routed_w) / tp + permuted + mlp_kept(shared_w) / tp
         act = gemm_in * sb * routed_w / tp
         shared = mlp_kept(shared_w) / tp
@@ -139,7 +139,7 @@ def recompute_parts(model: ModelSpec, tokens, tp, mask):
     h = model.hidden_size
     moe_share = model.num_moe_layers / model.num_layers
     dense_share = 1.0 - moe_share
-    norms = 1 if (model.parallel_attention_mlp and model.norms_per_layer == 1) else 2
+    norms = memory.norm_outputs_kept(model)
     m = model.mlp_matrices
     shape = np.shape(mask)
     gemm = np.where(_has(mask, "mlp"),
