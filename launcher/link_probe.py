@@ -172,6 +172,8 @@ class LinkTable:
 
     window: int = 4
     rates: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    offset: int = 0
+    """Bytes of the agents' record file already read (the supervisor's reading position)."""
 
     def add(self, rec: dict) -> None:
         """Fold one `link` record in (others, and failed probes, are ignored)."""
@@ -204,16 +206,16 @@ class LinkVerdict:
 
 def find_slow_pair(table: LinkTable, factor: float) -> LinkVerdict | None:
     """The slow host pair (or host) among the probed pairs, or None (see the module doc)."""
-    med = table.capacities()
-    if len(med) < 2:
+    caps = table.capacities()
+    if len(caps) < 2:
         return None
-    healthy = max(med.values())
-    slow = {p: r for p, r in med.items() if r < factor * healthy}
+    healthy = max(caps.values())
+    slow = {p: r for p, r in caps.items() if r < factor * healthy}
     if not slow:
         return None
-    hosts = {h for p in med for h in p}
+    hosts = {h for p in caps for h in p}
     for host in sorted(hosts):
-        mine = {p for p in med if host in p}
+        mine = {p for p in caps if host in p}
         if len(mine) >= 2 and mine <= set(slow):  # every probed pair of this host is slow
             rate = statistics.median(slow[p] for p in mine)
             return LinkVerdict(host, tuple(sorted(mine)), rate, healthy)

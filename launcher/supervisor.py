@@ -373,7 +373,8 @@ def start_nodes(plan: Plan, plan_path: Path, attempt_dir: Path, opts: RunOptions
     addr = {node: a for node, _, a in opts.host_map}
     rdzv = addr.get(plan.node_order[0], "127.0.0.1") if opts.launcher != "local" else "127.0.0.1"
     # a remote rendezvous port cannot be probed from here: one per attempt, away from 29500
-    port = free_port() if opts.launcher == "local" else 29400 + int(attempt_dir.name[7:] or 0) % 100
+    attempt = int(attempt_dir.name[7:] or 0)
+    port = free_port() if opts.launcher == "local" else 29400 + attempt % 100
     cmds = torchrun_commands(
         plan, str(opts.script), script_args=script_args_for(plan_path, opts),
         rdzv_endpoint=f"{rdzv}:{port}", run_id=f"meshplan-{os.getpid()}-{attempt_dir.name}",
@@ -387,7 +388,7 @@ def start_nodes(plan: Plan, plan_path: Path, attempt_dir: Path, opts: RunOptions
             torchrun = list(cmd.argv)
             if cmd.node_name in addr:  # c10d rendezvous: peers reach this node here, not at the
                 torchrun[1:1] = ["--local-addr", addr[cmd.node_name]]  # hostname (netns share it)
-            probe = probe_args(opts, plan, cmd.node_name, addr, int(attempt_dir.name[7:] or 0))
+            probe = probe_args(opts, plan, cmd.node_name, addr, attempt)
             argv = agent_argv(opts, cmd.node_name, host, tuple(torchrun), env, collector, probe)
             with open(attempt_dir / f"node{cmd.node_rank}.log", "wb") as out:
                 procs.append(subprocess.Popen(
@@ -462,7 +463,7 @@ def watch(procs: list[subprocess.Popen], names: list[str], plan: Plan, monitor_d
     launched_t, failed_t, tree_t, scored_through = time.time(), None, 0.0, -1
     while True:
         _poll_records(monitor_dir, views, offsets)
-        if links is not None and _poll_links(monitor_dir, links, offsets):
+        if links is not None and _poll_links(monitor_dir, links):
             _report_slow_pair(links, views, opts.link_probe, reported, report)
         codes = {name: p.poll() for name, p in zip(names, procs, strict=True)}
         now = time.time()
@@ -497,10 +498,10 @@ def watch(procs: list[subprocess.Popen], names: list[str], plan: Plan, monitor_d
         time.sleep(opts.poll_s)
 
 
-def _poll_links(monitor_dir: Path, links: LinkTable, offsets: dict) -> bool:
-    """Fold new agent `link` records into `links`; True when there were any."""
-    recs, offsets["agents"], _ = read_new_records(monitor_dir / "agents.jsonl",
-                                                  offsets.get("agents", 0))
+def _poll_links(monitor_dir: Path, links: LinkTable) -> bool:
+    """Fold new agent `link` records into `links` (which remembers how far it has read);
+    True when there were any."""
+    recs, links.offset, _ = read_new_records(monitor_dir / "agents.jsonl", links.offset)
     new = [r for r in recs if r.get("ev") == "link"]
     for rec in new:
         links.add(rec)
