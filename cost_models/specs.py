@@ -797,6 +797,10 @@ class Layout:
         if self.moe_dispatcher not in MOE_DISPATCHERS:
             raise SpecError(f"moe-dispatcher must be one of {MOE_DISPATCHERS}, got "
                             f"{_short(self.moe_dispatcher)}")
+        if self.moe_dispatcher != "alltoall" and not (model.is_moe and self.framework == "megatron"):
+            raise SpecError(f"--moe-dispatcher {self.moe_dispatcher} is Megatron-Core's flex "
+                            "dispatcher and needs a mixture-of-experts model under --framework "
+                            "megatron; drop it")
         if self.dtype not in DTYPES:
             raise SpecError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         ends = self.layers_per_stage or (1,)

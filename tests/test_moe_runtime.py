@@ -71,6 +71,16 @@ def test_a2a_overlap_follows_megatron_rules(kw, rule):
         _layout(moe_a2a_overlap=True, **kw).validate(MIXTRAL, 16)
 
 
+def test_flex_dispatcher_needs_a_megatron_moe():
+    dense = load_model("llama3.1-8b")
+    lay = Layout(tp=1, pp=1, dp=8, micro_batch_size=1, global_batch_size=8, seq_len=4096,
+                 moe_dispatcher="deepep")
+    with pytest.raises(SpecError, match="flex dispatcher"):
+        lay.validate(dense, 8)
+    with pytest.raises(SpecError, match="flex dispatcher"):
+        replace(_layout(moe_dispatcher="hybridep"), framework="torchtitan").validate(MIXTRAL, 16)
+
+
 def test_graph_modules_are_checked():
     with pytest.raises(SpecError, match="unknown CUDA graph module"):
         _layout(cuda_graph_modules=("router",)).validate(MIXTRAL, 16)
