@@ -62,11 +62,20 @@ def model_fields(plan: Plan) -> dict[str, object]:
         if arch.rope_scaling is not None and arch.rope_scaling.kind == "llama3":
             out.update(rope_scaling=True, rope_scaling_factor=arch.rope_scaling.factor)
     if m.is_moe:
+        flex = lay.moe_dispatcher != "alltoall"
         out.update(num_moe_experts=m.num_experts, moe_router_topk=m.experts_top_k,
                    moe_ffn_hidden_size=m.expert_ffn_hidden_size,
-                   moe_token_dispatcher_type="alltoall", moe_grouped_gemm=True)
+                   moe_token_dispatcher_type="flex" if flex else "alltoall",
+                   moe_grouped_gemm=True,
+                   overlap_moe_expert_parallel_comm=lay.moe_a2a_overlap)
+        if flex:
+            out["moe_flex_dispatcher_backend"] = lay.moe_dispatcher
         if m.shared_expert_ffn_hidden_size:
             out["moe_shared_expert_intermediate_size"] = m.shared_expert_ffn_hidden_size
+    if lay.cuda_graph_modules:  # Transformer Engine per-module graphs (megatron-core 0.16.1
+        # spells the module list cuda_graph_scope; Megatron-LM@d98e8a64 --cuda-graph-modules)
+        out.update(cuda_graph_impl="transformer_engine",
+                   cuda_graph_scope=list(lay.cuda_graph_modules))
     out.update(_pipeline_fields(plan))
     return out
 
