@@ -91,7 +91,9 @@ def run(path: Path, quiet: bool = False) -> float:
     if path.name == CSV_2025.name:
         for title, key in (("model", lambda c: Path(c.model.name).stem),
                            ("GPU", lambda c: c.cluster.gpu.name),
-                           ("kind", lambda c: "MoE" if c.model.is_moe else "dense")):
+                           ("kind", lambda c: "MoE" if c.model.is_moe else "dense"),
+                           ("sharding", lambda c: "FSDP (torchtitan FSDP2, Megatron-FSDP)"
+                            if c.layouts[0].fsdp else "DP / distributed optimizer")):
             print(f"MAPE per {title}:")
             for name, errs in sorted(grouped_mape(cases, errors, key).items()):
                 print(f"  {name:<36} rows {len(errs):>3}  MAPE {100 * np.mean(errs):5.1f}%  "

@@ -522,8 +522,10 @@ def _attention_times(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, causal_flops
                  + compute.memory_bound_time(22 * scores, gpu))
     fused_b = ATTENTION_BACKWARD_FACTOR * (fused_f - g.cp * gpu.efficiency["bf16"].overhead_s) \
         + 2 * g.cp * gpu.efficiency["bf16"].overhead_s  # backward: dQ and dK/dV kernels per step
-    return (np.where(g.flash_attention, fused_f, unfused_f),
-            np.where(g.flash_attention, fused_b, unfused_b))
+    # torchtitan's SDPA kernels run at `GpuSpec.sdpa_attention_factor` of TE's
+    sdpa = np.where(g.column("framework") == "torchtitan", 1 / gpu.sdpa_attention_factor, 1.0)
+    return (np.where(g.flash_attention, fused_f * sdpa, unfused_f),
+            np.where(g.flash_attention, fused_b * sdpa, unfused_b))
 
 
 def head_time(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid) -> np.ndarray:

@@ -374,6 +374,12 @@ class GpuSpec:
     power_limit_W: float = 0.0
     """A lower power cap the GPUs run at (nvidia-smi -pl, e.g. 500 W H100s); 0: none. Tensor
     kernels then run at `clock_fraction` of their calibrated rate."""
+    sdpa_attention_factor: float = 1.0
+    """Throughput of PyTorch SDPA's fused attention (what torchtitan calls, `Layout.framework`
+    torchtitan) relative to the fused attention Megatron-Core runs through Transformer Engine
+    (`GemmEfficiency.attention_fraction`). On Hopper SDPA's flash backend is
+    FlashAttention-2 while TE runs cuDNN's Hopper kernels; FlashAttention-3 reports 1.5-2x
+    FA2 on H100 (Shah et al. 2024, Sec. 4.1). Fitted on the torchtitan rows (README)."""
     fp8_transpose_copy: bool = True
     """Per-tensor-scaled fp8 GEMMs need the TN layout (Hopper), so Transformer Engine keeps a
     transposed fp8 copy of each weight for the backward; False where fp8 GEMMs take any
@@ -389,6 +395,7 @@ class GpuSpec:
                             "efficiencies were calibrated at)")
         _require_range(self, ("hbm_efficiency",), 0, 1, low_open=True)
         _require_range(self, ("tp_comm_overlap", "dp_comm_overlap", "ep_comm_overlap"), 0, 1)
+        _require_range(self, ("sdpa_attention_factor",), 0, 1, low_open=True)
         if not isinstance(self.peak_tflops, dict) or not isinstance(self.efficiency, dict):
             raise SpecError(f"GPU {self.name}: peak_tflops and efficiency must map dtype names")
         for dtype, peak in self.peak_tflops.items():

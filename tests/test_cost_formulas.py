@@ -166,3 +166,26 @@ def test_torchtitan_eager_and_vanilla_tp_cost_more_than_compiled_and_async():
                                                         torch_compile=c)).step_time_s
             for c in (False, True)}
     assert mega[False] == mega[True] < step["async"] * 1.0001  # TE: fused and overlapped
+
+
+def test_torchtitan_sdpa_attention_runs_at_the_gpu_factor():
+    # PyTorch SDPA (FlashAttention-2 on Hopper) against TE's cuDNN attention: the fused
+    # attention time scales by 1 / GpuSpec.sdpa_attention_factor for torchtitan layouts only
+    from cost_models import flops as _flops
+    from cost_models import megatron as _meg
+    from cost_models.grid import LayoutGrid as _Grid
+    from cost_models.specs import Layout as _Layout
+    from planner.specfiles import gpu_preset as _gpu
+    from planner.specfiles import load_model as _load
+
+    model, gpu = _load("llama3.1-8b"), _gpu("H100-SXM")
+    assert gpu.sdpa_attention_factor == 0.75 and _gpu("B200").sdpa_attention_factor == 1.0
+    times = {}
+    for fw in ("megatron", "torchtitan"):
+        lay = _Layout(tp=1, pp=1, dp=8, micro_batch_size=1, global_batch_size=8, seq_len=8192,
+                      framework=fw, fsdp=fw == "torchtitan")
+        g = _Grid.from_layout(lay, model.num_layers)
+        attn = _flops.attention_core_flops(model, 1, 8192)
+        times[fw] = [float(x[0]) for x in _meg._attention_times(model, gpu, g, attn)]
+    for titan, mega in zip(times["torchtitan"], times["megatron"], strict=True):
+        assert titan == pytest.approx(mega / 0.75)
