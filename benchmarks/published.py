@@ -352,7 +352,8 @@ def layouts_2025(row: dict, model: ModelSpec, gpus: int,
                      dtype=dtype_2025(row["dtype"]), layers_per_stage=split,
                      cuda_graphs="CUDA graphs full_iteration" in row["notes"],
                      fsdp=row["sharding"] == "fsdp", grad_reduce_fp32=titan,
-                     framework="torchtitan" if titan else "megatron")
+                     framework="torchtitan" if titan else "megatron",
+                     te_cross_entropy=not titan)  # Bridge perf recipes: TE's fused loss
         lay = replace(lay, **extra)
         try:
             lay.validate(model, gpus)

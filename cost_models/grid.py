@@ -47,6 +47,8 @@ class LayoutGrid:
     """Grid-wide: Megatron per-module CUDA graphs (`Layout.cuda_graph_modules`)."""
     moe_dispatcher: str = "alltoall"
     """Grid-wide: the MoE token dispatcher (`Layout.moe_dispatcher`)."""
+    te_cross_entropy: bool = False
+    """Grid-wide: Transformer Engine's fused loss (`Layout.te_cross_entropy`)."""
     torch_compile: bool = False
     """Grid-wide: torchtitan under torch.compile (`Layout.torch_compile`)."""
     async_tp: bool = False
@@ -103,7 +105,8 @@ class LayoutGrid:
                   for name in (*_ARRAY_FIELDS, "schedule", *OPTIONAL_FIELDS)}
         return LayoutGrid(**arrays, seq_len=self.seq_len, dtype=self.dtype,
                           cuda_graphs=self.cuda_graphs, cuda_graph_modules=self.cuda_graph_modules,
-                          moe_dispatcher=self.moe_dispatcher, torch_compile=self.torch_compile,
+                          moe_dispatcher=self.moe_dispatcher,
+                          te_cross_entropy=self.te_cross_entropy, torch_compile=self.torch_compile,
                           async_tp=self.async_tp, layers_per_stage=self.layers_per_stage)
 
     def concat(self, other: LayoutGrid) -> LayoutGrid:
@@ -112,7 +115,8 @@ class LayoutGrid:
                   for name in (*_ARRAY_FIELDS, "schedule", *OPTIONAL_FIELDS)}
         return LayoutGrid(**arrays, seq_len=self.seq_len, dtype=self.dtype,
                           cuda_graphs=self.cuda_graphs, cuda_graph_modules=self.cuda_graph_modules,
-                          moe_dispatcher=self.moe_dispatcher, torch_compile=self.torch_compile,
+                          moe_dispatcher=self.moe_dispatcher,
+                          te_cross_entropy=self.te_cross_entropy, torch_compile=self.torch_compile,
                           async_tp=self.async_tp, layers_per_stage=self.layers_per_stage)
 
     def layout(self, i: int, layers_per_stage: tuple[int, ...] | None = None) -> Layout:
@@ -125,6 +129,7 @@ class LayoutGrid:
             flash_attention=bool(self.flash_attention[i]), dtype=self.dtype,
             layers_per_stage=layers_per_stage, cuda_graphs=self.cuda_graphs,
             cuda_graph_modules=self.cuda_graph_modules, moe_dispatcher=self.moe_dispatcher,
+            te_cross_entropy=self.te_cross_entropy,
             moe_a2a_overlap=bool(self.column("moe_a2a_overlap")[i]),
             torch_compile=self.torch_compile, async_tp=self.async_tp,
             pipeline_schedule=_named_schedule(int(self.schedule[i]), int(self.vp[i])),
@@ -150,6 +155,7 @@ class LayoutGrid:
             layers_first=np.array([first]), layers_last=np.array([last]), layers_mid=np.array([mid]),
             seq_len=layout.seq_len, dtype=layout.dtype, cuda_graphs=layout.cuda_graphs,
             cuda_graph_modules=layout.cuda_graph_modules, moe_dispatcher=layout.moe_dispatcher,
+            te_cross_entropy=layout.te_cross_entropy,
             moe_a2a_overlap=np.array([layout.moe_a2a_overlap]),
             torch_compile=layout.torch_compile, async_tp=layout.async_tp,
             schedule=np.array([CODE[layout.schedule]], dtype=np.int64),

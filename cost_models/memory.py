@@ -303,6 +303,10 @@ MEGATRON_LOGIT_BYTES = 6
 """Megatron-LM fused vocab-parallel cross entropy: the LM head's bf16 output (2) and the fp32
 softmax (4), whose gradient is written in place (megatron/core/tensor_parallel/
 cross_entropy.py)."""
+TE_LOGIT_BYTES = 2
+"""Transformer Engine's fused cross entropy (transformer_engine/pytorch/triton/
+cross_entropy.py): an online softmax reads the bf16 logits, keeps 3 fp32 numbers per token and
+writes the gradient into the logits in place, so the logits (2 bytes) are all it holds."""
 TITAN_LOGIT_BYTES = 12
 """torchtitan 0.3.0 (torchtitan/components/loss.py cross_entropy_loss): F.cross_entropy on
 pred.float(); at the loss backward the fp32 log-softmax output (4, saved), its incoming
@@ -351,7 +355,8 @@ def activation_terms(model: ModelSpec, g, variants: int = 1) -> ActivationTerms:
     run = slice(None, None, variants)
     base = (model, g.micro_batch_size[run], g.seq_len, g.tp[run], g.cp[run],
             g.sequence_parallel[run])
-    per_logit = np.where(titan, TITAN_LOGIT_BYTES, MEGATRON_LOGIT_BYTES)[run]
+    megatron_logit = TE_LOGIT_BYTES if g.te_cross_entropy else MEGATRON_LOGIT_BYTES
+    per_logit = np.where(titan, TITAN_LOGIT_BYTES, megatron_logit)[run]
     no_recompute, embedding, logits = (np.repeat(x, variants) for x in (
         activation_bytes_per_layer(*base, "none", g.flash_attention[run], fp8, g.etp[run]),
         embedding_output_bytes(*base), logits_bytes(*base[:5], per_logit)))

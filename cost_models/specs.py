@@ -713,6 +713,14 @@ class Layout:
     share `megatron.PARTIAL_GRAPH_HOST_SAVED` of the per-MoE-layer host cost; () captures
     nothing. Exclusive with `cuda_graphs` (Megatron: modules must be empty with
     full_iteration)."""
+    te_cross_entropy: bool = False
+    """Megatron-Core's loss through Transformer Engine's fused cross entropy
+    (`cross_entropy_loss_fusion` with `cross_entropy_fusion_impl = "te"`, what the
+    Megatron-Bridge performance recipes run: scripts/performance/utils/overrides.py at v0.2.2-
+    v0.5.1): an online softmax over the bf16 logits that writes the gradient in place, 2 bytes
+    per logit instead of the fp32 softmax copy of Megatron's vocab-parallel loss
+    (`memory.TE_LOGIT_BYTES`). Megatron-LM@d98e8a64's argument check rejects the combination,
+    so only the Megatron-Bridge override launches it."""
     moe_dispatcher: MoeDispatcher = "alltoall"
     """Megatron-Core's MoE token dispatcher: alltoall (`--moe-token-dispatcher-type
     alltoall`, the default: one copy per routed expert over the wire) or a node-deduplicating
@@ -801,6 +809,11 @@ class Layout:
             self._validate_graph_modules()
         if self.moe_a2a_overlap:
             self._validate_a2a_overlap(model)
+        if not isinstance(self.te_cross_entropy, bool):
+            raise SpecError(f"te_cross_entropy must be true or false, got {_short(self.te_cross_entropy)}")
+        if self.te_cross_entropy and self.framework != "megatron":
+            raise SpecError("--te-cross-entropy is Megatron-Core's fused loss; drop it with "
+                            "--framework torchtitan")
         if self.moe_dispatcher not in MOE_DISPATCHERS:
             raise SpecError(f"moe-dispatcher must be one of {MOE_DISPATCHERS}, got "
                             f"{_short(self.moe_dispatcher)}")

@@ -21,6 +21,8 @@ with the plan). What the arguments say, term by term:
 
 from __future__ import annotations
 
+from cost_models.memory import MEGATRON_LOGIT_BYTES, TE_LOGIT_BYTES
+from cost_models.specs import GiB
 from planner.planfile import Plan
 
 from .architecture import Architecture, architecture
@@ -318,4 +320,12 @@ def megatron_notes(plan: Plan) -> list[str]:
                                                  s.original_max_position_embeddings) != (1.0, 4.0, 8192):
         notes.append("Megatron's --use-rope-scaling fixes low/high frequency factors 1/4 and "
                      "original length 8192; this model's rope_scaling differs")
+    if plan.layout.te_cross_entropy:
+        lay = plan.layout
+        extra = (MEGATRON_LOGIT_BYTES - TE_LOGIT_BYTES) * lay.micro_batch_size \
+            * lay.seq_len / lay.cp * plan.model.vocab_size / lay.tp / GiB
+        notes.append("the plan priced Transformer Engine's fused cross entropy, which "
+                     "Megatron-LM@d98e8a64 rejects (--cross-entropy-fusion-impl te): its own loss "
+                     f"holds {extra:.1f} GiB more on the last stage (megatron_bridge_override.py "
+                     "sets the TE loss)")
     return notes

@@ -85,7 +85,7 @@ def estimate(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, d
              distributed_optimizer,
              mem_headroom, etp, expert_imbalance, cuda_graphs, schedule, fsdp, dp_replicate,
              grad_reduce_fp32, framework, torch_compile, async_tp, moe_dispatcher,
-             moe_a2a_overlap, cuda_graph_modules, **degrees):
+             moe_a2a_overlap, te_cross_entropy, cuda_graph_modules, **degrees):
     """Predict step time, throughput, MFU and peak memory of one layout."""
     check_sharding(fsdp, dp_replicate)
     check_titan(framework, torch_compile, async_tp)
@@ -111,6 +111,7 @@ def estimate(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, d
         offload_activation_layers=offload_activation_layers, torch_compile=torch_compile,
         async_tp=async_tp, moe_dispatcher=moe_dispatcher, moe_a2a_overlap=moe_a2a_overlap,
         cuda_graph_modules=graph_module_list(cuda_graph_modules),
+        te_cross_entropy=te_cross_entropy,
     )
     est = estimate_layout(prob, layout, mem_headroom)
     verdict = memory_verdict(est, mem_headroom, _recompute_options(prob, layout, est,

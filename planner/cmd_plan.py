@@ -86,7 +86,7 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
          max_tp,
          expert_imbalance, schedule, fsdp, dp_replicate, grad_reduce_fp32, framework,
          consider_fsdp, torch_compile, async_tp, moe_dispatcher, moe_a2a_overlap,
-         cuda_graph_modules, **degrees):
+         te_cross_entropy, cuda_graph_modules, **degrees):
     """Rank every valid TP/PP/CP/DP layout and write the fastest one that fits."""
     check_sharding(fsdp or consider_fsdp, dp_replicate)
     check_titan(framework, torch_compile, async_tp)
@@ -105,6 +105,7 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
                         recompute_modules=_module_lists(prob.model, module_lists),
                         moe_a2a_overlap=moe_a2a_overlap, moe_dispatcher=moe_dispatcher,
                         cuda_graph_modules=graph_module_list(cuda_graph_modules),
+                        te_cross_entropy=te_cross_entropy,
                         **degrees)
     console = cli_console(stderr=as_json)
     with progress(f"planning {prob.model.name} on {prob.cluster.world_size:,} GPUs"):

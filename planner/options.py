@@ -183,8 +183,8 @@ def module_list(text: str, option: str = "--recompute-modules") -> tuple[str, ..
 
 
 def moe_options(a2a_default: bool):
-    """--moe-dispatcher --moe-a2a-overlap/--no-moe-a2a-overlap --cuda-graph-modules (plan and
-    estimate; plan turns the overlap on where Megatron allows it, estimate off unless asked)."""
+    """--moe-dispatcher --moe-a2a-overlap/--no-moe-a2a-overlap --te-cross-entropy
+    --cuda-graph-modules (Megatron-Core runtime switches of plan and estimate; plan turns the overlap on where Megatron allows it, estimate off unless asked)."""
     where = " where Megatron allows it (ep > 1, vp > 1 with pp > 1, no full recompute)" \
         if a2a_default else ""
     opts = [
@@ -197,6 +197,10 @@ def moe_options(a2a_default: bool):
                      show_default=True,
                      help="MoE: Megatron --overlap-moe-expert-parallel-comm (expert all-to-all "
                           f"under another micro-batch's compute){where}."),
+        click.option("--te-cross-entropy", is_flag=True,
+                     help="Megatron: Transformer Engine's fused cross entropy (what "
+                          "Megatron-Bridge's perf recipes run; 2 bytes per logit, launched by "
+                          "the Bridge override only: Megatron-LM rejects it)."),
         click.option("--cuda-graph-modules", default=None,
                      help="Megatron per-module CUDA graphs (--cuda-graph-impl "
                           "transformer_engine), comma-separated: "

@@ -103,6 +103,8 @@ class SearchSpace:
     """MoE token dispatcher of every candidate (`Layout.moe_dispatcher`)."""
     cuda_graph_modules: tuple[str, ...] = ()
     """Megatron per-module CUDA graphs of every candidate (`Layout.cuda_graph_modules`)."""
+    te_cross_entropy: bool = False
+    """Transformer Engine's fused loss on every candidate (`Layout.te_cross_entropy`)."""
 
     def to_dict(self) -> dict:
         """The plan file's form (tuples as lists)."""
@@ -472,6 +474,7 @@ def _generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
         grad_reduce_fp32=space.grad_reduce_fp32, framework=space.framework,
         recompute_modules=rec_masks[ri], torch_compile=space.torch_compile,
         async_tp=space.async_tp, moe_dispatcher=space.moe_dispatcher,
+        te_cross_entropy=space.te_cross_entropy and space.framework == "megatron",
         cuda_graph_modules=space.cuda_graph_modules,
         moe_a2a_overlap=a2a_overlap_allowed(model, space, d.ep, d.pp, v, rec_codes[ri],
                                             rec_masks[ri]),

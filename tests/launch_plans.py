@@ -52,6 +52,9 @@ FAMILIES = {
         tp=1, pp=2, dp=2, cp=4, ep=8, vp=3, layers_per_stage=(5, 6, 6, 5, 5, 5),
         moe_a2a_overlap=True, moe_dispatcher="deepep",
         cuda_graph_modules=("attn", "moe_router", "moe_preprocess"))),
+    # Transformer Engine's fused loss: the Bridge override sets it, Megatron-LM cannot
+    "70b-te-loss": ("llama3.1-70b", 8, dict(tp=8, pp=1, dp=8, sequence_parallel=True,
+                                            te_cross_entropy=True)),
     "70b-offload": ("llama3.1-70b", 8, dict(tp=8, pp=1, dp=8, sequence_parallel=True,
                                             offload_activation_layers=40)),
     "deepseek-v3": ("deepseek-v3", 32, dict(tp=2, pp=8, dp=16, ep=16, recompute="full",

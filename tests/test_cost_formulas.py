@@ -189,3 +189,22 @@ def test_torchtitan_sdpa_attention_runs_at_the_gpu_factor():
         times[fw] = [float(x[0]) for x in _meg._attention_times(model, gpu, g, attn)]
     for titan, mega in zip(times["torchtitan"], times["megatron"], strict=True):
         assert titan == pytest.approx(mega / 0.75)
+
+
+def test_te_fused_cross_entropy_keeps_only_the_bf16_logits():
+    # TE's Triton loss writes the gradient into the bf16 logits in place: 2 bytes per logit
+    # against Megatron's vocab-parallel loss with its fp32 softmax (6)
+    from dataclasses import replace as _replace
+
+    from cost_models import megatron as _meg
+    from cost_models.memory import MEGATRON_LOGIT_BYTES, TE_LOGIT_BYTES
+    from cost_models.specs import Layout as _Layout
+    from planner.specfiles import load_cluster as _cluster
+    from planner.specfiles import load_model as _load
+
+    model, cluster = _load("llama3.1-8b"), _cluster("dgx-h100", nodes=1)
+    lay = _Layout(tp=1, pp=1, dp=8, micro_batch_size=2, global_batch_size=16, seq_len=8192)
+    plain = _meg.estimate(model, cluster, lay).memory.activations_bytes
+    fused = _meg.estimate(model, cluster, _replace(lay, te_cross_entropy=True)).memory
+    saved = (MEGATRON_LOGIT_BYTES - TE_LOGIT_BYTES) * 2 * 8192 * model.vocab_size
+    assert plain - fused.activations_bytes == pytest.approx(saved)

@@ -71,9 +71,9 @@ def _known(section: str) -> set[str]:
     return set().union(*(_fields(p, c) for p, c in SECTIONS[section]))
 
 
-@pytest.mark.parametrize("name", launch_plans.ACCEPTANCE)
+@pytest.mark.parametrize("name", [*launch_plans.ACCEPTANCE, "mixtral-overlap", "70b-te-loss"])
 def test_override_fields_are_real(name):
-    plan = launch_plans.make(name)
+    plan = launch_plans.make(name, {**launch_plans.ACCEPTANCE, **launch_plans.FAMILIES})
     text = bridge.recipe_override_py(plan)
     ast.parse(text)
     for section, field in re.findall(r"cfg\.(\w+)\.(\w+) =", text):
@@ -123,3 +123,18 @@ def test_mxfp8_recipe_is_what_the_megatron_flags_say():
     assert sets["reuse_grad_buf_for_mxfp8_param_ag"] == "True"
     assert "--reuse-grad-buf-for-mxfp8-param-ag" in flags
     assert f"cfg.mixed_precision = {bridge.PRECISION['mxfp8']!r}" in bridge.recipe_override_py(plan)
+
+
+def test_te_loss_is_set_by_the_override_and_noted_for_megatron_lm():
+    from launcher.megatron import megatron_args, megatron_notes
+
+    plan = launch_plans.make("70b-te-loss", launch_plans.FAMILIES)
+    fields = bridge.model_fields(plan)
+    assert fields["cross_entropy_loss_fusion"] is True
+    assert fields["cross_entropy_fusion_impl"] == "te"
+    assert "--cross-entropy-fusion-impl" not in megatron_args(plan)  # Megatron-LM rejects it
+    assert any("fused cross entropy" in n and "GiB more" in n for n in megatron_notes(plan))
+    moe = bridge.model_fields(launch_plans.make("mixtral-overlap", launch_plans.FAMILIES))
+    assert moe["moe_token_dispatcher_type"] == "flex" and moe["moe_flex_dispatcher_backend"] == "deepep"
+    assert moe["overlap_moe_expert_parallel_comm"] is True
+    assert moe["cuda_graph_scope"] == ["attn", "moe_router", "moe_preprocess"]
