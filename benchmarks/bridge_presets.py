@@ -4,7 +4,8 @@ The published table gives each run's layout; the preset Megatron-Bridge ran it w
 (scripts/performance/configs/<family>/*workload_base_configs.py at the release the NeMo
 container shipped) also sets what the table leaves out and the cost model needs: the expert
 all-to-all overlap (`moe_a2a_overlap` -> Megatron --overlap-moe-expert-parallel-comm), the CUDA
-graph implementation and modules, and the token dispatcher backend. A row's preset is the one
+graph implementation and modules, the token dispatcher backend, and its recompute (used
+where the table states none). A row's preset is the one
 its notes name, else the only facts shared by every preset at that release whose layout
 (tp, pp, cp, ep, vp, micro-batch, and global batch from 26.02 on) matches the row, else the
 facts every preset of the row's model, GPU and precision at that release shares.
@@ -36,7 +37,8 @@ RELEASE = {"25.11": "v0.2.2", "26.02": "v0.3.1", "26.02.01": "v0.3.1", "26.04": 
 FAMILY = {"gpt-oss-120b": ("gpt_oss", "GPT_OSS_120B"), "Qwen3-30B-A3B": ("qwen", "QWEN3_30B_A3B"),
           "Qwen3-235B-A22B": ("qwen", "QWEN3_235B_A22B")}
 COLUMNS = ("csv_line", "model", "gpu", "container", "release", "preset", "matched_by",
-           "moe_a2a_overlap", "cuda_graph_impl", "cuda_graph_modules", "dispatcher_backend")
+           "moe_a2a_overlap", "cuda_graph_impl", "cuda_graph_modules", "dispatcher_backend",
+           "recompute")
 
 
 def _show(repo: str, tag: str, path: str) -> str:
@@ -66,9 +68,12 @@ def presets(repo: str, tag: str, family: str) -> dict[str, dict]:
 
 def facts(cfg: dict) -> tuple:
     mods = cfg.get("cuda_graph_scope") or []
+    rec = cfg.get("recompute_modules")
+    recompute = ("full" if cfg.get("recompute_num_layers") else
+                 "selective:" + "+".join(rec) if rec else "none")
     return (bool(cfg.get("moe_a2a_overlap")), cfg.get("cuda_graph_impl") or "none",
             "+".join(mods if isinstance(mods, list) else [mods]),
-            cfg.get("moe_flex_dispatcher_backend") or "alltoall")
+            cfg.get("moe_flex_dispatcher_backend") or "alltoall", recompute)
 
 
 def _layout_matches(cfg: dict, row: dict, with_gbs: bool) -> bool:
@@ -124,13 +129,14 @@ def main() -> None:
         if got is None:
             print(f"line {i + 2}: no single matching preset at {RELEASE[container]}")
             continue
-        tag, preset, (overlap, impl, mods, backend) = got
+        tag, preset, (overlap, impl, mods, backend, recompute) = got
         how = ("release family (no layout match; all its presets agree)"
                if preset.startswith("family:") else "named in notes"
                if "|" not in preset and preset in row["notes"] else "layout match")
         preset = preset.removeprefix("family:")
         out.append(dict(zip(COLUMNS, (i + 2, row["model"], row["gpu"].split(" ")[0], container,
-                                      tag, preset, how, overlap, impl, mods, backend),
+                                      tag, preset, how, overlap, impl, mods, backend,
+                                      recompute),
                             strict=True)))
     tmp = OUT.with_suffix(".tmp")
     with open(tmp, "w", newline="") as fh:

@@ -337,9 +337,11 @@ def layouts_2025(row: dict, model: ModelSpec, gpus: int,
         split = tuple(sizes)
     out = []
     moe = _moe_variants(facts) if model.is_moe and not titan else [{}]
-    for rec, extra in ((r, m) for r in recomputes_2025(row["recompute"]) for m in moe):
+    # a blank recompute cell: the matched preset's (benchmarks/bridge_presets.py), else tuned
+    cell = row["recompute"] or (facts or {}).get("recompute", "")
+    for rec, extra in ((r, m) for r in recomputes_2025(cell) for m in moe):
         lay = Layout(**given, dp=derived_dp(gpus, **given), etp=int(etp) if etp else None,
-                     recompute_modules=modules_2025(row["recompute"]) if rec == "selective"
+                     recompute_modules=modules_2025(cell) if rec == "selective"
                      and not titan else (),
                      offload_activation_layers=offload_2025(row["notes"]) if rec == "none" else 0,
                      torch_compile=titan and "compile" in row["source_note"] + row["notes"],
