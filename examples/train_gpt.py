@@ -479,6 +479,8 @@ def run_steps(setup: Setup, model: ModelSpec, layout: Layout, args: argparse.Nam
 def main(argv: list[str] | None = None) -> int:
     try:
         train(parse_args(argv))
+        if dist.is_initialized():  # every rank done before any tears gloo down (a rank that
+            dist.barrier()         # exits mid-teardown of a peer can abort in std::terminate)
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
