@@ -337,8 +337,10 @@ def layouts_2025(row: dict, model: ModelSpec, gpus: int,
         split = tuple(sizes)
     out = []
     moe = _moe_variants(facts) if model.is_moe and not titan else [{}]
-    # a blank recompute cell: the matched preset's (benchmarks/bridge_presets.py), else tuned
-    cell = row["recompute"] or (facts or {}).get("recompute", "")
+    # a blank recompute cell: the preset's when it matches the row's layout (a release-wide
+    # setting may not hold at another micro-batch), else tuned
+    layout_match = facts is not None and not facts["matched_by"].startswith("release family")
+    cell = row["recompute"] or (facts["recompute"] if layout_match else "")
     for rec, extra in ((r, m) for r in recomputes_2025(cell) for m in moe):
         lay = Layout(**given, dp=derived_dp(gpus, **given), etp=int(etp) if etp else None,
                      recompute_modules=modules_2025(cell) if rec == "selective"
