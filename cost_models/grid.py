@@ -99,25 +99,21 @@ class LayoutGrid:
     def num_microbatches(self) -> np.ndarray:
         return self.global_batch_size // (self.dp * self.micro_batch_size)
 
+    def _grid_wide(self) -> dict:
+        """The grid-wide (non-column) values, for a grid of other rows of the same search."""
+        return {name: getattr(self, name) for name in GRID_WIDE}
+
     def take(self, index) -> LayoutGrid:
         """A sub-grid (boolean mask or integer index array)."""
         arrays = {name: self.column(name)[index]
                   for name in (*_ARRAY_FIELDS, "schedule", *OPTIONAL_FIELDS)}
-        return LayoutGrid(**arrays, seq_len=self.seq_len, dtype=self.dtype,
-                          cuda_graphs=self.cuda_graphs, cuda_graph_modules=self.cuda_graph_modules,
-                          moe_dispatcher=self.moe_dispatcher,
-                          te_cross_entropy=self.te_cross_entropy, torch_compile=self.torch_compile,
-                          async_tp=self.async_tp, layers_per_stage=self.layers_per_stage)
+        return LayoutGrid(**arrays, **self._grid_wide())
 
     def concat(self, other: LayoutGrid) -> LayoutGrid:
         """This grid's rows, then `other`'s (same grid-wide values)."""
         arrays = {name: np.concatenate([self.column(name), other.column(name)])
                   for name in (*_ARRAY_FIELDS, "schedule", *OPTIONAL_FIELDS)}
-        return LayoutGrid(**arrays, seq_len=self.seq_len, dtype=self.dtype,
-                          cuda_graphs=self.cuda_graphs, cuda_graph_modules=self.cuda_graph_modules,
-                          moe_dispatcher=self.moe_dispatcher,
-                          te_cross_entropy=self.te_cross_entropy, torch_compile=self.torch_compile,
-                          async_tp=self.async_tp, layers_per_stage=self.layers_per_stage)
+        return LayoutGrid(**arrays, **self._grid_wide())
 
     def layout(self, i: int, layers_per_stage: tuple[int, ...] | None = None) -> Layout:
         """The i-th candidate as a Layout."""
@@ -181,6 +177,9 @@ _ARRAY_FIELDS = INT_FIELDS + (
     "recompute", "sequence_parallel", "distributed_optimizer", "flash_attention", "layers_first", "layers_last",
     "layers_mid",
 )
+GRID_WIDE = ("seq_len", "dtype", "cuda_graphs", "cuda_graph_modules", "moe_dispatcher",
+             "te_cross_entropy", "torch_compile", "async_tp", "layers_per_stage")
+"""Fields that hold one value for the whole grid (`LayoutGrid.take`, `concat` keep them)."""
 OPTIONAL_FIELDS = ("fsdp", "dp_replicate", "grad_reduce_fp32", "framework", "recompute_modules",
                    "offload_activation_layers", "moe_a2a_overlap", "price_stall")
 """Columns with a grid-wide default (searches that do not vary them pass nothing)."""

@@ -979,6 +979,12 @@ def a2a_overlap_problem(model: ModelSpec, framework, ep, pp, vp, recompute,
     return None
 
 
+def a2a_overlap_mask(ep, pp, vp, full_recompute, moe_recomputed):
+    """`a2a_overlap_problem` is None, as arrays over a grid of MoE Megatron layouts (the
+    search's form of the same rules)."""
+    return (ep > 1) & ((pp == 1) | (vp > 1)) & ~full_recompute & ~moe_recomputed
+
+
 def even_split(total: int, parts: int) -> tuple[int, ...]:
     """`total` layers in `parts` contiguous groups, sizes differing by at most one.
 

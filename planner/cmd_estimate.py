@@ -16,7 +16,7 @@ import click
 
 from cost_models.dims import ParallelDims
 from cost_models.schedules import SCHEDULES, default_schedule
-from cost_models.specs import RECOMPUTE_KINDS, Layout
+from cost_models.specs import RECOMPUTE_KINDS, Layout, a2a_overlap_problem
 
 from .engine import estimate_layout
 from .jsonout import to_json
@@ -134,8 +134,9 @@ def _recompute_options(prob, layout: Layout, est, headroom: float) -> dict:
     if est.fits and usable - est.peak_GiB >= TIGHT_FRACTION * usable:
         return {}
     heavier = RECOMPUTE_KINDS[RECOMPUTE_KINDS.index(layout.recompute) + 1:]
-    return {r: estimate_layout(prob, replace(layout, recompute=r, recompute_modules=(),
-                                             offload_activation_layers=0,
-                                             moe_a2a_overlap=layout.moe_a2a_overlap
-                                             and r != "full"), headroom)
-            for r in heavier}
+    return {r: estimate_layout(prob, replace(
+        layout, recompute=r, recompute_modules=(), offload_activation_layers=0,
+        # the overlap where Megatron still allows it with the heavier recompute
+        moe_a2a_overlap=layout.moe_a2a_overlap and a2a_overlap_problem(
+            prob.model, layout.framework, layout.ep, layout.pp, layout.vp, r) is None),
+        headroom) for r in heavier}

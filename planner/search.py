@@ -29,6 +29,7 @@ from cost_models.specs import (
     ModelSpec,
     NodeSpec,
     SpecError,
+    a2a_overlap_mask,
     even_split,
 )
 
@@ -484,13 +485,11 @@ def _generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
 
 def a2a_overlap_allowed(model: ModelSpec, space: SearchSpace, ep, pp, vp, recompute, masks):
     """Per row: whether the candidate runs Megatron's expert A2A overlap, i.e. the space asks
-    for it and Megatron-Core's rules allow it (`specs.a2a_overlap_problem`, vectorised: ep > 1,
-    vp > 1 with pp > 1, no full recompute, no "moe" module recomputed)."""
+    for it and Megatron-Core's rules allow it (`specs.a2a_overlap_mask`)."""
     if not (space.moe_a2a_overlap and model.is_moe and space.framework == "megatron"):
         return False
-    moe_bit = recompute_modules.BIT["moe"]
-    return (ep > 1) & ((pp == 1) | (vp > 1)) & (recompute != 2) & \
-        ~((recompute == 1) & ((masks & moe_bit) != 0))
+    moe_recomputed = (recompute == 1) & ((masks & recompute_modules.BIT["moe"]) != 0)
+    return a2a_overlap_mask(ep, pp, vp, recompute == 2, moe_recomputed)
 
 
 def recompute_options(model: ModelSpec, space: SearchSpace) -> tuple[np.ndarray, np.ndarray]:
