@@ -421,9 +421,12 @@ def rank_memory(model: ModelSpec, g, params, optimizer_params, layers, first, la
                                     head_params, fp8_transpose_copy)
     inflight = static.inflight
     per_layer = acts.per_layer
-    # offloaded layers' activations live in host memory; one layer's is in transit on the GPU
+    # offloaded layers' activations live in host memory. Transformer Engine >= 2.10 releases
+    # layer i's GPU copy before layer L - N + i runs forward and reloads it only once layer
+    # L - N + i has run backward, so L - N layers are resident at any time
+    # (transformer_engine/pytorch/cpu_offload.py, DefaultOffloadSynchronizer, v2.13).
     offload = g.column("offload_activation_layers")
-    act = per_layer * (layers - offload + (offload > 0)) * inflight
+    act = per_layer * (layers - offload) * inflight
     act = act + np.where(g.recompute > 0, acts.no_recompute - per_layer, 0.0)  # rematerialised
     act = act + np.where(first, acts.embedding * inflight, 0.0)
     act = act + np.where(last, acts.logits, 0.0)
