@@ -373,7 +373,7 @@ def load_cases_2025(path: Path = CSV_2025) -> tuple[list[Case], list[tuple[str, 
     cases, skipped = [], []
     with open(path) as fh:
         rows = list(csv.DictReader(fh))
-    facts = preset_facts() if path == CSV_2025 else {}
+    facts = preset_facts() if Path(path).resolve() == CSV_2025.resolve() else {}
     for i, row in enumerate(rows):
         gpus = int(_num(row["num_gpus"]))
         label = (f"{i + 2:>3} {row['model'][:16]} {gpus}x{row['gpu'].split(' ')[0][:6]} "
