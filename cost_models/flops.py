@@ -162,28 +162,42 @@ def lm_head_flops(model: ModelSpec, tokens):
     return linear_flops(tokens, model.hidden_size, model.vocab_size)
 
 
-def model_flops_per_step(model: ModelSpec, global_batch, seq_len, causal: bool = True):
+def mtp_projection_flops(model: ModelSpec, tokens):
+    """One multi-token prediction module's projection of the concatenated normed hidden state
+    and normed next-token embedding (2h -> h), forward: 2·T·2h·h FLOPs (DeepSeek-AI 2024,
+    DeepSeek-V3 Technical Report, Sec. 2.2, Eq. 21)."""
+    return linear_flops(tokens, 2 * model.hidden_size, model.hidden_size)
+
+
+def model_flops_per_step(model: ModelSpec, global_batch, seq_len, causal: bool = True,
+                         mtp_layers: int | None = None):
     """Model FLOPs of one training step (forward + backward = 3x forward), no recompute.
 
     This is the numerator of MFU (Chowdhery et al. 2022, PaLM, Appendix B): FLOPs the model
-    needs, not what the hardware executed.
+    needs, not what the hardware executed. Each multi-token prediction module (`mtp_layers`,
+    default the model's `ModelSpec.mtp_layers`) adds its projection, one more layer and the
+    shared LM head (DeepSeek-V3 Sec. 2.2); Megatron-LM counts them the same way
+    (`num_floating_point_operations`, mtp_num_layers).
     """
     tokens = global_batch * seq_len
     per_layer = layer_gemm_flops(model, tokens) + attention_core_flops(
         model, global_batch, seq_len, causal
     )
-    return 3 * (model.num_layers * per_layer + lm_head_flops(model, tokens))
+    mtp = model.mtp_layers if mtp_layers is None else mtp_layers
+    head = lm_head_flops(model, tokens)
+    return 3 * (model.num_layers * per_layer + head
+                + mtp * (per_layer + head + mtp_projection_flops(model, tokens)))
 
 
 def hardware_flops_per_step(model: ModelSpec, global_batch, seq_len, recompute: str,
-                            causal: bool = True):
+                            causal: bool = True, mtp_layers: int | None = None):
     """FLOPs executed per step including activation recomputation.
 
     full: every layer's forward runs twice (4x forward in all); selective: only the attention
     core is recomputed (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
     Transformer Models", Sec. 5); the LM head is never recomputed.
     """
-    base = model_flops_per_step(model, global_batch, seq_len, causal)
+    base = model_flops_per_step(model, global_batch, seq_len, causal, mtp_layers)
     tokens = global_batch * seq_len
     core = attention_core_flops(model, global_batch, seq_len, causal)
     if recompute == "full":

@@ -209,8 +209,9 @@ class GroupCosts:
         def make():
             spec = self.cluster.gpu_types[gpu]
             g = self.grid
-            return (megatron.layer_times(self.model, spec, self.view(gpu, link), g),
-                    megatron.embedding_time(self.model, spec, g), megatron.head_time(self.model, spec, g))
+            lt = megatron.layer_times(self.model, spec, self.view(gpu, link), g)
+            return (lt, megatron.embedding_time(self.model, spec, g),
+                    megatron.head_time(self.model, spec, g, lt.total_s))
         return self._get(("layer", gpu, link), make)
 
     def hop(self, link) -> float:

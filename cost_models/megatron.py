@@ -528,13 +528,23 @@ def _attention_times(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, causal_flops
             np.where(g.flash_attention, fused_b * sdpa, unfused_b))
 
 
-def head_time(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid) -> np.ndarray:
-    """LM head + cross entropy + final norm, forward and backward, one micro-batch (last rank)."""
+def head_time(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, layer_s=0.0) -> np.ndarray:
+    """LM head + cross entropy + final norm, forward and backward, one micro-batch (last
+    rank). Each multi-token prediction module (`memory.mtp_modules`) adds its 2h -> h
+    projection, one transformer layer (`layer_s`: `LayerTimes.total_s`) and another pass
+    through the shared head and loss (DeepSeek-V3 Sec. 2.2; Megatron-Core places the modules
+    on the last pipeline stage)."""
     tokens = g.micro_batch_size * g.seq_len / g.cp
     gemm = flops.lm_head_flops(model, tokens) / g.tp
     logits = tokens * model.vocab_size / g.tp * 4  # fp32 logits
-    return (compute.gemm_time(3 * gemm, 3, gpu, g.dtype)
+    head = (compute.gemm_time(3 * gemm, 3, gpu, g.dtype)
             + compute.memory_bound_time(5 * logits + 6 * tokens * model.hidden_size, gpu))
+    mtp = memory.mtp_modules(model, g)
+    if not np.any(mtp):
+        return head
+    proj = compute.gemm_time(3 * flops.mtp_projection_flops(model, tokens) / g.tp, 3, gpu,
+                             g.dtype)
+    return head + mtp * (head + proj + layer_s)
 
 
 def embedding_time(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid) -> np.ndarray:
@@ -552,8 +562,14 @@ def rank_params(model: ModelSpec, g: LayoutGrid, layers: np.ndarray, first, last
     dense = layers * memory.dense_layer_params(model) / g.tp + np.where(first, table, 0.0)
     # The last rank holds the LM head (a copy of the embedding when tied and pp > 1).
     head = np.where(model.tied_embeddings & (g.pp == 1), 0.0, table) + model.hidden_size
+    # and the MTP modules: a layer and a 2h x h projection each, and the embedding they read
+    # (a copy when pp > 1 and the first rank holds it)
+    mtp = memory.mtp_modules(model, g)
+    head = head + mtp * (memory.dense_layer_params(model) + 2 * model.hidden_size ** 2) / g.tp \
+        + np.where((mtp > 0) & (g.pp > 1), table, 0.0)
     dims = g.dims
-    expert = layers * memory.expert_layer_params(model) / (dims.expert_tp * dims.ep)
+    expert = (layers + np.where(last, mtp, 0)) * memory.expert_layer_params(model) \
+        / (dims.expert_tp * dims.ep)
     return dense + np.where(last, head, 0.0), expert
 
 
@@ -580,7 +596,7 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid,
     gpu = cluster.gpu
     lt = layer_times(model, gpu, cluster, g, variants)
     m, p, v = g.num_microbatches, g.pp, g.vp
-    head, emb = head_time(model, gpu, g), embedding_time(model, gpu, g)
+    head, emb = head_time(model, gpu, g, lt.total_s), embedding_time(model, gpu, g)
     single = p == 1
     vshape = schedules.is_v_shape(g.schedule)  # the first rank also holds the LM head
     # τ per rank kind (first, last, busiest middle); with pp == 1 one rank has both ends.
@@ -608,7 +624,8 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid,
         tp_comm_s=m * layers_crit * lt.tp_comm_s, cp_comm_s=m * layers_crit * lt.cp_comm_s,
         ep_comm_s=m * layers_crit * (lt.ep_comm_s - ep_hidden),
         pp_bubble_s=bubble, pp_p2p_s=p2p, dp_comm_s=dp_exposed, optimizer_step_s=opt_time, **mem,
-        model_flops=float(flops.model_flops_per_step(model, 1, g.seq_len)),
+        model_flops=float(flops.model_flops_per_step(model, 1, g.seq_len,
+                                                     mtp_layers=_grid_mtp(model, g))),
         hardware_flops=_hardware_flops(model, g),
     )
 
@@ -693,9 +710,15 @@ def schedule_bubble_factor(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, lt: La
     return schedules.bubble_factor(g.schedule, g.pp, g.vp, w, b, hidden)
 
 
+def _grid_mtp(model: ModelSpec, g: LayoutGrid) -> int:
+    """The MTP modules the grid's rows run (its frameworks agree in practice; the most)."""
+    return int(np.max(memory.mtp_modules(model, g)))
+
+
 def _hardware_flops(model: ModelSpec, g: LayoutGrid) -> np.ndarray:
     """Per-sequence hardware FLOPs by recompute code (scaled by gbs when reported)."""
-    by_code = np.array([flops.hardware_flops_per_step(model, 1, g.seq_len, k)
+    mtp = _grid_mtp(model, g)
+    by_code = np.array([flops.hardware_flops_per_step(model, 1, g.seq_len, k, mtp_layers=mtp)
                         for k in ("none", "selective", "full")], dtype=float)
     return by_code[g.recompute]
 
@@ -1032,8 +1055,9 @@ class LayoutParts:
 def layout_parts(layout: Layout, model: ModelSpec, cluster: ClusterSpec) -> LayoutParts:
     g = LayoutGrid.from_layout(layout, model.num_layers)
     gpu = cluster.gpu
-    return LayoutParts(g, gpu, layer_times(model, gpu, cluster, g), embedding_time(model, gpu, g),
-                       head_time(model, gpu, g))
+    lt = layer_times(model, gpu, cluster, g)
+    return LayoutParts(g, gpu, lt, embedding_time(model, gpu, g), head_time(model, gpu, g,
+                                                                            lt.total_s))
 
 
 def stage_costs(model: ModelSpec, cluster: ClusterSpec, layout: Layout,

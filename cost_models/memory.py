@@ -399,6 +399,13 @@ def rank_static_memory(g, params, optimizer_params, layers, pp_rank, layer_param
                             inflight, unsharded)
 
 
+def mtp_modules(model: ModelSpec, g) -> np.ndarray:
+    """Multi-token prediction modules each row of the grid `g` runs (`ModelSpec.mtp_layers`):
+    Megatron-Core runs them (--mtp-num-layers); the pinned torchtitan has none, so its rows
+    train without them."""
+    return np.where(g.column("framework") == "torchtitan", 0, model.mtp_layers)
+
+
 def rank_memory(model: ModelSpec, g, params, optimizer_params, layers, first, last,
                 pp_rank, layer_params=0.0, head_params=0.0,
                 fp8_transpose_copy: bool = True,
@@ -429,7 +436,10 @@ def rank_memory(model: ModelSpec, g, params, optimizer_params, layers, first, la
     act = per_layer * (layers - offload) * inflight
     act = act + np.where(g.recompute > 0, acts.no_recompute - per_layer, 0.0)  # rematerialised
     act = act + np.where(first, acts.embedding * inflight, 0.0)
-    act = act + np.where(last, acts.logits, 0.0)
+    # the last rank's MTP modules: one more layer each per in-flight micro-batch, and their
+    # own logits next to the main head's until the losses' backward
+    mtp = mtp_modules(model, g)
+    act = act + np.where(last, acts.logits * (1 + mtp) + mtp * per_layer * inflight, 0.0)
     return {
         **static.state,
         "activations_bytes": act,

@@ -173,6 +173,12 @@ class ModelSpec:
     """Attention and MLP read the same layer input and their outputs are added (GPT-J, Falcon,
     Phi-2): one tensor-parallel all-reduce per pass instead of two (Wang & Komatsuzaki 2021,
     GPT-J; Chowdhery et al. 2022, PaLM Sec. 2 "Parallel Layers")."""
+    mtp_layers: int = 0
+    """Multi-token prediction modules (DeepSeek-V3 Sec. 2.2; HF num_nextn_predict_layers,
+    Megatron --mtp-num-layers): each joins the normed hidden state with the normed embedding of
+    the next token (a 2h x h projection), runs one more transformer block and the shared LM
+    head + loss, on the last pipeline stage. Not counted in `flops.parameter_count` (DeepSeek
+    reports 671B without it)."""
     expert_load_imbalance: float = 1.0
     """MoE: tokens of the busiest expert over the mean (1.0: perfectly balanced, as in
     force-balanced benchmarks); the busiest expert rank sets every MoE layer's pace. A training
@@ -207,7 +213,7 @@ class ModelSpec:
         """SpecError for MLA, window, norm and layer-pattern fields out of range."""
         for name in ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim",
                      "sliding_window", "attention_chunk_size", "full_attention_layers",
-                     "norms_per_layer"):
+                     "norms_per_layer", "mtp_layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise SpecError(f"model {self.name}: {name} must be a non-negative integer, "

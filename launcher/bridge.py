@@ -72,6 +72,8 @@ def model_fields(plan: Plan) -> dict[str, object]:
             out["moe_flex_dispatcher_backend"] = lay.moe_dispatcher
         if m.shared_expert_ffn_hidden_size:
             out["moe_shared_expert_intermediate_size"] = m.shared_expert_ffn_hidden_size
+    if m.mtp_layers:  # multi-token prediction modules on the last stage (estimated there)
+        out["mtp_num_layers"] = m.mtp_layers
     if lay.te_cross_entropy:  # the loss the memory estimate priced (`memory.TE_LOGIT_BYTES`)
         out.update(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="te")
     if lay.cuda_graph_modules:  # Transformer Engine per-module graphs (megatron-core 0.16.1

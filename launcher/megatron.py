@@ -282,7 +282,8 @@ def megatron_args(plan: Plan) -> list[str]:
     return (_parallel_args(plan) + _batch_args(plan) + _recompute_args(plan) + _offload_args(plan)
             + _overlap_args(plan) + _precision_args(plan) + _shape_args(plan, arch)
             + _position_args(arch) + _layer_args(arch, plan) + _mla_args(arch)
-            + _moe_args(plan, arch))
+            + _moe_args(plan, arch)
+            + (_flag("mtp-num-layers", plan.model.mtp_layers) if plan.model.mtp_layers else []))
 
 
 MEGATRON_SCHEDULES = {"1f1b": "1F1B (forward_backward_pipelining_without_interleaving)",

@@ -180,6 +180,11 @@ def notes(plan: Plan, version: str = DEFAULT_VERSION) -> list[str]:
     if titan_model(plan) is None:
         out.append(f"torchtitan {version} ships no {plan.model.name} model: torchtitan_args.sh "
                    "has the layout only; add --module/--config of a model you registered")
+    if plan.model.mtp_layers:
+        out.append(f"torchtitan {version} has no multi-token prediction: the model's "
+                   f"{plan.model.mtp_layers} MTP module(s) are not trained"
+                   + ("" if lay.framework == "torchtitan" else
+                      "; the estimate (Megatron conventions) counted them on the last stage"))
     if lay.dp > 1 and not lay.distributed_optimizer and not lay.fsdp:
         out.append("torchtitan shards dp with FSDP2 (no plain DDP with expert/fsdp meshes here); "
                    "the plan modelled replicated optimizer state, so memory will be lower")

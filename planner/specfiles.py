@@ -312,6 +312,9 @@ def model_from_config(cfg: dict, where: str) -> ModelSpec:
     )
     spec.update(_moe_fields(cfg, kind, where))
     spec.update(_attention_fields(cfg, kind, spec["num_layers"], where))
+    if cfg.get("num_nextn_predict_layers"):  # DeepSeek-V3's multi-token prediction modules
+        spec["mtp_layers"] = _int(cfg["num_nextn_predict_layers"], "num_nextn_predict_layers",
+                                  where)
     return ModelSpec(**spec)
 
 
