@@ -11,9 +11,11 @@ its notes name, else the only facts shared by every preset at that release whose
 facts every preset of the row's model, GPU and precision at that release shares.
 
 Writes benchmarks/data/bridge_moe_presets.csv (committed: the tests and the validation read
-it; this script needs a Megatron-Bridge clone and is rerun only to refresh it).
+it; this script needs a Megatron-Bridge clone and is rerun only to refresh it). With --csv
+and --out it does the same for another file of that schema (the held-out runs of
+benchmarks/heldout_runs.py -> benchmarks/data/heldout_moe_runs_presets.csv).
 
-Run: python benchmarks/bridge_presets.py --repo /path/to/Megatron-Bridge/.git
+Run: python benchmarks/bridge_presets.py --repo /path/to/Megatron-Bridge/.git [--csv F --out F]
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ RELEASE = {"25.11": "v0.2.2", "26.02": "v0.3.1", "26.02.01": "v0.3.1", "26.04": 
            "26.04.01": "v0.4.2", "26.06": "v0.5.1"}
 """NeMo container of a table section -> the Megatron-Bridge release it ships."""
 FAMILY = {"gpt-oss-120b": ("gpt_oss", "GPT_OSS_120B"), "Qwen3-30B-A3B": ("qwen", "QWEN3_30B_A3B"),
-          "Qwen3-235B-A22B": ("qwen", "QWEN3_235B_A22B")}
+          "Qwen3-235B-A22B": ("qwen", "QWEN3_235B_A22B"), "DeepSeek-V3": ("deepseek", "DEEPSEEK_V3")}
+GPUS = ("GB300", "GB200", "B300", "B200", "H100")
+"""Preset name parts of the systems (GB before B: "B200" is in "GB200")."""
 COLUMNS = ("csv_line", "model", "gpu", "container", "release", "preset", "matched_by",
            "moe_a2a_overlap", "cuda_graph_impl", "cuda_graph_modules", "dispatcher_backend",
            "recompute")
@@ -98,7 +102,7 @@ def row_facts(repo: str, row: dict, cache: dict) -> tuple[str, str, tuple] | Non
                       row["notes"])
     if named and named.group(2) == tag and named.group(1) in table:
         return tag, named.group(1), facts(table[named.group(1)])
-    gpu = "GB200" if "GB200" in row["gpu"] else "B200" if "B200" in row["gpu"] else "H100"
+    gpu = next(name for name in GPUS if name in row["gpu"])
     dtype = row["dtype"].lower()
     prec = "FP8_MX" if dtype.startswith("mxfp8") else "FP8_CS" if dtype.startswith("fp8") \
         else "BF16"
@@ -117,8 +121,10 @@ def row_facts(repo: str, row: dict, cache: dict) -> tuple[str, str, tuple] | Non
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repo", required=True, help="a Megatron-Bridge git directory")
+    ap.add_argument("--csv", type=Path, default=CSV_2025, help="runs in the 2025-2026 schema")
+    ap.add_argument("--out", type=Path, default=OUT, help="where the facts go")
     args = ap.parse_args()
-    with open(CSV_2025) as fh:
+    with open(args.csv) as fh:
         rows = list(csv.DictReader(fh))
     out, cache = [], {}
     for i, row in enumerate(rows):
@@ -138,13 +144,13 @@ def main() -> None:
                                       tag, preset, how, overlap, impl, mods, backend,
                                       recompute),
                             strict=True)))
-    tmp = OUT.with_suffix(".tmp")
+    tmp = args.out.with_suffix(".tmp")
     with open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(out)
-    tmp.replace(OUT)
-    print(f"wrote {OUT} ({len(out)} rows)")
+    tmp.replace(args.out)
+    print(f"wrote {args.out} ({len(out)} rows)")
 
 
 if __name__ == "__main__":

@@ -243,7 +243,9 @@ def cluster_2025(gpu: str, gpus: int) -> ClusterSpec:
     """The system of a 2025-2026 row: DGX GB200 NVL72 racks (node = 4-GPU tray), DGX B200,
     DGX H100 (and the 96 GB H100 of Grand Teton at `H100_96GB_GiB`), DGX H200; SpecError for
     systems meshplan has no preset for."""
-    preset, per_node = (("gb200-nvl72", 4) if "GB200" in gpu else ("dgx-b200", 8) if "B200" in gpu
+    preset, per_node = (("gb300-nvl72", 4) if "GB300" in gpu else ("gb200-nvl72", 4)
+                        if "GB200" in gpu else ("dgx-b300", 8) if "B300" in gpu
+                        else ("dgx-b200", 8) if "B200" in gpu
                         else ("dgx-h100", 8) if "H100" in gpu
                         else ("dgx-h200", 8) if "H200" in gpu else (None, 0))
     if preset is None:
@@ -331,11 +333,14 @@ def layouts_2025(row: dict, model: ModelSpec, gpus: int,
     etp = _num(row["etp"])
     chunks = given["pp"] * given["vp"]
     split = None
-    if chunks > model.num_layers:  # embedding and loss counted as layers in the split
+    stated = re.search(r"layers per pipeline chunk: ([\d,]+)", row["notes"])
+    if stated:  # the framework's own layout (Megatron-Bridge's DeepSeek-V3 table)
+        split = tuple(int(n) for n in stated.group(1).split(","))
+    elif chunks > model.num_layers:  # embedding and loss counted as layers in the split
         sizes = list(even_split(model.num_layers + 2, chunks))
         sizes[0], sizes[-1] = sizes[0] - 1, sizes[-1] - 1
         split = tuple(sizes)
-    out = []
+    out, errors = [], []
     moe = _moe_variants(facts) if model.is_moe and not titan else [{}]
     # a blank recompute cell: the preset's when it matches the row's layout (a release-wide
     # setting may not hold at another micro-batch), else tuned
@@ -361,19 +366,41 @@ def layouts_2025(row: dict, model: ModelSpec, gpus: int,
         lay = replace(lay, **extra)
         try:
             lay.validate(model, gpus)
-        except SpecError:
+        except SpecError as exc:
+            errors.append(str(exc))
             continue
         out.append(lay)
+    if not out and errors:
+        raise SpecError(f"no variant of the published layout is valid: {errors[0]}")
     return tuple(out)
 
 
+def presets_of(path: Path) -> dict[int, dict]:
+    """The preset facts of a file in the 2025-2026 schema: PRESET_FACTS for the shared file,
+    else `<stem>_presets.csv` beside it (benchmarks/bridge_presets.py --out) if there is one."""
+    path = Path(path).resolve()
+    if path == CSV_2025.resolve():
+        return preset_facts()
+    beside = path.with_name(f"{path.stem}_presets.csv")
+    return preset_facts(beside) if beside.exists() else {}
+
+
+def row_model_2025(row: dict) -> ModelSpec:
+    """A row's model: its config in ../shared/data/models/, else the meshplan preset of that
+    name (lower case: DeepSeek-V3 -> deepseek-v3); MTP off where the notes say so."""
+    path = MODELS_2025 / f"{row['model']}.json"
+    model = load_model(str(path) if path.exists() else row["model"].lower())
+    return replace(model, mtp_layers=0) if "MTP off" in row["notes"] else model
+
+
 def load_cases_2025(path: Path = CSV_2025) -> tuple[list[Case], list[tuple[str, str]]]:
-    """(usable cases, skipped (label, reason)) of the 2025-2026 file. Step time from
-    tokens/s/GPU: gbs·seq / (tokens_per_s_per_gpu · GPUs)."""
+    """(usable cases, skipped (label, reason)) of the 2025-2026 file (or another in its
+    schema, e.g. benchmarks/data/heldout_moe_runs.csv). Step time from tokens/s/GPU:
+    gbs·seq / (tokens_per_s_per_gpu · GPUs)."""
     cases, skipped = [], []
     with open(path) as fh:
         rows = list(csv.DictReader(fh))
-    facts = preset_facts() if Path(path).resolve() == CSV_2025.resolve() else {}
+    facts = presets_of(path)
     for i, row in enumerate(rows):
         gpus = int(_num(row["num_gpus"]))
         label = (f"{i + 2:>3} {row['model'][:16]} {gpus}x{row['gpu'].split(' ')[0][:6]} "
@@ -384,8 +411,12 @@ def load_cases_2025(path: Path = CSV_2025) -> tuple[list[Case], list[tuple[str, 
         except SpecError as exc:
             skipped.append((label, str(exc)))
             continue
-        model = load_model(str(MODELS_2025 / f"{row['model']}.json"))
-        layouts = layouts_2025(row, model, gpus, facts.get(i + 2))
+        model = row_model_2025(row)
+        try:
+            layouts = layouts_2025(row, model, gpus, facts.get(i + 2))
+        except SpecError as exc:
+            skipped.append((label, str(exc)))
+            continue
         if not layouts:
             skipped.append((label, "published layout is invalid for the model shape"))
             continue

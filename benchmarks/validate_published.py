@@ -1,11 +1,12 @@
 """Validate meshplan's Megatron-style cost model against published training runs.
 
-For every usable row of ../shared/data/published_runs_calibration.csv (2021-2024, dense) and
-../shared/data/published_runs_2025_2026.csv (MoE, Blackwell, FSDP), predict the step time of
+For every usable row of ../shared/data/published_runs_calibration.csv (2021-2024, dense),
+../shared/data/published_runs_2025_2026.csv (MoE, Blackwell, FSDP) and the held-out runs
+benchmarks/data/heldout_moe_runs.csv (nothing was fitted on them), predict the step time of
 the published layout and compare with what was measured: the iteration time where published,
 else tokens/s/GPU, else the per-GPU TFLOP/s in the source's own FLOP convention. Prints per
-row, then the mean absolute percentage error (MAPE) per source, and for the 2025-2026 file per
-model and per GPU.
+row, then the mean absolute percentage error (MAPE) per source, and for the files of the
+2025-2026 schema per model, GPU, kind and sharding.
 
 Run: python benchmarks/validate_published.py [--csv PATH] [--quiet]
 """
@@ -23,6 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from published import CSV, CSV_2025, Case, load_cases, load_cases_2025  # noqa: E402
 
+HELDOUT = Path(__file__).resolve().parent / "data" / "heldout_moe_runs.csv"
+"""Runs in neither shared file (benchmarks/heldout_runs.py): DeepSeek-V3, and GB300 / B300."""
+
 from cost_models.megatron import estimate  # noqa: E402
 from cost_models.specs import Estimate  # noqa: E402
 
@@ -39,11 +43,15 @@ def short_source(source: str) -> str:
     return source.split(" via ")[0].split(" docs")[0].split(" (")[0][:34]
 
 
-def cases_of(path: Path) -> tuple[list[Case], list[tuple[str, str]]]:
-    """The cases of either published file (told apart by their columns)."""
+def is_2025_schema(path: Path) -> bool:
+    """The 2025-2026 file's schema (also the held-out runs'), told apart by its columns."""
     with open(path) as fh:
-        header = fh.readline()
-    return load_cases_2025(path) if "source_url" in header else load_cases(path)
+        return "source_url" in fh.readline()
+
+
+def cases_of(path: Path) -> tuple[list[Case], list[tuple[str, str]]]:
+    """The cases of either published file (or the held-out runs)."""
+    return load_cases_2025(path) if is_2025_schema(path) else load_cases(path)
 
 
 def grouped_mape(cases: list[Case], errors: list[float], key) -> dict[str, list[float]]:
@@ -88,7 +96,7 @@ def run(path: Path, quiet: bool = False) -> float:
               f"max {100 * np.max(errs):5.1f}%")
     overall = float(np.mean(errors))
     print(f"  {'OVERALL':<36} rows {len(errors):>3}  MAPE {100 * overall:5.1f}%")
-    if path.name == CSV_2025.name:
+    if is_2025_schema(path):
         for title, key in (("model", lambda c: Path(c.model.name).stem),
                            ("GPU", lambda c: c.cluster.gpu.name),
                            ("kind", lambda c: "MoE" if c.model.is_moe else "dense"),
@@ -111,7 +119,7 @@ def main() -> None:
                     help="a published runs CSV (repeatable) [default: both shared files]")
     ap.add_argument("--quiet", action="store_true", help="only the MAPE summary")
     args = ap.parse_args()
-    for path in args.csv or [CSV, CSV_2025]:
+    for path in args.csv or [CSV, CSV_2025, HELDOUT]:
         if not path.exists():
             sys.exit(f"error: {path} not found; pass --csv PATH to the published runs CSV")
         print(f"== {path.name}")

@@ -55,3 +55,37 @@ def test_2025_2026_runs_blackwell_dense_and_moe():
     h200 = [errs[c.label] for c in titan if c.cluster.gpu.name == "H200"]
     assert len(h200) == 2 and max(h200) <= 0.12
     assert np.mean([errs[c.label] for c in titan if c.cluster.gpu.name != "H200"]) <= 0.30
+
+
+HELDOUT = BENCH / "data" / "heldout_moe_runs.csv"
+
+
+def test_heldout_moe_runs_are_read_as_published_and_fit():
+    """The held-out runs (benchmarks/heldout_runs.py: DeepSeek-V3, and the shared families on
+    GB300 / B300; nothing fitted on them): read with their presets, DeepSeek-V3 at Megatron-
+    Bridge's layer split and with MTP as the table says, every usable one judged to fit at its
+    published layout (none does not), and the error held under 30% (20.0% now; the figures
+    per model and GPU are in the README)."""
+    from dataclasses import replace
+
+    from published import load_cases_2025
+
+    from cost_models.megatron import estimate
+    from planner.options import DEFAULT_PLAN_HEADROOM
+
+    cases, skipped = load_cases_2025(HELDOUT)
+    assert len(cases) >= 55 and len(skipped) <= 2, skipped
+    deepseek = [c for c in cases if "DeepSeek" in c.label]
+    assert len(deepseek) >= 20
+    for c in deepseek:  # Bridge's table covers 4, 8 and 16 chunks (pp x vp)
+        lay = c.layouts[0]
+        if lay.pp * lay.vp in (4, 8, 16):
+            assert lay.layers_per_stage is not None and sum(lay.layers_per_stage) == 61, c.label
+    no_mtp = [c for c in deepseek if c.model.mtp_layers == 0]
+    assert len(no_mtp) == 4  # the 25.11 rows labelled "w/o MTP"
+    assert replace(no_mtp[0].model, mtp_layers=1) == deepseek[0].model
+    for c in cases:
+        ests = [estimate(c.model, c.cluster, lay, DEFAULT_PLAN_HEADROOM) for lay in c.layouts]
+        assert any(e.fits for e in ests), c.label
+    errs = [abs(best_estimate(c).step_time_s / c.measured_step_s - 1) for c in cases]
+    assert np.mean(errs) <= 0.30
