@@ -399,11 +399,16 @@ def rank_static_memory(g, params, optimizer_params, layers, pp_rank, layer_param
                             inflight, unsharded)
 
 
-def mtp_modules(model: ModelSpec, g) -> np.ndarray:
+def mtp_modules(model: ModelSpec, g) -> np.ndarray | int:
     """Multi-token prediction modules each row of the grid `g` runs (`ModelSpec.mtp_layers`):
     Megatron-Core runs them (--mtp-num-layers); the pinned torchtitan has none, so its rows
     train without them."""
-    return np.where(g.column("framework") == "torchtitan", 0, model.mtp_layers)
+    if not model.mtp_layers:
+        return 0
+    framework = g.framework  # grid-wide (a string) in the search: one comparison
+    if isinstance(framework, str):
+        return 0 if framework == "torchtitan" else model.mtp_layers
+    return np.where(framework == "torchtitan", 0, model.mtp_layers)
 
 
 def rank_memory(model: ModelSpec, g, params, optimizer_params, layers, first, last,
