@@ -369,7 +369,25 @@ def activation_terms(model: ModelSpec, g, variants: int = 1) -> ActivationTerms:
     sac = titan & (g.recompute == 1)
     if np.any(sac):
         per_layer = np.where(sac, titan_sac_bytes_per_layer(*act_args), per_layer)
+    gathered = titan & g.sequence_parallel & (g.tp > 1)
+    if np.any(gathered):
+        extra = np.where(gathered, titan_gathered_input_bytes(
+            model, g.micro_batch_size, g.seq_len, g.tp, g.cp, gemm_input_bytes(fp8) if fp8 else 2),
+            0.0)
+        no_recompute = no_recompute + extra
+        per_layer = per_layer + np.where(g.recompute == 0, extra, 0.0)
     return ActivationTerms(per_layer, no_recompute, embedding, logits)
+
+
+def titan_gathered_input_bytes(model: ModelSpec, micro_batch, seq_len, tp, cp, gemm_in):
+    """Bytes one layer keeps beyond Megatron's count under torchtitan's sequence parallelism:
+    its TP plan (PrepareModuleInput to Replicate before attention and the feed-forward) hands
+    the column-parallel linears the all-gathered norm output, and autograd saves that whole
+    tensor (torchao float8's fp8 copy with float8 TP); Megatron-Core saves the sequence shard
+    and gathers again in backward (Korthikanti et al. 2022 Sec. 4.2.2). The shard counted by
+    `activation_bytes_per_layer` is taken off: (1 - 1/tp) of each gathered input."""
+    sbh = micro_batch * (seq_len / cp) * model.hidden_size
+    return norm_outputs_kept(model) * gemm_in * sbh * (1 - 1 / tp)
 
 
 @dataclass(frozen=True, slots=True)

@@ -158,3 +158,36 @@ def test_search_considers_sharding_alongside_the_degrees(llama8b):
     assert only.column("fsdp").all()
     lay = only.layout(0)
     assert lay.fsdp and lay.framework == "megatron"
+
+
+def test_torchtitan_sequence_parallel_keeps_the_gathered_linear_inputs():
+    """torchtitan's TP plan all-gathers the norm output before the column-parallel linears and
+    autograd saves it whole; Megatron saves the shard: with tp 8 the torchtitan layer holds
+    7/8 of two h-wide bf16 inputs more (full-AC rows: only in the rematerialised layer)."""
+    from cost_models import memory
+
+    model = load_model("llama3.1-70b")
+    cluster = load_cluster("dgx-h100", nodes=4)
+    lay = Layout(tp=8, pp=1, dp=4, micro_batch_size=1, global_batch_size=4, seq_len=8192,
+                 sequence_parallel=True, fsdp=True, recompute="none")
+    titan, mega = (estimate(model, cluster, replace(lay, framework=f)).memory
+                   for f in ("torchtitan", "megatron"))
+    per_layer = 2 * 2 * 8192 * model.hidden_size * (1 - 1 / 8)
+    assert memory.titan_gathered_input_bytes(model, 1, 8192, 8, 1, 2) == per_layer
+    # activations also differ by the loss buffers (fp32 for torchtitan); compare per layer
+    terms = {f: memory.activation_terms(model, _grid(replace(lay, framework=f), model))
+             for f in ("torchtitan", "megatron")}
+    assert float(terms["torchtitan"].per_layer[0] - terms["megatron"].per_layer[0]) == \
+        pytest.approx(per_layer)
+    assert titan.activations_bytes > mega.activations_bytes
+    full = replace(lay, recompute="full")
+    t_full = memory.activation_terms(model, _grid(replace(full, framework="torchtitan"), model))
+    m_full = memory.activation_terms(model, _grid(full, model))
+    assert float(t_full.per_layer[0]) == pytest.approx(float(m_full.per_layer[0]))
+    assert float(t_full.no_recompute[0] - m_full.no_recompute[0]) == pytest.approx(per_layer)
+
+
+def _grid(lay: Layout, model):
+    from cost_models.grid import LayoutGrid
+
+    return LayoutGrid.from_layout(lay, model.num_layers)
