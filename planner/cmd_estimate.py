@@ -83,15 +83,15 @@ def estimate(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, d
              as_json, micro_batch_size, recompute, recompute_modules, offload_activation_layers,
              sequence_parallel,
              distributed_optimizer,
-             mem_headroom, etp, expert_imbalance, cuda_graphs, schedule, fsdp, dp_replicate,
-             grad_reduce_fp32, framework, torch_compile, async_tp, moe_dispatcher,
+             mem_headroom, etp, expert_imbalance, mtp_layers, cuda_graphs, schedule, fsdp,
+             dp_replicate, grad_reduce_fp32, framework, torch_compile, async_tp, moe_dispatcher,
              moe_a2a_overlap, te_cross_entropy, cuda_graph_modules, **degrees):
     """Predict step time, throughput, MFU and peak memory of one layout."""
     check_sharding(fsdp, dp_replicate)
     check_titan(framework, torch_compile, async_tp)
     prob = with_expert_imbalance(resolve_problem(
         model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model),
-        expert_imbalance)
+        expert_imbalance, mtp_layers)
     degrees["etp"] = degrees["tp"] if etp is None else etp
     world = prob.cluster.world_size
     one = {**degrees, "dp": 1}

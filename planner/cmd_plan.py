@@ -84,7 +84,7 @@ from .search import SearchResult, SearchSpace
 def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model,
          as_json, top_k, output, report, micro_batch_size, recompute, module_lists, mem_headroom,
          max_tp,
-         expert_imbalance, schedule, fsdp, dp_replicate, grad_reduce_fp32, framework,
+         expert_imbalance, mtp_layers, schedule, fsdp, dp_replicate, grad_reduce_fp32, framework,
          consider_fsdp, torch_compile, async_tp, moe_dispatcher, moe_a2a_overlap,
          te_cross_entropy, cuda_graph_modules, **degrees):
     """Rank every valid TP/PP/CP/DP layout and write the fastest one that fits."""
@@ -95,7 +95,7 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
             check_output_file(path, option)
     prob = with_expert_imbalance(resolve_problem(
         model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model),
-        expert_imbalance)
+        expert_imbalance, mtp_layers)
     space = SearchSpace(dtype=dtype, recompute=tuple(recompute) or RECOMPUTE_KINDS,
                         headroom=mem_headroom, max_tp=max_tp, micro_batch_size=micro_batch_size,
                         schedule=schedule,

@@ -153,18 +153,28 @@ maximum near the mean, but not at it; 1.0 is only reached by force-balanced benc
 
 
 def expert_imbalance_option(func):
-    """--expert-imbalance: the MoE router's load imbalance (plan and estimate)."""
+    """--expert-imbalance (the MoE router's load imbalance) and --mtp-layers (multi-token
+    prediction modules): what the model is trained with beyond its shape (plan and estimate)."""
+    func = click.option(
+        "--mtp-layers", type=click.IntRange(0, 16), default=None,
+        help="Multi-token prediction modules trained on the last stage (DeepSeek-V3: 1) "
+             "[default: the config's num_nextn_predict_layers]; 0: train without them.")(func)
     return click.option(
         "--expert-imbalance", type=float, default=DEFAULT_EXPERT_IMBALANCE, show_default=True,
         callback=finite_range(1.0, 100.0),
         help="MoE: tokens of the busiest expert over the mean (1.0: force-balanced).")(func)
 
 
-def with_expert_imbalance(prob: Problem, imbalance: float) -> Problem:
-    """The problem with the model's router imbalance set (MoE models only)."""
-    if not prob.model.is_moe:
-        return prob
-    return replace(prob, model=replace(prob.model, expert_load_imbalance=imbalance))
+def with_expert_imbalance(prob: Problem, imbalance: float, mtp_layers: int | None = None
+                          ) -> Problem:
+    """The problem with the model's router imbalance (MoE models only) and, when given, its
+    multi-token prediction modules set."""
+    model = prob.model
+    if model.is_moe:
+        model = replace(model, expert_load_imbalance=imbalance)
+    if mtp_layers is not None:
+        model = replace(model, mtp_layers=mtp_layers)
+    return replace(prob, model=model)
 
 
 

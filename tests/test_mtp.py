@@ -82,3 +82,22 @@ def test_launch_artifacts_name_the_modules(dsv3):
     dense = _plan(replace(dsv3, mtp_layers=0), plan.layout)
     assert "--mtp-num-layers" not in frameworks.megatron_args(dense)
     assert "mtp_num_layers" not in bridge.model_fields(dense)
+
+
+def test_cli_mtp_layers_overrides_the_config():
+    """`estimate --mtp-layers 0` trains without the config's module; a bad count is one line."""
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "planner.cli", "estimate", "-m", "deepseek-v3", "-c",
+            "dgx-h100", "--nodes", "32", "--seq-len", "4096", "--gbs", "1024", "--tp", "1",
+            "--pp", "8", "--ep", "32", "--etp", "1", "--mbs", "1", "--recompute", "full",
+            "--dtype", "fp8", "--mem-headroom", "0", "--json"]
+    steps = []
+    for extra in ([], ["--mtp-layers", "0"]):
+        r = subprocess.run(base + extra, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        steps.append(json.loads(r.stdout)["step_time_s"])
+    assert steps[0] > steps[1] * 1.01
+    bad = subprocess.run(base + ["--mtp-layers", "-1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--mtp-layers" in bad.stderr and "Traceback" not in bad.stderr
