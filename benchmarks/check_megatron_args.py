@@ -200,7 +200,7 @@ def _expected_args(plan) -> dict:
     exp["use_megatron_fsdp"] = lay.fsdp
     exp["accumulate_allreduce_grads_in_fp32"] = lay.grad_reduce_fp32
     if lay.fsdp:
-        exp["data_parallel_sharding_strategy"] = "optim_grads_params"
+        exp["data_parallel_sharding_strategy"] = lay.fsdp_strategy
         exp["num_distributed_optimizer_instances"] = lay.dp_replicate
     if arch.position_embedding == "rope":
         exp["rotary_base"] = arch.rope_theta

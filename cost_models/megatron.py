@@ -889,9 +889,10 @@ def fsdp_comm(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerTi
                       memory.FSDP_GATHER_BYTES)
     m = g.num_microbatches
     again = np.where(g.pp > 1, 0.0, 1.0)  # pp keeps blocks unsharded between fwd and bwd
+    zero2 = memory.zero2_rows(g)  # parameters whole: no per-block gathers
 
     def unit(params, fwd_s, bwd_s):
-        ag = comm.all_gather_time(params * gather, sg.size, bw, alpha)
+        ag = np.where(zero2, 0.0, comm.all_gather_time(params * gather, sg.size, bw, alpha))
         rs = comm.reduce_scatter_time(params * memory.FSDP_GRAD_BYTES, sg.size, bw, alpha)
         total = ag * (1 + again) + rs
         hidden = np.maximum(ag - fwd_s, 0.0) + np.maximum(again * ag + rs - bwd_s, 0.0)
@@ -906,7 +907,15 @@ def fsdp_comm(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerTi
     rep = comm.all_reduce_time(sharded * memory.FSDP_GRAD_BYTES, rg.size, rep_bw, rep_alpha)
     rep = np.where(rg.size > 1, rep, 0.0)
     window = layers * (lt.bwd_s + lt.recompute_s)
-    return total + rep, exposed + comm.overlapped(rep, window, cluster.gpu.dp_comm_overlap)
+    # ZeRO-2: once per step the updated shards are all-gathered back into the whole
+    # parameters, overlapped with the next step's first forward as the distributed
+    # optimizer's parameter gather is
+    whole = np.where(zero2, comm.all_gather_time((layers * layer_params + head_params)
+                                                 * gather, sg.size, bw, alpha), 0.0)
+    whole = np.where(sg.size > 1, whole, 0.0)
+    return (total + rep + whole,
+            exposed + comm.overlapped(rep, window, cluster.gpu.dp_comm_overlap)
+            + comm.overlapped(whole, layers * lt.fwd_s, cluster.gpu.dp_comm_overlap))
 
 
 def _grad_sync(params, size, bw, alpha, distributed, grad_bytes=memory.GRAD_BYTES):

@@ -412,7 +412,7 @@ def rank_static_memory(g, params, optimizer_params, layers, pp_rank, layer_param
     if fsdp.any():
         gather = FSDP_FP8_GATHER_BYTES if g.dtype in FP8_DTYPES else FSDP_GATHER_BYTES
         unsharded = np.where(fsdp, fsdp_inflight_bytes(layer_params, head_params, layers, g.pp,
-                                                       gather), 0.0)
+                                                       gather, zero2_rows(g)), 0.0)
     return RankStaticMemory(state_bytes(g, params, optimizer_params, fp8_transpose_copy),
                             inflight, unsharded)
 
@@ -483,7 +483,8 @@ def state_bytes(g, params, optimizer_params, fp8_transpose_copy: bool = True
     (fp32 4 / bf16 2) per parameter, fp32 master + Adam 12 per optimizer-state parameter.
     FSDP states (every one the rank's shard, `optimizer_params`): FSDP2 (torchtitan) fp32
     param 4 + fp32 grad 4 + Adam 8; Megatron-FSDP (optim_grads_params) the distributed
-    optimizer's bytes: param + main grad + 12."""
+    optimizer's bytes: param + main grad + 12; with optim_grads (ZeRO-2, `zero2_rows`) the
+    parameters stay whole: param bytes on every parameter, main grad and 12 on the shard."""
     fp8 = g.dtype in FP8_DTYPES
     fsdp = g.column("fsdp")
     titan = g.column("framework") == "torchtitan"
@@ -497,15 +498,22 @@ def state_bytes(g, params, optimizer_params, fp8_transpose_copy: bool = True
     shard_w = np.where(titan, FSDP_PARAM_BYTES, weight_bytes)
     shard_g = np.where(titan, FSDP_GRAD_BYTES, grad_bytes)
     shard_o = np.where(titan, FSDP_ADAM_BYTES, OPTIMIZER_BYTES)
+    whole = zero2_rows(g)  # ZeRO-2: the parameters are not sharded
     return {
-        "weights_bytes": np.where(fsdp, sharded * shard_w, params * weight_bytes),
+        "weights_bytes": np.where(fsdp & ~whole, sharded * shard_w, params * weight_bytes),
         "grads_bytes": np.where(fsdp, sharded * shard_g, params * grad_bytes),
         "optimizer_state_bytes": np.where(fsdp, sharded * shard_o,
                                           optimizer_params * OPTIMIZER_BYTES),
     }
 
 
-def fsdp_inflight_bytes(layer_params, head_params, layers, pp, gather_bytes):
+def zero2_rows(g) -> np.ndarray:
+    """Rows run as Megatron-FSDP optim_grads (ZeRO-2: parameters whole, `Layout.fsdp_strategy`)."""
+    return g.column("fsdp") & (g.fsdp_strategy == "optim_grads") \
+        & (g.column("framework") == "megatron")
+
+
+def fsdp_inflight_bytes(layer_params, head_params, layers, pp, gather_bytes, zero2=False):
     """Unsharded parameters and gradients FSDP holds at the peak on one GPU (bytes).
 
     torchtitan 0.3.0 (torchtitan/distributed/fsdp.py) wraps each transformer block as one
@@ -521,8 +529,11 @@ def fsdp_inflight_bytes(layer_params, head_params, layers, pp, gather_bytes):
                 FSDP2 accumulates the stage's unsharded gradients, upcast to the fp32 reduce
                 dtype (_fsdp_param.py to_accumulated_grad_if_needed): 4 bytes x stage params.
     `layer_params` are one block's parameters on this GPU before sharding (split over tp).
+    ZeRO-2 rows (`zero2`: Megatron-FSDP optim_grads) gather nothing: only the block's
+    gradients in flight to their reduce-scatter (and the pp > 1 accumulation) remain.
     """
-    blocks = np.where(pp > 1, layers, np.minimum(layers, FSDP_PREFETCH_LAYERS))
+    blocks = np.where(zero2, 0, np.where(pp > 1, layers, np.minimum(layers, FSDP_PREFETCH_LAYERS)))
+    head_params_gathered = np.where(zero2, 0.0, head_params)
     accumulated = np.where(pp > 1, (layers * layer_params + head_params) * FSDP_GRAD_BYTES, 0.0)
     return (blocks * layer_params * gather_bytes + layer_params * FSDP_UNSHARDED_GRAD_BYTES
-            + head_params * gather_bytes + accumulated)
+            + head_params_gathered * gather_bytes + accumulated)

@@ -49,6 +49,8 @@ MoeDispatcher = Literal["alltoall", "deepep", "hybridep"]
 MOE_DISPATCHERS: tuple[str, ...] = ("alltoall", "deepep", "hybridep")
 Framework = Literal["megatron", "torchtitan"]
 FRAMEWORKS: tuple[str, ...] = ("megatron", "torchtitan")
+FsdpStrategy = Literal["optim_grads_params", "optim_grads"]
+FSDP_STRATEGIES: tuple[str, ...] = ("optim_grads_params", "optim_grads")
 """Whose memory conventions an estimate follows (selective recompute, loss, FSDP states)."""
 NicKind = Literal["infiniband", "roce", "ethernet", "nvlink", "loopback"]
 NIC_KINDS: tuple[str, ...] = ("infiniband", "roce", "ethernet", "nvlink", "loopback")
@@ -749,6 +751,12 @@ class Layout:
     dp_replicate: int = 1
     """HSDP: dp = dp_replicate x dp_shard; shard within a group of dp/dp_replicate ranks,
     replicate (all-reduce the sharded gradients) across the dp_replicate groups. Needs fsdp."""
+    fsdp_strategy: FsdpStrategy = "optim_grads_params"
+    """Megatron-FSDP's `--data-parallel-sharding-strategy` with fsdp: optim_grads_params
+    (ZeRO-3, the default: parameters, gradients and optimizer state sharded; each layer's
+    parameters gathered before its forward and backward) or optim_grads (ZeRO-2: parameters
+    whole on every rank, no per-layer gather; gradients reduce-scattered into their shard,
+    and the updated parameters all-gathered once per step). Megatron only."""
     grad_reduce_fp32: bool = True
     """Main gradients (grad buffers) in fp32 (Megatron-LM's bf16 default forces
     accumulate_allreduce_grads_in_fp32; torchtitan's FSDP2 reduce dtype fp32); False: bf16
@@ -840,6 +848,13 @@ class Layout:
             raise SpecError(f"dp-replicate must be a positive integer, got {_short(self.dp_replicate)}")
         if self.framework not in FRAMEWORKS:
             raise SpecError(f"framework must be one of {FRAMEWORKS}, got {_short(self.framework)}")
+        if self.fsdp_strategy not in FSDP_STRATEGIES:
+            raise SpecError(f"fsdp-strategy must be one of {FSDP_STRATEGIES}, got "
+                            f"{_short(self.fsdp_strategy)}")
+        if self.fsdp_strategy != "optim_grads_params" and not (
+                self.fsdp and self.framework == "megatron"):
+            raise SpecError(f"--fsdp-strategy {self.fsdp_strategy} is Megatron-FSDP's and needs "
+                            "--fsdp under --framework megatron; add --fsdp or drop it")
         if self.dp_replicate > 1 and not self.fsdp:
             raise SpecError("dp-replicate > 1 is HSDP and needs --fsdp; add --fsdp or drop "
                             "--dp-replicate")

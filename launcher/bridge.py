@@ -105,13 +105,13 @@ def other_fields(plan: Plan) -> dict[str, dict[str, object]]:
 
 def _fsdp_fields(plan: Plan) -> dict[str, object]:
     """Megatron-FSDP in megatron-core's DistributedDataParallelConfig: ZeRO-3 sharding
-    (optim_grads_params) and, for HSDP, the replicated outer dp as
+    (optim_grads_params) or ZeRO-2 (optim_grads, `Layout.fsdp_strategy`) and, for HSDP, the replicated outer dp as
     num_distributed_optimizer_instances (what Bridge's GB200 405B recipe sets with FSDP)."""
     lay = plan.layout
     if not lay.fsdp:
         return {}
     out: dict[str, object] = {"use_megatron_fsdp": True,
-                              "data_parallel_sharding_strategy": "optim_grads_params"}
+                              "data_parallel_sharding_strategy": lay.fsdp_strategy}
     if lay.dp_replicate > 1:
         out["num_distributed_optimizer_instances"] = lay.dp_replicate
     return out

@@ -144,14 +144,14 @@ def _overlap_args(plan: Plan) -> list[str]:
 def _sharding_args(plan: Plan) -> list[str]:
     """Megatron-FSDP (ZeRO-3) and main-grad precision, as NVIDIA/Megatron-LM@d98e8a64 spells
     them: --use-megatron-fsdp with --data-parallel-sharding-strategy optim_grads_params (params,
-    grads and optimizer sharded); HSDP as --num-distributed-optimizer-instances R (the outer,
+    grads and optimizer sharded) or optim_grads (ZeRO-2, `Layout.fsdp_strategy`); HSDP as --num-distributed-optimizer-instances R (the outer,
     replicated dp dimension, --outer-dp-sharding-strategy no_shard by default); gradient
     accumulation fusion off (Megatron-Bridge's perf recipes switch it off with Megatron-FSDP);
     bf16 main grads as --grad-reduce-in-bf16; Megatron-FSDP asserts --ckpt-format fsdp_dtensor."""
     lay, args = plan.layout, []
     if lay.fsdp:
         args += ["--use-megatron-fsdp", *_flag("data-parallel-sharding-strategy",
-                                               "optim_grads_params"),
+                                               lay.fsdp_strategy),
                  "--no-gradient-accumulation-fusion", *_flag("ckpt-format", "fsdp_dtensor")]
         if lay.dp_replicate > 1:
             args += _flag("num-distributed-optimizer-instances", lay.dp_replicate)

@@ -12,6 +12,7 @@ from cost_models.specs import (
     CUDA_GRAPH_MODULES,
     DTYPES,
     FRAMEWORKS,
+    FSDP_STRATEGIES,
     MOE_DISPATCHERS,
     ClusterSpec,
     ModelSpec,
@@ -82,6 +83,11 @@ def sharding_options(func):
         click.option("--dp-replicate", type=int, default=1, show_default=True,
                      callback=_positive,
                      help="HSDP: replicate over this many groups, shard within each (needs --fsdp)."),
+        click.option("--fsdp-strategy", type=click.Choice(FSDP_STRATEGIES),
+                     default="optim_grads_params", show_default=True,
+                     help="Megatron-FSDP --data-parallel-sharding-strategy with --fsdp: "
+                          "optim_grads_params (ZeRO-3) or optim_grads (ZeRO-2: parameters "
+                          "whole on every rank, no per-layer gather)."),
         click.option("--grad-reduce-in-fp32/--no-grad-reduce-in-fp32", "grad_reduce_fp32",
                      default=True, show_default=True,
                      help="fp32 main gradients (Megatron-LM and torchtitan default); off: bf16 "
@@ -100,11 +106,16 @@ def sharding_options(func):
     return functools.reduce(lambda f, opt: opt(f), reversed(opts), func)
 
 
-def check_sharding(fsdp: bool, dp_replicate: int) -> None:
-    """The one-line error for --dp-replicate without --fsdp."""
+def check_sharding(fsdp: bool, dp_replicate: int, fsdp_strategy: str = "optim_grads_params",
+                   framework: str = "megatron") -> None:
+    """The one-line errors for --dp-replicate or --fsdp-strategy without --fsdp (and the
+    strategy off Megatron)."""
     if dp_replicate > 1 and not fsdp:
         raise click.BadParameter("--dp-replicate > 1 is HSDP and needs --fsdp; add --fsdp",
                                  param_hint="--dp-replicate")
+    if fsdp_strategy != "optim_grads_params" and not (fsdp and framework == "megatron"):
+        raise click.BadParameter(f"{fsdp_strategy} is Megatron-FSDP's; add --fsdp with "
+                                 "--framework megatron", param_hint="--fsdp-strategy")
 
 
 def check_titan(framework: str, torch_compile: bool, async_tp: bool) -> None:

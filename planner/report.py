@@ -26,6 +26,8 @@ def layout_label(lay: Layout) -> str:
         parts.append("sp")
     if lay.fsdp:
         parts.append(f"hsdp{lay.dp_replicate}" if lay.dp_replicate > 1 else "fsdp")
+        if lay.fsdp_strategy == "optim_grads":
+            parts.append("zero2")
     elif not lay.distributed_optimizer:
         parts.append("no-dopt")
     if lay.pipeline_schedule is not None:  # the vp's default (1f1b / interleaved) goes unsaid
@@ -66,7 +68,13 @@ def memory_labels(lay: Layout) -> dict[str, str]:
         return {"weights": f"weights (FSDP2 fp32 shard /{shard})",
                 "grads": f"grads (fp32 shard /{shard})",
                 "optimizer": f"optimizer (Adam m, v shard /{shard})", "unsharded_inflight": inflight}
-    return {"weights": f"weights (Megatron-FSDP bf16 shard /{shard})",
+    param = lay.dtype if lay.dtype in ("fp8", "mxfp8") else "bf16"
+    if lay.fsdp_strategy == "optim_grads":  # ZeRO-2: nothing gathered, parameters whole
+        return {"weights": f"weights (Megatron-FSDP ZeRO-2: {param}, whole)",
+                "grads": f"grads ({grad} shard /{shard})",
+                "optimizer": f"optimizer (fp32 master + Adam shard /{shard})",
+                "unsharded_inflight": "unsharded in flight (1 block's grads)"}
+    return {"weights": f"weights (Megatron-FSDP {param} shard /{shard})",
             "grads": f"grads ({grad} shard /{shard})",
             "optimizer": f"optimizer (fp32 master + Adam shard /{shard})",
             "unsharded_inflight": inflight}

@@ -106,6 +106,8 @@ class SearchSpace:
     """Megatron per-module CUDA graphs of every candidate (`Layout.cuda_graph_modules`)."""
     te_cross_entropy: bool = False
     """Transformer Engine's fused loss on every candidate (`Layout.te_cross_entropy`)."""
+    fsdp_strategy: str = "optim_grads_params"
+    """Megatron-FSDP's sharding strategy of the FSDP candidates (`Layout.fsdp_strategy`)."""
 
     def to_dict(self) -> dict:
         """The plan file's form (tuples as lists)."""
@@ -476,6 +478,8 @@ def _generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
         recompute_modules=rec_masks[ri], torch_compile=space.torch_compile,
         async_tp=space.async_tp, moe_dispatcher=space.moe_dispatcher,
         te_cross_entropy=space.te_cross_entropy and space.framework == "megatron",
+        fsdp_strategy=space.fsdp_strategy if space.framework == "megatron"
+        else "optim_grads_params",
         cuda_graph_modules=space.cuda_graph_modules,
         moe_a2a_overlap=a2a_overlap_allowed(model, space, d.ep, d.pp, v, rec_codes[ri],
                                             rec_masks[ri]),

@@ -57,6 +57,9 @@ FAMILIES = {
                                             te_cross_entropy=True)),
     "70b-offload": ("llama3.1-70b", 8, dict(tp=8, pp=1, dp=8, sequence_parallel=True,
                                             offload_activation_layers=40)),
+    # Megatron-FSDP ZeRO-2 (--data-parallel-sharding-strategy optim_grads)
+    "8b-zero2": ("llama3.1-8b", 2, dict(tp=1, pp=1, dp=16, fsdp=True,
+                                         fsdp_strategy="optim_grads")),
     "deepseek-v3": ("deepseek-v3", 32, dict(tp=2, pp=8, dp=16, ep=16, recompute="full",
                                             layers_per_stage=(7, 8, 8, 8, 8, 8, 8, 6))),
     # MoE parallel folding: ep 32 over tp 2 x dp 16 (ep > dp), whole experts (etp 1).

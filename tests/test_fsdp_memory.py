@@ -191,3 +191,29 @@ def _grid(lay: Layout, model):
     from cost_models.grid import LayoutGrid
 
     return LayoutGrid.from_layout(lay, model.num_layers)
+
+
+def test_megatron_fsdp_zero2_keeps_parameters_whole(llama8b):
+    """optim_grads (ZeRO-2): bf16 parameters whole on every rank, main grads and optimizer
+    state sharded as with optim_grads_params, no parameter in flight, no per-block gather
+    (gathered once per step instead)."""
+    cluster = load_cluster("dgx-h100", nodes=16)
+    lay = Layout(tp=1, pp=1, dp=128, micro_batch_size=1, global_batch_size=512, seq_len=8192,
+                 fsdp=True, grad_reduce_fp32=False)  # 4 micro-batches: ZeRO-3 gathers 8x a block
+    z3 = estimate(llama8b, cluster, lay)
+    z2 = estimate(llama8b, cluster, replace(lay, fsdp_strategy="optim_grads"))
+    params = parameter_count(llama8b)
+    assert z2.memory.weights_bytes == pytest.approx(2 * params, rel=1e-9)
+    assert z2.memory.grads_bytes == pytest.approx(z3.memory.grads_bytes)
+    assert z2.memory.optimizer_state_bytes == pytest.approx(z3.memory.optimizer_state_bytes)
+    block = (params - 2 * llama8b.vocab_size * llama8b.hidden_size) / llama8b.num_layers
+    assert z2.memory.unsharded_inflight_bytes == pytest.approx(6 * block, rel=0.01)
+    # on slow links the per-micro-batch gathers show: ZeRO-2's one gather a step costs less
+    slow = load_cluster("jean-zay-a100", nodes=16)
+    lay_a100 = replace(lay, seq_len=2048)
+    assert estimate(llama8b, slow, replace(lay_a100, fsdp_strategy="optim_grads")).time.dp_comm_s \
+        < 0.8 * estimate(llama8b, slow, lay_a100).time.dp_comm_s
+    for bad in (replace(lay, fsdp=False, fsdp_strategy="optim_grads"),
+                replace(lay, framework="torchtitan", fsdp_strategy="optim_grads")):
+        with pytest.raises(SpecError, match="Megatron-FSDP's and needs --fsdp"):
+            bad.validate(llama8b, 128)
