@@ -194,7 +194,8 @@ _MLP_FROM_ACT = {
 _GEMMA = {"gemma", "gemma2", "gemma3", "gemma3_text"}
 _LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "nemotron", "gpt_neox", "mixtral",
                "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "phi3", "olmo2",
-               "internlm2", "glm", "glm4", "starcoder2", "gpt_oss", "llama4", "llama4_text",
+               "internlm2", "glm", "glm4", "glm4_moe", "starcoder2", "gpt_oss", "llama4",
+               "llama4_text",
                "falcon", "phi", "chatglm", "gptj"} | _GEMMA
 
 # Defaults of the HuggingFace config classes for keys real configs leave out
@@ -223,6 +224,7 @@ _HF_DEFAULTS: dict[str, dict] = {
     "internlm2": {"bias": True},
     "glm": {"attention_bias": True, "head_dim": 128},
     "glm4": {"attention_bias": True, "head_dim": 128},
+    "glm4_moe": {"attention_bias": False, "head_dim": 128, "use_qk_norm": False},
     "falcon": {"bias": False, "parallel_attn": True, "new_decoder_architecture": False,
                "hidden_act": "gelu", "max_position_embeddings": 2048},
     "phi": {"hidden_act": "gelu_new", "max_position_embeddings": 2048},
@@ -364,8 +366,10 @@ def _attention_fields(cfg: dict, kind: str, num_layers: int, where: str) -> dict
         out["norms_per_layer"] = 4
     if kind == "gpt_oss":
         out.update(attention_sinks=True, qkv_bias=True, attn_out_bias=True, expert_bias=True)
-    if kind in ("glm", "glm4"):
+    if kind in ("glm", "glm4", "glm4_moe"):
         out["qkv_bias"] = bool(cfg.get("attention_bias"))
+    if kind == "glm4_moe" and cfg.get("use_qk_norm"):  # Glm4MoeAttention: q_norm, k_norm per head
+        out["qk_norm"] = "head"
     if kind == "chatglm":
         out["qkv_bias"] = bool(cfg.get("add_qkv_bias", False))
     if kind == "internlm2" and cfg.get("bias"):
@@ -400,7 +404,7 @@ def _moe_fields(cfg: dict, kind: str, where: str) -> dict:
                     expert_ffn_hidden_size=g("moe_intermediate_size"),
                     num_shared_experts=1 if shared else 0, shared_expert_ffn_hidden_size=shared,
                     num_dense_layers=len(cfg.get("mlp_only_layers") or []))
-    if kind in ("deepseek_v3", "deepseek_v2"):
+    if kind in ("deepseek_v3", "deepseek_v2", "glm4_moe"):  # GLM-4.5 keeps DeepSeek's keys
         shared = g("n_shared_experts", default=0, required=False) or 0
         expert_ffn = g("moe_intermediate_size")
         return dict(num_experts=g("n_routed_experts"), experts_top_k=g("num_experts_per_tok"),

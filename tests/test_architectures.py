@@ -134,6 +134,18 @@ GLM4_9B = {"model_type": "glm", "hidden_size": 4096, "intermediate_size": 13696,
            "partial_rotary_factor": 0.5}
 # THUDM/GLM-4-9B-0414
 GLM4_9B_0414 = {**GLM4_9B, "model_type": "glm4", "max_position_embeddings": 32768}
+# zai-org/GLM-4.5 (model_type glm4_moe: DeepSeek-style MoE keys, GQA with qk-norm and biases,
+# one MTP module) and zai-org/GLM-4.5-Air
+GLM45 = {"model_type": "glm4_moe", "hidden_size": 5120, "intermediate_size": 12288,
+         "moe_intermediate_size": 1536, "num_hidden_layers": 92, "num_attention_heads": 96,
+         "num_key_value_heads": 8, "head_dim": 128, "n_routed_experts": 160,
+         "n_shared_experts": 1, "num_experts_per_tok": 8, "first_k_dense_replace": 3,
+         "vocab_size": 151552, "max_position_embeddings": 131072, "attention_bias": True,
+         "use_qk_norm": True, "partial_rotary_factor": 0.5, "num_nextn_predict_layers": 1,
+         "hidden_act": "silu", "tie_word_embeddings": False}
+GLM45_AIR = {**GLM45, "hidden_size": 4096, "intermediate_size": 10944,
+             "moe_intermediate_size": 1408, "num_hidden_layers": 46, "n_routed_experts": 128,
+             "first_k_dense_replace": 1, "use_qk_norm": False}
 # microsoft/phi-2
 PHI2 = {"model_type": "phi", "hidden_size": 2560, "intermediate_size": 10240,
         "num_hidden_layers": 32, "num_attention_heads": 32, "vocab_size": 51200,
@@ -173,6 +185,10 @@ PUBLISHED = {
     "internlm2-20b": (INTERNLM2_20B, 19.9e9, "internlm/internlm2-20b hub page: 19.9B params"),
     "glm4-9b": (GLM4_9B, 9.40e9, "THUDM/glm-4-9b-hf hub page: 9.4B params"),
     "glm4-9b-0414": (GLM4_9B_0414, 9.40e9, "THUDM/GLM-4-9B-0414 hub page: 9.4B params"),
+    "glm4.5": (GLM45, 355e9, "GLM-4.5 Team 2025, GLM-4.5: Agentic, Reasoning, and Coding (ARC) "
+               "Foundation Models, abstract: 355B total, 32B activated (MTP module excluded "
+               "here: -0.6%)"),
+    "glm4.5-air": (GLM45_AIR, 106e9, "GLM-4.5 report, abstract: GLM-4.5-Air, 106B"),
 }
 
 
@@ -396,3 +412,12 @@ def test_unsupported_model_type_points_at_the_model_file(tmp_path):
     path.write_text(json.dumps({"model_type": "mamba", "hidden_size": 8}))
     with pytest.raises(SpecError, match=r"write a meshplan model file \(see docs/models.md\)"):
         load_model(str(path))
+
+
+def test_glm45_moe_fields():
+    """glm4_moe reads DeepSeek's MoE keys, per-head qk-norm, QKV biases and its MTP module."""
+    spec = model_from_config(GLM45, "glm4.5")
+    assert (spec.num_experts, spec.experts_top_k, spec.num_dense_layers) == (160, 8, 3)
+    assert spec.shared_expert_ffn_hidden_size == 1536 and spec.qkv_bias
+    assert spec.qk_norm == "head" and spec.mtp_layers == 1
+    assert model_from_config(GLM45_AIR, "air").qk_norm == "none"
