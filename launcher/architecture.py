@@ -167,7 +167,7 @@ def architecture(model: ModelSpec) -> tuple[Architecture, str | None]:
         source = "guessed from the MLP kind"
         note = (f"model config {model.name} is not readable here; the launch files assume a "
                 f"{cfg['model_type']}-style network (norm, rope, biases); check them")
-    family = str(cfg.get("model_type"))
+    family = {"kimi_k2": "deepseek_v3"}.get(str(cfg.get("model_type")), str(cfg.get("model_type")))
     if family not in _FAMILY:
         raise SpecError(f"model {model.name}: model_type {family!r} has no launcher mapping; "
                         f"supported: {sorted(_FAMILY)}")

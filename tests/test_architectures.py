@@ -421,3 +421,14 @@ def test_glm45_moe_fields():
     assert spec.shared_expert_ffn_hidden_size == 1536 and spec.qkv_bias
     assert spec.qk_norm == "head" and spec.mtp_layers == 1
     assert model_from_config(GLM45_AIR, "air").qk_norm == "none"
+
+
+def test_kimi_k2_reads_as_deepseek_v3():
+    """moonshotai/Kimi-K2 (model_type kimi_k2: DeepSeek-V3's network, 384 experts, 64 heads,
+    one leading dense layer, no MTP module)."""
+    cfg = {**DSV3, "model_type": "kimi_k2", "num_attention_heads": 64, "num_key_value_heads": 64,
+           "n_routed_experts": 384, "first_k_dense_replace": 1, "vocab_size": 163840,
+           "num_nextn_predict_layers": 0}
+    spec = model_from_config(cfg, "kimi-k2")
+    assert spec.is_mla and (spec.num_experts, spec.num_dense_layers, spec.mtp_layers) == (384, 1, 0)
+    assert flops.parameter_count(spec) == pytest.approx(1.026e12, rel=1e-3)  # "1T" (model card)
