@@ -185,6 +185,10 @@ def notes(plan: Plan, version: str = DEFAULT_VERSION) -> list[str]:
                    f"{plan.model.mtp_layers} MTP module(s) are not trained"
                    + ("" if lay.framework == "torchtitan" else
                       "; the estimate (Megatron conventions) counted them on the last stage"))
+    if lay.fsdp and lay.fsdp_strategy == "optim_grads":
+        out.append("torchtitan's FSDP2 has no ZeRO-2: the settings shard the parameters too "
+                   "(per-block gathers the ZeRO-2 estimate did not price); plan without "
+                   "--fsdp-strategy optim_grads for torchtitan")
     if lay.dp > 1 and not lay.distributed_optimizer and not lay.fsdp:
         out.append("torchtitan shards dp with FSDP2 (no plain DDP with expert/fsdp meshes here); "
                    "the plan modelled replicated optimizer state, so memory will be lower")

@@ -213,6 +213,12 @@ def test_megatron_fsdp_zero2_keeps_parameters_whole(llama8b):
     lay_a100 = replace(lay, seq_len=2048)
     assert estimate(llama8b, slow, replace(lay_a100, fsdp_strategy="optim_grads")).time.dp_comm_s \
         < 0.8 * estimate(llama8b, slow, lay_a100).time.dp_comm_s
+    from launcher import torchtitan
+    from planner.planfile import Plan
+
+    zero2 = replace(lay, fsdp_strategy="optim_grads")
+    plan = Plan(llama8b, cluster, zero2, tuple(n.name for n in cluster.nodes), {})
+    assert any("no ZeRO-2" in n for n in torchtitan.notes(plan))
     for bad in (replace(lay, fsdp=False, fsdp_strategy="optim_grads"),
                 replace(lay, framework="torchtitan", fsdp_strategy="optim_grads")):
         with pytest.raises(SpecError, match="Megatron-FSDP's and needs --fsdp"):
