@@ -563,10 +563,10 @@ def rank_params(model: ModelSpec, g: LayoutGrid, layers: np.ndarray, first, last
     # The last rank holds the LM head (a copy of the embedding when tied and pp > 1).
     head = np.where(model.tied_embeddings & (g.pp == 1), 0.0, table) + model.hidden_size
     # and the MTP modules: a layer and a 2h x h projection each, and the embedding they read
-    # (a copy when pp > 1 and the first rank holds it)
+    # (a copy when pp > 1 and the first rank holds it; tied, the head's copy is that one)
     mtp = memory.mtp_modules(model, g)
     head = head + mtp * (memory.dense_layer_params(model) + 2 * model.hidden_size ** 2) / g.tp \
-        + np.where((mtp > 0) & (g.pp > 1), table, 0.0)
+        + np.where((mtp > 0) & (g.pp > 1) & (not model.tied_embeddings), table, 0.0)
     dims = g.dims
     expert = (layers + np.where(last, mtp, 0)) * memory.expert_layer_params(model) \
         / (dims.expert_tp * dims.ep)
