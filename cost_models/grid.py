@@ -51,6 +51,9 @@ class LayoutGrid:
     """Grid-wide: Transformer Engine's fused loss (`Layout.te_cross_entropy`)."""
     fsdp_strategy: str = "optim_grads_params"
     """Grid-wide: Megatron-FSDP's sharding strategy for the fsdp rows (`Layout.fsdp_strategy`)."""
+    fsdp_reshard_after_forward: str = "default"
+    """Grid-wide: torchtitan's reshard policy for the fsdp rows
+    (`Layout.fsdp_reshard_after_forward`)."""
     torch_compile: bool = False
     """Grid-wide: torchtitan under torch.compile (`Layout.torch_compile`)."""
     async_tp: bool = False
@@ -130,6 +133,8 @@ class LayoutGrid:
             te_cross_entropy=self.te_cross_entropy,
             fsdp_strategy=self.fsdp_strategy if bool(self.column("fsdp")[i])
             else "optim_grads_params",
+            fsdp_reshard_after_forward=self.fsdp_reshard_after_forward
+            if bool(self.column("fsdp")[i]) else "default",
             moe_a2a_overlap=bool(self.column("moe_a2a_overlap")[i]),
             torch_compile=self.torch_compile, async_tp=self.async_tp,
             pipeline_schedule=_named_schedule(int(self.schedule[i]), int(self.vp[i])),
@@ -156,6 +161,7 @@ class LayoutGrid:
             seq_len=layout.seq_len, dtype=layout.dtype, cuda_graphs=layout.cuda_graphs,
             cuda_graph_modules=layout.cuda_graph_modules, moe_dispatcher=layout.moe_dispatcher,
             te_cross_entropy=layout.te_cross_entropy, fsdp_strategy=layout.fsdp_strategy,
+            fsdp_reshard_after_forward=layout.fsdp_reshard_after_forward,
             moe_a2a_overlap=np.array([layout.moe_a2a_overlap]),
             torch_compile=layout.torch_compile, async_tp=layout.async_tp,
             schedule=np.array([CODE[layout.schedule]], dtype=np.int64),
@@ -182,7 +188,8 @@ _ARRAY_FIELDS = INT_FIELDS + (
     "layers_mid",
 )
 GRID_WIDE = ("seq_len", "dtype", "cuda_graphs", "cuda_graph_modules", "moe_dispatcher",
-             "te_cross_entropy", "fsdp_strategy", "torch_compile", "async_tp",
+             "te_cross_entropy", "fsdp_strategy", "fsdp_reshard_after_forward",
+             "torch_compile", "async_tp",
              "layers_per_stage")
 """Fields that hold one value for the whole grid (`LayoutGrid.take`, `concat` keep them)."""
 OPTIONAL_FIELDS = ("fsdp", "dp_replicate", "grad_reduce_fp32", "framework", "recompute_modules",

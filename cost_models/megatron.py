@@ -888,7 +888,8 @@ def fsdp_comm(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerTi
     gather = np.where(g.dtype in memory.FP8_DTYPES, memory.FSDP_FP8_GATHER_BYTES,
                       memory.FSDP_GATHER_BYTES)
     m = g.num_microbatches
-    again = np.where(g.pp > 1, 0.0, 1.0)  # pp keeps blocks unsharded between fwd and bwd
+    # blocks kept unsharded between forward and backward are not gathered again
+    again = np.where(memory.keeps_unsharded(g), 0.0, 1.0)
     zero2 = memory.zero2_rows(g)  # parameters whole: no per-block gathers
 
     def unit(params, fwd_s, bwd_s):

@@ -412,7 +412,8 @@ def rank_static_memory(g, params, optimizer_params, layers, pp_rank, layer_param
     if fsdp.any():
         gather = FSDP_FP8_GATHER_BYTES if g.dtype in FP8_DTYPES else FSDP_GATHER_BYTES
         unsharded = np.where(fsdp, fsdp_inflight_bytes(layer_params, head_params, layers, g.pp,
-                                                       gather, zero2_rows(g)), 0.0)
+                                                       gather, zero2_rows(g),
+                                                       keeps_unsharded(g)), 0.0)
     return RankStaticMemory(state_bytes(g, params, optimizer_params, fp8_transpose_copy),
                             inflight, unsharded)
 
@@ -513,7 +514,16 @@ def zero2_rows(g) -> np.ndarray:
         & (g.column("framework") == "megatron")
 
 
-def fsdp_inflight_bytes(layer_params, head_params, layers, pp, gather_bytes, zero2=False):
+def keeps_unsharded(g) -> np.ndarray:
+    """Rows whose FSDP keeps every block's gathered parameters from its forward to its
+    backward: torchtitan's "default" policy with pp > 1 (and Megatron-FSDP's, as modelled),
+    or `Layout.fsdp_reshard_after_forward` never; "always" reshards even with pp."""
+    policy = g.fsdp_reshard_after_forward
+    return (g.pp > 1) & (policy != "always") | (policy == "never")
+
+
+def fsdp_inflight_bytes(layer_params, head_params, layers, pp, gather_bytes, zero2=False,
+                        keep=None):
     """Unsharded parameters and gradients FSDP holds at the peak on one GPU (bytes).
 
     torchtitan 0.3.0 (torchtitan/distributed/fsdp.py) wraps each transformer block as one
@@ -530,9 +540,11 @@ def fsdp_inflight_bytes(layer_params, head_params, layers, pp, gather_bytes, zer
                 dtype (_fsdp_param.py to_accumulated_grad_if_needed): 4 bytes x stage params.
     `layer_params` are one block's parameters on this GPU before sharding (split over tp).
     ZeRO-2 rows (`zero2`: Megatron-FSDP optim_grads) gather nothing: only the block's
-    gradients in flight to their reduce-scatter (and the pp > 1 accumulation) remain.
+    gradients in flight to their reduce-scatter (and the pp > 1 accumulation) remain. `keep`
+    (`keeps_unsharded`, default pp > 1): the rows that keep all the stage's blocks gathered.
     """
-    blocks = np.where(zero2, 0, np.where(pp > 1, layers, np.minimum(layers, FSDP_PREFETCH_LAYERS)))
+    keep = pp > 1 if keep is None else keep
+    blocks = np.where(zero2, 0, np.where(keep, layers, np.minimum(layers, FSDP_PREFETCH_LAYERS)))
     head_params_gathered = np.where(zero2, 0.0, head_params)
     accumulated = np.where(pp > 1, (layers * layer_params + head_params) * FSDP_GRAD_BYTES, 0.0)
     return (blocks * layer_params * gather_bytes + layer_params * FSDP_UNSHARDED_GRAD_BYTES

@@ -51,6 +51,8 @@ Framework = Literal["megatron", "torchtitan"]
 FRAMEWORKS: tuple[str, ...] = ("megatron", "torchtitan")
 FsdpStrategy = Literal["optim_grads_params", "optim_grads"]
 FSDP_STRATEGIES: tuple[str, ...] = ("optim_grads_params", "optim_grads")
+ReshardPolicy = Literal["default", "always", "never"]
+RESHARD_POLICIES: tuple[str, ...] = ("default", "always", "never")
 """Whose memory conventions an estimate follows (selective recompute, loss, FSDP states)."""
 NicKind = Literal["infiniband", "roce", "ethernet", "nvlink", "loopback"]
 NIC_KINDS: tuple[str, ...] = ("infiniband", "roce", "ethernet", "nvlink", "loopback")
@@ -757,6 +759,12 @@ class Layout:
     parameters gathered before its forward and backward) or optim_grads (ZeRO-2: parameters
     whole on every rank, no per-layer gather; gradients reduce-scattered into their shard,
     and the updated parameters all-gathered once per step). Megatron only."""
+    fsdp_reshard_after_forward: ReshardPolicy = "default"
+    """torchtitan's `parallelism.fsdp_reshard_after_forward` with fsdp: default (reshard each
+    block after its forward unless pipeline parallelism is on), always (reshard even with
+    pp: one more gather per block in backward, only two blocks unsharded at a time) or never
+    (keep every block's gathered parameters from the forward to the backward: no backward
+    gather, the stage's parameters unsharded at the peak). torchtitan only."""
     grad_reduce_fp32: bool = True
     """Main gradients (grad buffers) in fp32 (Megatron-LM's bf16 default forces
     accumulate_allreduce_grads_in_fp32; torchtitan's FSDP2 reduce dtype fp32); False: bf16
@@ -855,6 +863,14 @@ class Layout:
                 self.fsdp and self.framework == "megatron"):
             raise SpecError(f"--fsdp-strategy {self.fsdp_strategy} is Megatron-FSDP's and needs "
                             "--fsdp under --framework megatron; add --fsdp or drop it")
+        if self.fsdp_reshard_after_forward not in RESHARD_POLICIES:
+            raise SpecError("fsdp-reshard-after-forward must be one of "
+                            f"{RESHARD_POLICIES}, got {_short(self.fsdp_reshard_after_forward)}")
+        if self.fsdp_reshard_after_forward != "default" and not (
+                self.fsdp and self.framework == "torchtitan"):
+            raise SpecError(f"--fsdp-reshard-after-forward {self.fsdp_reshard_after_forward} is "
+                            "torchtitan's FSDP2 policy and needs --fsdp --framework torchtitan; "
+                            "add them or drop it")
         if self.dp_replicate > 1 and not self.fsdp:
             raise SpecError("dp-replicate > 1 is HSDP and needs --fsdp; add --fsdp or drop "
                             "--dp-replicate")

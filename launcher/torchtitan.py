@@ -12,8 +12,9 @@ What both need and what the mapping decides:
   plan's shape (TITAN_MODELS); a model torchtitan does not ship gets no --module/--config and
   a note (the user registers one).
 - An FSDP / HSDP plan (`Layout.fsdp`) -> `data_parallel_shard_degree` dp/dp_replicate and
-  `data_parallel_replicate_degree` dp_replicate with torchtitan's default reshard policy
-  (reshard after forward unless pp), the FSDP2 the estimate modelled.
+  `data_parallel_replicate_degree` dp_replicate with the plan's reshard policy
+  (`Layout.fsdp_reshard_after_forward`; torchtitan's default reshards after forward unless
+  pp), the FSDP2 the estimate modelled.
 - Any other plan: dp -> `data_parallel_shard_degree` (FSDP2). torchtitan has no ZeRO-1; sharding with
   `fsdp_reshard_after_forward never` keeps the gathered weights from the forward to the
   backward, so weights are gathered once and gradients reduce-scattered once per micro-batch
@@ -106,7 +107,7 @@ def settings(plan: Plan, version: str = DEFAULT_VERSION) -> dict[str, object]:
         out |= {
             "parallelism.data_parallel_shard_degree": dims.dp_shard,
             "parallelism.data_parallel_replicate_degree": dims.dp_replicate,
-            "parallelism.fsdp_reshard_after_forward": "default",
+            "parallelism.fsdp_reshard_after_forward": lay.fsdp_reshard_after_forward,
         }
     else:
         out |= {

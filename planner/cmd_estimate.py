@@ -84,11 +84,12 @@ def estimate(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, d
              sequence_parallel,
              distributed_optimizer,
              mem_headroom, etp, expert_imbalance, mtp_layers, cuda_graphs, schedule, fsdp,
-             dp_replicate, fsdp_strategy, grad_reduce_fp32, framework, torch_compile, async_tp,
-             moe_dispatcher,
+             dp_replicate, fsdp_strategy, fsdp_reshard_after_forward, grad_reduce_fp32,
+             framework, torch_compile, async_tp, moe_dispatcher,
              moe_a2a_overlap, te_cross_entropy, cuda_graph_modules, **degrees):
     """Predict step time, throughput, MFU and peak memory of one layout."""
-    check_sharding(fsdp, dp_replicate, fsdp_strategy, framework)
+    check_sharding(fsdp, dp_replicate, fsdp_strategy, framework,
+                   fsdp_reshard_after_forward)
     check_titan(framework, torch_compile, async_tp)
     prob = with_expert_imbalance(resolve_problem(
         model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype, cost_model),
@@ -107,6 +108,7 @@ def estimate(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, d
         distributed_optimizer=distributed_optimizer, dtype=dtype, cuda_graphs=cuda_graphs,
         pipeline_schedule=None if schedule == default_schedule(dims.vp) else schedule,
         fsdp=fsdp, dp_replicate=dp_replicate, fsdp_strategy=fsdp_strategy,
+        fsdp_reshard_after_forward=fsdp_reshard_after_forward,
         grad_reduce_fp32=grad_reduce_fp32,
         framework=framework,
         recompute_modules=module_list(recompute_modules) if recompute_modules else (),

@@ -85,11 +85,12 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
          as_json, top_k, output, report, micro_batch_size, recompute, module_lists, mem_headroom,
          max_tp,
          expert_imbalance, mtp_layers, schedule, fsdp, dp_replicate, fsdp_strategy,
-         grad_reduce_fp32, framework,
+         fsdp_reshard_after_forward, grad_reduce_fp32, framework,
          consider_fsdp, torch_compile, async_tp, moe_dispatcher, moe_a2a_overlap,
          te_cross_entropy, cuda_graph_modules, **degrees):
     """Rank every valid TP/PP/CP/DP layout and write the fastest one that fits."""
-    check_sharding(fsdp or consider_fsdp, dp_replicate, fsdp_strategy, framework)
+    check_sharding(fsdp or consider_fsdp, dp_replicate, fsdp_strategy, framework,
+                   fsdp_reshard_after_forward)
     check_titan(framework, torch_compile, async_tp)
     for path, option in ((output, "-o"), (report, "--report")):
         if path:
@@ -102,6 +103,7 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
                         schedule=schedule,
                         fsdp=(True,) if fsdp else (False, True) if consider_fsdp else (False,),
                         dp_replicate=dp_replicate, fsdp_strategy=fsdp_strategy,
+                        fsdp_reshard_after_forward=fsdp_reshard_after_forward,
                         grad_reduce_fp32=grad_reduce_fp32,
                         framework=framework, torch_compile=torch_compile, async_tp=async_tp,
                         recompute_modules=_module_lists(prob.model, module_lists),

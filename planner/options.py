@@ -14,6 +14,7 @@ from cost_models.specs import (
     FRAMEWORKS,
     FSDP_STRATEGIES,
     MOE_DISPATCHERS,
+    RESHARD_POLICIES,
     ClusterSpec,
     ModelSpec,
     SpecError,
@@ -88,6 +89,10 @@ def sharding_options(func):
                      help="Megatron-FSDP --data-parallel-sharding-strategy with --fsdp: "
                           "optim_grads_params (ZeRO-3) or optim_grads (ZeRO-2: parameters "
                           "whole on every rank, no per-layer gather)."),
+        click.option("--fsdp-reshard-after-forward", type=click.Choice(RESHARD_POLICIES),
+                     default="default", show_default=True,
+                     help="torchtitan FSDP2 with --fsdp: default (reshard unless pp), always, "
+                          "or never (keep the gathered blocks until their backward)."),
         click.option("--grad-reduce-in-fp32/--no-grad-reduce-in-fp32", "grad_reduce_fp32",
                      default=True, show_default=True,
                      help="fp32 main gradients (Megatron-LM and torchtitan default); off: bf16 "
@@ -107,15 +112,18 @@ def sharding_options(func):
 
 
 def check_sharding(fsdp: bool, dp_replicate: int, fsdp_strategy: str = "optim_grads_params",
-                   framework: str = "megatron") -> None:
-    """The one-line errors for --dp-replicate or --fsdp-strategy without --fsdp (and the
-    strategy off Megatron)."""
+                   framework: str = "megatron", reshard: str = "default") -> None:
+    """The one-line errors for --dp-replicate, --fsdp-strategy or --fsdp-reshard-after-forward
+    without --fsdp (and the strategy off Megatron, the reshard policy off torchtitan)."""
     if dp_replicate > 1 and not fsdp:
         raise click.BadParameter("--dp-replicate > 1 is HSDP and needs --fsdp; add --fsdp",
                                  param_hint="--dp-replicate")
     if fsdp_strategy != "optim_grads_params" and not (fsdp and framework == "megatron"):
         raise click.BadParameter(f"{fsdp_strategy} is Megatron-FSDP's; add --fsdp with "
                                  "--framework megatron", param_hint="--fsdp-strategy")
+    if reshard != "default" and not (fsdp and framework == "torchtitan"):
+        raise click.BadParameter(f"{reshard} is torchtitan's FSDP2 policy; add --fsdp with "
+                                 "--framework torchtitan", param_hint="--fsdp-reshard-after-forward")
 
 
 def check_titan(framework: str, torch_compile: bool, async_tp: bool) -> None:

@@ -28,6 +28,8 @@ def layout_label(lay: Layout) -> str:
         parts.append(f"hsdp{lay.dp_replicate}" if lay.dp_replicate > 1 else "fsdp")
         if lay.fsdp_strategy == "optim_grads":
             parts.append("zero2")
+        if lay.fsdp_reshard_after_forward != "default":
+            parts.append(f"reshard-{lay.fsdp_reshard_after_forward}")
     elif not lay.distributed_optimizer:
         parts.append("no-dopt")
     if lay.pipeline_schedule is not None:  # the vp's default (1f1b / interleaved) goes unsaid
@@ -62,7 +64,9 @@ def memory_labels(lay: Layout) -> dict[str, str]:
         opt = f"optimizer (sharded /{lay.dp * lay.cp})" if lay.distributed_optimizer else "optimizer"
         return {"grads": f"grads ({grad})", "optimizer": opt}
     shard = lay.dims.group("dp_shard").size
-    held = "stage's blocks (pp: no reshard)" if lay.pp > 1 else "2 blocks (prefetch)"
+    policy = lay.fsdp_reshard_after_forward
+    keep = policy == "never" or (lay.pp > 1 and policy != "always")
+    held = ("stage's blocks (no reshard after forward)" if keep else "2 blocks (prefetch)")
     inflight = f"unsharded in flight ({held} + 1 block's grads + LM head)"
     if lay.framework == "torchtitan":  # FSDP2: the fp32 shard is the master copy
         return {"weights": f"weights (FSDP2 fp32 shard /{shard})",

@@ -108,6 +108,8 @@ class SearchSpace:
     """Transformer Engine's fused loss on every candidate (`Layout.te_cross_entropy`)."""
     fsdp_strategy: str = "optim_grads_params"
     """Megatron-FSDP's sharding strategy of the FSDP candidates (`Layout.fsdp_strategy`)."""
+    fsdp_reshard_after_forward: str = "default"
+    """torchtitan's reshard policy of the FSDP candidates (`Layout.fsdp_reshard_after_forward`)."""
 
     def to_dict(self) -> dict:
         """The plan file's form (tuples as lists)."""
@@ -480,6 +482,8 @@ def _generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
         te_cross_entropy=space.te_cross_entropy and space.framework == "megatron",
         fsdp_strategy=space.fsdp_strategy if space.framework == "megatron"
         else "optim_grads_params",
+        fsdp_reshard_after_forward=space.fsdp_reshard_after_forward
+        if space.framework == "torchtitan" else "default",
         cuda_graph_modules=space.cuda_graph_modules,
         moe_a2a_overlap=a2a_overlap_allowed(model, space, d.ep, d.pp, v, rec_codes[ri],
                                             rec_masks[ri]),

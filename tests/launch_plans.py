@@ -57,6 +57,9 @@ FAMILIES = {
                                             te_cross_entropy=True)),
     "70b-offload": ("llama3.1-70b", 8, dict(tp=8, pp=1, dp=8, sequence_parallel=True,
                                             offload_activation_layers=40)),
+    # torchtitan FSDP2 keeping the gathered blocks until their backward
+    "8b-fsdp-never": ("llama3.1-8b", 1, dict(tp=1, pp=1, dp=8, fsdp=True, framework="torchtitan",
+                                              fsdp_reshard_after_forward="never")),
     # Megatron-FSDP ZeRO-2 (--data-parallel-sharding-strategy optim_grads)
     "8b-zero2": ("llama3.1-8b", 2, dict(tp=1, pp=1, dp=16, fsdp=True,
                                          fsdp_strategy="optim_grads")),

@@ -72,6 +72,7 @@ def _cases(plans) -> list[dict]:
 def results(tmp_path_factory):
     plans = {k: launch_plans.make(k) for k in launch_plans.ACCEPTANCE}
     plans["deepseek-v3"] = launch_plans.make("deepseek-v3", launch_plans.FAMILIES)
+    plans["8b-fsdp-never"] = launch_plans.make("8b-fsdp-never", launch_plans.FAMILIES)
     cases_file = tmp_path_factory.mktemp("titan") / "cases.json"
     cases_file.write_text(json.dumps(_cases(plans)))
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "titan_check.py"), str(cases_file)],
@@ -81,7 +82,7 @@ def results(tmp_path_factory):
     return plans, json.loads(line[0].split(" ", 1)[1])
 
 
-@pytest.mark.parametrize("name", [*launch_plans.ACCEPTANCE, "deepseek-v3"])
+@pytest.mark.parametrize("name", [*launch_plans.ACCEPTANCE, "deepseek-v3", "8b-fsdp-never"])
 def test_torchtitan_accepts_plan_and_builds_it(results, name):
     plans, res = results
     plan, got = plans[name], res[name]
@@ -92,8 +93,9 @@ def test_torchtitan_accepts_plan_and_builds_it(results, name):
     assert got["dims"] == {"dp_replicate": dims.dp_replicate if lay.fsdp else 1,
                            "dp_shard": dims.dp_shard if lay.fsdp else lay.dp, "cp": lay.cp,
                            "tp": lay.tp, "pp": lay.pp, "ep": lay.ep}
-    # the estimate of an FSDP plan assumed torchtitan's default resharding (fsdp.py)
-    assert got["reshard_after_forward"] == ("default" if lay.fsdp else "never")
+    # the estimate of an FSDP plan assumed its reshard policy (torchtitan's default unless set)
+    assert got["reshard_after_forward"] == (lay.fsdp_reshard_after_forward if lay.fsdp
+                                            else "never")
     # what the estimate priced: fused kernels under compile, async TP (torchtitan's config)
     assert got["compile"] == [lay.torch_compile, lay.async_tp]
     if lay.pp > 1:

@@ -223,3 +223,26 @@ def test_megatron_fsdp_zero2_keeps_parameters_whole(llama8b):
                 replace(lay, framework="torchtitan", fsdp_strategy="optim_grads")):
         with pytest.raises(SpecError, match="Megatron-FSDP's and needs --fsdp"):
             bad.validate(llama8b, 128)
+
+
+def test_torchtitan_reshard_policy_trades_gathers_for_memory(llama8b):
+    """never: every block stays gathered from its forward to its backward (the stage's bf16
+    parameters in flight, no backward gather); always with pp: only two blocks, and the
+    backward gathers again; default: torchtitan's (reshard unless pp)."""
+    cluster = load_cluster("jean-zay-a100", nodes=4)
+    lay = Layout(tp=1, pp=1, dp=32, micro_batch_size=1, global_batch_size=64, seq_len=2048,
+                 fsdp=True, framework="torchtitan")
+    default, never = (estimate(llama8b, cluster, replace(lay, fsdp_reshard_after_forward=r))
+                      for r in ("default", "never"))
+    block = (parameter_count(llama8b) - 2 * llama8b.vocab_size * llama8b.hidden_size) \
+        / llama8b.num_layers
+    extra = never.memory.unsharded_inflight_bytes - default.memory.unsharded_inflight_bytes
+    assert extra == pytest.approx(2 * block * (llama8b.num_layers - 2), rel=1e-6)
+    assert never.time.dp_comm_s < 0.8 * default.time.dp_comm_s
+    piped = replace(lay, pp=2, dp=16)
+    keep, always = (estimate(llama8b, cluster, replace(piped, fsdp_reshard_after_forward=r))
+                    for r in ("default", "always"))
+    assert always.memory.unsharded_inflight_bytes < keep.memory.unsharded_inflight_bytes
+    with pytest.raises(SpecError, match="torchtitan's FSDP2 policy"):
+        replace(lay, framework="megatron", fsdp_reshard_after_forward="never").validate(
+            llama8b, 32)
