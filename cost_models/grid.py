@@ -108,16 +108,29 @@ class LayoutGrid:
         """The grid-wide (non-column) values, for a grid of other rows of the same search."""
         return {name: getattr(self, name) for name in GRID_WIDE}
 
+    @property
+    def titan(self) -> np.ndarray:
+        """Rows under torchtitan's conventions (`Layout.framework`): one value when the
+        framework is grid-wide, as in the search, else a column."""
+        return np.asarray(self.framework) == "torchtitan"
+
     def take(self, index) -> LayoutGrid:
-        """A sub-grid (boolean mask or integer index array)."""
-        arrays = {name: self.column(name)[index]
-                  for name in (*_ARRAY_FIELDS, "schedule", *OPTIONAL_FIELDS)}
-        return LayoutGrid(**arrays, **self._grid_wide())
+        """A sub-grid (boolean mask or integer index array). An optional column holding one
+        value for the whole grid stays that value."""
+        arrays = {name: self.column(name)[index] for name in (*_ARRAY_FIELDS, "schedule")}
+        optional = {name: getattr(self, name) if np.ndim(getattr(self, name)) == 0
+                    else np.asarray(getattr(self, name))[index] for name in OPTIONAL_FIELDS}
+        return LayoutGrid(**arrays, **optional, **self._grid_wide())
 
     def concat(self, other: LayoutGrid) -> LayoutGrid:
         """This grid's rows, then `other`'s (same grid-wide values)."""
         arrays = {name: np.concatenate([self.column(name), other.column(name)])
-                  for name in (*_ARRAY_FIELDS, "schedule", *OPTIONAL_FIELDS)}
+                  for name in (*_ARRAY_FIELDS, "schedule")}
+        for name in OPTIONAL_FIELDS:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            same = np.ndim(mine) == 0 and np.ndim(theirs) == 0 and mine == theirs
+            arrays[name] = mine if same else np.concatenate([self.column(name),
+                                                             other.column(name)])
         return LayoutGrid(**arrays, **self._grid_wide())
 
     def layout(self, i: int, layers_per_stage: tuple[int, ...] | None = None) -> Layout:

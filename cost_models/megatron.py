@@ -306,7 +306,7 @@ def layer_base(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutGr
     if model.is_moe:  # permute before and unpermute after the experts: read + write each copy
         elem_bytes = elem_bytes + (model.num_moe_layers / model.num_layers) * MOE_PERMUTE_PASSES \
             * 2 * tokens * model.experts_top_k * h
-    eager = (g.column("framework") == "torchtitan") & (not g.torch_compile)
+    eager = g.titan & (not g.torch_compile)
     elem_bytes = elem_bytes + np.where(eager, 2 * tokens * (
         EAGER_EXTRA_PASSES_OUTSIDE * outside + (EAGER_EXTRA_PASSES_INSIDE if model.gated_mlp else 0)
         * model.active_ffn_width / t), 0.0)
@@ -329,7 +329,7 @@ def layer_base(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutGr
     tp_hidden = np.where(g.sequence_parallel, gpu.tp_comm_overlap, 0.0)  # TE overlap needs SP
     # torchtitan has no userbuffer overlap; its async TP pipelines the collectives with the
     # matmuls, taken to hide as much as TE does on this GPU (an assumption)
-    tp_hidden = np.where(g.column("framework") == "torchtitan",
+    tp_hidden = np.where(g.titan,
                          gpu.tp_comm_overlap if g.async_tp else 0.0, tp_hidden)
     # CP: ring attention passes K and V chunks around cp ranks, overlapped with attention
     # compute of the chunk in hand; backward also returns dK, dV (2x bytes).
@@ -356,7 +356,7 @@ def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutG
         base = _repeat_rows(layer_base(model, gpu, cluster, g.take(slice(None, None, variants))),
                             variants)
     fwd, bwd = base.fwd_s, base.bwd_s
-    selective = np.where(g.column("framework") == "torchtitan", base.titan_sel_s,
+    selective = np.where(g.titan, base.titan_sel_s,
                          _module_recompute_s(model, gpu, g, base.tokens, base.attn_f,
                                              base.experts_f))
     recompute = np.where(g.recompute == 2, fwd, np.where(g.recompute == 1, selective, 0.0))
@@ -523,7 +523,7 @@ def _attention_times(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, causal_flops
     fused_b = ATTENTION_BACKWARD_FACTOR * (fused_f - g.cp * gpu.efficiency["bf16"].overhead_s) \
         + 2 * g.cp * gpu.efficiency["bf16"].overhead_s  # backward: dQ and dK/dV kernels per step
     # torchtitan's SDPA kernels run at `GpuSpec.sdpa_attention_factor` of TE's
-    sdpa = np.where(g.column("framework") == "torchtitan", 1 / gpu.sdpa_attention_factor, 1.0)
+    sdpa = np.where(g.titan, 1 / gpu.sdpa_attention_factor, 1.0)
     return (np.where(g.flash_attention, fused_f * sdpa, unfused_f),
             np.where(g.flash_attention, fused_b * sdpa, unfused_b))
 

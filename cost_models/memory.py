@@ -350,13 +350,14 @@ def activation_terms(model: ModelSpec, g, variants: int = 1) -> ActivationTerms:
     (`megatron.evaluate`); the recompute-free terms are computed once per run."""
     fp8 = g.dtype if g.dtype in FP8_DTYPES else False
     act_args = (model, g.micro_batch_size, g.seq_len, g.tp, g.cp, g.sequence_parallel)
-    titan = g.column("framework") == "torchtitan"
+    titan = g.titan
     per_layer = activation_bytes_per_layer(*act_args, g.recompute, g.flash_attention, fp8, g.etp)
     run = slice(None, None, variants)
     base = (model, g.micro_batch_size[run], g.seq_len, g.tp[run], g.cp[run],
             g.sequence_parallel[run])
     megatron_logit = TE_LOGIT_BYTES if g.te_cross_entropy else MEGATRON_LOGIT_BYTES
-    per_logit = np.where(titan, TITAN_LOGIT_BYTES, megatron_logit)[run]
+    per_logit = np.broadcast_to(np.where(titan, TITAN_LOGIT_BYTES, megatron_logit),
+                                g.tp.shape)[run]
     no_recompute, embedding, logits = (np.repeat(x, variants) for x in (
         activation_bytes_per_layer(*base, "none", g.flash_attention[run], fp8, g.etp[run]),
         embedding_output_bytes(*base), logits_bytes(*base[:5], per_logit)))
@@ -424,10 +425,7 @@ def mtp_modules(model: ModelSpec, g) -> np.ndarray | int:
     train without them."""
     if not model.mtp_layers:
         return 0
-    framework = g.framework  # grid-wide (a string) in the search: one comparison
-    if isinstance(framework, str):
-        return 0 if framework == "torchtitan" else model.mtp_layers
-    return np.where(framework == "torchtitan", 0, model.mtp_layers)
+    return np.where(g.titan, 0, model.mtp_layers)  # one value when the framework is grid-wide
 
 
 def rank_memory(model: ModelSpec, g, params, optimizer_params, layers, first, last,
@@ -488,7 +486,7 @@ def state_bytes(g, params, optimizer_params, fp8_transpose_copy: bool = True
     parameters stay whole: param bytes on every parameter, main grad and 12 on the shard."""
     fp8 = g.dtype in FP8_DTYPES
     fsdp = g.column("fsdp")
-    titan = g.column("framework") == "torchtitan"
+    titan = g.titan
     grad_bytes = np.where(g.column("grad_reduce_fp32"), GRAD_BYTES, BF16_GRAD_BYTES)
     weight_bytes = (fp8_weight_bytes(g.dtype, fp8_transpose_copy,
                                      g.distributed_optimizer | fsdp) if fp8 else WEIGHT_BYTES)
@@ -510,8 +508,7 @@ def state_bytes(g, params, optimizer_params, fp8_transpose_copy: bool = True
 
 def zero2_rows(g) -> np.ndarray:
     """Rows run as Megatron-FSDP optim_grads (ZeRO-2: parameters whole, `Layout.fsdp_strategy`)."""
-    return g.column("fsdp") & (g.fsdp_strategy == "optim_grads") \
-        & (g.column("framework") == "megatron")
+    return g.column("fsdp") & (g.fsdp_strategy == "optim_grads") & ~g.titan
 
 
 def keeps_unsharded(g) -> np.ndarray:
