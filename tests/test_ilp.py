@@ -228,8 +228,12 @@ def test_partition_falls_back_to_cbc(monkeypatch):
     with_highs = partition_layers(**case)
     monkeypatch.setattr(ilp_solver, "highs_available", lambda: False)
     with_cbc = partition_layers(**case)
-    assert with_cbc.solver == "PULP_CBC_CMD" and with_cbc.status == "optimal"
+    # the CBC that pulp 3.3 bundles now and then runs this small model to the time limit
+    # without proving the gap closed (seen here in about 1 of 4 runs of this file): it still
+    # holds the optimum then, reported as "feasible"
+    assert with_cbc.solver == "PULP_CBC_CMD" and with_cbc.status in ("optimal", "feasible")
     assert with_cbc.max_stage_time_s == pytest.approx(with_highs.max_stage_time_s)
+    assert with_cbc.layers_per_stage == with_highs.layers_per_stage
 
 
 def test_partition_rejects_malformed_input():
