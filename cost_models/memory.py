@@ -519,8 +519,7 @@ def keeps_unsharded(g) -> np.ndarray:
     return (g.pp > 1) & (policy != "always") | (policy == "never")
 
 
-def fsdp_inflight_bytes(layer_params, head_params, layers, pp, gather_bytes, zero2=False,
-                        keep=None):
+def fsdp_inflight_bytes(layer_params, head_params, layers, pp, gather_bytes, zero2, keep):
     """Unsharded parameters and gradients FSDP holds at the peak on one GPU (bytes).
 
     torchtitan 0.3.0 (torchtitan/distributed/fsdp.py) wraps each transformer block as one
@@ -538,9 +537,8 @@ def fsdp_inflight_bytes(layer_params, head_params, layers, pp, gather_bytes, zer
     `layer_params` are one block's parameters on this GPU before sharding (split over tp).
     ZeRO-2 rows (`zero2`: Megatron-FSDP optim_grads) gather nothing: only the block's
     gradients in flight to their reduce-scatter (and the pp > 1 accumulation) remain. `keep`
-    (`keeps_unsharded`, default pp > 1): the rows that keep all the stage's blocks gathered.
+    (`keeps_unsharded`): the rows that keep all the stage's blocks gathered.
     """
-    keep = pp > 1 if keep is None else keep
     blocks = np.where(zero2, 0, np.where(keep, layers, np.minimum(layers, FSDP_PREFETCH_LAYERS)))
     head_params_gathered = np.where(zero2, 0.0, head_params)
     accumulated = np.where(pp > 1, (layers * layer_params + head_params) * FSDP_GRAD_BYTES, 0.0)

@@ -859,18 +859,13 @@ class Layout:
         if self.fsdp_strategy not in FSDP_STRATEGIES:
             raise SpecError(f"fsdp-strategy must be one of {FSDP_STRATEGIES}, got "
                             f"{_short(self.fsdp_strategy)}")
-        if self.fsdp_strategy != "optim_grads_params" and not (
-                self.fsdp and self.framework == "megatron"):
-            raise SpecError(f"--fsdp-strategy {self.fsdp_strategy} is Megatron-FSDP's and needs "
-                            "--fsdp under --framework megatron; add --fsdp or drop it")
         if self.fsdp_reshard_after_forward not in RESHARD_POLICIES:
             raise SpecError("fsdp-reshard-after-forward must be one of "
                             f"{RESHARD_POLICIES}, got {_short(self.fsdp_reshard_after_forward)}")
-        if self.fsdp_reshard_after_forward != "default" and not (
-                self.fsdp and self.framework == "torchtitan"):
-            raise SpecError(f"--fsdp-reshard-after-forward {self.fsdp_reshard_after_forward} is "
-                            "torchtitan's FSDP2 policy and needs --fsdp --framework torchtitan; "
-                            "add them or drop it")
+        problem = fsdp_option_problem(self.fsdp, self.framework, self.fsdp_strategy,
+                                      self.fsdp_reshard_after_forward)
+        if problem:
+            raise SpecError(problem[1])
         if self.dp_replicate > 1 and not self.fsdp:
             raise SpecError("dp-replicate > 1 is HSDP and needs --fsdp; add --fsdp or drop "
                             "--dp-replicate")
@@ -995,6 +990,21 @@ class Layout:
             return cls(**kwargs)
         except TypeError as exc:
             raise SpecError(f"layout is incomplete: {exc}") from None
+
+
+def fsdp_option_problem(fsdp: bool, framework: str, strategy: str, reshard: str
+                        ) -> tuple[str, str] | None:
+    """(option, message) for a framework-specific FSDP option given where it cannot apply:
+    Megatron-FSDP's sharding strategy off --fsdp / Megatron, torchtitan's reshard policy off
+    --fsdp / torchtitan; None when both hold (`Layout.validate` and the CLI ask this)."""
+    if strategy != "optim_grads_params" and not (fsdp and framework == "megatron"):
+        return ("--fsdp-strategy", f"--fsdp-strategy {strategy} is Megatron-FSDP's and needs "
+                "--fsdp under --framework megatron; add --fsdp or drop it")
+    if reshard != "default" and not (fsdp and framework == "torchtitan"):
+        return ("--fsdp-reshard-after-forward",
+                f"--fsdp-reshard-after-forward {reshard} is torchtitan's FSDP2 policy and needs "
+                "--fsdp --framework torchtitan; add them or drop it")
+    return None
 
 
 CUDA_GRAPH_MODULES = ("attn", "mlp", "moe", "moe_router", "moe_preprocess", "mamba")

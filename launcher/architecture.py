@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cost_models.specs import ModelSpec, SpecError
-from planner.specfiles import model_presets, read_mapping
+from planner.specfiles import SAME_AS, model_presets, read_mapping
 
 _LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -167,7 +167,7 @@ def architecture(model: ModelSpec) -> tuple[Architecture, str | None]:
         source = "guessed from the MLP kind"
         note = (f"model config {model.name} is not readable here; the launch files assume a "
                 f"{cfg['model_type']}-style network (norm, rope, biases); check them")
-    family = {"kimi_k2": "deepseek_v3"}.get(str(cfg.get("model_type")), str(cfg.get("model_type")))
+    family = SAME_AS.get(str(cfg.get("model_type")), str(cfg.get("model_type")))
     if family not in _FAMILY:
         raise SpecError(f"model {model.name}: model_type {family!r} has no launcher mapping; "
                         f"supported: {sorted(_FAMILY)}")

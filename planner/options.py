@@ -18,6 +18,7 @@ from cost_models.specs import (
     ClusterSpec,
     ModelSpec,
     SpecError,
+    fsdp_option_problem,
 )
 
 from .cli import one_line
@@ -118,12 +119,9 @@ def check_sharding(fsdp: bool, dp_replicate: int, fsdp_strategy: str = "optim_gr
     if dp_replicate > 1 and not fsdp:
         raise click.BadParameter("--dp-replicate > 1 is HSDP and needs --fsdp; add --fsdp",
                                  param_hint="--dp-replicate")
-    if fsdp_strategy != "optim_grads_params" and not (fsdp and framework == "megatron"):
-        raise click.BadParameter(f"{fsdp_strategy} is Megatron-FSDP's; add --fsdp with "
-                                 "--framework megatron", param_hint="--fsdp-strategy")
-    if reshard != "default" and not (fsdp and framework == "torchtitan"):
-        raise click.BadParameter(f"{reshard} is torchtitan's FSDP2 policy; add --fsdp with "
-                                 "--framework torchtitan", param_hint="--fsdp-reshard-after-forward")
+    problem = fsdp_option_problem(fsdp, framework, fsdp_strategy, reshard)
+    if problem:
+        raise click.BadParameter(problem[1], param_hint=problem[0])
 
 
 def check_titan(framework: str, torch_compile: bool, async_tp: bool) -> None:

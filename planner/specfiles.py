@@ -241,7 +241,7 @@ _KEY_ALIASES = {  # config key -> the llama-style key it stands for
                 "padded_vocab_size": "vocab_size", "seq_length": "max_position_embeddings"},
 }
 
-_SAME_AS = {"kimi_k2": "deepseek_v3"}
+SAME_AS = {"kimi_k2": "deepseek_v3"}
 """model_types whose configs are another family's (Moonshot's Kimi K2 ships DeepSeek-V3's
 network and config keys under its own name)."""
 
@@ -264,7 +264,7 @@ def model_from_config(cfg: dict, where: str) -> ModelSpec:
         if "tie_word_embeddings" not in text and "tie_word_embeddings" in cfg:
             text["tie_word_embeddings"] = cfg["tie_word_embeddings"]
         return model_from_config(text, where)
-    kind = _SAME_AS.get(kind, kind)
+    kind = SAME_AS.get(kind, kind)
     if kind == "gpt2":
         return _gpt2(cfg, where)
     if kind not in _LLAMA_LIKE:
