@@ -307,18 +307,18 @@ def preset_facts(path: Path = PRESET_FACTS) -> dict[int, dict]:
         return {int(r["csv_line"]): r for r in csv.DictReader(fh)}
 
 
-def _moe_variants(facts: dict | None) -> list[dict]:
+def _moe_settings(facts: dict | None) -> dict:
     """The expert-overlap, dispatcher and CUDA-graph settings of a MoE row: its preset's, or
     Megatron-Core's defaults (no overlap, alltoall, graphs as the notes say) where no single
     preset matches it (choosing the fastest of the unknowns would flatter the model)."""
     if facts is None:
-        return [{}]
+        return {}
     impl, mods = facts["cuda_graph_impl"], facts["cuda_graph_modules"]
-    backend = facts["dispatcher_backend"]
-    return [{"moe_a2a_overlap": facts["moe_a2a_overlap"] == "True", "moe_dispatcher": backend,
-             "cuda_graphs": impl == "full_iteration",
-             "cuda_graph_modules": tuple(mods.split("+")) if impl == "transformer_engine"
-             and mods else ()}]
+    return {"moe_a2a_overlap": facts["moe_a2a_overlap"] == "True",
+            "moe_dispatcher": facts["dispatcher_backend"],
+            "cuda_graphs": impl == "full_iteration",
+            "cuda_graph_modules": tuple(mods.split("+")) if impl == "transformer_engine"
+            and mods else ()}
 
 
 def layouts_2025(row: dict, model: ModelSpec, gpus: int,
@@ -341,12 +341,12 @@ def layouts_2025(row: dict, model: ModelSpec, gpus: int,
         sizes[0], sizes[-1] = sizes[0] - 1, sizes[-1] - 1
         split = tuple(sizes)
     out, errors = [], []
-    moe = _moe_variants(facts) if model.is_moe and not titan else [{}]
+    moe = _moe_settings(facts) if model.is_moe and not titan else {}
     # a blank recompute cell: the preset's when it matches the row's layout (a release-wide
     # setting may not hold at another micro-batch), else tuned
     layout_match = facts is not None and not facts["matched_by"].startswith("release family")
     cell = row["recompute"] or (facts["recompute"] if layout_match else "")
-    for rec, extra in ((r, m) for r in recomputes_2025(cell) for m in moe):
+    for rec in recomputes_2025(cell):
         lay = Layout(**given, dp=derived_dp(gpus, **given), etp=int(etp) if etp else None,
                      recompute_modules=modules_2025(cell) if rec == "selective"
                      and not titan else (),
@@ -363,7 +363,7 @@ def layouts_2025(row: dict, model: ModelSpec, gpus: int,
                      fsdp=row["sharding"] == "fsdp", grad_reduce_fp32=titan,
                      framework="torchtitan" if titan else "megatron",
                      te_cross_entropy=not titan)  # Bridge perf recipes: TE's fused loss
-        lay = replace(lay, **extra)
+        lay = replace(lay, **moe)
         try:
             lay.validate(model, gpus)
         except SpecError as exc:
