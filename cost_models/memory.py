@@ -83,7 +83,8 @@ FSDP_FP8_GATHER_BYTES = 1
 fp8 (1 byte; torchtitan float8 converter docs); counted for every layer weight."""
 FSDP_UNSHARDED_GRAD_BYTES = 2 + 4
 """One layer's unsharded gradients in backward: autograd's bf16 gradient (2) and the fp32
-reduce-scatter input FSDP2 copies it into when reduce dtype != param dtype (4)."""
+reduce-scatter input FSDP2 copies it into when reduce dtype != param dtype (4). Megatron-FSDP
+copies it into an unreduced bucket of its main-grad dtype instead (`fsdp_unsharded_grad_bytes`)."""
 FSDP_PREFETCH_LAYERS = 2
 """Unsharded layers alive at once with resharding after forward: the one computing and the
 one FSDP2's implicit prefetch has all-gathered (one module ahead, forward and backward)."""
@@ -414,7 +415,8 @@ def rank_static_memory(g, params, optimizer_params, layers, pp_rank, layer_param
         gather = FSDP_FP8_GATHER_BYTES if g.dtype in FP8_DTYPES else FSDP_GATHER_BYTES
         unsharded = np.where(fsdp, fsdp_inflight_bytes(layer_params, head_params, layers, g.pp,
                                                        gather, zero2_rows(g),
-                                                       keeps_unsharded(g)), 0.0)
+                                                       keeps_unsharded(g),
+                                                       fsdp_unsharded_grad_bytes(g)), 0.0)
     return RankStaticMemory(state_bytes(g, params, optimizer_params, fp8_transpose_copy),
                             inflight, unsharded)
 
@@ -519,7 +521,19 @@ def keeps_unsharded(g) -> np.ndarray:
     return (g.pp > 1) & (policy != "always") | (policy == "never")
 
 
-def fsdp_inflight_bytes(layer_params, head_params, layers, pp, gather_bytes, zero2, keep):
+def fsdp_unsharded_grad_bytes(g) -> np.ndarray:
+    """Bytes per parameter of one block's unsharded gradients in backward, per row of `g`.
+
+    torchtitan (FSDP2, reduce dtype fp32): `FSDP_UNSHARDED_GRAD_BYTES`. Megatron-FSDP: the
+    autograd bf16 gradient (2) plus the unreduced bucket it is accumulated into, in the main
+    grad dtype (param_and_grad_buffer.py `_resolve_group_grad_dtype` at Megatron-LM d98e8a64:
+    bf16 for bf16 and fp8 parameters unless asked otherwise; fp32 with `grad_reduce_fp32`)."""
+    megatron = WEIGHT_BYTES + np.where(g.column("grad_reduce_fp32"), GRAD_BYTES, BF16_GRAD_BYTES)
+    return np.where(g.titan, FSDP_UNSHARDED_GRAD_BYTES, megatron)
+
+
+def fsdp_inflight_bytes(layer_params, head_params, layers, pp, gather_bytes, zero2, keep,
+                        grad_bytes):
     """Unsharded parameters and gradients FSDP holds at the peak on one GPU (bytes).
 
     torchtitan 0.3.0 (torchtitan/distributed/fsdp.py) wraps each transformer block as one
@@ -537,10 +551,11 @@ def fsdp_inflight_bytes(layer_params, head_params, layers, pp, gather_bytes, zer
     `layer_params` are one block's parameters on this GPU before sharding (split over tp).
     ZeRO-2 rows (`zero2`: Megatron-FSDP optim_grads) gather nothing: only the block's
     gradients in flight to their reduce-scatter (and the pp > 1 accumulation) remain. `keep`
-    (`keeps_unsharded`): the rows that keep all the stage's blocks gathered.
+    (`keeps_unsharded`): the rows that keep all the stage's blocks gathered. `grad_bytes`:
+    bytes per parameter of the unsharded gradients (`fsdp_unsharded_grad_bytes`).
     """
     blocks = np.where(zero2, 0, np.where(keep, layers, np.minimum(layers, FSDP_PREFETCH_LAYERS)))
     head_params_gathered = np.where(zero2, 0.0, head_params)
     accumulated = np.where(pp > 1, (layers * layer_params + head_params) * FSDP_GRAD_BYTES, 0.0)
-    return (blocks * layer_params * gather_bytes + layer_params * FSDP_UNSHARDED_GRAD_BYTES
+    return (blocks * layer_params * gather_bytes + layer_params * grad_bytes
             + head_params_gathered * gather_bytes + accumulated)
