@@ -990,12 +990,19 @@ def _dp_optimizer_memory(model, cluster, g, lt, emb, head, variants: int = 1):
     ranks = [rank_costs(model, cluster, g, lt, emb, head, *kind, acts, static)
              for kind, static in zip(_rank_kinds(g), statics, strict=True)]
     has_mid = g.layers_mid > 0  # pp <= 2: no middle rank
-    totals = np.stack([r.total_bytes for r in ranks[:2]] + [np.where(has_mid, ranks[2].total_bytes, -1.0)])
-    worst = np.argmax(totals, axis=0)
-    mem = {k: np.choose(worst, [r.memory[k] for r in ranks]) for k in ranks[0].memory}
-    exposed = np.max(np.stack([r.dp_exposed_s * (has_mid if i == 2 else 1)
-                               for i, r in enumerate(ranks)]), axis=0)
-    opt = np.max(np.stack([r.optimizer_step_s for r in ranks]), axis=0)
+    first, last, mid = ranks
+    # the fullest rank, the first of equals (first, last, middle), by two comparisons (no
+    # stacked copy of the grid-sized arrays)
+    first_total, last_total = first.total_bytes, last.total_bytes
+    take_last = last_total > first_total
+    take_mid = has_mid & (mid.total_bytes > np.maximum(first_total, last_total))
+    mem = {k: np.where(take_mid, mid.memory[k], np.where(take_last, last.memory[k],
+                                                         first.memory[k]))
+           for k in first.memory}
+    exposed = np.maximum(np.maximum(first.dp_exposed_s, last.dp_exposed_s),
+                         mid.dp_exposed_s * has_mid)
+    opt = np.maximum(np.maximum(first.optimizer_step_s, last.optimizer_step_s),
+                     mid.optimizer_step_s)
     return exposed, opt, mem
 
 
