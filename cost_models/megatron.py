@@ -604,12 +604,13 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid,
     tau_last = np.where(single, tau_first,
                         g.layers_last * lt.total_s + np.where(vshape, 0.0, head))
     tau_mid = g.layers_mid * lt.total_s
-    taus = np.stack([tau_first, tau_last, tau_mid])
-    crit = np.argmax(taus, axis=0)
-    tau_max = np.max(taus, axis=0)
-    layers_crit = np.choose(crit, [g.layers_first, g.layers_last, g.layers_mid])
-    ends_crit = np.choose(crit, [emb + np.where(single | vshape, head, 0.0),
-                                 np.where(vshape, 0.0, head), np.zeros_like(head)])
+    # the critical rank, the first of equals (first, last, middle): `_first_of_max`
+    take_last, take_mid = _first_of_max(tau_first, tau_last, tau_mid)
+    tau_max = np.maximum(np.maximum(tau_first, tau_last), tau_mid)
+    layers_crit = np.where(take_mid, g.layers_mid,
+                           np.where(take_last, g.layers_last, g.layers_first))
+    ends_crit = np.where(take_mid, 0.0, np.where(take_last, np.where(vshape, 0.0, head),
+                                                 emb + np.where(single | vshape, head, 0.0)))
     # Σ_r τ_r = all layers + both ends (pp == 1: the single rank's τ).
     tau_sum = np.where(single, tau_first, model.num_layers * lt.total_s + emb + head)
     bubble = (tau_sum - tau_max) * schedule_bubble_factor(model, gpu, g, lt)
@@ -982,6 +983,14 @@ def _rank_statics(model, cluster, g: LayoutGrid, variants: int) -> list[RankStat
             for kind in _rank_kinds(base)]
 
 
+def _first_of_max(first, last, mid):
+    """(take last, take mid) masks of the row-wise argmax of (first, last, mid), ties to the
+    earlier one, as `np.argmax` over the stacked three would pick, without stacking copies
+    of grid-sized arrays (the search evaluates ~10^6 rows)."""
+    take_last = last > first
+    return take_last, mid > np.maximum(first, last)
+
+
 def _dp_optimizer_memory(model, cluster, g, lt, emb, head, variants: int = 1):
     """Exposed DP reduction, optimizer time and the memory breakdown of the fullest rank,
     over the first, last and busiest middle pipeline ranks (`variants`: see `evaluate`)."""
@@ -991,11 +1000,9 @@ def _dp_optimizer_memory(model, cluster, g, lt, emb, head, variants: int = 1):
              for kind, static in zip(_rank_kinds(g), statics, strict=True)]
     has_mid = g.layers_mid > 0  # pp <= 2: no middle rank
     first, last, mid = ranks
-    # the fullest rank, the first of equals (first, last, middle), by two comparisons (no
-    # stacked copy of the grid-sized arrays)
-    first_total, last_total = first.total_bytes, last.total_bytes
-    take_last = last_total > first_total
-    take_mid = has_mid & (mid.total_bytes > np.maximum(first_total, last_total))
+    # the fullest rank, the first of equals (first, last, middle)
+    take_last, take_mid = _first_of_max(first.total_bytes, last.total_bytes,
+                                        np.where(has_mid, mid.total_bytes, -1.0))
     mem = {k: np.where(take_mid, mid.memory[k], np.where(take_last, last.memory[k],
                                                          first.memory[k]))
            for k in first.memory}

@@ -208,3 +208,15 @@ def test_te_fused_cross_entropy_keeps_only_the_bf16_logits():
     fused = _meg.estimate(model, cluster, _replace(lay, te_cross_entropy=True)).memory
     saved = (MEGATRON_LOGIT_BYTES - TE_LOGIT_BYTES) * 2 * 8192 * model.vocab_size
     assert plain - fused.activations_bytes == pytest.approx(saved)
+
+
+def test_first_of_max_matches_argmax_with_ties():
+    """The critical / fullest rank pick equals np.argmax over (first, last, mid), ties to the
+    earlier rank (the search's ranking must not change with how it is computed)."""
+    from cost_models.megatron import _first_of_max
+
+    rng = np.random.default_rng(0)
+    a, b, c = rng.integers(0, 3, size=(3, 2000)).astype(float)  # many ties
+    take_last, take_mid = _first_of_max(a, b, c)
+    picked = np.where(take_mid, 2, np.where(take_last, 1, 0))
+    assert (picked == np.argmax(np.stack([a, b, c]), axis=0)).all()
