@@ -295,26 +295,32 @@ STALL_POOL_ROWS = 4096
 ranking's prefix could reach past them."""
 
 
-def _evaluate_dominating(model: ModelSpec, cluster: ClusterSpec, grid: LayoutGrid,
-                         headroom: float, variants: int):
-    """Evaluate `grid` (runs of `variants` recompute variants, no recompute first) but the
-    variants of a layout that fits without recompute: recompute only adds time and frees
-    memory, so they fit and are slower, and they can neither win nor lead a family (the
-    ranking keeps one row per layout). Returns (grid, result, dominated): the evaluated rows
-    (every layout's no-recompute row, then the other variants of the layouts that do not fit
-    without recompute) and how many were skipped. The stall is not priced here
+def _evaluate_dominating(model: ModelSpec, cluster: ClusterSpec, layouts: _Layouts,
+                         headroom: float):
+    """Evaluate every layout's first recompute option (no recompute), then the other
+    options of the layouts that do not fit without it, skipping the variants of a layout
+    that fits: recompute only adds time and frees memory, so they fit and are slower, and
+    they can neither win nor lead a family (the ranking keeps one row per layout). Only the
+    evaluated rows are materialised. Returns (grid, result, dominated): the evaluated rows
+    (every layout's no-recompute row, then the other variants of the layouts that do not
+    fit without recompute, in runs) and how many were skipped. The stall is not priced here
     (`_evaluate_with_stalls` does)."""
-    unpriced = replace(grid, price_stall=np.zeros(len(grid), dtype=bool))
-    first = unpriced.take(np.arange(0, len(grid), variants))
+    variants = len(layouts.codes)
+    first = _unpriced(layouts.variants(np.arange(layouts.count), [0]))
     res_first = megatron.evaluate(model, cluster, first)
     fit_first = megatron.fits_mask(res_first, cluster.gpu, headroom)
     dominated = int(fit_first.sum()) * (variants - 1)
-    rows = (np.nonzero(~fit_first)[0][:, None] * variants + np.arange(1, variants)).ravel()
-    if not len(rows):
+    over = np.nonzero(~fit_first)[0]
+    if not len(over):
         return first, res_first, dominated
-    rest = unpriced.take(rows)  # runs of the variants - 1 other recompute settings
+    rest = _unpriced(layouts.variants(over, np.arange(1, variants)))
     res_rest = megatron.evaluate(model, cluster, rest, variants - 1)
     return first.concat(rest), res_first.concat(res_rest), dominated
+
+
+def _unpriced(grid: LayoutGrid) -> LayoutGrid:
+    """`grid` with the interleaved stall left unpriced (`LayoutGrid.price_stall`)."""
+    return replace(grid, price_stall=np.zeros(len(grid), dtype=bool))
 
 
 def _evaluate_with_stalls(model: ModelSpec, cluster: ClusterSpec, grid: LayoutGrid,
@@ -421,6 +427,50 @@ def _generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
     `megatron.evaluate`'s `variants`). With `capacity_bytes`, the rows whose degree
     combination and sharding `state_fits` rules out (their static memory alone exceeds it on
     a GPU with `fp8_transpose_copy`) are counted, not materialised."""
+    layouts, pruned = _generate_layouts(model, world, gpus_per_node, seq_len,
+                                        global_batch_size, space, capacity_bytes,
+                                        fp8_transpose_copy)
+    return layouts.variants(np.arange(layouts.count)), pruned
+
+
+@dataclass(frozen=True, slots=True)
+class _Layouts:
+    """The valid layouts of a search before their recompute variants: one entry per layout
+    in each column; `variants` materialises the grid rows of chosen layouts."""
+
+    model: ModelSpec
+    space: SearchSpace
+    seq_len: int
+    global_batch_size: int
+    base: dict[str, np.ndarray]
+    """`degree_combos`' columns; `cols["b"]` indexes them."""
+    cols: dict[str, np.ndarray]
+    """Per layout: b (degree combination), v, mb, sc, sp, do, fs, first, last, mid."""
+    codes: np.ndarray
+    """`recompute_options` codes and masks (the variants, in run order)."""
+    masks: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return len(self.cols["b"])
+
+    def variants(self, layouts: np.ndarray, options: np.ndarray | None = None) -> LayoutGrid:
+        """The grid rows of `layouts` (indices), each as a run of the recompute options
+        `options` (indices into `codes`; default all), in that order."""
+        options = np.arange(len(self.codes)) if options is None else np.asarray(options)
+        picked = {name: col[layouts] for name, col in self.cols.items()}
+        names = tuple(picked)
+        cols, ri = _expand(picked["b"], options, *(picked[n] for n in names[1:]))
+        b, v, mb, sc, sp, do, fs, first, last, mid = cols
+        return _grid_of(self, b, v, mb, sc, sp, do, fs, first, last, mid, ri)
+
+
+def _generate_layouts(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
+                      global_batch_size: int, space: SearchSpace,
+                      capacity_bytes: float | None = None,
+                      fp8_transpose_copy: bool = True) -> tuple[_Layouts, int]:
+    """`_generate` before the recompute variants are expanded: (the valid layouts, how many
+    valid candidates were left out)."""
     base = degree_combos(model, world, gpus_per_node, seq_len, space)
     combos = len(base["tp"])
     max_vp = model.num_layers if space.max_vp is None else space.max_vp
@@ -465,8 +515,18 @@ def _generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
     b, v, mb, sc, sp, do, fs = (col[keep] for col in (b, v, mb, sc, sp, do, fs))
     # rank layer counts once per layout, before its recompute variants (the innermost axis)
     counts = _stage_counts(model.num_layers, base["pp"][b], v, schedules.is_v_shape(sc))
-    (b, v, mb, sc, sp, do, fs, first, last, mid), ri = _expand(
-        b, np.arange(len(rec_codes)), v, mb, sc, sp, do, fs, *counts.T)
+    first, last, mid = counts.T
+    cols = dict(b=b, v=v, mb=mb, sc=sc, sp=sp, do=do, fs=fs, first=first, last=last, mid=mid)
+    return _Layouts(model, space, seq_len, global_batch_size, base, cols, rec_codes,
+                    rec_masks), pruned
+
+
+def _grid_of(layouts: _Layouts, b, v, mb, sc, sp, do, fs, first, last, mid, ri) -> LayoutGrid:
+    """The LayoutGrid of rows given column by column (`_Layouts.variants`); `ri` indexes the
+    recompute options."""
+    model, space, base = layouts.model, layouts.space, layouts.base
+    rec_codes, rec_masks = layouts.codes, layouts.masks
+    seq_len, global_batch_size = layouts.seq_len, layouts.global_batch_size
     d = dims.ParallelDims(**{n: col[b] for n, col in base.items()}, vp=v)
     degrees = d.to_dict()
     grid = LayoutGrid(
@@ -488,7 +548,7 @@ def _generate(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
         moe_a2a_overlap=a2a_overlap_allowed(model, space, d.ep, d.pp, v, rec_codes[ri],
                                             rec_masks[ri]),
     )
-    return grid, pruned
+    return grid
 
 
 def a2a_overlap_allowed(model: ModelSpec, space: SearchSpace, ep, pp, vp, recompute, masks):
@@ -623,18 +683,20 @@ def search(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_batch_si
     problem = (model, cluster.world_size, cluster.gpus_per_node, seq_len, global_batch_size, space)
     capacity = megatron.capacity_GiB(gpu, space.headroom) * GiB
     leading = max(top_k, space.refine_top)
-    grid, pruned = _generate(*problem, capacity_bytes=capacity,
-                             fp8_transpose_copy=gpu.fp8_transpose_copy)
-    codes = recompute_options(model, space)[0]
-    variants = len(codes)  # `_generate`'s innermost axis
-    if not len(grid) and not pruned:
+    layouts, pruned = _generate_layouts(*problem, capacity_bytes=capacity,
+                                        fp8_transpose_copy=gpu.fp8_transpose_copy)
+    codes = layouts.codes
+    variants = len(codes)  # the grid's innermost axis
+    if not layouts.count * variants and not pruned:
         raise NoCandidates(_no_candidate_reason(model, cluster, seq_len, global_batch_size, space))
     dominated = 0
-    if len(grid):
-        done = None
+    grid = layouts.variants(np.arange(0))
+    if layouts.count * variants:
         if variants > 1 and codes[0] == RECOMPUTE_KINDS.index("none"):
-            grid, done, dominated = _evaluate_dominating(model, cluster, grid, space.headroom,
-                                                         variants)
+            grid, done, dominated = _evaluate_dominating(model, cluster, layouts,
+                                                         space.headroom)
+        else:
+            grid, done = layouts.variants(np.arange(layouts.count)), None
         grid, res, fits, order = _evaluate_with_stalls(model, cluster, grid, space.headroom,
                                                        leading, variants, done)
     if pruned and (not len(grid) or not fits.any()):  # `nearest` ranks every valid layout
