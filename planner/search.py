@@ -341,7 +341,11 @@ def _evaluate_with_stalls(model: ModelSpec, cluster: ClusterSpec, grid: LayoutGr
         res = megatron.evaluate(model, cluster, grid, variants)
     fits = megatron.fits_mask(res, cluster.gpu, headroom)  # memory does not see the stall
     open_rows = megatron.uneven_interleaved(model, grid)
-    first = _order(grid, np.where(fits, res.step_time_s, np.inf))  # by lower bound
+    # by lower bound; the rows that do not fit last, in row order: every walk of the ranking
+    # (`_read_prefix`, `_leaders`, `_family_leaders`) stops at the first of them
+    fit_rows = np.nonzero(fits)[0]
+    first = np.concatenate([fit_rows[_order(grid, res.step_time_s[fit_rows], fit_rows)],
+                            np.nonzero(~fits)[0]])
     size = STALL_POOL_ROWS
     while True:
         pool = first[:size]
@@ -586,12 +590,13 @@ FAMILY = ("tp", "pp", "cp")
 """Degrees that define a layout family (the explanation compares the best of each)."""
 
 
-def _order(grid: LayoutGrid, step: np.ndarray) -> np.ndarray:
+def _order(grid: LayoutGrid, step: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     """Deterministic ranking: step time, then simpler layouts (`SIMPLER_FIRST`), then row
-    order (the sort is stable)."""
-    simpler = np.zeros(len(grid), dtype=np.int64)  # the tie-break keys as one mixed-radix int
+    order (the sort is stable). With `rows` (indices), of those rows only (`step` is theirs):
+    positions into `rows`."""
+    simpler = np.zeros(len(step), dtype=np.int64)  # the tie-break keys as one mixed-radix int
     for name in SIMPLER_FIRST:
-        col = getattr(grid, name)
+        col = getattr(grid, name) if rows is None else getattr(grid, name)[rows]
         simpler = simpler * (int(col.max(initial=0)) + 1) + col
     return np.lexsort((simpler, np.round(step, 9)))
 
