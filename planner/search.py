@@ -462,11 +462,9 @@ class _Layouts:
         """The grid rows of `layouts` (indices), each as a run of the recompute options
         `options` (indices into `codes`; default all), in that order."""
         options = np.arange(len(self.codes)) if options is None else np.asarray(options)
-        picked = {name: col[layouts] for name, col in self.cols.items()}
-        names = tuple(picked)
-        cols, ri = _expand(picked["b"], options, *(picked[n] for n in names[1:]))
-        b, v, mb, sc, sp, do, fs, first, last, mid = cols
-        return _grid_of(self, b, v, mb, sc, sp, do, fs, first, last, mid, ri)
+        picked = [col[layouts] for col in self.cols.values()]
+        repeated, ri = _expand(picked[0], options, *picked[1:])
+        return _grid_of(self, dict(zip(self.cols, repeated, strict=True)), ri)
 
 
 def _generate_layouts(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,
@@ -525,9 +523,10 @@ def _generate_layouts(model: ModelSpec, world: int, gpus_per_node: int, seq_len:
                     rec_masks), pruned
 
 
-def _grid_of(layouts: _Layouts, b, v, mb, sc, sp, do, fs, first, last, mid, ri) -> LayoutGrid:
-    """The LayoutGrid of rows given column by column (`_Layouts.variants`); `ri` indexes the
-    recompute options."""
+def _grid_of(layouts: _Layouts, cols: dict[str, np.ndarray], ri: np.ndarray) -> LayoutGrid:
+    """The LayoutGrid of rows given as `_Layouts.cols`-named columns (`_Layouts.variants`);
+    `ri` indexes the recompute options."""
+    b, v, mb, sc, sp, do, fs, first, last, mid = cols.values()
     model, space, base = layouts.model, layouts.space, layouts.base
     rec_codes, rec_masks = layouts.codes, layouts.masks
     seq_len, global_batch_size = layouts.seq_len, layouts.global_batch_size
@@ -695,8 +694,9 @@ def search(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_batch_si
     if not layouts.count * variants and not pruned:
         raise NoCandidates(_no_candidate_reason(model, cluster, seq_len, global_batch_size, space))
     dominated = 0
-    grid = layouts.variants(np.arange(0))
-    if layouts.count * variants:
+    if not layouts.count * variants:
+        grid = layouts.variants(np.arange(0))  # nothing to evaluate: all was pruned
+    else:
         if variants > 1 and codes[0] == RECOMPUTE_KINDS.index("none"):
             grid, done, dominated = _evaluate_dominating(model, cluster, layouts,
                                                          space.headroom)
