@@ -146,6 +146,16 @@ GLM45 = {"model_type": "glm4_moe", "hidden_size": 5120, "intermediate_size": 122
 GLM45_AIR = {**GLM45, "hidden_size": 4096, "intermediate_size": 10944,
              "moe_intermediate_size": 1408, "num_hidden_layers": 46, "n_routed_experts": 128,
              "first_k_dense_replace": 1, "use_qk_norm": False}
+# Qwen/Qwen3-30B-A3B (qk-norm per head is the architecture's, no config key)
+QWEN3_30B = {"model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144,
+             "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32,
+             "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
+             "num_experts_per_tok": 8, "decoder_sparse_step": 1, "mlp_only_layers": [],
+             "vocab_size": 151936, "max_position_embeddings": 40960, "hidden_act": "silu",
+             "attention_bias": False, "tie_word_embeddings": False}
+# Qwen/Qwen3-235B-A22B
+QWEN3_235B = {**QWEN3_30B, "hidden_size": 4096, "intermediate_size": 12288,
+              "moe_intermediate_size": 1536, "num_hidden_layers": 94, "num_attention_heads": 64}
 # microsoft/phi-2
 PHI2 = {"model_type": "phi", "hidden_size": 2560, "intermediate_size": 10240,
         "num_hidden_layers": 32, "num_attention_heads": 32, "vocab_size": 51200,
@@ -158,6 +168,10 @@ PUBLISHED = {
     "deepseek-v2": (DSV2, 236e9, "DeepSeek-AI 2024, DeepSeek-V2, abstract: 236B total"),
     "deepseek-v2-lite": (DSV2_LITE, 15.7e9, "DeepSeek-V2 paper, Appendix B: DeepSeek-V2-Lite "
                          "15.7B total"),
+    "qwen3-30b-a3b": (QWEN3_30B, 30.5e9, "Qwen/Qwen3-30B-A3B model card: 30.5B in total "
+                      "and 3.3B activated (Qwen Team 2025, Qwen3 Technical Report, Table 2)"),
+    "qwen3-235b-a22b": (QWEN3_235B, 235e9, "Qwen/Qwen3-235B-A22B model card: 235B in total "
+                        "and 22B activated"),
     "gpt-oss-120b": (OSS120, 116.83e9, "OpenAI 2025, gpt-oss-120b & gpt-oss-20b Model Card, "
                      "Table 1: 116.83B total"),
     "gpt-oss-20b": (OSS20, 20.91e9, "gpt-oss model card Table 1: 20.91B total"),
@@ -199,6 +213,30 @@ def test_published_parameter_counts(name, tmp_path):
     path.write_text(json.dumps(cfg))
     spec = load_model(str(path))
     assert flops.parameter_count(spec) == pytest.approx(published, rel=0.01), name
+
+
+# The MoE presets (`meshplan models`) and the cited configs they were typed from.
+MOE_PRESETS = {"qwen3-30b-a3b": QWEN3_30B, "qwen3-235b-a22b": QWEN3_235B,
+               "gpt-oss-120b": OSS120, "gpt-oss-20b": OSS20, "llama4-scout": SCOUT,
+               "llama4-maverick": MAVERICK, "glm4.5-air": GLM45_AIR,
+               "deepseek-v3": {**DSV3, "num_nextn_predict_layers": 1}}
+
+
+@pytest.mark.parametrize("name", sorted(MOE_PRESETS))
+def test_moe_presets_are_the_cited_configs(name):
+    preset = load_model(name)
+    cited = model_from_config(MOE_PRESETS[name], name)
+    assert preset.is_moe
+    # the same network: every field but the name (the preset carries its file's path)
+    assert replace(preset, name=name) == replace(cited, name=name)
+
+
+@pytest.mark.parametrize("cfg,active", [(QWEN3_30B, 3.3e9), (QWEN3_235B, 22e9)])
+def test_qwen3_moe_active_parameters(cfg, active):
+    # model cards: 3.3B / 22B activated; with the input embedding these shapes give 3.353B
+    # (+1.6%: the card truncates) and 22.19B (+0.9%)
+    spec = model_from_config(cfg, "qwen3")
+    assert flops.active_parameter_count(spec, True) == pytest.approx(active, rel=0.02)
 
 
 def test_llama4_scout_text_only_is_within_1_2_percent_of_the_published_total():
