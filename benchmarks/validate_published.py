@@ -8,7 +8,11 @@ else tokens/s/GPU, else the per-GPU TFLOP/s in the source's own FLOP convention.
 row, then the mean absolute percentage error (MAPE) per source, and for the files of the
 2025-2026 schema per model, GPU, kind and sharding.
 
-Run: python benchmarks/validate_published.py [--csv PATH] [--quiet]
+With --write-bands it also writes planner/data/validation.yaml: per GPU type and model kind,
+the runs and their mean and largest step-time error over all three files, which `estimate` and
+`plan` print beside each prediction (planner/validation.py).
+
+Run: python benchmarks/validate_published.py [--csv PATH] [--quiet] [--write-bands]
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ HELDOUT = Path(__file__).resolve().parent / "data" / "heldout_moe_runs.csv"
 
 from cost_models.megatron import estimate  # noqa: E402
 from cost_models.specs import Estimate  # noqa: E402
+from planner.fileio import write_atomic  # noqa: E402
+from planner.validation import BANDS_FILE, Band, bands_yaml, kind_of  # noqa: E402
 
 
 def best_estimate(case: Case) -> Estimate | None:
@@ -37,6 +43,23 @@ def best_estimate(case: Case) -> Estimate | None:
     fitting = [e for e in ests if e.fits] or ests  # report the smallest overflow if none fits
     key = (lambda e: e.step_time_s) if any(e.fits for e in ests) else (lambda e: e.over_GiB)
     return min(fitting, key=key) if fitting else None
+
+
+def step_error(case: Case, est: Estimate) -> float:
+    """Signed relative step-time error: predicted / measured - 1."""
+    return (est.step_time_s - case.measured_step_s) / case.measured_step_s
+
+
+def bands(paths: list[Path]) -> list[Band]:
+    """Per GPU type and model kind: the runs of these files and their mean and largest
+    |step-time error| (planner/data/validation.yaml)."""
+    errors: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for path in paths:
+        for case in cases_of(path)[0]:
+            err = abs(step_error(case, best_estimate(case)))
+            errors[(case.cluster.gpu.name, kind_of(case.model.is_moe))].append(err)
+    return [Band(gpu, kind, len(errs), float(np.mean(errs)), float(np.max(errs)))
+            for (gpu, kind), errs in errors.items()]
 
 
 def short_source(source: str) -> str:
@@ -69,7 +92,7 @@ def run(path: Path, quiet: bool = False) -> float:
         print(f"{'row':<52} {'metric':<14} {'measured':>9} {'predicted':>9} {'err%':>7}  layout")
     for case in cases:
         est = best_estimate(case)
-        err = (est.step_time_s - case.measured_step_s) / case.measured_step_s
+        err = step_error(case, est)
         errors.append(abs(err))
         per_source[short_source(case.source)].append(abs(err))
         lay = est.layout
@@ -118,12 +141,17 @@ def main() -> None:
     ap.add_argument("--csv", type=Path, action="append",
                     help="a published runs CSV (repeatable) [default: both shared files]")
     ap.add_argument("--quiet", action="store_true", help="only the MAPE summary")
+    ap.add_argument("--write-bands", action="store_true",
+                    help=f"also write {BANDS_FILE.name} from all three files")
     args = ap.parse_args()
     for path in args.csv or [CSV, CSV_2025, HELDOUT]:
         if not path.exists():
             sys.exit(f"error: {path} not found; pass --csv PATH to the published runs CSV")
         print(f"== {path.name}")
         run(path, args.quiet)
+    if args.write_bands:
+        write_atomic(BANDS_FILE, bands_yaml(bands([CSV, CSV_2025, HELDOUT])))
+        print(f"wrote {BANDS_FILE}")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from .options import (
     with_expert_imbalance,
 )
 from .report import print_estimate
+from .validation import validation_of
 from .verdict import TIGHT_FRACTION, memory_verdict
 
 
@@ -120,11 +121,12 @@ def estimate(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, d
     est = estimate_layout(prob, layout, mem_headroom)
     verdict = memory_verdict(est, mem_headroom, _recompute_options(prob, layout, est,
                                                                    mem_headroom))
+    line, band = validation_of(prob.cluster, prob.model.is_moe, est.cost_model)
     if as_json:
         click.echo(to_json({**est.to_dict(), "mem_headroom": mem_headroom,
-                            "verdict": verdict.to_dict()}))
+                            "verdict": verdict.to_dict(), "validation": band}))
     else:
-        print_estimate(est, headroom=mem_headroom, verdict=verdict)
+        print_estimate(est, headroom=mem_headroom, verdict=verdict, validation=line)
     if not est.fits:
         hint = verdict.remedy or "try a larger tp/pp or more GPUs"
         click.echo(f"error: layout does not fit: {verdict.line().split(';')[0]}; {hint}", err=True)

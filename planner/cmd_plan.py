@@ -44,6 +44,7 @@ from .planfile import Plan, stage_ranges, write_plan
 from .progress import progress
 from .report import cli_console, layout_label
 from .search import SearchResult, SearchSpace
+from .validation import validation_of
 
 
 @click.command("plan")
@@ -123,8 +124,11 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
     if not res.plans and hs is None:
         with progress("nothing fits; searching what would (more GPUs, recompute, fp8)"):
             advice = advise(replace(prob, cluster=res.cluster), space, res.nearest)
+    line, band = validation_of(res.cluster, prob.model.is_moe,
+                               "megatron" if hs is None else "hetero")
     if as_json:
         out = _json(res, plans, with_groups=hs is None)
+        out["validation"] = band
         if advice:
             out["advice"] = advice
         out["search"]["mem_headroom"] = mem_headroom
@@ -132,7 +136,7 @@ def plan(model, cluster, nodes, gpus_per_node, seq_len, global_batch_size, dtype
             out["search"]["placement"] = _placement_json(hs)
         click.echo(to_json(out))
     else:
-        _print(console, prob, res, mem_headroom)
+        _print(console, prob, res, mem_headroom, line)
         if hs is None and res.plans:  # uniform placement: rank r on node r // gpus_per_node
             for line in spans_lines(res.plans[0].layout, res.cluster):
                 console.print(line, highlight=False)
@@ -221,7 +225,8 @@ def _split_note(res: SearchResult) -> str:
     return "no pipeline to split"
 
 
-def _print(console: Console, prob, res: SearchResult, headroom: float) -> None:
+def _print(console: Console, prob, res: SearchResult, headroom: float,
+           validation: str | None = None) -> None:
     c = res.cluster
     console.print(f"[b]{prob.model.name}[/b] on {c.world_size} x {_gpu_label(c)} "
                   f"({c.num_nodes} nodes), seq {prob.seq_len}, global batch "
@@ -244,6 +249,8 @@ def _print(console: Console, prob, res: SearchResult, headroom: float) -> None:
                   f"{res.seconds:.2f} s ({res.rate:,.0f} evaluated/s); {_split_note(res)}")
     console.print("[dim]MFU = model FLOPs (causal attention, no recompute) / dense "
                   f"{prob.dtype} peak[/dim]")
+    if validation and res.plans:
+        console.print(validation, highlight=False, soft_wrap=True)
     for line in explain(res.plans, res.alternatives):
         console.print(line)
     if res.plans and res.plans[0].layout.layers_per_stage:

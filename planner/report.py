@@ -112,9 +112,10 @@ def cli_console(stderr: bool = False) -> Console:
 
 
 def print_estimate(est: Estimate, console: Console | None = None, headroom: float = 0.0,
-                   verdict=None) -> None:
+                   verdict=None, validation: str | None = None) -> None:
     """The human-readable `estimate` report, ending with the memory verdict (planner.verdict;
-    `headroom` is the fraction of memory kept free that `est.capacity_GiB` already excludes)."""
+    `headroom` is the fraction of memory kept free that `est.capacity_GiB` already excludes;
+    `validation`: how close such predictions came to published runs, planner.validation)."""
     from .verdict import memory_verdict
 
     console = console or cli_console()
@@ -129,6 +130,8 @@ def print_estimate(est: Estimate, console: Console | None = None, headroom: floa
     )
     console.print("[dim]MFU = model FLOPs (causal attention, no recompute) / dense "
                   f"{lay.dtype} peak[/dim]")
+    if validation:
+        console.print(validation, highlight=False, soft_wrap=True)
     console.print(breakdown_table(est))
     console.print(memory_table(est))
     verdict = verdict or memory_verdict(est, headroom)
