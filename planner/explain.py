@@ -83,7 +83,8 @@ class GroupSpan:
     domain but over several nodes, over several domains (`SPAN_LEVELS`)."""
     bandwidth_GBps: float
     """Bus bandwidth of the group's collectives as `cost_models.megatron.Links` costs it
-    (pp: the slowest hop's point-to-point bandwidth)."""
+    (pp: the slowest hop's point-to-point bandwidth; ep: the rate a rank's all-to-all share
+    leaves it, `all_to_all_rate_Bps`)."""
     costed_level: str
     """The level the cost model charges: the slowest instance's (an instance straddling a
     domain boundary makes the group cross domains; `Links._straddle`)."""
@@ -118,6 +119,16 @@ def _levels(members: np.ndarray, gpus_per_node: int, domain_gpus: int) -> tuple[
     return node, domain, len(members) - node - domain
 
 
+def all_to_all_rate_Bps(links: Links, group: Group) -> float:
+    """Bytes/s at which a rank's share for the other members leaves it in the group's plain
+    all-to-all ((n-1)/n of the buffer over `Links.all_to_all_s`'s time per byte): on a DGX,
+    ep16 over two nodes sends half its buffer through its one NIC, so about a NIC's rate, not
+    the 8 NICs a ring of that group drives."""
+    n = int(group.size)
+    slope_s = float(links.all_to_all_s(2e9, group) - links.all_to_all_s(1e9, group)) / 1e9
+    return (n - 1) / n / slope_s  # the slope of time in bytes: the latency terms cancel
+
+
 def group_spans(layout: Layout, cluster: ClusterSpec) -> tuple[GroupSpan, ...]:
     """For each group of the layout with more than one member (tp, cp, ep, dp, pp hops): how
     many instances stay in a node, in an NVLink domain, or cross domains, with rank r on node
@@ -143,6 +154,10 @@ def group_spans(layout: Layout, cluster: ClusterSpec) -> tuple[GroupSpan, ...]:
             bw = links.hop_Bps(dims.stage_size, dims.pp)
             costed = (0 if stride < gpn else
                       1 if domain_gpus > gpn and stride * size <= domain_gpus else 2)
+        elif name == "ep":  # an all-to-all: each rank's own links, not a ring's bus bandwidth
+            bw = all_to_all_rate_Bps(links, group)
+            costed = (0 if size * stride <= gpn else 2 if domain_gpus <= gpn
+                      else 2 if bool(links._straddle(group)[0]) else 1)
         else:
             bw = links.bandwidth_Bps(group)
             costed = (0 if size * stride <= gpn else 2 if domain_gpus <= gpn

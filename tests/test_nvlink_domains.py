@@ -65,10 +65,15 @@ def test_spans_of_tp4_ep4_in_a_rack_and_across_racks():
     spans = {s.name: s for s in group_spans(lay, load_cluster("gb200-nvl72", nodes=16))}
     assert (spans["tp"].level, spans["ep"].level, spans["dp"].level) == (
         "node", "domain", "domain")
-    assert spans["ep"].counts == (0, 16, 0) and spans["ep"].bandwidth_GBps == 675
+    assert spans["ep"].counts == (0, 16, 0)
+    assert spans["ep"].bandwidth_GBps == pytest.approx(675)
     two = {s.name: s for s in group_spans(lay, _racks_of(2, 16))}
-    # each ep group has one member per tray, 2 per 2-tray domain: 2 NICs x 45 GB/s
-    assert two["ep"].counts == (0, 0, 16) and two["ep"].bandwidth_GBps == 90
+    # each ep group has one member per tray, 2 per 2-tray domain: a rank's all-to-all sends
+    # 2 of its 4 shares through its own NIC (45 GB/s) and 1 over NVLink (675 GB/s), so its 3
+    # outgoing shares leave at 3 / (2/45 + 1/675) = 65.3 GB/s (the dp ring drives 2 NICs: 90)
+    assert two["ep"].counts == (0, 0, 16)
+    assert two["ep"].bandwidth_GBps == pytest.approx(3 / (2 / 45 + 1 / 675))
+    assert two["dp"].bandwidth_GBps == 90
     assert two["ep"].costed_level == "cross_domain" and two["tp"].level == "node"
 
 
@@ -143,3 +148,14 @@ def test_plan_json_has_groups_per_plan(run_cli):
             hops = g["size"] - 1 if g["group"] == "pp" else 1  # pp counts hops per pipeline
             assert total == 288 // g["size"] * hops, g
             assert g["bandwidth_GBps"] > 0 and g["costed_as"] in ("node", "domain", "cross_domain")
+
+
+def test_ep_across_dgx_nodes_is_shown_at_the_nic_rate_it_is_costed_at():
+    """ep16 over two DGX H100 nodes: each rank sends 8 of its 16 shares through its own NIC
+    (45 GB/s) and 7 over NVLink (337.5 GB/s), so its 15 outgoing shares leave at
+    15 / (8/45 + 7/337.5) = 75.6 GB/s; a dp ring of the same 16 GPUs drives 8 NICs."""
+    lay = Layout(tp=1, pp=2, dp=16, micro_batch_size=1, global_batch_size=16, seq_len=4096, ep=16)
+    spans = {s.name: s for s in group_spans(lay, load_cluster("dgx-h100", nodes=4))}
+    assert spans["ep"].bandwidth_GBps == pytest.approx(15 / (8 / 45 + 7 / 337.5))
+    assert spans["dp"].bandwidth_GBps == pytest.approx(337.5)
+    assert spans["ep"].costed_level == spans["dp"].costed_level == "cross_domain"
