@@ -5,7 +5,8 @@ Parameters (per GPU generation or global, never per row or per model):
       fp8, mxfp8) and the fused-attention fraction;
   Hopper fp8: sustained GEMM fraction (refitted with the fp8 cast traffic now modelled, on
       the 2021-2024 rows too, which hold most of the Hopper fp8 evidence);
-  MoE, all GPUs: grouped-GEMM half-efficiency rows per expert (`grouped_gemm_half_rows`),
+  MoE, all GPUs: grouped-GEMM half-efficiency size per expert problem
+      (`grouped_gemm_half_gflop`),
       fraction of the expert all-to-all hidden with Megatron's A2A overlap on
       (`ep_comm_overlap`), a fixed cost per MoE layer per pass (`moe_layer_overhead_s`, one
       value for Hopper, one for Blackwell) and the share of it that router/preprocess CUDA
@@ -33,6 +34,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+HELDOUT = Path(__file__).resolve().parent / "data" / "heldout_moe_runs.csv"
 
 from published import Case, load_cases, load_cases_2025  # noqa: E402
 
@@ -41,7 +43,7 @@ from cost_models.megatron import estimate  # noqa: E402
 from planner.specfiles import gpu_preset  # noqa: E402
 
 NAMES = ("Blackwell gemm bf16", "Blackwell gemm fp8", "Blackwell gemm mxfp8",
-         "Blackwell attention", "Hopper gemm fp8", "grouped-GEMM half rows /1000",
+         "Blackwell attention", "Hopper gemm fp8", "grouped-GEMM half GFLOP /10",
          "ep all-to-all hidden", "MoE layer overhead Hopper ms",
          "MoE layer overhead Blackwell ms", "host cost saved by router graphs")
 LOW = np.array([0.05, 0.05, 0.05, 0.05, 0.05, 0.001, 0.0, 0.0, 0.0, 0.0])
@@ -54,7 +56,7 @@ def shipped() -> np.ndarray:
     b, h = gpu_preset("B200"), gpu_preset("H100-SXM")
     return np.array([b.efficiency["bf16"].max_fraction, b.efficiency["fp8"].max_fraction,
                      b.efficiency["mxfp8"].max_fraction, b.efficiency["bf16"].attention_fraction,
-                     h.efficiency["fp8"].max_fraction, h.grouped_gemm_half_rows / 1000,
+                     h.efficiency["fp8"].max_fraction, h.grouped_gemm_half_gflop / 10,
                      h.ep_comm_overlap, 1000 * h.moe_layer_overhead_s,
                      1000 * b.moe_layer_overhead_s, megatron.PARTIAL_GRAPH_HOST_SAVED])
 
@@ -64,7 +66,7 @@ def with_params(case: Case, x: np.ndarray) -> Case:
     name, gpu = next(iter(case.cluster.gpu_types.items()))
     megatron.PARTIAL_GRAPH_HOST_SAVED = float(x[9])  # a module constant: set for this estimate
     eff = dict(gpu.efficiency)
-    common = {"grouped_gemm_half_rows": 1000 * float(x[5]), "ep_comm_overlap": float(x[6])}
+    common = {"grouped_gemm_half_gflop": 10 * float(x[5]), "ep_comm_overlap": float(x[6])}
     if name in BLACKWELL:
         for i, dtype in enumerate(("bf16", "fp8", "mxfp8")):
             eff[dtype] = replace(eff[dtype], max_fraction=float(x[i]),
@@ -160,12 +162,14 @@ def main() -> None:
     for name, s, v in zip(NAMES, start, x, strict=True):
         print(f"  {name:<34} {v:.4f}   (shipped {s:.4f})")
     moe = [c for c in new if c.model.is_moe]
+    heldout, _ = load_cases_2025(HELDOUT)
     for label, xs in (("shipped", start), ("fitted", x)):
         print(f"with {label} parameters:")
         report("2021-2024 rows", old, xs)
         report("2025-2026 rows (not FSDP)", new, xs)
         report("2025-2026 MoE rows", moe, xs)
         report("2025-2026 Blackwell rows", [c for c in new if c.cluster.gpu.name in BLACKWELL], xs)
+        report("held-out MoE rows (never fitted)", heldout, xs)
     if args.logo:
         print("leave-one-GPU-out, dense rows (Blackwell fractions fitted on the other part):")
         dense_new = [c for c in new if not c.model.is_moe]

@@ -433,23 +433,34 @@ def expert_rows(model: ModelSpec, g: LayoutGrid, tokens):
     return per_expert * model.expert_load_imbalance
 
 
+def expert_gemm_flops(model: ModelSpec, g: LayoutGrid, tokens):
+    """Forward FLOPs of one local expert's matrices on one GPU per micro-batch (the size of
+    each grouped-GEMM problem): `expert_rows` x 2·h·f_e per matrix over etp (the GPU holds
+    1/etp of each expert's columns). The size, not the rows alone, sets how far below peak a
+    problem runs: DeepSeek-V3's experts (h 7168, f_e 2048) carry 9x the FLOPs per row of
+    Qwen3-30B-A3B's (h 2048, f_e 768)."""
+    per_row = 2 * model.mlp_matrices * model.hidden_size * model.expert_ffn_hidden_size
+    return expert_rows(model, g, tokens) * per_row / g.etp
+
+
 def expert_gemm_times(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, tokens, routed):
     """(forward, backward) seconds of the routed experts' grouped GEMMs, one layer and
     micro-batch: the GEMM time of `routed` FLOPs at the large-GEMM rate scaled by
-    M/(M + M_half) (M = `expert_rows`, M_half = `GpuSpec.grouped_gemm_half_rows`: small
-    per-expert problems run far below peak), times the load imbalance (the busiest expert
-    rank sets the pace). Two grouped kernels forward (fc1, fc2), four backward."""
+    W/(W + W_half) (W = `expert_gemm_flops`, W_half = `GpuSpec.grouped_gemm_half_gflop`: a
+    fixed cost per expert problem - tile tail, prologue, scheduling - that small problems
+    cannot amortise), times the load imbalance (the busiest expert rank sets the pace). Two
+    grouped kernels forward (fc1, fc2), four backward."""
     if not model.is_moe:
         return 0.0, 0.0
-    rows = expert_rows(model, g, tokens)
-    slow = (rows + gpu.grouped_gemm_half_rows) / rows * model.expert_load_imbalance
+    work = expert_gemm_flops(model, g, tokens)
+    slow = (work + 1e9 * gpu.grouped_gemm_half_gflop) / work * model.expert_load_imbalance
     fixed = host_share(g) * gpu.moe_layer_overhead_s * model.num_moe_layers / model.num_layers
     fwd = compute.gemm_time(routed * slow, 2, gpu, g.dtype) + fixed
     bwd = compute.gemm_time(2 * routed * slow, 4, gpu, g.dtype) + fixed
     return fwd, bwd
 
 
-PARTIAL_GRAPH_HOST_SAVED = 0.8
+PARTIAL_GRAPH_HOST_SAVED = 0.85
 """Share of the per-MoE-layer host cost (`GpuSpec.moe_layer_overhead_s`) that Megatron's
 per-module CUDA graphs of the router and the dispatcher's preprocess remove (their kernel
 launches replay as one graph; the dispatch itself stays eager). Fitted on the MoE rows whose

@@ -362,10 +362,12 @@ class GpuSpec:
     usually run on this GPU (Megatron-Core/TE userbuffers on Hopper; none on 2021 A100 runs)."""
     dp_comm_overlap: float = 0.9
     """Fraction of the data-parallel reduction that overlaps the last micro-batch's backward."""
-    grouped_gemm_half_rows: float = 256.0
-    """Rows (tokens) per expert at which a grouped expert GEMM reaches half its large-GEMM
-    throughput: efficiency M/(M + this) (tile quantisation and per-expert prologue dominate
-    small GEMMs; calibrated on the MoE rows, benchmarks/calibrate.py)."""
+    grouped_gemm_half_gflop: float = 2.4
+    """Forward GFLOP of one local expert's matrices per micro-batch (`megatron.
+    expert_gemm_flops`: rows x 2·h·f_e per matrix) at which a grouped expert GEMM reaches half
+    its large-GEMM throughput: efficiency W/(W + this), a fixed cost per expert problem (tile
+    tail, prologue, scheduling) that small problems cannot amortise. Calibrated on the MoE
+    rows (benchmarks/calibrate_moe_blackwell.py)."""
     ep_comm_overlap: float = 0.0
     """Fraction of the expert-parallel all-to-all hidden behind compute by the software stack
     (Megatron-Core: overlap of one micro-batch's dispatch with another's expert compute;
@@ -396,7 +398,7 @@ class GpuSpec:
     layout (Blackwell: TE 2.x runs non-TN fp8 GEMMs there and keeps rowwise data only)."""
 
     def __post_init__(self) -> None:
-        _require_positive(self, ("memory_GiB", "hbm_bandwidth_GBps", "grouped_gemm_half_rows",
+        _require_positive(self, ("memory_GiB", "hbm_bandwidth_GBps", "grouped_gemm_half_gflop",
                                  "host_link_GBps"))
         _require_range(self, ("moe_layer_overhead_s",), 0, 1)
         _require_range(self, ("tdp_W", "power_limit_W"), 0, 100_000)

@@ -92,3 +92,22 @@ def test_grouped_gemm_slows_with_few_tokens_per_expert():
     assert megatron.expert_rows(imbalanced, LayoutGrid.from_layout(
         Layout(tp=1, pp=1, dp=8, ep=8, micro_batch_size=1, global_batch_size=8, seq_len=4096),
         DSV3.num_layers), 4096)[0] == pytest.approx(1.3 * 4096 * 8 / 32)
+
+
+def test_grouped_gemm_efficiency_follows_the_problem_size_not_the_rows_alone():
+    """At equal rows per local expert, wider experts (more FLOPs per problem) run closer to
+    peak: the fixed cost per expert problem is amortised over more work, W/(W + W_half)."""
+    gpu = load_cluster("dgx-h100", nodes=1).gpu
+    lay = Layout(tp=1, pp=1, dp=8, ep=8, micro_batch_size=1, global_batch_size=8, seq_len=4096)
+    g = LayoutGrid.from_layout(lay, DSV3.num_layers)
+
+    def seconds_per_flop(model) -> float:
+        routed = megatron.routed_expert_flops(model, 4096)
+        fwd, _ = megatron.expert_gemm_times(model, gpu, g, 4096, routed)
+        return float(fwd[0] if hasattr(fwd, "__len__") else fwd) / float(routed)
+
+    narrow = replace(DSV3, expert_ffn_hidden_size=DSV3.expert_ffn_hidden_size // 4)
+    assert megatron.expert_rows(narrow, g, 4096)[0] == megatron.expert_rows(DSV3, g, 4096)[0]
+    assert megatron.expert_gemm_flops(DSV3, g, 4096)[0] == pytest.approx(
+        4 * megatron.expert_gemm_flops(narrow, g, 4096)[0])
+    assert seconds_per_flop(narrow) > 1.2 * seconds_per_flop(DSV3)
