@@ -93,6 +93,12 @@ def _reject_constant(name: str):
     raise json.JSONDecodeError(f"{name} is not a number JSON allows; write a finite value", name, 0)
 
 
+_REPLACED_KEYS = {
+    "grouped_gemm_half_rows": "grouped_gemm_half_gflop (GFLOP of one expert's GEMMs per "
+                              "micro-batch at which grouped GEMMs run at half efficiency)",
+}
+
+
 def _strict(cls, data: dict, where: str, renames: dict | None = None):
     """Build dataclass `cls` from `data`, rejecting unknown keys (Calculon-style strict load)."""
     if not isinstance(data, dict):
@@ -100,6 +106,9 @@ def _strict(cls, data: dict, where: str, renames: dict | None = None):
     names = {f.name for f in fields(cls)}
     data = {(renames or {}).get(k, k): v for k, v in data.items()}
     unknown = sorted(set(data) - names)
+    for key in unknown:
+        if key in _REPLACED_KEYS:
+            raise SpecError(f"{where}: key {key} was replaced by {_REPLACED_KEYS[key]}; rename it")
     if unknown:
         raise SpecError(f"{where}: unknown keys {unknown}; allowed: {sorted(names)}")
     try:
@@ -567,7 +576,9 @@ def _gpu_type(name: str, data: Any, where: str) -> GpuSpec:
     base.pop("name")
     unknown = sorted(set(data) - set(base))
     if unknown:
-        raise SpecError(f"{where}: gpu_types.{name}: unknown keys {unknown}")
+        hints = [f"{k} was replaced by {_REPLACED_KEYS[k]}" for k in unknown if k in _REPLACED_KEYS]
+        raise SpecError(f"{where}: gpu_types.{name}: unknown keys {unknown}"
+                        + (f" ({'; '.join(hints)})" if hints else ""))
     base.update(data)
     return _gpu_from_dict(name, base, where)
 
