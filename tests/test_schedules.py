@@ -150,7 +150,7 @@ def test_planner_pick_equals_brute_force_best_on_50_random_problems():
 
 
 @pytest.mark.parametrize(("layers", "seq", "gpus", "moe"), [
-    (2, 32768, 2, True), (4, 16384, 2, False), (4, 32768, 2, True), (4, 32768, 4, False)])
+    (2, 65536, 2, True), (4, 16384, 2, False), (4, 32768, 2, True), (4, 32768, 4, False)])
 def test_memory_bound_picks_equal_brute_force_over_recompute_modules(layers, seq, gpus, moe):
     """Problems where activations bind (tp = cp = 1 fixed, long sequences, hidden 8192): the
     pick is the brute-force best over every recompute setting including Megatron's module
