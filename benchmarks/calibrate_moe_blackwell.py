@@ -34,9 +34,8 @@ import numpy as np
 from scipy.optimize import minimize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-HELDOUT = Path(__file__).resolve().parent / "data" / "heldout_moe_runs.csv"
 
-from published import Case, load_cases, load_cases_2025  # noqa: E402
+from published import HELDOUT, Case, load_cases, load_cases_2025  # noqa: E402
 
 from cost_models import megatron  # noqa: E402
 from cost_models.megatron import estimate  # noqa: E402

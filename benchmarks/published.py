@@ -221,6 +221,8 @@ def load_cases(path: Path = CSV) -> tuple[list[Case], list[tuple[str, str]]]:
 # --------------------------------------------------------------------------------------------
 
 CSV_2025 = CSV.parent / "published_runs_2025_2026.csv"
+HELDOUT = Path(__file__).resolve().parent / "data" / "heldout_moe_runs.csv"
+"""Runs in neither shared file (written by heldout_runs.py); nothing is fitted on them."""
 MODELS_2025 = CSV.parent / "models"
 
 

@@ -26,10 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from published import CSV, CSV_2025, Case, load_cases, load_cases_2025  # noqa: E402
-
-HELDOUT = Path(__file__).resolve().parent / "data" / "heldout_moe_runs.csv"
-"""Runs in neither shared file (benchmarks/heldout_runs.py): DeepSeek-V3, and GB300 / B300."""
+from published import CSV, CSV_2025, HELDOUT, Case, load_cases, load_cases_2025  # noqa: E402
 
 from cost_models.megatron import estimate  # noqa: E402
 from cost_models.specs import Estimate  # noqa: E402

@@ -362,7 +362,7 @@ class GpuSpec:
     usually run on this GPU (Megatron-Core/TE userbuffers on Hopper; none on 2021 A100 runs)."""
     dp_comm_overlap: float = 0.9
     """Fraction of the data-parallel reduction that overlaps the last micro-batch's backward."""
-    grouped_gemm_half_gflop: float = 2.4
+    grouped_gemm_half_gflop: float = 18.8
     """Forward GFLOP of one local expert's matrices per micro-batch (`megatron.
     expert_gemm_flops`: rows x 2·h·f_e per matrix) at which a grouped expert GEMM reaches half
     its large-GEMM throughput: efficiency W/(W + this), a fixed cost per expert problem (tile

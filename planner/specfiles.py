@@ -99,6 +99,13 @@ _REPLACED_KEYS = {
 }
 
 
+def _replaced_hint(unknown: list[str]) -> str:
+    """' (old was replaced by new ...)' for the keys in `unknown` that an older meshplan
+    knew, so a file written for it is told what to rename; '' if none."""
+    hints = [f"{k} was replaced by {_REPLACED_KEYS[k]}" for k in unknown if k in _REPLACED_KEYS]
+    return f" ({'; '.join(hints)})" if hints else ""
+
+
 def _strict(cls, data: dict, where: str, renames: dict | None = None):
     """Build dataclass `cls` from `data`, rejecting unknown keys (Calculon-style strict load)."""
     if not isinstance(data, dict):
@@ -106,11 +113,9 @@ def _strict(cls, data: dict, where: str, renames: dict | None = None):
     names = {f.name for f in fields(cls)}
     data = {(renames or {}).get(k, k): v for k, v in data.items()}
     unknown = sorted(set(data) - names)
-    for key in unknown:
-        if key in _REPLACED_KEYS:
-            raise SpecError(f"{where}: key {key} was replaced by {_REPLACED_KEYS[key]}; rename it")
     if unknown:
-        raise SpecError(f"{where}: unknown keys {unknown}; allowed: {sorted(names)}")
+        raise SpecError(f"{where}: unknown keys {unknown}{_replaced_hint(unknown)}; "
+                        f"allowed: {sorted(names)}")
     try:
         return cls(**data)
     except TypeError as exc:
@@ -576,9 +581,8 @@ def _gpu_type(name: str, data: Any, where: str) -> GpuSpec:
     base.pop("name")
     unknown = sorted(set(data) - set(base))
     if unknown:
-        hints = [f"{k} was replaced by {_REPLACED_KEYS[k]}" for k in unknown if k in _REPLACED_KEYS]
         raise SpecError(f"{where}: gpu_types.{name}: unknown keys {unknown}"
-                        + (f" ({'; '.join(hints)})" if hints else ""))
+                        f"{_replaced_hint(unknown)}")
     base.update(data)
     return _gpu_from_dict(name, base, where)
 

@@ -11,7 +11,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
-from published import CSV, load_cases  # noqa: E402
+from published import CSV, HELDOUT, load_cases  # noqa: E402
 from validate_published import best_estimate  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not CSV.exists(), reason=f"{CSV} not present (shared/ not beside the checkout)")
@@ -57,7 +57,6 @@ def test_2025_2026_runs_blackwell_dense_and_moe():
     assert np.mean([errs[c.label] for c in titan if c.cluster.gpu.name != "H200"]) <= 0.30
 
 
-HELDOUT = BENCH / "data" / "heldout_moe_runs.csv"
 
 
 def test_heldout_moe_runs_are_read_as_published_and_fit():
