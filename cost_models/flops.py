@@ -125,6 +125,14 @@ def attention_core_flops(model: ModelSpec, batch, seq_len, causal: bool = True):
     return 2 * batch * mean_causal_key_pairs(model, seq_len) * width
 
 
+def attention_flops_per_score(model: ModelSpec) -> int:
+    """Matmul FLOPs of the attention core per query-key score and head, forward: 2·d_qk for
+    Q·K^T plus 2·d_v for scores·V (`attention_core_flops` over the scored pairs). 512 at head
+    dim 128; 256 at 64 (gpt-oss); 640 for MLA's 192 / 128 (DeepSeek-V3). Each score also
+    costs one softmax exponential, so the exponentials weigh more where this is small."""
+    return 2 * (model.head_dim + model.value_head_dim)
+
+
 def dense_mlp_flops(model: ModelSpec, tokens):
     """Dense MLP of one layer, forward, FLOPs: 2·T·h·f per weight matrix
     (3 matrices for gated SwiGLU: gate, up, down; 2 for GELU / squared ReLU)."""

@@ -519,20 +519,25 @@ def _ep_comm_s(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, one, per_p
 def _attention_times(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, causal_flops):
     """(forward, backward) seconds of the attention core for one layer and micro-batch.
 
-    Fused (flash) kernels skip masked blocks: causal FLOPs at the attention efficiency.
+    Fused (flash) kernels skip masked blocks: causal FLOPs at the attention efficiency, and
+    one softmax exponential per score (`compute.attention_time`).
     Unfused (pre-2022 Megatron-LM): Q·K^T and scores·V are batched GEMMs over the full s x s
     square (twice the causal FLOPs), and the score tensor goes through HBM for scale+mask,
     softmax and dropout: ~11 bytes per score forward (write 2, softmax read 2 + write 2,
     dropout mask 1 + output 2, read 2 for scores·V) and twice that backward.
     """
-    fused_f = compute.attention_time(causal_flops, gpu, g.dtype, kernels=g.cp)
+    per_score = flops.attention_flops_per_score(model)
+    fused_f = compute.attention_time(causal_flops, gpu, g.dtype, kernels=g.cp,
+                                     flops_per_score=per_score)
+    # backward: dQ and dK/dV kernels per step
+    fused_b = compute.attention_time(causal_flops, gpu, g.dtype, kernels=2 * g.cp,
+                                     flops_per_score=per_score,
+                                     matmul_passes=ATTENTION_BACKWARD_FACTOR)
     scores = model.num_heads * g.micro_batch_size * g.seq_len * (g.seq_len / g.cp) / g.tp
     unfused_f = (compute.gemm_time(2 * causal_flops, 2, gpu, g.dtype)
                  + compute.memory_bound_time(11 * scores, gpu))
     unfused_b = (compute.gemm_time(4 * causal_flops, 4, gpu, g.dtype)
                  + compute.memory_bound_time(22 * scores, gpu))
-    fused_b = ATTENTION_BACKWARD_FACTOR * (fused_f - g.cp * gpu.efficiency["bf16"].overhead_s) \
-        + 2 * g.cp * gpu.efficiency["bf16"].overhead_s  # backward: dQ and dK/dV kernels per step
     # torchtitan's SDPA kernels run at `GpuSpec.sdpa_attention_factor` of TE's
     sdpa = np.where(g.titan, 1 / gpu.sdpa_attention_factor, 1.0)
     return (np.where(g.flash_attention, fused_f * sdpa, unfused_f),

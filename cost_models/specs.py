@@ -335,7 +335,8 @@ class GemmEfficiency:
     overhead_s: float
     """Fixed time per GEMM kernel, seconds."""
     attention_fraction: float
-    """Fraction of dense peak fused (flash) attention reaches (0..1)."""
+    """Fraction of dense peak the matmuls of fused (flash) attention reach (0..1); its
+    softmax exponentials add their own time where `GpuSpec.tensor_flops_per_exp` is set."""
 
     def __post_init__(self) -> None:
         _require_range(self, ("max_fraction", "attention_fraction"), 0, 1, low_open=True)
@@ -392,6 +393,16 @@ class GpuSpec:
     (`GemmEfficiency.attention_fraction`). On Hopper SDPA's flash backend is
     FlashAttention-2 while TE runs cuDNN's Hopper kernels; FlashAttention-3 reports 1.5-2x
     FA2 on H100 (Shah et al. 2024, Sec. 4.1). Fitted on the torchtitan rows (README)."""
+    tensor_flops_per_exp: float = 0.0
+    """Dense bf16 tensor-core FLOPs an SM issues in the time its special-function units
+    (MUFU.EX2) issue one softmax exponential: tensor FLOPs per SM per clock over exponentials
+    per SM per clock (16 on Ampere, Hopper and Blackwell, CUDA C++ Programming Guide,
+    "Arithmetic Instructions"; 32 on Blackwell Ultra, which doubles the SFU rate, NVIDIA
+    "Making Softmax More Efficient with Blackwell Ultra", 2025). A100 2048/16 = 128, H100
+    4096/16 = 256, B200 8192/16 = 512, B300 8192/32 = 256. Flash attention spends one
+    exponential per score besides its matmuls (`compute.attention_time`), so heads with fewer
+    FLOPs per score (head dim 64) run further below the matmul rate. 0: not modelled (the
+    attention fraction absorbs it)."""
     fp8_transpose_copy: bool = True
     """Per-tensor-scaled fp8 GEMMs need the TN layout (Hopper), so Transformer Engine keeps a
     transposed fp8 copy of each weight for the backward; False where fp8 GEMMs take any
@@ -408,6 +419,7 @@ class GpuSpec:
         _require_range(self, ("hbm_efficiency",), 0, 1, low_open=True)
         _require_range(self, ("tp_comm_overlap", "dp_comm_overlap", "ep_comm_overlap"), 0, 1)
         _require_range(self, ("sdpa_attention_factor",), 0, 1, low_open=True)
+        _require_range(self, ("tensor_flops_per_exp",), 0, 1e6)
         if not isinstance(self.peak_tflops, dict) or not isinstance(self.efficiency, dict):
             raise SpecError(f"GPU {self.name}: peak_tflops and efficiency must map dtype names")
         for dtype, peak in self.peak_tflops.items():

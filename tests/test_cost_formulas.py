@@ -220,3 +220,49 @@ def test_first_of_max_matches_argmax_with_ties():
     take_last, take_mid = _first_of_max(a, b, c)
     picked = np.where(take_mid, 2, np.where(take_last, 1, 0))
     assert (picked == np.argmax(np.stack([a, b, c]), axis=0)).all()
+
+
+def test_flash_attention_rate_falls_with_head_dim_as_flashattention3_measures():
+    # Each score costs one softmax exponential on the SFUs besides 2·(d_qk + d_v) matmul
+    # FLOPs, so small heads run further below the matmul rate. FlashAttention-3 on H100,
+    # bf16 forward at 4k tokens (Shah et al. 2024, Fig. 5): 476 TFLOP/s at head dim 64 against
+    # 638 at 128 (0.746). Blackwell Ultra doubles the SFU rate (tensor_flops_per_exp 512 ->
+    # 256) at the same tensor rate, so its attention is faster than B200's at equal peaks.
+    from cost_models import compute
+    from planner.specfiles import gpu_preset as _gpu
+
+    h100 = _gpu("H100-SXM")
+    per_flop = {d: compute.attention_time(1e15, h100, "bf16", 0, flops_per_score=4 * d) / 1e15
+                for d in (64, 128)}
+    assert per_flop[128] / per_flop[64] == pytest.approx(476 / 638, rel=0.03)
+    b200, b300 = _gpu("B200"), _gpu("B300")
+    assert b200.peak_flops("bf16") == b300.peak_flops("bf16")
+    fwd = {g.name: compute.attention_time(1e15, g, "bf16", 0, flops_per_score=512)
+           for g in (b200, b300)}
+    assert fwd["B300"] == pytest.approx(fwd["B200"] * 1.5 / 2.0)
+    # without an SFU rate (or a per-score count) only the matmuls are timed
+    plain = compute.attention_time(1e15, h100, "bf16", 0)
+    assert plain == pytest.approx(1e15 / (h100.efficiency["bf16"].attention_fraction * 989e12))
+
+
+def test_head_dim_enters_the_attention_core_time_through_the_exponentials():
+    # gpt-oss's 64-wide heads: the same causal FLOPs take longer than at head dim 128, forward
+    # (1 + 256/256 vs 1 + 256/512 on Hopper) and backward (2.5 + 1 vs 2.5 + 0.5)
+    from dataclasses import replace as _replace
+
+    from cost_models import megatron as _meg
+    from cost_models.grid import LayoutGrid as _Grid
+    from cost_models.specs import Layout as _Layout
+    from planner.specfiles import gpu_preset as _gpu
+
+    gpu = _gpu("H100-SXM")
+    wide = load_model("llama3.1-8b")
+    narrow = _replace(wide, head_dim=64, num_heads=2 * wide.num_heads)  # same q width
+    lay = _Layout(tp=1, pp=1, dp=8, micro_batch_size=1, global_batch_size=8, seq_len=8192)
+    g = _Grid.from_layout(lay, wide.num_layers)
+    attn = flops.attention_core_flops(wide, 1, 8192)
+    assert flops.attention_core_flops(narrow, 1, 8192) == attn
+    ovh = gpu.efficiency["bf16"].overhead_s
+    (wf, wb), (nf, nb) = (_meg._attention_times(m, gpu, g, attn) for m in (wide, narrow))
+    assert (float(nf[0]) - ovh) / (float(wf[0]) - ovh) == pytest.approx(2.0 / 1.5)
+    assert (float(nb[0]) - 2 * ovh) / (float(wb[0]) - 2 * ovh) == pytest.approx(3.5 / 3.0)
