@@ -77,6 +77,8 @@ def files(tmp_path_factory) -> Path:
         "{preset: H100-SXM}", "{preset: H100-SXM, memory_GiB: .nan}"))
     (d / "c_old_key.yaml").write_text(CLUSTER_OK.replace(
         "{preset: H100-SXM}", "{preset: H100-SXM, grouped_gemm_half_rows: 4096}"))
+    (d / "c_neg_exp.yaml").write_text(CLUSTER_OK.replace(
+        "{preset: H100-SXM}", "{preset: H100-SXM, tensor_flops_per_exp: -256}"))
     (d / "c_eff.yaml").write_text(CLUSTER_OK.replace("latency_s: 8.0e-6}", "latency_s: 8.0e-6, efficiency: 7}"))
     bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
@@ -162,6 +164,8 @@ CASES = [
     (["plan", "--model", "llama3.1-8b", "--cluster", "{d}/c_nan_peak.yaml", *BASE], 2, "peak_tflops", ()),
     (["plan", "--model", "llama3.1-8b", "--cluster", "{d}/c_nan_mem.yaml", *BASE], 2, "memory_GiB", ()),
     (["plan", "--model", "llama3.1-8b", "--cluster", "{d}/c_eff.yaml", *BASE], 2, "efficiency", ()),
+    (["plan", "--model", "llama3.1-8b", "--cluster", "{d}/c_neg_exp.yaml", *BASE], 2,
+     "tensor_flops_per_exp", ()),
     (["plan", "--model", "llama3.1-8b", "--cluster", "{d}/c_old_key.yaml", *BASE], 2,
      "replaced by grouped_gemm_half_gflop", ()),
     (["plan", "--model", "llama3.1-8b", "--cluster", "{d}/c_bomb.yaml", *BASE], 2, "aliases", ()),
