@@ -396,13 +396,15 @@ class GpuSpec:
     tensor_flops_per_exp: float = 0.0
     """Dense bf16 tensor-core FLOPs an SM issues in the time its special-function units
     (MUFU.EX2) issue one softmax exponential: tensor FLOPs per SM per clock over exponentials
-    per SM per clock (16 on Ampere, Hopper and Blackwell, CUDA C++ Programming Guide,
-    "Arithmetic Instructions"; 32 on Blackwell Ultra, which doubles the SFU rate, NVIDIA
-    "Making Softmax More Efficient with Blackwell Ultra", 2025). A100 2048/16 = 128, H100
-    4096/16 = 256, B200 8192/16 = 512, B300 8192/32 = 256. Flash attention spends one
+    per SM per clock (MUFU.EX2: 16 on Ampere and Hopper, CUDA C++ Programming Guide,
+    "Arithmetic Instructions"; still 16 on B200 while its tensor rate doubled, the forward
+    bottleneck FlashAttention-4 designs around, Zadouri et al. 2026; 32 on Blackwell Ultra,
+    NVIDIA "Making Softmax More Efficient with Blackwell Ultra", 2025). A100 2048/16 = 128,
+    H100 4096/16 = 256, B200 8192/16 = 512, B300 8192/32 = 256. Flash attention spends one
     exponential per score besides its matmuls (`compute.attention_time`), so heads with fewer
     FLOPs per score (head dim 64) run further below the matmul rate. 0: not modelled (the
-    attention fraction absorbs it)."""
+    attention fraction absorbs it). The backward's shared-memory limit (FlashAttention-4) is
+    in the fitted fraction, not modelled apart."""
     fp8_transpose_copy: bool = True
     """Per-tensor-scaled fp8 GEMMs need the TN layout (Hopper), so Transformer Engine keeps a
     transposed fp8 copy of each weight for the backward; False where fp8 GEMMs take any
