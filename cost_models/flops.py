@@ -117,12 +117,12 @@ def attention_core_flops(model: ModelSpec, batch, seq_len, causal: bool = True):
     if not model.is_mla and not model.windowed_layers:
         full = 4 * batch * seq_len * seq_len * model.q_width
         return full // 2 if causal else full
-    width = model.num_heads * (model.head_dim + model.value_head_dim)
+    per_pair = model.num_heads * attention_flops_per_score(model)  # all heads, one pair
     if not causal:
-        return 2 * batch * seq_len * seq_len * width
+        return batch * seq_len * seq_len * per_pair
     if not model.windowed_layers:
-        return 2 * batch * seq_len * seq_len * width // 2
-    return 2 * batch * mean_causal_key_pairs(model, seq_len) * width
+        return batch * seq_len * seq_len * per_pair // 2
+    return batch * mean_causal_key_pairs(model, seq_len) * per_pair
 
 
 def attention_flops_per_score(model: ModelSpec) -> int:
