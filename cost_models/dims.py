@@ -247,6 +247,14 @@ class ParallelDims:
                        "each tensor-parallel rank holds whole heads (Megatron-LM)")
         _check_divides(self.tp, model.num_kv_heads, "tp", "KV heads",
                        "each tensor-parallel rank needs whole KV heads (GQA)")
+        if model.mamba_layers and not mamba_tp_splits(self.tp, model):
+            raise SpecError(f"tp={self.tp} must divide the Mamba heads "
+                            f"({model.mamba_num_heads}) and groups ({model.mamba_groups}): each "
+                            "tensor-parallel rank holds whole heads and B/C groups (Megatron-Core "
+                            "MambaMixer)")
+        if model.mamba_layers and self.cp > 1:
+            raise SpecError("cp > 1 with Mamba layers is not modelled (Megatron-Core splits the "
+                            "SSM heads over cp with all-to-alls); use cp 1")
         if not cp_splits(self.cp, seq_len):
             raise SpecError(
                 f"seq-len {seq_len} must be divisible by 2*cp = {2 * self.cp}: context "
@@ -288,8 +296,15 @@ class ParallelDims:
 
 
 def tp_splits(tp: int, model) -> bool:
-    """tp divides the query and the KV heads: every tensor-parallel rank holds whole heads."""
-    return model.num_heads % tp == 0 and model.num_kv_heads % tp == 0
+    """tp divides the query and the KV heads (and a hybrid's Mamba heads and groups): every
+    tensor-parallel rank holds whole heads."""
+    return model.num_heads % tp == 0 and model.num_kv_heads % tp == 0 \
+        and (not model.mamba_layers or mamba_tp_splits(tp, model))
+
+
+def mamba_tp_splits(tp: int, model) -> bool:
+    """tp divides the Mamba-2 heads and B/C groups (Megatron-Core MambaMixer's rule)."""
+    return model.mamba_num_heads % tp == 0 and model.mamba_groups % tp == 0
 
 
 def cp_splits(cp: int, seq_len: int) -> bool:

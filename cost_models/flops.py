@@ -97,11 +97,11 @@ def causal_key_pairs(seq_len, window: int = 0, chunk: int = 0):
 
 
 def mean_causal_key_pairs(model: ModelSpec, seq_len):
-    """`causal_key_pairs` averaged over the layer pattern: full_attention_layers layers at
+    """`causal_key_pairs` averaged over the attention layers: full_attention_layers layers at
     s²/2, the others with the model's sliding window or chunk."""
     local = causal_key_pairs(seq_len, model.sliding_window, model.attention_chunk_size)
-    n = model.windowed_layers
-    return ((model.num_layers - n) * (seq_len * seq_len / 2) + n * local) / model.num_layers
+    n, a = model.windowed_layers, model.attention_layers
+    return ((a - n) * (seq_len * seq_len / 2) + n * local) / a
 
 
 def attention_core_flops(model: ModelSpec, batch, seq_len, causal: bool = True):
@@ -112,8 +112,17 @@ def attention_core_flops(model: ModelSpec, batch, seq_len, causal: bool = True):
     flash attention skips the masked blocks, so `causal=True` counts 2·B·s²·a·d.
     Generally 2·B·P·a·(d_qk + d_v) with P the query-key pairs: s² non-causal, else
     `mean_causal_key_pairs` (sliding-window and chunked layers averaged over the layer
-    pattern); MLA has d_qk = nope + rope and its own d_v (DeepSeek-V2 Sec. 2.1).
+    pattern); MLA has d_qk = nope + rope and its own d_v (DeepSeek-V2 Sec. 2.1). A hybrid
+    pattern's layers without attention count zero in the average (`ModelSpec.attention_share`).
     """
+    if model.layer_pattern:
+        return _attention_layer_core_flops(model, batch, seq_len, causal) \
+            * model.attention_share
+    return _attention_layer_core_flops(model, batch, seq_len, causal)
+
+
+def _attention_layer_core_flops(model: ModelSpec, batch, seq_len, causal: bool = True):
+    """`attention_core_flops` of one attention layer (exact integers for scalar inputs)."""
     if not model.is_mla and not model.windowed_layers:
         full = 4 * batch * seq_len * seq_len * model.q_width
         return full // 2 if causal else full
@@ -150,19 +159,44 @@ def moe_mlp_flops(model: ModelSpec, tokens):
 
 
 def mlp_flops(model: ModelSpec, tokens):
-    """MLP FLOPs of one layer, forward: the dense MLP, or for MoE models the average over
-    layers of dense (the first num_dense_layers and, with moe_layer_every > 1, the layers
-    between MoE layers) and MoE layers."""
-    if not model.is_moe:
+    """MLP FLOPs of one layer, forward: the dense MLP, or for MoE and hybrid models the
+    average over layers of dense (the first num_dense_layers and, with moe_layer_every > 1,
+    the layers between MoE layers; a pattern's - layers) and MoE layers."""
+    if not (model.is_moe or model.layer_pattern):
         return dense_mlp_flops(model, tokens)
-    dense_layers = model.num_layers - model.num_moe_layers
-    return (dense_layers * dense_mlp_flops(model, tokens)
+    return (model.dense_mlp_layers * dense_mlp_flops(model, tokens)
             + model.num_moe_layers * moe_mlp_flops(model, tokens)) / model.num_layers
 
 
+def mamba_proj_flops(model: ModelSpec, tokens):
+    """Weight matmuls of one Mamba-2 mixer, forward: the input projection h -> z, x, B, C, dt
+    (2·T·h·(2·H·P + 2·G·N + H)) and the output projection H·P -> h (Dao & Gu 2024, "Transformers
+    are SSMs", Sec. 7.1: the parallel projections of the Mamba-2 block)."""
+    return (linear_flops(tokens, model.hidden_size, model.mamba_in_proj_width)
+            + linear_flops(tokens, model.mamba_inner, model.hidden_size))
+
+
+def mamba_scan_flops(model: ModelSpec, tokens):
+    """The Mamba-2 mixer's work besides its projections, one layer, forward, FLOPs: the causal
+    depthwise convolution (2·T·(H·P + 2·G·N)·K) and the SSD chunked scan with chunk Q (Dao & Gu
+    2024 Sec. 6): per chunk and group C·B^T (2·Q²·N), per head the masked product with x
+    (2·Q²·P), the chunk state B^T·x (2·Q·N·P) and the output from the passed states C·h
+    (2·Q·N·P): per token 2·G·Q·N + H·(2·Q·P + 4·N·P). Tensor-core work in small tiles; the
+    fp32 states between chunks are memory traffic (`megatron.mamba_mixer_times`)."""
+    q, n, p = model.mamba_chunk_size, model.mamba_state_dim, model.mamba_head_dim
+    conv = 2 * tokens * model.mamba_conv_channels * model.mamba_conv_kernel
+    ssd = tokens * (2 * model.mamba_groups * q * n + model.mamba_num_heads * (2 * q * p + 4 * n * p))
+    return conv + ssd
+
+
 def layer_gemm_flops(model: ModelSpec, tokens):
-    """All matmuls with weights in one layer, forward: projections + MLP, FLOPs."""
-    return attention_proj_flops(model, tokens) + mlp_flops(model, tokens)
+    """All matmuls with weights in one layer, forward: projections + MLP, FLOPs (averaged over
+    a hybrid pattern: attention projections on its * layers, Mamba projections on its M
+    layers)."""
+    if not model.layer_pattern:
+        return attention_proj_flops(model, tokens) + mlp_flops(model, tokens)
+    return (model.attention_share * attention_proj_flops(model, tokens) + mlp_flops(model, tokens)
+            + model.mamba_share * mamba_proj_flops(model, tokens))
 
 
 def lm_head_flops(model: ModelSpec, tokens):
@@ -190,7 +224,7 @@ def model_flops_per_step(model: ModelSpec, global_batch, seq_len, causal: bool =
     tokens = global_batch * seq_len
     per_layer = layer_gemm_flops(model, tokens) + attention_core_flops(
         model, global_batch, seq_len, causal
-    )
+    ) + model.mamba_share * mamba_scan_flops(model, tokens)
     mtp = model.mtp_layers if mtp_layers is None else mtp_layers
     head = lm_head_flops(model, tokens)
     return 3 * (model.num_layers * per_layer + head
@@ -209,7 +243,8 @@ def hardware_flops_per_step(model: ModelSpec, global_batch, seq_len, recompute: 
     tokens = global_batch * seq_len
     core = attention_core_flops(model, global_batch, seq_len, causal)
     if recompute == "full":
-        return base + model.num_layers * (layer_gemm_flops(model, tokens) + core)
+        return base + model.num_layers * (layer_gemm_flops(model, tokens) + core
+                                          + model.mamba_share * mamba_scan_flops(model, tokens))
     if recompute == "selective":
         return base + model.num_layers * core
     return base
@@ -280,11 +315,23 @@ def active_parameter_count(model: ModelSpec, count_embedding: bool = True) -> in
     return total
 
 
+def mamba_params(model: ModelSpec) -> int:
+    """One Mamba-2 mixer (HF NemotronHMamba2Mixer, Megatron-Core MambaMixer): the input
+    projection h x (2·H·P + 2·G·N + H), the depthwise convolution's weights and biases
+    ((H·P + 2·G·N)·(K + 1)), dt_bias, A_log and D (H each), the gated RMSNorm (H·P) and the
+    output projection H·P x h; no projection biases."""
+    conv = model.mamba_conv_channels * (model.mamba_conv_kernel + 1)
+    return (model.hidden_size * model.mamba_in_proj_width + conv + 3 * model.mamba_num_heads
+            + model.mamba_inner + model.mamba_inner * model.hidden_size)
+
+
 def _parameters(model: ModelSpec, experts: int) -> int:
     h = model.hidden_size
     moe = model.num_moe_layers
-    total = model.num_layers * (attention_params(model) + norm_params(model)) \
-        + (model.num_layers - moe) * dense_mlp_params(model)
+    total = model.attention_layers * attention_params(model) \
+        + model.num_layers * norm_params(model) + model.dense_mlp_layers * dense_mlp_params(model)
+    if model.mamba_layers:
+        total += model.mamba_layers * mamba_params(model)
     if model.is_moe:  # `experts` routed experts, the shared experts and the router
         total += moe * (experts * routed_expert_params(model) + moe_shared_params(model))
     embed = model.vocab_size * h

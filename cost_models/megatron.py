@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
-from . import comm, compute, flops, memory, recompute_modules, schedules
+from . import comm, compute, flops, mamba, memory, recompute_modules, schedules
 from .dims import Group
 from .grid import LayoutGrid
 from .simulator import interleaved_stall_layers
@@ -147,7 +147,11 @@ class LayerTimes:
 
 
 def require_dense(model: ModelSpec) -> None:
-    """For cost models without MoE support (pipette, holmes)."""
+    """For cost models without MoE or hybrid (Mamba) support (pipette, holmes)."""
+    if model.layer_pattern:
+        raise SpecError(f"model {model.name} is a hybrid ({model.mamba_layers} Mamba, "
+                        f"{model.attention_layers} attention layers); the heterogeneous cost "
+                        "models do not support it — use --cost-model megatron")
     if model.is_moe:
         raise SpecError(
             f"model {model.name} is a mixture-of-experts model ({model.num_experts} experts); "
@@ -301,8 +305,10 @@ def layer_base(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutGr
     attn = flops.attention_core_flops(model, b, s) / (t * c)  # causal; CP shares the work
     h = model.hidden_size
     outside = np.where(g.sequence_parallel, h / t, h)
-    inside = (model.active_ffn_width * model.mlp_matrices + model.qkv_width) / t
-    elem_bytes = 2 * tokens * (ELEMENTWISE_PASSES_OUTSIDE * outside + ELEMENTWISE_PASSES_INSIDE * inside)
+    inside = (model.active_ffn_width * model.mlp_matrices + model.qkv_width * model.attention_share) / t
+    # a hybrid pattern's layer is one block (one norm, one residual add), not two
+    passes_outside = ELEMENTWISE_PASSES_OUTSIDE / (2 if model.layer_pattern else 1)
+    elem_bytes = 2 * tokens * (passes_outside * outside + ELEMENTWISE_PASSES_INSIDE * inside)
     if model.is_moe:  # permute before and unpermute after the experts: read + write each copy
         elem_bytes = elem_bytes + (model.num_moe_layers / model.num_layers) * MOE_PERMUTE_PASSES \
             * 2 * tokens * model.experts_top_k * h
@@ -312,12 +318,18 @@ def layer_base(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutGr
         * model.active_ffn_width / t), 0.0)
     if g.dtype in FP8_CAST_BYTES:  # QKV and MLP inputs (h wide), projection and down inputs
         gemm_inputs = tokens * (2 * h + (model.attn_out_width + model.active_ffn_width) / t)
+        if model.layer_pattern:  # one h-wide module input per layer
+            gemm_inputs = tokens * (h + (model.attn_out_width * model.attention_share
+                                         + model.mamba_inner * model.mamba_share
+                                         + model.active_ffn_width) / t)
         elem_bytes = elem_bytes + FP8_CAST_BYTES[g.dtype] * gemm_inputs
     attn_f, attn_b = _attention_times(model, gpu, g, attn)
     experts_f, experts_b = expert_gemm_times(model, gpu, g, tokens, routed)
-    fwd = (compute.gemm_time(gemm, 4, gpu, g.dtype) + attn_f + experts_f
+    mamba_f, mamba_b = mamba.mixer_times(model, gpu, tokens, t)
+    kernels = 2 if model.layer_pattern else 4  # weight GEMMs per layer: 2 per module
+    fwd = (compute.gemm_time(gemm, kernels, gpu, g.dtype) + attn_f + experts_f + mamba_f
            + compute.memory_bound_time(elem_bytes, gpu))
-    bwd = (compute.gemm_time(2 * gemm, 8, gpu, g.dtype) + attn_b + experts_b
+    bwd = (compute.gemm_time(2 * gemm, 2 * kernels, gpu, g.dtype) + attn_b + experts_b + mamba_b
            + compute.memory_bound_time(2 * elem_bytes, gpu))
     # torchtitan's per-op selective AC keeps every other matmul output (SDPA saved): backward
     # recomputes the others (`memory.titan_sac_bytes_per_layer`) plus the elementwise ops.
@@ -337,7 +349,7 @@ def layer_base(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutGr
     # K and V of the local chunk (MLA: the decompressed per-head keys and values).
     kv_chunk = 2 * 2 * b * (s / c) * model.kv_width / t if not model.is_mla \
         else 2 * b * (s / c) * model.num_heads * (model.head_dim + model.value_head_dim) / t
-    ring_f = (c - 1) * comm.p2p_time(kv_chunk, cp_bw, cp_alpha)
+    ring_f = (c - 1) * comm.p2p_time(kv_chunk, cp_bw, cp_alpha) * model.attention_share
     window = attn_f * (c - 1) / c
     cp_fwd = np.maximum(ring_f - window, 0.0)
     cp_bwd = np.maximum(2 * ring_f - ATTENTION_BACKWARD_FACTOR * window, 0.0)
@@ -365,7 +377,8 @@ def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutG
     # forward is recomputed; each moves the full [tokens x h] bf16 activation. A parallel
     # attention+MLP block sums both branches before one all-reduce per pass (PaLM Sec. 2).
     passes = 2 + np.where(g.recompute == 2, 1, 0)  # forward, backward, recomputed forward
-    tp_count = (1 if model.parallel_attention_mlp else 2) * passes
+    # a hybrid pattern's layer holds one module: one all-reduce per pass
+    tp_count = (1 if model.parallel_attention_mlp or model.layer_pattern else 2) * passes
     tp_comm = tp_count * base.one_ar_s * (1 - base.tp_hidden)
     cp_comm = np.where(g.cp > 1, base.cp_fwd_s * (1 + (g.recompute == 2)) + base.cp_bwd_s, 0.0)
     # a recomputed MoE layer (--recompute-modules moe) dispatches and combines again
@@ -527,13 +540,14 @@ def _attention_times(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, causal_flops
     dropout mask 1 + output 2, read 2 for scores·V) and twice that backward.
     """
     per_score = flops.attention_flops_per_score(model)
-    fused_f = compute.attention_time(causal_flops, gpu, g.dtype, kernels=g.cp,
+    share = model.attention_share  # kernels per layer, averaged over a hybrid pattern
+    fused_f = compute.attention_time(causal_flops, gpu, g.dtype, kernels=g.cp * share,
                                      flops_per_score=per_score)
     # backward: dQ and dK/dV kernels per step
-    fused_b = compute.attention_time(causal_flops, gpu, g.dtype, kernels=2 * g.cp,
+    fused_b = compute.attention_time(causal_flops, gpu, g.dtype, kernels=2 * g.cp * share,
                                      flops_per_score=per_score,
                                      matmul_passes=ATTENTION_BACKWARD_FACTOR)
-    scores = model.num_heads * g.micro_batch_size * g.seq_len * (g.seq_len / g.cp) / g.tp
+    scores = model.num_heads * g.micro_batch_size * g.seq_len * (g.seq_len / g.cp) / g.tp * share
     unfused_f = (compute.gemm_time(2 * causal_flops, 2, gpu, g.dtype)
                  + compute.memory_bound_time(11 * scores, gpu))
     unfused_b = (compute.gemm_time(4 * causal_flops, 4, gpu, g.dtype)

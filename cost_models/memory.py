@@ -20,6 +20,7 @@ from . import recompute_modules, schedules
 from .flops import (
     attention_params,
     dense_mlp_params,
+    mamba_params,
     moe_shared_params,
     norm_params,
     routed_expert_params,
@@ -116,10 +117,13 @@ def dense_layer_params(model: ModelSpec) -> float:
     attention, norms, the dense MLP (dense layers) or shared experts + router (MoE layers)."""
     attn = attention_params(model) + norm_params(model)
     dense_mlp = dense_mlp_params(model)
-    if not model.is_moe:
+    if not (model.is_moe or model.layer_pattern):
         return attn + dense_mlp
-    dense_layers = model.num_layers - model.num_moe_layers
-    return attn + (dense_layers * dense_mlp + model.num_moe_layers * moe_shared_params(model)) \
+    if model.layer_pattern:  # a hybrid's layers hold one module each
+        attn = model.attention_share * attention_params(model) + norm_params(model) \
+            + model.mamba_share * (mamba_params(model) if model.mamba_layers else 0)
+    shared = moe_shared_params(model) if model.is_moe else 0
+    return attn + (model.dense_mlp_layers * dense_mlp + model.num_moe_layers * shared) \
         / model.num_layers
 
 
@@ -192,9 +196,12 @@ def _activation_bytes_per_layer(model: ModelSpec, micro_batch, seq_len, tp, cp=1
     )
     if model.parallel_attention_mlp:  # one layer input feeds both branches: one norm input
         outside = outside - 2 * sbh
+    attn = model.attention_share  # 1 but for hybrid patterns (layers without attention)
+    if model.layer_pattern:  # one pre-norm block per layer: its input and the module's input
+        outside = (2 + gemm_in + drop) * sbh
     # Terms inside the tensor-parallel region (split over tp):
-    qkv = 2 * sb * model.qkv_width                      # Q, K, V kept for the core
-    proj_in = gemm_in * sb * model.attn_out_width        # input of the output projection
+    qkv = 2 * sb * model.qkv_width * attn                # Q, K, V kept for the core
+    proj_in = gemm_in * sb * model.attn_out_width * attn  # input of the output projection
     if model.is_mla:
         # MLA's latents c_Q, c_KV (+ the shared rotary key) are computed on every tp rank
         # (Megatron-Core's MLA keeps the down projections unsplit): each is kept as its
@@ -204,9 +211,11 @@ def _activation_bytes_per_layer(model: ModelSpec, micro_batch, seq_len, tp, cp=1
     mlp = mlp_kept_bytes(model, sb, model.active_ffn_width, gemm_in)  # f for dense models
     flash_core = 4 * sb * model.num_heads  # fp32 log-sum-exp; the output O is proj_in above
     score_core = score_bytes(model, s, micro_batch)
-    core = np.where(flash_attention, flash_core, score_core)
+    core = np.where(flash_attention, flash_core, score_core) * attn
     # Korthikanti's GPT: outside 10sbh; inside Q,K,V 6 + proj 2 + MLP 16 = 24sbh (/t).
     inside_no_core = qkv + proj_in + mlp
+    if model.mamba_layers:
+        inside_no_core = inside_no_core + model.mamba_share * mamba_kept_bytes(model, sb, gemm_in)
     if model.is_moe:
         # The top-k permuted copies of each token are the routed experts' GEMM input. A GPU
         # dispatches its local tokens (1/tp of them with sequence parallelism); its expert
@@ -226,10 +235,23 @@ def _activation_bytes_per_layer(model: ModelSpec, micro_batch, seq_len, tp, cp=1
     return np.where(code == 2, full, np.where(code == 1, selective, none))
 
 
+def mamba_kept_bytes(model: ModelSpec, tokens, gemm_in):
+    """Bytes one Mamba-2 mixer keeps for backward over `tokens` tokens (split over tp with its
+    heads): the input projection's output z, x, B, C, dt (bf16; the convolution's and the
+    gate's input), the convolution output x, B, C (bf16; the SSD kernel's input), dt after
+    softplus (fp32, H), the SSD output y (bf16; the gated norm's input) and the output
+    projection's input (`gemm_in` bytes). The chunk states are recomputed in backward
+    (mamba_ssm's `mamba_chunk_scan_combined` saves its inputs only)."""
+    return tokens * (2 * model.mamba_in_proj_width + 2 * model.mamba_conv_channels
+                     + 4 * model.mamba_num_heads + (2 + gemm_in) * model.mamba_inner)
+
+
 def norm_outputs_kept(model: ModelSpec) -> int:
     """h-wide norm outputs a layer keeps as GEMM inputs: the QKV and the first MLP matrix
     inputs, or one when a parallel attention+MLP block shares a single norm (GPT-J,
-    Falcon-7B)."""
+    Falcon-7B) or a hybrid pattern's layer holds one module."""
+    if model.layer_pattern:
+        return 1
     return 1 if (model.parallel_attention_mlp and model.norms_per_layer == 1) else 2
 
 

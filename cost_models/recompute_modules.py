@@ -55,8 +55,7 @@ def check(model: ModelSpec, modules: tuple[str, ...]) -> str | None:
         return "a recompute module is listed twice"
     if not modules:
         return "give at least one recompute module"
-    dense_layers = model.num_layers - model.num_moe_layers
-    needs = {"mlp": (dense_layers > 0, "the model has no dense MLP layer"),
+    needs = {"mlp": (model.dense_mlp_layers > 0, "the model has no dense MLP layer"),
              "moe_act": (model.is_moe, "the model has no MoE layer"),
              "moe": (model.is_moe, "the model has no MoE layer"),
              "shared_experts": (model.shared_expert_ffn_hidden_size > 0,
@@ -81,8 +80,10 @@ def search_sets(model: ModelSpec) -> tuple[tuple[str, ...], ...]:
     recomputed, the widest tensors freed); the whole MoE layer (+ MLA up projections); and
     everything (norms, dense MLPs, whole MoE layers, MLA up projections)."""
     mla = ("mla_up_proj",) if model.is_mla else ()
-    dense_mlp = ("mlp",) if model.num_layers > model.num_moe_layers else ()
+    dense_mlp = ("mlp",) if model.dense_mlp_layers else ()
     if not model.is_moe:
+        if not dense_mlp:  # a hybrid pattern without MLP layers
+            return (DEFAULT, ("layernorm",))
         return (DEFAULT, ("layernorm",), ("mlp",), ("layernorm", "mlp"))
     return (DEFAULT, ("layernorm", "moe_act", *mla), ("moe", *mla),
             ("layernorm", *dense_mlp, "moe", *mla))
@@ -101,7 +102,7 @@ def freed_bytes(model: ModelSpec, micro_batch, seq_len, tp, cp, sequence_paralle
     sb = s * micro_batch
     h = model.hidden_size
     moe_share = model.num_moe_layers / model.num_layers
-    dense_share = 1.0 - moe_share
+    dense_share = model.dense_mlp_layers / model.num_layers
     outside = lambda x: np.where(sequence_parallel, x / tp, x)  # noqa: E731
     norms = memory.norm_outputs_kept(model)
     out = np.where(_has(mask, "layernorm"), outside(norms * gemm_in * sb * h), 0.0)
@@ -138,7 +139,7 @@ def recompute_parts(model: ModelSpec, tokens, tp, mask):
     GEMM, attention, expert and memory-bound models."""
     h = model.hidden_size
     moe_share = model.num_moe_layers / model.num_layers
-    dense_share = 1.0 - moe_share
+    dense_share = model.dense_mlp_layers / model.num_layers
     norms = memory.norm_outputs_kept(model)
     m = model.mlp_matrices
     shape = np.shape(mask)

@@ -42,6 +42,9 @@ scaling, torchao tensorwise); mxfp8: OCP Microscaling FP8, one E8M0 scale per 32
 (Blackwell tensor cores; OCP MX spec v1.0, 2023)."""
 FP8_DTYPES: tuple[str, ...] = ("fp8", "mxfp8")
 """Dtypes whose GEMM inputs are 8-bit (saved activations, casts, fp8 GEMM peak)."""
+LAYER_SYMBOLS: tuple[str, ...] = ("M", "*", "-", "E")
+"""Hybrid layer pattern symbols (Megatron-Core `hybrid_layer_allocation.Symbols`): Mamba,
+attention, MLP, MoE."""
 MlpKind = Literal["gated_silu", "gated_gelu", "gelu", "squared_relu"]
 MLP_KINDS: tuple[str, ...] = ("gated_silu", "gated_gelu", "gelu", "squared_relu")
 Schedule = Literal["1f1b", "interleaved", "zb-h1", "zb-v", "dualpipe", "dualpipev"]
@@ -183,6 +186,24 @@ class ModelSpec:
     the next token (a 2h x h projection), runs one more transformer block and the shared LM
     head + loss, on the last pipeline stage. Not counted in `flops.parameter_count` (DeepSeek
     reports 671B without it)."""
+    layer_pattern: str = ""
+    """Hybrid models (Nemotron-H / Nemotron 3; HF `hybrid_override_pattern`, Megatron-LM
+    `--hybrid-layer-pattern`): one character per layer, each layer one pre-norm residual block
+    around a single module: M a Mamba-2 mixer, * self-attention, - a dense MLP, E a
+    mixture-of-experts MLP. Empty: every layer is attention + MLP (dense or MoE as the fields
+    above say)."""
+    mamba_num_heads: int = 0
+    """Mamba-2 heads H of an M layer (the SSM's inner width is H·P)."""
+    mamba_head_dim: int = 0
+    """Mamba-2 head width P."""
+    mamba_state_dim: int = 0
+    """Mamba-2 state size N per group (HF ssm_state_size)."""
+    mamba_groups: int = 0
+    """Mamba-2 B/C groups G (HF n_groups): heads of a group share B and C."""
+    mamba_conv_kernel: int = 4
+    """Width of the Mamba-2 causal depthwise convolution over x, B and C."""
+    mamba_chunk_size: int = 128
+    """Chunk length Q of the SSD algorithm (Dao & Gu 2024, Sec. 6)."""
     expert_load_imbalance: float = 1.0
     """MoE: tokens of the busiest expert over the mean (1.0: perfectly balanced, as in
     force-balanced benchmarks); the busiest expert rank sets every MoE layer's pace. A training
@@ -211,7 +232,51 @@ class ModelSpec:
                 f"model {self.name}: experts_top_k={self.experts_top_k} must be in 1..num_experts"
             )
         self._check_attention_variants()
+        self._check_layer_pattern()
         _require_range(self, ("expert_load_imbalance",), 1, 100)
+
+    def _check_layer_pattern(self) -> None:
+        """SpecError for a hybrid layer pattern that does not fit the other fields."""
+        p = self.layer_pattern
+        if not isinstance(p, str) or set(p) - set(LAYER_SYMBOLS):
+            raise SpecError(f"model {self.name}: layer_pattern must be a string of "
+                            f"{' '.join(LAYER_SYMBOLS)} (Mamba, attention, MLP, MoE), got "
+                            f"{_short(p)}")
+        for name in ("mamba_num_heads", "mamba_head_dim", "mamba_state_dim", "mamba_groups",
+                     "mamba_conv_kernel", "mamba_chunk_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise SpecError(f"model {self.name}: {name} must be a non-negative integer, "
+                                f"got {_short(value)}")
+        if not p:
+            if self.mamba_num_heads:
+                raise SpecError(f"model {self.name}: mamba_num_heads is set but layer_pattern "
+                                "is empty; give the pattern (M for each Mamba layer)")
+            return
+        if len(p) != self.num_layers:
+            raise SpecError(f"model {self.name}: layer_pattern has {len(p)} layers but "
+                            f"num_layers={self.num_layers}; make them agree")
+        if ("E" in p) != self.is_moe:
+            raise SpecError(f"model {self.name}: layer_pattern {'has' if 'E' in p else 'lacks'} "
+                            f"E (MoE) layers but num_experts={self.num_experts}")
+        if self.num_dense_layers or self.moe_layer_every != 1:
+            raise SpecError(f"model {self.name}: with a layer_pattern, leave num_dense_layers "
+                            "and moe_layer_every unset (the pattern places the MoE layers)")
+        if "M" in p and not (self.mamba_num_heads and self.mamba_head_dim
+                             and self.mamba_state_dim and self.mamba_groups
+                             and self.mamba_conv_kernel and self.mamba_chunk_size):
+            raise SpecError(f"model {self.name}: M (Mamba) layers need mamba_num_heads, "
+                            "mamba_head_dim, mamba_state_dim and mamba_groups > 0")
+        if "M" in p and self.mamba_num_heads % self.mamba_groups:
+            raise SpecError(f"model {self.name}: mamba_num_heads={self.mamba_num_heads} is not "
+                            f"a multiple of mamba_groups={self.mamba_groups}")
+        if self.full_attention_layers > self.attention_layers:
+            raise SpecError(f"model {self.name}: full_attention_layers="
+                            f"{self.full_attention_layers} exceeds the pattern's "
+                            f"{self.attention_layers} attention layers")
+        if self.parallel_attention_mlp:
+            raise SpecError(f"model {self.name}: a layer_pattern model has one module per "
+                            "layer; parallel_attention_mlp does not apply")
 
     def _check_attention_variants(self) -> None:
         """SpecError for MLA, window, norm and layer-pattern fields out of range."""
@@ -255,18 +320,65 @@ class ModelSpec:
     @property
     def num_moe_layers(self) -> int:
         """Layers whose MLP is a mixture of experts (the rest use the dense MLP)."""
+        if self.layer_pattern:
+            return self.layer_pattern.count("E")
         if not self.is_moe:
             return 0
         return (self.num_layers - self.num_dense_layers) // self.moe_layer_every
 
     @property
+    def dense_mlp_layers(self) -> int:
+        """Layers with a dense MLP: every non-MoE layer, or a hybrid pattern's - layers."""
+        if self.layer_pattern:
+            return self.layer_pattern.count("-")
+        return self.num_layers - self.num_moe_layers
+
+    @property
+    def attention_layers(self) -> int:
+        """Layers with self-attention: all of them, or a hybrid pattern's * layers."""
+        return self.layer_pattern.count("*") if self.layer_pattern else self.num_layers
+
+    @property
+    def mamba_layers(self) -> int:
+        """Mamba-2 mixer layers (a hybrid pattern's M layers)."""
+        return self.layer_pattern.count("M")
+
+    @property
+    def attention_share(self) -> float:
+        """Share of layers with attention (1.0 but for hybrid patterns): per-layer attention
+        costs, averaged over the layers, are scaled by it."""
+        return self.attention_layers / self.num_layers
+
+    @property
+    def mamba_share(self) -> float:
+        """Share of layers that are Mamba-2 mixers."""
+        return self.mamba_layers / self.num_layers
+
+    @property
+    def mamba_inner(self) -> int:
+        """Mamba-2 inner width H·P (x, z and the SSM output y are this wide)."""
+        return self.mamba_num_heads * self.mamba_head_dim
+
+    @property
+    def mamba_conv_channels(self) -> int:
+        """Channels of the Mamba-2 convolution: x (H·P), B and C (G·N each)."""
+        return self.mamba_inner + 2 * self.mamba_groups * self.mamba_state_dim
+
+    @property
+    def mamba_in_proj_width(self) -> int:
+        """Output width of the Mamba-2 input projection: z (H·P), x, B, C and dt (H)."""
+        return self.mamba_inner + self.mamba_conv_channels + self.mamba_num_heads
+
+    @property
     def active_ffn_width(self) -> float:
         """MLP inner width one token passes through, averaged over layers: f for dense layers,
-        top_k·f_expert + f_shared for MoE layers (the width activations and FLOPs scale with)."""
+        top_k·f_expert + f_shared for MoE layers, 0 for a hybrid pattern's Mamba and attention
+        layers (the width activations and FLOPs scale with)."""
+        if not (self.is_moe or self.layer_pattern):
+            return float(self.ffn_hidden_size)
         moe = self.experts_top_k * self.expert_ffn_hidden_size + self.shared_expert_ffn_hidden_size
-        dense_layers = self.num_layers - self.num_moe_layers
-        return (dense_layers * self.ffn_hidden_size + self.num_moe_layers * moe) \
-            / self.num_layers if self.is_moe else float(self.ffn_hidden_size)
+        return (self.dense_mlp_layers * self.ffn_hidden_size + self.num_moe_layers * moe) \
+            / self.num_layers
 
     @property
     def gated_mlp(self) -> bool:
@@ -314,7 +426,7 @@ class ModelSpec:
         """Layers whose queries see a sliding window or one chunk of keys."""
         if not (self.sliding_window or self.attention_chunk_size):
             return 0
-        return self.num_layers - self.full_attention_layers
+        return self.attention_layers - self.full_attention_layers
 
 
 # --------------------------------------------------------------------------------------------
@@ -833,6 +945,9 @@ class Layout:
             raise SpecError(f"recompute must be one of {RECOMPUTE_KINDS}, got {self.recompute!r}")
         if self.recompute_modules:
             self._validate_modules(model)
+        if model.layer_pattern and self.framework != "megatron":
+            raise SpecError(f"model {model.name} is a hybrid (Mamba) model; torchtitan has no "
+                            "Mamba layers: use --framework megatron")
         if self.offload_activation_layers:
             self._validate_offload(model)
         for name in ("torch_compile", "async_tp"):
