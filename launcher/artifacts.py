@@ -93,6 +93,10 @@ def render_launch(plan: Plan, script: str, out_dir: Path, backend: str = "torchr
         raise SpecError(f"run id {run_id!r} must be 1-64 characters of letters, digits, '.', '_', '-'")
     if framework not in FRAMEWORKS:
         raise SpecError(f"unknown framework {framework!r}; use one of {FRAMEWORKS}")
+    if plan.model.layer_pattern:  # the Megatron files would be pretrain_gpt.py's, not hybrid's
+        raise SpecError(f"model {plan.model.name} is a hybrid Mamba model: meshplan writes no "
+                        "launch files for it yet (Megatron-LM trains it with pretrain_hybrid.py "
+                        "--hybrid-layer-pattern); estimate and plan support it")
     args = training_args(plan, framework, str(out_dir / "plan.yaml"), script_args,
                          torchtitan_version)
     dump_dir = str(out_dir / "nccl_dumps")

@@ -14,6 +14,8 @@ def models() -> None:
     for name in model_presets():
         m = load_model(name)
         kind = f"MoE {m.num_experts}x top-{m.experts_top_k}" if m.is_moe else m.mlp_kind
+        if m.layer_pattern:
+            kind += f", hybrid: {m.mamba_layers} Mamba + {m.attention_layers} attention layers"
         click.echo(f"{name:<16} {m.num_layers:>6} {m.hidden_size:>6} {m.num_heads:>5} "
                    f"{m.num_kv_heads:>3} {m.vocab_size:>7}  {kind}")
 

@@ -210,7 +210,7 @@ _LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "nemotron", "gpt_neox", "mi
                "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "phi3", "olmo2",
                "internlm2", "glm", "glm4", "glm4_moe", "starcoder2", "gpt_oss", "llama4",
                "llama4_text",
-               "falcon", "phi", "chatglm", "gptj"} | _GEMMA
+               "falcon", "phi", "chatglm", "gptj", "nemotron_h"} | _GEMMA
 
 # Defaults of the HuggingFace config classes for keys real configs leave out
 # (transformers src/transformers/models/<family>/configuration_<family>.py).
@@ -250,6 +250,7 @@ _KEY_ALIASES = {  # config key -> the llama-style key it stands for
     "gptj": {"n_embd": "hidden_size", "n_layer": "num_hidden_layers",
              "n_head": "num_attention_heads", "n_inner": "intermediate_size",
              "n_positions": "max_position_embeddings", "activation_function": "hidden_act"},
+    "nemotron_h": {"attention_head_dim": "head_dim"},  # Nemotron-H 8B/47B/56B configs
     "chatglm": {"num_layers": "num_hidden_layers", "ffn_hidden_size": "intermediate_size",
                 "kv_channels": "head_dim", "multi_query_group_num": "num_key_value_heads",
                 "padded_vocab_size": "vocab_size", "seq_length": "max_position_embeddings"},
@@ -302,7 +303,8 @@ def model_from_config(cfg: dict, where: str) -> ModelSpec:
         # MLA: per-head query/key width is the no-position part plus the rotary part.
         head_dim = g("qk_nope_head_dim") + g("qk_rope_head_dim")
         kv = heads
-    act = str(g("hidden_act", "activation", default="silu")).lower()
+    act_keys = ("mlp_hidden_act",) if kind == "nemotron_h" else ()  # its Mamba act is separate
+    act = str(g(*act_keys, "hidden_act", "activation", default="silu")).lower()
     mlp = _MLP_FROM_ACT.get(act)
     if mlp is None:
         raise SpecError(f"model config {where}: hidden_act {act!r} is not supported")
@@ -333,6 +335,8 @@ def model_from_config(cfg: dict, where: str) -> ModelSpec:
     )
     spec.update(_moe_fields(cfg, kind, where))
     spec.update(_attention_fields(cfg, kind, spec["num_layers"], where))
+    if kind == "nemotron_h":
+        spec.update(_hybrid_fields(cfg, spec["num_layers"], where))
     if cfg.get("num_nextn_predict_layers"):  # DeepSeek-V3's multi-token prediction modules
         spec["mtp_layers"] = _int(cfg["num_nextn_predict_layers"], "num_nextn_predict_layers",
                                   where)
@@ -412,8 +416,38 @@ def _attention_fields(cfg: dict, kind: str, num_layers: int, where: str) -> dict
     return out
 
 
+def _hybrid_fields(cfg: dict, num_layers: int, where: str) -> dict:
+    """Nemotron-H's layer pattern and Mamba-2 shape (HF NemotronHConfig): one pre-norm block
+    per layer, the pattern's M / * / - / E naming its module."""
+    g = lambda *k, **kw: _get(cfg, where, *k, **kw)  # noqa: E731
+    if cfg.get("moe_latent_size"):
+        raise SpecError(f"model config {where}: latent MoE (moe_latent_size, Nemotron 3 Super "
+                        "and Ultra) is not modelled yet; write a meshplan model file without it "
+                        "(see docs/models.md) for an estimate of the plain-MoE equivalent")
+    pattern = g("hybrid_override_pattern")
+    if not isinstance(pattern, str) or len(pattern) != num_layers:
+        raise SpecError(f"model config {where}: hybrid_override_pattern must be a string of "
+                        f"num_hidden_layers={num_layers} characters, got {str(pattern)[:40]!r}")
+    return dict(layer_pattern=pattern, norms_per_layer=1,
+                mamba_num_heads=_int(g("mamba_num_heads"), "mamba_num_heads", where),
+                mamba_head_dim=_int(g("mamba_head_dim"), "mamba_head_dim", where),
+                mamba_state_dim=_int(g("ssm_state_size"), "ssm_state_size", where),
+                mamba_groups=_int(g("n_groups", default=8), "n_groups", where),
+                mamba_conv_kernel=_int(g("conv_kernel", default=4), "conv_kernel", where),
+                mamba_chunk_size=_int(g("chunk_size", default=128), "chunk_size", where))
+
+
 def _moe_fields(cfg: dict, kind: str, where: str) -> dict:
     g = lambda *k, **kw: _get(cfg, where, *k, **kw)  # noqa: E731
+    if kind == "nemotron_h":
+        if not cfg.get("n_routed_experts"):
+            return {}
+        shared = (cfg.get("n_shared_experts") or 0) and \
+            g("moe_shared_expert_intermediate_size")
+        return dict(num_experts=g("n_routed_experts"), experts_top_k=g("num_experts_per_tok"),
+                    expert_ffn_hidden_size=g("moe_intermediate_size"),
+                    num_shared_experts=cfg.get("n_shared_experts") or 0,
+                    shared_expert_ffn_hidden_size=shared)
     if kind == "mixtral":
         return dict(num_experts=g("num_local_experts"), experts_top_k=g("num_experts_per_tok"),
                     expert_ffn_hidden_size=g("intermediate_size"))
