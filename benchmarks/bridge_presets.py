@@ -37,7 +37,8 @@ RELEASE = {"25.11": "v0.2.2", "26.02": "v0.3.1", "26.02.01": "v0.3.1", "26.04": 
            "26.04.01": "v0.4.2", "26.06": "v0.5.1"}
 """NeMo container of a table section -> the Megatron-Bridge release it ships."""
 FAMILY = {"gpt-oss-120b": ("gpt_oss", "GPT_OSS_120B"), "Qwen3-30B-A3B": ("qwen", "QWEN3_30B_A3B"),
-          "Qwen3-235B-A22B": ("qwen", "QWEN3_235B_A22B"), "DeepSeek-V3": ("deepseek", "DEEPSEEK_V3")}
+          "Qwen3-235B-A22B": ("qwen", "QWEN3_235B_A22B"), "DeepSeek-V3": ("deepseek", "DEEPSEEK_V3"),
+          "Nemotron-3-Nano-30B-A3B": ("nemotronh", "NEMOTRON_3_NANO")}
 GPUS = ("GB300", "GB200", "B300", "B200", "H100")
 """Preset name parts of the systems (GB before B: "B200" is in "GB200")."""
 COLUMNS = ("csv_line", "model", "gpu", "container", "release", "preset", "matched_by",
@@ -63,6 +64,9 @@ def presets(repo: str, tag: str, family: str) -> dict[str, dict]:
     dirname, stem = ("qwen3", "workload_base_configs.py") if family == "qwen" and tag == "v0.2.2" \
         else (family, "workload_base_configs.py" if tag == "v0.2.2"
               else f"{family.replace('qwen', 'qwen3')}_workload_base_configs.py")
+    if family == "nemotronh":  # Nemotron 3's presets: their own file, renamed after v0.3.1
+        stem = "nemotron_3_nano_workload_base_configs.py" if tag == "v0.3.1" \
+            else "nemotron_3_workload_base_configs.py"
     source = _show(repo, tag, f"scripts/performance/configs/{dirname}/{stem}")
     scope: dict = {}
     exec(source, scope)  # noqa: S102 - a pinned release's data file

@@ -2,7 +2,8 @@
 neither shared file, to judge the cost model on what it was not calibrated on.
 
 Held out: every DeepSeek-V3 pretraining row (a MoE family absent from the shared files: MLA,
-256 experts, 3 dense layers, multi-token prediction) and the GB300 / B300 rows of the shared
+256 experts, 3 dense layers, multi-token prediction), every Nemotron 3 Nano row (a hybrid
+Mamba-2 / attention / MoE family, also absent) and the GB300 / B300 rows of the shared
 file's MoE families (systems absent from it), of the NeMo containers whose Megatron-Bridge
 release is known (`bridge_presets.RELEASE`). Left out: NVFP4 rows (no such dtype here), the
 26.06.01 section (its release is not stated) and rows a footnote marks as a known regression.
@@ -41,7 +42,10 @@ COLUMNS = ("source_url", "source_note", "model", "model_type", "gpu", "num_gpus"
            "vp", "sharding", "recompute", "iter_time_s", "tokens_per_s_per_gpu",
            "tflops_per_gpu", "notes")
 MODELS = {"DeepSeekV3": "DeepSeek-V3", "GPT OSS 120B": "gpt-oss-120b",
-          "Qwen3_30B_a3B": "Qwen3-30B-A3B", "Qwen3_235B_a22B": "Qwen3-235B-A22B"}
+          "Qwen3_30B_a3B": "Qwen3-30B-A3B", "Qwen3_235B_a22B": "Qwen3-235B-A22B",
+          "Nemotron_3_Nano": "Nemotron-3-Nano-30B-A3B"}
+ABSENT_FAMILIES = ("DeepSeek-V3", "Nemotron-3-Nano-30B-A3B")
+"""Families absent from the shared files: every system of theirs is held out."""
 SYSTEMS = {"DGX-GB300": "GB300 (DGX-GB300 NVL72)", "DGX-B300": "B300 (DGX-B300)",
            "DGX-GB200": "GB200 (DGX-GB200 NVL72)", "DGX-B200": "B200 (DGX-B200)",
            "DGX-H100": "H100-SXM 80GB (DGX-H100)"}
@@ -90,7 +94,7 @@ def row_of(container: str, heading: str, cells: dict) -> dict | None:
     if (model is None or gpu is None or dtype is None or container not in RELEASE
             or "^" in "".join(cells.values())):
         return None
-    if model != "DeepSeek-V3" and system not in HELD_SYSTEMS:
+    if model not in ABSENT_FAMILIES and system not in HELD_SYSTEMS:
         return None  # in the shared file's territory
     num = {k: _first(cells[k]) for k in ("TP", "PP", "CP", "VP", "EP", "GBS", "MBS")}
     vp = "" if num["VP"] in ("n/a", "1") else num["VP"]
