@@ -129,7 +129,8 @@ def _run_megatron(mega, plan, with_env: bool = True):
     os.environ.update(megatron_env(plan) if with_env else {}, WORLD_SIZE=str(plan.layout.world), RANK="0",
                       LOCAL_RANK="0")
     _simulate_gpu_node(arguments, cuda_arch_major(plan) or 9)
-    sys.argv = ["pretrain_gpt.py", *megatron_args(plan), *_user_args(plan)]
+    script = "pretrain_hybrid.py" if plan.model.layer_pattern else "pretrain_gpt.py"
+    sys.argv = [script, *megatron_args(plan), *_user_args(plan)]
     args = arguments.parse_args()
     arguments.validate_args(args)
     config_class = None
@@ -177,6 +178,10 @@ def _expected(plan) -> dict:
                    overlap_moe_expert_parallel_comm=lay.moe_a2a_overlap)
         if flex:
             exp["moe_flex_dispatcher_backend"] = lay.moe_dispatcher
+    if m.layer_pattern:  # hybrid: the Mamba-2 shape (TransformerConfig's mamba_* fields)
+        exp.update(is_hybrid_model=True, mamba_num_heads=m.mamba_num_heads,
+                   mamba_head_dim=m.mamba_head_dim, mamba_state_dim=m.mamba_state_dim,
+                   mamba_num_groups=m.mamba_groups)
     return exp
 
 
@@ -210,6 +215,29 @@ def _expected_args(plan) -> dict:
         if exp["use_rope_scaling"]:
             exp["rope_scaling_factor"] = scaling.factor
     return exp
+
+
+def _hybrid_stage_split(args, plan) -> list[tuple[int, int, int, int]]:
+    """As `_stage_split` for a hybrid: Megatron-Core's select_pipeline_segment on the parsed
+    --hybrid-layer-pattern, asked as each stage's pipeline rank (the process group's rank and
+    size are what it reads; there is no process group here)."""
+    import torch
+    from megatron.core.models.hybrid import hybrid_layer_allocation as alloc
+
+    lay, out = plan.layout, []
+    alloc.log_on_each_pipeline_stage = lambda *args, **kwargs: None  # needs a process group
+    select_pipeline_segment = alloc.select_pipeline_segment
+    real = torch.distributed.get_rank, torch.distributed.get_world_size
+    try:
+        for stage in plan.stages:
+            torch.distributed.get_rank = lambda group=None, r=stage.pp_rank: r
+            torch.distributed.get_world_size = lambda group=None: lay.pp
+            layers, first = select_pipeline_segment(args.hybrid_layer_pattern, object(),
+                                                    stage.chunk if lay.vp > 1 else None)
+            out.append((stage.pp_rank, stage.chunk, first, len(layers)))
+    finally:
+        torch.distributed.get_rank, torch.distributed.get_world_size = real
+    return out
 
 
 def _stage_split(mega, config, plan) -> list[tuple[int, int, int, int]]:
@@ -257,7 +285,8 @@ def check_plan(mega, plan, with_env: bool = True) -> dict:
     from megatron.core.tokenizers.utils.build_tokenizer import vocab_size_with_padding
 
     padded = vocab_size_with_padding(plan.model.vocab_size, args, logging_enabled=False)
-    split = _stage_split(mega, config, plan)
+    split = _hybrid_stage_split(args, plan) if plan.model.layer_pattern \
+        else _stage_split(mega, config, plan)
     want_split = [(s.pp_rank, s.chunk, s.first_layer, s.num_layers) for s in plan.stages]
     if split != want_split:
         diffs.append(f"stage split {split}, plan {want_split}")

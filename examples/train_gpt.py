@@ -167,6 +167,9 @@ def check_supported(plan: Plan, single_process: bool) -> None:
     if model.is_moe:
         raise SpecError(f"model {model.name} is a mixture of experts; examples/train_gpt.py "
                         "trains dense models only")
+    if model.layer_pattern:
+        raise SpecError(f"model {model.name} is a hybrid (Mamba) model; examples/train_gpt.py "
+                        "trains transformers only")
     if single_process:
         return  # the layout is ignored
     if layout.cp > 1:

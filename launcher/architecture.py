@@ -51,7 +51,13 @@ _FAMILY = {
     "gpt2": ("LayerNorm", 1e-5, True, True, False, 1.0),
     "deepseek_v3": ("RMSNorm", 1e-6, False, False, False, 1.0),
     "deepseek_v2": ("RMSNorm", 1e-6, False, False, False, 1.0),
+    "nemotron_h": ("RMSNorm", 1e-5, False, False, False, 1.0),
 }
+_NO_POSITIONS = {"nemotron_h"}
+"""Families whose attention layers use no position embedding (Nemotron-H: the Mamba layers
+carry position; Megatron-Bridge's NemotronH providers set position_embedding_type "none")."""
+_SIGMOID_ROUTER = {"deepseek_v3", "nemotron_h"}
+"""Families whose router scores are sigmoids with a load-balancing expert bias."""
 _DEFAULT_THETA = {"mixtral": 1e6}
 
 
@@ -88,7 +94,7 @@ class Architecture:
     family: str
     """HuggingFace model_type (llama, mixtral, qwen2, gpt2, ...)."""
     position_embedding: str
-    """rope | learned_absolute."""
+    """rope | learned_absolute | none."""
     rope_theta: float
     rotary_fraction: float
     """Fraction of each head's width that is rotated (Nemotron 0.5, GPT-NeoX 0.25)."""
@@ -126,6 +132,8 @@ def _config_for(model: ModelSpec) -> tuple[dict | None, str]:
 
 
 def _guess_family(model: ModelSpec) -> str:
+    if model.layer_pattern:
+        return "nemotron_h"
     if model.mlp_kind == "squared_relu":
         return "nemotron"
     if model.mlp_kind == "gelu":
@@ -178,7 +186,8 @@ def architecture(model: ModelSpec) -> tuple[Architecture, str | None]:
         dropout = float(cfg.get("hidden_dropout", 0.0) or cfg.get("attention_dropout", 0.0))
     arch = Architecture(
         family=family,
-        position_embedding="learned_absolute" if family == "gpt2" else "rope",
+        position_embedding="learned_absolute" if family == "gpt2"
+        else "none" if family in _NO_POSITIONS else "rope",
         rope_theta=float(cfg.get("rope_theta", _DEFAULT_THETA.get(family, 10000.0))),
         rotary_fraction=float(cfg.get("partial_rotary_factor", cfg.get("rotary_pct", rotary))),
         rope_scaling=_rope_scaling(cfg),
@@ -191,7 +200,7 @@ def architecture(model: ModelSpec) -> tuple[Architecture, str | None]:
         dropout=dropout,
         parallel_residual=bool(cfg.get("use_parallel_residual", family == "gpt_neox")),
         mla=_mla(cfg) if family.startswith("deepseek") else None,
-        moe_router_score="sigmoid" if family == "deepseek_v3" else "softmax",
+        moe_router_score="sigmoid" if family in _SIGMOID_ROUTER else "softmax",
         source=source,
     )
     return arch, note

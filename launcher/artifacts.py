@@ -6,10 +6,12 @@ DIR gets, whatever the backend (the backend only decides what README.md leads wi
     launch.sbatch         SLURM batch script (srun torchrun on every node)
     launch.supervised.sbatch  SLURM batch script running `meshplan run` (framework plain)
     pytorchjob.yaml       ConfigMap (plan.yaml) + Kubeflow PyTorchJob (training-operator v1.9)
-    megatron_args.sh      MEGATRON_ARGS=( ... ) bash array for Megatron-LM pretrain_gpt.py
+    megatron_args.sh      MEGATRON_ARGS=( ... ) bash array for Megatron-LM pretrain_gpt.py (hybrid
+                          Mamba models: pretrain_hybrid.py)
     megatron_bridge_override.py  apply_meshplan(cfg) for a Megatron-Bridge recipe
     torchtitan_args.sh    TORCHTITAN_ARGS=( ... ) bash array of torchtitan CLI overrides
     torchtitan_config.py  apply_meshplan(config) for a torchtitan recipe (incl. uneven stages)
+                          (the two torchtitan files are not written for hybrid Mamba models)
     README.md             how to start it
 The framework decides which arguments the launch files pass to the script: plain (the
 meshplan example trainer: --plan DIR/plan.yaml), megatron (MEGATRON_ARGS) or torchtitan.
@@ -93,10 +95,10 @@ def render_launch(plan: Plan, script: str, out_dir: Path, backend: str = "torchr
         raise SpecError(f"run id {run_id!r} must be 1-64 characters of letters, digits, '.', '_', '-'")
     if framework not in FRAMEWORKS:
         raise SpecError(f"unknown framework {framework!r}; use one of {FRAMEWORKS}")
-    if plan.model.layer_pattern:  # the Megatron files would be pretrain_gpt.py's, not hybrid's
-        raise SpecError(f"model {plan.model.name} is a hybrid Mamba model: meshplan writes no "
-                        "launch files for it yet (Megatron-LM trains it with pretrain_hybrid.py "
-                        "--hybrid-layer-pattern); estimate and plan support it")
+    hybrid = bool(plan.model.layer_pattern)
+    if hybrid and framework == "torchtitan":
+        raise SpecError(f"model {plan.model.name} is a hybrid (Mamba) model and torchtitan has "
+                        "no Mamba layers: use --framework megatron or plain")
     args = training_args(plan, framework, str(out_dir / "plan.yaml"), script_args,
                          torchtitan_version)
     dump_dir = str(out_dir / "nccl_dumps")
@@ -120,10 +122,11 @@ def render_launch(plan: Plan, script: str, out_dir: Path, backend: str = "torchr
         "Megatron-LM arguments for this plan (NVIDIA/Megatron-LM@d98e8a64 names)",
         frameworks.megatron_env(plan))
     files["megatron_bridge_override.py"] = bridge.recipe_override_py(plan)
-    files["torchtitan_args.sh"] = _bash_array_file(
-        "TORCHTITAN_ARGS", frameworks.torchtitan_args(plan, torchtitan_version),
-        f"torchtitan {torchtitan_version} CLI overrides for this plan")
-    files["torchtitan_config.py"] = frameworks.torchtitan_config_py(plan, torchtitan_version)
+    if not hybrid:  # torchtitan has no Mamba layers
+        files["torchtitan_args.sh"] = _bash_array_file(
+            "TORCHTITAN_ARGS", frameworks.torchtitan_args(plan, torchtitan_version),
+            f"torchtitan {torchtitan_version} CLI overrides for this plan")
+        files["torchtitan_config.py"] = frameworks.torchtitan_config_py(plan, torchtitan_version)
     notes = frameworks.launch_notes(plan, framework, torchtitan_version)
     files["README.md"] = readme(plan, cmds, backend, framework, out_dir, notes)
     return files

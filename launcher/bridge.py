@@ -72,6 +72,10 @@ def model_fields(plan: Plan) -> dict[str, object]:
             out["moe_flex_dispatcher_backend"] = lay.moe_dispatcher
         if m.shared_expert_ffn_hidden_size:
             out["moe_shared_expert_intermediate_size"] = m.shared_expert_ffn_hidden_size
+    if m.layer_pattern:  # a hybrid recipe's MambaModelProvider (megatron-bridge 0.3.1)
+        out.update(hybrid_override_pattern=m.layer_pattern, mamba_num_heads=m.mamba_num_heads,
+                   mamba_head_dim=m.mamba_head_dim, mamba_state_dim=m.mamba_state_dim,
+                   mamba_num_groups=m.mamba_groups)
     if m.mtp_layers:  # multi-token prediction modules on the last stage (estimated there)
         out["mtp_num_layers"] = m.mtp_layers
     if lay.te_cross_entropy:  # the loss the memory estimate priced (`memory.TE_LOGIT_BYTES`)
@@ -117,8 +121,29 @@ def _fsdp_fields(plan: Plan) -> dict[str, object]:
     return out
 
 
+def hybrid_split_problem(plan: Plan) -> str | None:
+    """Why megatron-core 0.16.1's MambaBlock (what Megatron-Bridge 0.3.1 builds hybrids with)
+    cannot build the plan's stages, or None: it has no virtual stages and splits layers
+    evenly or with a different first / last stage only."""
+    lay, sizes = plan.layout, [s.num_layers for s in plan.stages]
+    if not plan.model.layer_pattern or lay.pp == 1:
+        return None
+    if lay.vp > 1:
+        return "interleaved (vp > 1) stages"
+    if len(set(sizes)) > 1 and len(set(sizes[1:-1])) > 1:
+        return f"the uneven middle stages {sizes[1:-1]}"
+    return None
+
+
 def recipe_override_py(plan: Plan) -> str:
-    """Python source of `apply_meshplan(cfg)` for a Megatron-Bridge recipe's ConfigContainer."""
+    """Python source of `apply_meshplan(cfg)` for a Megatron-Bridge recipe's ConfigContainer
+    (for a hybrid whose stages Bridge 0.3.1 cannot build, one that raises saying so)."""
+    problem = hybrid_split_problem(plan)
+    if problem:
+        return "\n".join([
+            '"""meshplan plan as a Megatron-Bridge (0.3.x) recipe override: not expressible."""',
+            "", "", "def apply_meshplan(cfg):",
+            f"    raise NotImplementedError({('Megatron-Bridge 0.3.1 builds hybrid models with ' f'megatron-core 0.16.1 MambaBlock, which cannot build {problem}; run Megatron-LM ' 'with megatron_args.sh (pretrain_hybrid.py) or re-plan with --vp 1')!r})", ""])
     lines = [
         '"""meshplan plan as a Megatron-Bridge (0.3.x) recipe override.',
         "",

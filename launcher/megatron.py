@@ -1,4 +1,5 @@
-"""Megatron-LM `pretrain_gpt.py` arguments for a plan: layout, schedule, model, overlaps, fp8.
+"""Megatron-LM arguments for a plan (`pretrain_gpt.py`; hybrid Mamba models: `pretrain_hybrid.py`):
+layout, schedule, model, overlaps, fp8.
 
 Every flag is a real one of NVIDIA/Megatron-LM@d98e8a64 (tests/data/framework_args_megatron.txt
 lists them all; benchmarks/check_megatron_args.py feeds the arguments to Megatron's own
@@ -9,7 +10,9 @@ with the plan). What the arguments say, term by term:
   --num-layers-per-virtual-pipeline-stage, --decoder-first/last-pipeline-num-layers or
   --pipeline-model-parallel-layout (one entry per virtual stage, model order).
 - the network: every architecture flag the planned model needs (launcher.architecture),
-  dropout 0 unless the model was trained with it.
+  dropout 0 unless the model was trained with it; a hybrid's layer pattern with '|' between
+  its pipeline stages (--hybrid-layer-pattern: Megatron builds the stages from the segments),
+  its Mamba-2 shape and the hybrid layer spec.
 - what the cost model assumed (cost_models/megatron.py): TE userbuffer TP overlap when the
   GPU's tp_comm_overlap > 0 and sequence parallelism is on (--tp-comm-overlap), the DP
   reduction overlapped with the last backward (--overlap-grad-reduce, and
@@ -63,6 +66,8 @@ def megatron_pipeline_args(plan: Plan) -> list[str]:
     like planner.planfile.stage_ranges.
     """
     layout, sizes = plan.layout, [s.num_layers for s in plan.stages]
+    if plan.model.layer_pattern:  # a hybrid's stages are '|' in its pattern (`_hybrid_args`)
+        return []
     if layout.pp == 1 or len(set(sizes)) == 1:
         return _flag("num-layers-per-virtual-pipeline-stage", sizes[0]) if layout.vp > 1 else []
     middle = sizes[1:-1]
@@ -193,7 +198,7 @@ def _shape_args(plan: Plan, arch: Architecture) -> list[str]:
 
 def _position_args(arch: Architecture) -> list[str]:
     if arch.position_embedding != "rope":
-        return _flag("position-embedding-type", "learned_absolute")
+        return _flag("position-embedding-type", arch.position_embedding)
     args = _flag("position-embedding-type", "rope") + _flag("rotary-base", _num(arch.rope_theta))
     if arch.rotary_fraction != 1.0:
         args += _flag("rotary-percent", arch.rotary_fraction)
@@ -262,6 +267,34 @@ def _moe_args(plan: Plan, arch: Architecture) -> list[str]:
     return args
 
 
+HYBRID_SPEC = ("megatron.core.models.hybrid.hybrid_layer_specs", "hybrid_stack_spec")
+"""The layer spec pretrain_hybrid.py builds a hybrid with (`--spec MODULE NAME`; Megatron-LM's
+examples/mamba/train.sh)."""
+
+
+def hybrid_layer_pattern(plan: Plan) -> str:
+    """The model's layer pattern with '|' between the plan's pipeline stages in model order
+    (Megatron-Core `select_pipeline_segment` gives segment v·pp + r to pp rank r, virtual
+    stage v, as `planner.planfile.stage_ranges` orders them); no '|' with one stage."""
+    pattern, stages = plan.model.layer_pattern, sorted(plan.stages, key=lambda s: s.first_layer)
+    if len(stages) == 1:
+        return pattern
+    return "|".join(pattern[s.first_layer:s.first_layer + s.num_layers] for s in stages)
+
+
+def _hybrid_args(plan: Plan) -> list[str]:
+    """Hybrid (Mamba) models: the layer pattern (stages as '|'), the Mamba-2 shape and the
+    hybrid layer spec; Megatron derives --num-layers from the pattern."""
+    m = plan.model
+    if not m.layer_pattern:
+        return []
+    return (_flag("hybrid-layer-pattern", hybrid_layer_pattern(plan))
+            + _flag("mamba-num-heads", m.mamba_num_heads)
+            + _flag("mamba-head-dim", m.mamba_head_dim)
+            + _flag("mamba-state-dim", m.mamba_state_dim)
+            + _flag("mamba-num-groups", m.mamba_groups) + ["--spec", *HYBRID_SPEC])
+
+
 def _dispatcher_args(plan: Plan) -> list[str]:
     """alltoall, or the flex dispatcher with its node-deduplicating backend."""
     kind = plan.layout.moe_dispatcher
@@ -282,7 +315,7 @@ def megatron_args(plan: Plan) -> list[str]:
     return (_parallel_args(plan) + _batch_args(plan) + _recompute_args(plan) + _offload_args(plan)
             + _overlap_args(plan) + _precision_args(plan) + _shape_args(plan, arch)
             + _position_args(arch) + _layer_args(arch, plan) + _mla_args(arch)
-            + _moe_args(plan, arch)
+            + _moe_args(plan, arch) + _hybrid_args(plan)
             + (_flag("mtp-num-layers", plan.model.mtp_layers) if plan.model.mtp_layers else []))
 
 
@@ -310,6 +343,9 @@ def megatron_notes(plan: Plan) -> list[str]:
     """What Megatron-LM will run differently from the plan (one line each, for stderr)."""
     arch, guessed = architecture(plan.model)
     notes = [guessed] if guessed else []
+    if plan.model.layer_pattern:
+        notes.append("a hybrid (Mamba) model: run these arguments with Megatron-LM's "
+                     "pretrain_hybrid.py, not pretrain_gpt.py")
     schedule = megatron_schedule_note(plan)
     if schedule:
         notes.append(schedule)

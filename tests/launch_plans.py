@@ -65,6 +65,10 @@ FAMILIES = {
                                          fsdp_strategy="optim_grads")),
     "deepseek-v3": ("deepseek-v3", 32, dict(tp=2, pp=8, dp=16, ep=16, recompute="full",
                                             layers_per_stage=(7, 8, 8, 8, 8, 8, 8, 6))),
+    # a hybrid (Mamba-2 / attention / MoE) model: the stages are '|' in its layer pattern
+    "nemotron3-nano": ("nemotron-3-nano-30b-a3b", 2, dict(tp=2, pp=2, dp=4, ep=8, etp=1, vp=2,
+                                                          sequence_parallel=True,
+                                                          layers_per_stage=(14, 13, 13, 12))),
     # MoE parallel folding: ep 32 over tp 2 x dp 16 (ep > dp), whole experts (etp 1).
     "deepseek-v3-fold": ("deepseek-v3", 32, dict(tp=2, pp=8, dp=16, ep=32, etp=1,
                                                  recompute="full", cuda_graphs=True,

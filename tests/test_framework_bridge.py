@@ -138,3 +138,25 @@ def test_te_loss_is_set_by_the_override_and_noted_for_megatron_lm():
     assert moe["moe_token_dispatcher_type"] == "flex" and moe["moe_flex_dispatcher_backend"] == "deepep"
     assert moe["overlap_moe_expert_parallel_comm"] is True
     assert moe["cuda_graph_scope"] == ["attn", "moe_router", "moe_preprocess"]
+
+
+def test_hybrid_override_names_mamba_provider_fields():
+    """A hybrid's override sets the layer pattern and Mamba-2 shape on the MambaModelProvider
+    a Nemotron-H recipe builds (megatron-bridge 0.3.1), and refuses what its megatron-core
+    0.16.1 MambaBlock cannot build (virtual stages) instead of building something else."""
+    from dataclasses import replace
+
+    vp2 = launch_plans.make("nemotron3-nano", launch_plans.FAMILIES)
+    plan = replace(vp2, layout=replace(vp2.layout, vp=1, layers_per_stage=(26, 26)))
+    text = bridge.recipe_override_py(plan)
+    mamba = _fields("megatron/bridge/models/mamba/mamba_provider.py", "MambaModelProvider") \
+        | _known("model") | _fields("megatron/core/transformer/transformer_config.py",
+                                    "TransformerConfig")
+    for section, field in re.findall(r"cfg\.(\w+)\.(\w+) =", text):
+        assert field in (mamba if section == "model" else _known(section)), f"cfg.{section}.{field}"
+    assert f"cfg.model.hybrid_override_pattern = {plan.model.layer_pattern!r}" in text
+    assert "cfg.model.mamba_num_groups = 8" in text
+    scope: dict = {}
+    exec(bridge.recipe_override_py(vp2), scope)  # noqa: S102 - the generated file
+    with pytest.raises(NotImplementedError, match="vp > 1"):
+        scope["apply_meshplan"](None)

@@ -50,6 +50,9 @@ def _parse(args: list[str]) -> dict[str, str | bool]:
 
 def _megatron_split(f: dict, layers: int, pp: int) -> tuple[int, list[int]]:
     """(vp, layers per virtual stage in model order) as Megatron derives them."""
+    if "hybrid-layer-pattern" in f:  # hybrid: '|' between stages, vp from the segment count
+        segments = str(f["hybrid-layer-pattern"]).split("|")
+        return max(len(segments) // pp, 1), [len(seg) for seg in segments]
     if "pipeline-model-parallel-layout" in f:
         entries = str(f["pipeline-model-parallel-layout"]).split("|")
         sizes = [int(e.strip("EL").split("*")[1]) for e in entries]
@@ -130,6 +133,20 @@ def test_megatron_args_rebuild_the_plan(name):
                                              else {})
     assert ("use-megatron-fsdp" in f) == lay.fsdp
     assert int(f.get("num-distributed-optimizer-instances", 1)) == lay.dp_replicate
+
+
+def test_hybrid_pattern_shape_and_spec():
+    plan = _plan("nemotron3-nano")
+    args = frameworks.megatron_args(plan)
+    f = _parse(args)
+    assert f["hybrid-layer-pattern"].replace("|", "") == plan.model.layer_pattern
+    assert (int(f["mamba-num-heads"]), int(f["mamba-head-dim"]), int(f["mamba-state-dim"]),
+            int(f["mamba-num-groups"])) == (64, 64, 128, 8)
+    assert args[args.index("--spec") + 1:args.index("--spec") + 3] == [
+        "megatron.core.models.hybrid.hybrid_layer_specs", "hybrid_stack_spec"]
+    assert f["position-embedding-type"] == "none" and f["moe-router-score-function"] == "sigmoid"
+    assert "moe-layer-freq" not in f and "num-layers-per-virtual-pipeline-stage" not in f
+    assert any("pretrain_hybrid.py" in n for n in frameworks.megatron_notes(plan))
 
 
 def test_deepseek_dense_layers_and_router():

@@ -188,7 +188,10 @@ def test_estimate_cli_refuses_what_it_cannot_model(extra, words):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def test_plan_then_launch_refuses_with_one_line(tmp_path):
+def test_plan_then_launch_writes_megatron_hybrid_files(tmp_path):
+    """`meshplan plan` then `launch --framework megatron` as processes: the Megatron arguments
+    carry the pattern and Mamba shape, the torchtitan files are left out (no Mamba there) and
+    --framework torchtitan is one line, nothing written."""
     plan = tmp_path / "plan.yaml"
     r = meshplan("plan", "--model", "nemotron-3-nano-30b-a3b", "--cluster", "dgx-b200",
                  "--nodes", "1", "--seq-len", "8192", "--global-batch-size", "512",
@@ -197,9 +200,18 @@ def test_plan_then_launch_refuses_with_one_line(tmp_path):
     script = tmp_path / "train.py"
     script.write_text("")
     out = tmp_path / "launch"
-    r = meshplan("launch", str(plan), "--script", str(script), "-o", str(out))
-    assert r.returncode == 2 and "hybrid Mamba model" in r.stderr
-    assert not out.exists()
+    r = meshplan("launch", str(plan), "--script", str(script), "-o", str(out),
+                 "--framework", "megatron")
+    assert r.returncode == 0, r.stderr
+    assert "pretrain_hybrid.py" in r.stderr
+    args = (out / "megatron_args.sh").read_text()
+    assert "--hybrid-layer-pattern" in args and "--mamba-num-heads 64" in args
+    assert not (out / "torchtitan_args.sh").exists()
+    bad = tmp_path / "titan"
+    r = meshplan("launch", str(plan), "--script", str(script), "-o", str(bad),
+                 "--framework", "torchtitan")
+    assert r.returncode == 2 and "torchtitan has no Mamba" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not bad.exists()
 
 
 def test_nano_preset_is_the_cited_config():
