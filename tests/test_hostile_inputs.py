@@ -20,6 +20,8 @@ TIMEOUT_S = 10.0
 BASE = ["--seq-len", "4096", "--global-batch-size", "64"]
 H100 = ["--model", "llama3.1-8b", "--cluster", "dgx-h100", "--nodes", "2", *BASE]
 EST = ["estimate", *H100, "--tp", "2", "--pp", "1", "--micro-batch-size", "1"]
+EST_HYBRID = [*BASE, "--tp", "1", "--pp", "1", "--ep", "8", "--micro-batch-size", "1"]
+ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_OK = """meshplan_cluster: 1
 name: t
 gpu_types:
@@ -67,6 +69,12 @@ def files(tmp_path_factory) -> Path:
     (d / "huge.json").write_text(json.dumps({**LLAMA, "hidden_size": 10**30}))
     (d / "heads.json").write_text(json.dumps({**LLAMA, "num_key_value_heads": 7}))
     (d / "trunc.json").write_text(json.dumps(LLAMA)[:40])
+    nano = json.loads((ROOT / "planner" / "data" / "models" / "nemotron-3-nano-30b-a3b.json")
+                      .read_text())
+    (d / "hybrid_short.json").write_text(json.dumps({**nano, "hybrid_override_pattern": "MEM*"}))
+    (d / "hybrid_char.json").write_text(json.dumps(
+        {**nano, "hybrid_override_pattern": nano["hybrid_override_pattern"][:-1] + "Q"}))
+    (d / "hybrid_heads.json").write_text(json.dumps({**nano, "mamba_num_heads": 60}))
     (d / "confdir").mkdir()
     (d / "cluster_ok.yaml").write_text(CLUSTER_OK)
     (d / "c_nan_bw.yaml").write_text(CLUSTER_OK.replace("bandwidth_GBps: 50", "bandwidth_GBps: .nan"))
@@ -239,6 +247,13 @@ CASES = [
     (["goodput", "{d}/plan.yaml", "--mtbf-gpu-hours", "nan"], 2, "--mtbf-gpu-hours", ()),
     (["goodput", "{d}/plan.yaml", "--restart-s", "-1"], 2, "--restart-s", ()),
     (["goodput", "{d}/plan_gap.yaml"], 2, "every layer", ()),
+    # hybrid (Mamba) configs that do not add up
+    (["estimate", "--model", "{d}/hybrid_short.json", *H100[2:6], *EST_HYBRID], 2,
+     "hybrid_override_pattern", ()),
+    (["estimate", "--model", "{d}/hybrid_char.json", *H100[2:6], *EST_HYBRID], 2,
+     "layer_pattern must be", ()),
+    (["estimate", "--model", "{d}/hybrid_heads.json", *H100[2:6], *EST_HYBRID], 2,
+     "mamba_groups", ()),
 ]
 
 
