@@ -38,7 +38,7 @@ RELEASE = {"25.11": "v0.2.2", "26.02": "v0.3.1", "26.02.01": "v0.3.1", "26.04": 
 """NeMo container of a table section -> the Megatron-Bridge release it ships."""
 FAMILY = {"gpt-oss-120b": ("gpt_oss", "GPT_OSS_120B"), "Qwen3-30B-A3B": ("qwen", "QWEN3_30B_A3B"),
           "Qwen3-235B-A22B": ("qwen", "QWEN3_235B_A22B"), "DeepSeek-V3": ("deepseek", "DEEPSEEK_V3"),
-          "Nemotron-3-Nano-30B-A3B": ("nemotronh", "NEMOTRON_3_NANO")}
+          "Nemotron-3-Nano-30B-A3B": ("nemotronh", "NEMOTRON_3_NANO"), "Kimi-K2": ("kimi", "KIMI_K2")}
 GPUS = ("GB300", "GB200", "B300", "B200", "H100")
 """Preset name parts of the systems (GB before B: "B200" is in "GB200")."""
 COLUMNS = ("csv_line", "model", "gpu", "container", "release", "preset", "matched_by",

@@ -3,7 +3,8 @@ neither shared file, to judge the cost model on what it was not calibrated on.
 
 Held out: every DeepSeek-V3 pretraining row (a MoE family absent from the shared files: MLA,
 256 experts, 3 dense layers, multi-token prediction), every Nemotron 3 Nano row (a hybrid
-Mamba-2 / attention / MoE family, also absent) and the GB300 / B300 rows of the shared
+Mamba-2 / attention / MoE family, also absent), every Kimi-K2 row (DeepSeek-V3's network at
+384 experts and 64 heads, trained with Muon) and the GB300 / B300 rows of the shared
 file's MoE families (systems absent from it), of the NeMo containers whose Megatron-Bridge
 release is known (`bridge_presets.RELEASE`). Left out: NVFP4 rows (no such dtype here), the
 26.06.01 section (its release is not stated) and rows a footnote marks as a known regression.
@@ -43,8 +44,8 @@ COLUMNS = ("source_url", "source_note", "model", "model_type", "gpu", "num_gpus"
            "tflops_per_gpu", "notes")
 MODELS = {"DeepSeekV3": "DeepSeek-V3", "GPT OSS 120B": "gpt-oss-120b",
           "Qwen3_30B_a3B": "Qwen3-30B-A3B", "Qwen3_235B_a22B": "Qwen3-235B-A22B",
-          "Nemotron_3_Nano": "Nemotron-3-Nano-30B-A3B"}
-ABSENT_FAMILIES = ("DeepSeek-V3", "Nemotron-3-Nano-30B-A3B")
+          "Nemotron_3_Nano": "Nemotron-3-Nano-30B-A3B", "Kimi_K2": "Kimi-K2"}
+ABSENT_FAMILIES = ("DeepSeek-V3", "Nemotron-3-Nano-30B-A3B", "Kimi-K2")
 """Families absent from the shared files: every system of theirs is held out."""
 SYSTEMS = {"DGX-GB300": "GB300 (DGX-GB300 NVL72)", "DGX-B300": "B300 (DGX-B300)",
            "DGX-GB200": "GB200 (DGX-GB200 NVL72)", "DGX-B200": "B200 (DGX-B200)",
@@ -53,7 +54,8 @@ HELD_SYSTEMS = ("DGX-GB300", "DGX-B300")
 """Systems held out for the families the shared file has."""
 DTYPES = {"BF16": "bf16", "MXFP8": "mxfp8", "FP8-MX": "mxfp8", "FP8-CS": "fp8", "FP8": "fp8"}
 DSV3_CHUNKS = {4: (16, 16, 16, 13), 8: (8,) * 7 + (5,), 16: (4,) * 15 + (1,)}
-"""Megatron-Bridge's DeepSeek-V3 layers per pipeline chunk by chunk count (pp x vp)."""
+"""Megatron-Bridge's DeepSeek-V3 layers per pipeline chunk by chunk count (pp x vp); its
+Kimi-K2 recipe uses the same (`_get_kimi_k2_pipeline_layout`, recipes/kimi/kimi_k2.py)."""
 
 
 def _cells(line: str) -> list[str]:
@@ -99,9 +101,13 @@ def row_of(container: str, heading: str, cells: dict) -> dict | None:
     num = {k: _first(cells[k]) for k in ("TP", "PP", "CP", "VP", "EP", "GBS", "MBS")}
     vp = "" if num["VP"] in ("n/a", "1") else num["VP"]
     notes = [f"NeMo container {container} section; Megatron-Bridge perf recipes; synthetic data"]
-    if model == "DeepSeek-V3":
-        mtp = "w/o MTP" not in name
-        notes.append("MTP on (recipe mtp_num_layers = 1)" if mtp else "MTP off (table: w/o MTP)")
+    if model == "Kimi-K2":
+        notes.append("Muon optimizer (table note; meshplan prices Adam's step)")
+    if model in ("DeepSeek-V3", "Kimi-K2"):
+        if model == "DeepSeek-V3":
+            mtp = "w/o MTP" not in name
+            notes.append("MTP on (recipe mtp_num_layers = 1)" if mtp
+                         else "MTP off (table: w/o MTP)")
         chunks = int(num["PP"]) * int(vp or 1)
         if chunks in DSV3_CHUNKS:
             notes.append("layers per pipeline chunk: "

@@ -470,3 +470,28 @@ def test_kimi_k2_reads_as_deepseek_v3():
     spec = model_from_config(cfg, "kimi-k2")
     assert spec.is_mla and (spec.num_experts, spec.num_dense_layers, spec.mtp_layers) == (384, 1, 0)
     assert flops.parameter_count(spec) == pytest.approx(1.026e12, rel=1e-3)  # "1T" (model card)
+
+
+# moonshotai/Kimi-K2-Instruct config.json (the keys that shape the network; model_type kimi_k2)
+KIMI_K2 = {"model_type": "kimi_k2", "num_hidden_layers": 61, "hidden_size": 7168,
+           "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_attention_heads": 64,
+           "num_key_value_heads": 64, "n_routed_experts": 384, "n_shared_experts": 1,
+           "num_experts_per_tok": 8, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+           "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+           "qk_rope_head_dim": 64, "v_head_dim": 128, "vocab_size": 163840,
+           "max_position_embeddings": 131072, "tie_word_embeddings": False,
+           "num_nextn_predict_layers": 0, "hidden_act": "silu"}
+
+
+def test_kimi_k2_preset_sizes_and_megatron_bridge_flops():
+    """Kimi Team 2025, Kimi K2 (arXiv 2507.20534), abstract: 32B activated parameters, 1T
+    total (1.03T counted here; the report rounds). Megatron-Bridge's performance archive
+    (@067f987, 26.06, Kimi_K2 on 256 GB300) reports 5372 tokens/s/GPU at 1099 model
+    TFLOP/s/GPU: 204.6 GFLOP per token at 4096 tokens, which meshplan's count matches."""
+    preset = load_model("kimi-k2")
+    assert replace(preset, name="k") == replace(model_from_config(KIMI_K2, "k"), name="k")
+    assert flops.parameter_count(preset) == pytest.approx(1.0e12, rel=0.03)
+    assert flops.active_parameter_count(preset, count_embedding=False) == pytest.approx(
+        32e9, rel=0.02)
+    per_token = flops.model_flops_per_step(preset, 1, 4096) / 4096
+    assert per_token == pytest.approx(1099e12 / 5372, rel=0.01)
