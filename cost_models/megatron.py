@@ -419,7 +419,8 @@ def _module_recompute_s(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, tokens, a
     if not np.any(mask != recompute_modules.DEFAULT_MASK):
         return attn_f
     gemm, elem, core, moe = recompute_modules.recompute_parts(model, tokens, g.tp, mask)
-    return (np.where(gemm > 0, compute.gemm_time(gemm, 2, gpu, g.dtype), 0.0)
+    kernels = 1 if model.layer_pattern else 2  # a hybrid's layer holds half the modules
+    return (np.where(gemm > 0, compute.gemm_time(gemm, kernels, gpu, g.dtype), 0.0)
             + compute.memory_bound_time(elem, gpu)
             + np.where(core, attn_f, 0.0) + np.where(moe, experts_f, 0.0))
 
@@ -467,9 +468,10 @@ def expert_gemm_times(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, tokens, rou
         return 0.0, 0.0
     work = expert_gemm_flops(model, g, tokens)
     slow = (work + 1e9 * gpu.grouped_gemm_half_gflop) / work * model.expert_load_imbalance
-    fixed = host_share(g) * gpu.moe_layer_overhead_s * model.num_moe_layers / model.num_layers
-    fwd = compute.gemm_time(routed * slow, 2, gpu, g.dtype) + fixed
-    bwd = compute.gemm_time(2 * routed * slow, 4, gpu, g.dtype) + fixed
+    share = model.num_moe_layers / model.num_layers  # kernels per layer, averaged
+    fixed = host_share(g) * gpu.moe_layer_overhead_s * share
+    fwd = compute.gemm_time(routed * slow, 2 * share, gpu, g.dtype) + fixed
+    bwd = compute.gemm_time(2 * routed * slow, 4 * share, gpu, g.dtype) + fixed
     return fwd, bwd
 
 
@@ -548,9 +550,9 @@ def _attention_times(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, causal_flops
                                      flops_per_score=per_score,
                                      matmul_passes=ATTENTION_BACKWARD_FACTOR)
     scores = model.num_heads * g.micro_batch_size * g.seq_len * (g.seq_len / g.cp) / g.tp * share
-    unfused_f = (compute.gemm_time(2 * causal_flops, 2, gpu, g.dtype)
+    unfused_f = (compute.gemm_time(2 * causal_flops, 2 * share, gpu, g.dtype)
                  + compute.memory_bound_time(11 * scores, gpu))
-    unfused_b = (compute.gemm_time(4 * causal_flops, 4, gpu, g.dtype)
+    unfused_b = (compute.gemm_time(4 * causal_flops, 4 * share, gpu, g.dtype)
                  + compute.memory_bound_time(22 * scores, gpu))
     # torchtitan's SDPA kernels run at `GpuSpec.sdpa_attention_factor` of TE's
     sdpa = np.where(g.titan, 1 / gpu.sdpa_attention_factor, 1.0)
@@ -708,7 +710,8 @@ def weight_grad_time(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid) -> np.ndarra
     FLOPs (the backward's 2x GEMM work is half input gradients B, half weight gradients W;
     Qi et al. 2024 Sec. 2, "zero bubble" F/B/W split)."""
     tokens = g.micro_batch_size * g.seq_len / g.cp
-    return compute.gemm_time(flops.layer_gemm_flops(model, tokens) / g.tp, 4, gpu, g.dtype)
+    kernels = 2 if model.layer_pattern else 4  # weight GEMMs per layer (`layer_base`)
+    return compute.gemm_time(flops.layer_gemm_flops(model, tokens) / g.tp, kernels, gpu, g.dtype)
 
 
 def schedule_fractions(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, lt: LayerTimes):

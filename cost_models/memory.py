@@ -207,7 +207,7 @@ def _activation_bytes_per_layer(model: ModelSpec, micro_batch, seq_len, tp, cp=1
         # (Megatron-Core's MLA keeps the down projections unsplit): each is kept as its
         # RMSNorm input (2 bytes) and as the input of its up projection (gemm_in bytes).
         latent = model.q_lora_rank + model.kv_lora_rank
-        outside = outside + (2 + gemm_in) * sb * latent + 2 * sb * model.qk_rope_head_dim
+        outside = outside + ((2 + gemm_in) * sb * latent + 2 * sb * model.qk_rope_head_dim) * attn
     mlp = mlp_kept_bytes(model, sb, model.active_ffn_width, gemm_in)  # f for dense models
     flash_core = 4 * sb * model.num_heads  # fp32 log-sum-exp; the output O is proj_in above
     score_core = score_bytes(model, s, micro_batch)
@@ -237,13 +237,14 @@ def _activation_bytes_per_layer(model: ModelSpec, micro_batch, seq_len, tp, cp=1
 
 def mamba_kept_bytes(model: ModelSpec, tokens, gemm_in):
     """Bytes one Mamba-2 mixer keeps for backward over `tokens` tokens (split over tp with its
-    heads): the input projection's output z, x, B, C, dt (bf16; the convolution's and the
-    gate's input), the convolution output x, B, C (bf16; the SSD kernel's input), dt after
-    softplus (fp32, H), the SSD output y (bf16; the gated norm's input) and the output
-    projection's input (`gemm_in` bytes). The chunk states are recomputed in backward
-    (mamba_ssm's `mamba_chunk_scan_combined` saves its inputs only)."""
-    return tokens * (2 * model.mamba_in_proj_width + 2 * model.mamba_conv_channels
-                     + 4 * model.mamba_num_heads + (2 + gemm_in) * model.mamba_inner)
+    heads), on Megatron-Core MambaMixer's memory-efficient path: the fused convolution + scan
+    (mamba_ssm `mamba_split_conv1d_scan_combined`, called without the norm) saves the input
+    projection's output z, x, B, C, dt (bf16) and its output y (bf16), recomputing the
+    convolution, dt's softplus and the chunk states in backward; the gated RMSNorm saves its
+    input (bf16) and one fp32 reciprocal RMS per group; the output projection its input
+    (`gemm_in` bytes)."""
+    return tokens * (2 * model.mamba_in_proj_width + 4 * model.mamba_inner
+                     + gemm_in * model.mamba_inner + 4 * model.mamba_groups)
 
 
 def norm_outputs_kept(model: ModelSpec) -> int:

@@ -108,7 +108,8 @@ def freed_bytes(model: ModelSpec, micro_batch, seq_len, tp, cp, sequence_paralle
     out = np.where(_has(mask, "layernorm"), outside(norms * gemm_in * sb * h), 0.0)
     # unfused cores keep the scores; flash kernels nothing to free
     out = out + np.where(_has(mask, "core_attn") & ~np.asarray(flash_attention, bool),
-                         memory.score_bytes(model, s, micro_batch) / tp, 0.0)
+                         memory.score_bytes(model, s, micro_batch) / tp * model.attention_share,
+                         0.0)
 
     def mlp_kept(width):  # what an MLP of inner width `width` keeps inside (split over tp)
         return memory.mlp_kept_bytes(model, sb, width, gemm_in)
@@ -127,7 +128,8 @@ def freed_bytes(model: ModelSpec, micro_batch, seq_len, tp, cp, sequence_paralle
                        + np.where(_has(mask, "shared_experts"), shared, 0.0))
         out = out + moe_share * moe
     if model.is_mla:
-        out = out + np.where(_has(mask, "mla_up_proj"), 2 * sb * model.qkv_width / tp, 0.0)
+        out = out + np.where(_has(mask, "mla_up_proj"),
+                             2 * sb * model.qkv_width / tp * model.attention_share, 0.0)
     return out
 
 
@@ -162,6 +164,7 @@ def recompute_parts(model: ModelSpec, tokens, tp, mask):
         up = (model.q_lora_rank * model.num_heads * model.head_dim
               + model.kv_lora_rank * model.num_heads * (model.head_dim - model.qk_rope_head_dim
                                                         + model.value_head_dim))
-        gemm = gemm + np.where(_has(mask, "mla_up_proj"), 2 * tokens * up / tp, 0.0)
+        gemm = gemm + np.where(_has(mask, "mla_up_proj"),
+                               2 * tokens * up / tp * model.attention_share, 0.0)
     return (np.broadcast_to(gemm, shape), np.broadcast_to(elem, shape), _has(mask, "core_attn"),
             np.broadcast_to(moe, shape))

@@ -277,6 +277,10 @@ class ModelSpec:
         if self.parallel_attention_mlp:
             raise SpecError(f"model {self.name}: a layer_pattern model has one module per "
                             "layer; parallel_attention_mlp does not apply")
+        if self.mtp_layers:
+            raise SpecError(f"model {self.name}: multi-token prediction on a hybrid pattern is "
+                            "not modelled (its modules have their own pattern); set "
+                            "mtp_layers 0 (--mtp-layers 0)")
 
     def _check_attention_variants(self) -> None:
         """SpecError for MLA, window, norm and layer-pattern fields out of range."""

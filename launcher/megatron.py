@@ -332,6 +332,9 @@ def megatron_schedule_note(plan: Plan) -> str | None:
     if lay.pp == 1 or lay.schedule in MEGATRON_SCHEDULES:
         return None
     runs = MEGATRON_SCHEDULES["interleaved" if lay.vp > 1 else "1f1b"]
+    if plan.model.layer_pattern:  # torchtitan has no Mamba layers
+        return (f"Megatron-LM has no {lay.schedule} schedule; these arguments run {runs}, with "
+                "a larger bubble than planned: re-plan with --schedule 1f1b or interleaved")
     return (f"Megatron-LM has no {lay.schedule} schedule; these arguments run {runs}, with a "
             "larger bubble than planned: re-plan with --schedule 1f1b or interleaved, or "
             "launch with --framework torchtitan" + (" (it runs ZBVZeroBubble / DualPipeV)"
@@ -343,9 +346,14 @@ def megatron_notes(plan: Plan) -> list[str]:
     """What Megatron-LM will run differently from the plan (one line each, for stderr)."""
     arch, guessed = architecture(plan.model)
     notes = [guessed] if guessed else []
-    if plan.model.layer_pattern:
+    m = plan.model
+    if m.layer_pattern:
         notes.append("a hybrid (Mamba) model: run these arguments with Megatron-LM's "
                      "pretrain_hybrid.py, not pretrain_gpt.py")
+        if (m.mamba_conv_kernel, m.mamba_chunk_size) != (4, 128):
+            notes.append(f"Megatron-Core's MambaMixer builds a convolution of 4 and SSD chunks "
+                         f"of 128 (no flags); this model has {m.mamba_conv_kernel} and "
+                         f"{m.mamba_chunk_size}")
     schedule = megatron_schedule_note(plan)
     if schedule:
         notes.append(schedule)

@@ -76,30 +76,55 @@ def test_ssd_scan_flops_by_hand():
     assert flops.mamba_scan_flops(m, 1) < 0.1 * flops.mamba_proj_flops(m, 1)
 
 
-def _pair() -> tuple[ModelSpec, ModelSpec]:
-    """A dense transformer and the same network written as a hybrid pattern: each layer split
-    into an attention block (*) and an MLP block (-)."""
-    dense = load_model("llama3-8b")
-    hybrid = replace(dense, num_layers=2 * dense.num_layers, norms_per_layer=1,
-                     layer_pattern="*-" * dense.num_layers)
-    return dense, hybrid
+def _pair(name: str = "llama3-8b") -> tuple[ModelSpec, ModelSpec]:
+    """A transformer and the same network written as a hybrid pattern: each layer split into
+    an attention block (*) and its MLP block (- dense, E mixture of experts)."""
+    dense = replace(load_model(name), mtp_layers=0)
+    mlps = ["-"] * dense.num_dense_layers + ["E"] * dense.num_moe_layers if dense.is_moe \
+        else ["-"] * dense.num_layers
+    return dense, replace(dense, num_layers=2 * dense.num_layers, norms_per_layer=1,
+                          num_dense_layers=0, moe_layer_every=1,
+                          layer_pattern="".join("*" + mlp for mlp in mlps))
 
 
-def test_pattern_of_attention_and_mlp_blocks_is_the_transformer():
-    """Written as `*-*-...` a transformer keeps its parameters, FLOPs, step time and memory:
-    the pattern's per-layer averages must add up to the classic layer exactly."""
-    dense, hybrid = _pair()
+@pytest.mark.parametrize("name,nodes,dims", [
+    ("llama3-8b", 2, dict(tp=4, pp=2, dp=2, sequence_parallel=True, recompute="selective")),
+    ("llama3-8b", 2, dict(tp=2, pp=4, dp=2, pipeline_schedule="zb-h1", dtype="fp8")),
+    ("llama3-8b", 1, dict(tp=2, pp=1, dp=4, flash_attention=False, recompute="selective",
+                          recompute_modules=("core_attn", "layernorm"))),
+    ("qwen3-30b-a3b", 2, dict(tp=1, pp=2, dp=8, ep=8)),
+    ("deepseek-v3", 32, dict(tp=2, pp=8, dp=16, ep=16, recompute="selective",
+                             recompute_modules=("layernorm", "moe_act", "mla_up_proj"),
+                             layers_per_stage=(8, 8, 8, 8, 8, 7, 7, 7))),
+])
+def test_pattern_of_attention_and_mlp_blocks_is_the_transformer(name, nodes, dims):
+    """Written as `*-*-...` (`*E` for MoE layers) a transformer keeps its parameters, FLOPs,
+    step time and memory: the pattern's per-layer averages must add up to the classic layer
+    (dense, MoE, MLA, fp8, zero-bubble, unfused attention with core_attn recompute)."""
+    dense, hybrid = _pair(name)
     assert flops.parameter_count(hybrid) == flops.parameter_count(dense)
     assert flops.model_flops_per_step(hybrid, 8, 4096) == pytest.approx(
         flops.model_flops_per_step(dense, 8, 4096), rel=1e-12)
-    cluster = load_cluster("dgx-h100", nodes=2)
-    lay = Layout(tp=4, pp=2, dp=2, micro_batch_size=1, global_batch_size=64, seq_len=4096,
-                 sequence_parallel=True, recompute="selective")
-    a, b = megatron.estimate(dense, cluster, lay), megatron.estimate(hybrid, cluster, lay)
-    assert b.step_time_s == pytest.approx(a.step_time_s, rel=0.01)
+    cluster = load_cluster("dgx-h100", nodes=nodes)
+    lay = Layout(micro_batch_size=1, global_batch_size=256, seq_len=4096, **dims)
+    split = dims.get("layers_per_stage")  # the same layers per stage: twice the blocks
+    a = megatron.estimate(dense, cluster, lay)
+    b = megatron.estimate(hybrid, cluster, replace(
+        lay, layers_per_stage=split and tuple(2 * n for n in split)))
+    assert b.step_time_s == pytest.approx(a.step_time_s, rel=1e-9)
     assert b.time.tp_comm_s == pytest.approx(a.time.tp_comm_s, rel=1e-9)
-    assert b.memory.activations_bytes == pytest.approx(a.memory.activations_bytes, rel=1e-9)
     assert b.memory.weights_bytes == pytest.approx(a.memory.weights_bytes, rel=1e-9)
+    if not dims.get("flash_attention", True):  # the transient scores of one attention block
+        assert b.memory.activations_bytes < a.memory.activations_bytes
+    elif dims.get("recompute", "none") != "none":  # one block rematerialised, not one layer
+        assert b.memory.activations_bytes == pytest.approx(a.memory.activations_bytes, rel=0.01)
+    else:
+        assert b.memory.activations_bytes == pytest.approx(a.memory.activations_bytes, rel=1e-9)
+
+
+def test_hybrid_with_multi_token_prediction_is_refused():
+    with pytest.raises(SpecError, match="multi-token prediction on a hybrid"):
+        replace(load_model("nemotron-3-nano-30b-a3b"), mtp_layers=1)
 
 
 def test_mamba_mixer_time_scales_with_tokens_and_tp():
