@@ -472,15 +472,10 @@ def test_kimi_k2_reads_as_deepseek_v3():
     assert flops.parameter_count(spec) == pytest.approx(1.026e12, rel=1e-3)  # "1T" (model card)
 
 
-# moonshotai/Kimi-K2-Instruct config.json (the keys that shape the network; model_type kimi_k2)
-KIMI_K2 = {"model_type": "kimi_k2", "num_hidden_layers": 61, "hidden_size": 7168,
-           "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_attention_heads": 64,
-           "num_key_value_heads": 64, "n_routed_experts": 384, "n_shared_experts": 1,
-           "num_experts_per_tok": 8, "first_k_dense_replace": 1, "moe_layer_freq": 1,
-           "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
-           "qk_rope_head_dim": 64, "v_head_dim": 128, "vocab_size": 163840,
-           "max_position_embeddings": 131072, "tie_word_embeddings": False,
-           "num_nextn_predict_layers": 0, "hidden_act": "silu"}
+# moonshotai/Kimi-K2-Instruct config.json: DeepSeek-V3's network with these keys changed
+KIMI_K2 = {**DSV3, "model_type": "kimi_k2", "num_attention_heads": 64, "num_key_value_heads": 64,
+           "n_routed_experts": 384, "first_k_dense_replace": 1, "vocab_size": 163840,
+           "max_position_embeddings": 131072, "num_nextn_predict_layers": 0}
 
 
 def test_kimi_k2_preset_sizes_and_megatron_bridge_flops():

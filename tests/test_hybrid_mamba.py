@@ -26,14 +26,13 @@ NANO = {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h",
         "n_shared_experts": 1, "moe_shared_expert_intermediate_size": 3712,
         "tie_word_embeddings": False}
 # nvidia/Nemotron-H-8B-Base-8K config.json: a dense hybrid (no experts), attention_head_dim
-H8B = {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h",
-       "num_hidden_layers": 52, "hidden_size": 4096, "intermediate_size": 21504,
+H8B = {**{k: v for k, v in NANO.items()
+          if not k.startswith(("moe_", "n_routed", "n_shared", "num_experts"))},
+       "hidden_size": 4096, "intermediate_size": 21504,
        "hybrid_override_pattern": "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-",
-       "num_attention_heads": 32, "num_key_value_heads": 8, "attention_head_dim": 128,
-       "vocab_size": 131072, "max_position_embeddings": 8192, "mlp_hidden_act": "relu2",
-       "hidden_act": "relu2", "mamba_num_heads": 128, "mamba_head_dim": 64,
-       "ssm_state_size": 128, "n_groups": 8, "conv_kernel": 4, "chunk_size": 128,
-       "tie_word_embeddings": False}
+       "num_key_value_heads": 8, "attention_head_dim": 128, "max_position_embeddings": 8192,
+       "mamba_num_heads": 128}
+del H8B["head_dim"]
 
 
 def test_nemotron3_nano_parameters_match_the_published_sizes():
