@@ -10,13 +10,16 @@ from .specfiles import _cluster_presets_raw, load_model, model_presets
 @click.command("models")
 def models() -> None:
     """List model presets (usable as --model NAME)."""
-    click.echo(f"{'name':<16} {'layers':>6} {'hidden':>6} {'heads':>5} {'kv':>3} {'vocab':>7}  kind")
-    for name in model_presets():
+    names = model_presets()
+    width = max(16, *(len(name) for name in names))  # the name column fits the longest
+    click.echo(f"{'name':<{width}} {'layers':>6} {'hidden':>6} {'heads':>5} {'kv':>3} "
+               f"{'vocab':>7}  kind")
+    for name in names:
         m = load_model(name)
         kind = f"MoE {m.num_experts}x top-{m.experts_top_k}" if m.is_moe else m.mlp_kind
         if m.layer_pattern:
             kind += f", hybrid: {m.mamba_layers} Mamba + {m.attention_layers} attention layers"
-        click.echo(f"{name:<16} {m.num_layers:>6} {m.hidden_size:>6} {m.num_heads:>5} "
+        click.echo(f"{name:<{width}} {m.num_layers:>6} {m.hidden_size:>6} {m.num_heads:>5} "
                    f"{m.num_kv_heads:>3} {m.vocab_size:>7}  {kind}")
 
 
