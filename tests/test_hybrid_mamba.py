@@ -8,6 +8,8 @@ import sys
 from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cost_models import flops, mamba, megatron, memory
 from cost_models.grid import LayoutGrid
@@ -241,3 +243,29 @@ def test_plan_then_launch_writes_megatron_hybrid_files(tmp_path):
 def test_nano_preset_is_the_cited_config():
     preset = load_model("nemotron-3-nano-30b-a3b")
     assert replace(preset, name="n") == replace(model_from_config(NANO, "nano"), name="n")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.text(alphabet="M*-E", min_size=2, max_size=24), st.sampled_from([1, 2]),
+       st.sampled_from(["bf16", "fp8"]), st.booleans())
+def test_any_pattern_adds_up(pattern, tp, dtype, recompute):
+    """Any pattern: parameters are the per-kind counts times the per-kind sizes, and an
+    estimate gives a finite, positive step and memory (no layer kind left unpriced)."""
+    base = model_from_config(NANO, "nano")
+    moe = "E" in pattern
+    m = replace(base, num_layers=len(pattern), layer_pattern=pattern,
+                **({} if moe else dict(num_experts=0, experts_top_k=0,
+                                       expert_ffn_hidden_size=0, num_shared_experts=0,
+                                       shared_expert_ffn_hidden_size=0)))
+    per_kind = {"M": flops.mamba_params(m), "*": flops.attention_params(m),
+                "-": flops.dense_mlp_params(m),
+                "E": (m.num_experts * flops.routed_expert_params(m) + flops.moe_shared_params(m))
+                if moe else 0}
+    body = sum(per_kind[c] for c in pattern) + len(pattern) * flops.norm_params(m)
+    embed = 2 * m.vocab_size * m.hidden_size + m.hidden_size
+    assert flops.parameter_count(m) == body + embed
+    lay = Layout(tp=tp, pp=1, dp=8 // tp, ep=8 // tp if moe else 1, etp=1 if moe else None,
+                 micro_batch_size=1, global_batch_size=64, seq_len=4096, dtype=dtype,
+                 sequence_parallel=tp > 1, recompute="selective" if recompute else "none")
+    est = megatron.estimate(m, load_cluster("dgx-h100", nodes=1), lay)
+    assert 0 < est.step_time_s < 1e4 and est.memory.activations_bytes > 0
