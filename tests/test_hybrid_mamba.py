@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -269,3 +270,14 @@ def test_any_pattern_adds_up(pattern, tp, dtype, recompute):
                  sequence_parallel=tp > 1, recompute="selective" if recompute else "none")
     est = megatron.estimate(m, load_cluster("dgx-h100", nodes=1), lay)
     assert 0 < est.step_time_s < 1e4 and est.memory.activations_bytes > 0
+
+
+def test_the_documented_hybrid_model_file_loads(tmp_path):
+    """docs/models.md's hybrid model-file example is a valid meshplan model file."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
+    block = text.split("A hybrid meshplan model file")[1].split("```yaml")[1].split("```")[0]
+    path = tmp_path / "hybrid.yaml"
+    path.write_text(block)
+    m = load_model(str(path))
+    assert (m.mamba_layers, m.attention_layers, m.dense_mlp_layers) == (4, 1, 3)
+    assert m.mamba_inner == 4096
