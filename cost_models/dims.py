@@ -252,7 +252,7 @@ class ParallelDims:
                             f"({model.mamba_num_heads}) and groups ({model.mamba_groups}): each "
                             "tensor-parallel rank holds whole heads and B/C groups (Megatron-Core "
                             "MambaMixer)")
-        if model.mamba_layers and self.cp > 1:
+        if not cp_covers(self.cp, model):
             raise SpecError("cp > 1 with Mamba layers is not modelled (Megatron-Core splits the "
                             "SSM heads over cp with all-to-alls); use cp 1")
         if not cp_splits(self.cp, seq_len):
@@ -305,6 +305,11 @@ def tp_splits(tp: int, model) -> bool:
 def mamba_tp_splits(tp: int, model) -> bool:
     """tp divides the Mamba-2 heads and B/C groups (Megatron-Core MambaMixer's rule)."""
     return model.mamba_num_heads % tp == 0 and model.mamba_groups % tp == 0
+
+
+def cp_covers(cp: int, model) -> bool:
+    """Context parallelism is modelled for every layer kind the model has (not Mamba's)."""
+    return cp == 1 or not model.mamba_layers
 
 
 def cp_splits(cp: int, seq_len: int) -> bool:

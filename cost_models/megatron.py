@@ -306,8 +306,7 @@ def layer_base(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutGr
     h = model.hidden_size
     outside = np.where(g.sequence_parallel, h / t, h)
     inside = (model.active_ffn_width * model.mlp_matrices + model.qkv_width * model.attention_share) / t
-    # a hybrid pattern's layer is one block (one norm, one residual add), not two
-    passes_outside = ELEMENTWISE_PASSES_OUTSIDE / (2 if model.layer_pattern else 1)
+    passes_outside = ELEMENTWISE_PASSES_OUTSIDE * model.blocks_per_layer / 2  # per 2 blocks
     elem_bytes = 2 * tokens * (passes_outside * outside + ELEMENTWISE_PASSES_INSIDE * inside)
     if model.is_moe:  # permute before and unpermute after the experts: read + write each copy
         elem_bytes = elem_bytes + (model.num_moe_layers / model.num_layers) * MOE_PERMUTE_PASSES \
@@ -326,7 +325,7 @@ def layer_base(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutGr
     attn_f, attn_b = _attention_times(model, gpu, g, attn)
     experts_f, experts_b = expert_gemm_times(model, gpu, g, tokens, routed)
     mamba_f, mamba_b = mamba.mixer_times(model, gpu, tokens, t)
-    kernels = 2 if model.layer_pattern else 4  # weight GEMMs per layer: 2 per module
+    kernels = 2 * model.blocks_per_layer  # weight GEMMs per layer: 2 per module
     fwd = (compute.gemm_time(gemm, kernels, gpu, g.dtype) + attn_f + experts_f + mamba_f
            + compute.memory_bound_time(elem_bytes, gpu))
     bwd = (compute.gemm_time(2 * gemm, 2 * kernels, gpu, g.dtype) + attn_b + experts_b + mamba_b
@@ -377,8 +376,7 @@ def layer_times(model: ModelSpec, gpu: GpuSpec, cluster: ClusterSpec, g: LayoutG
     # forward is recomputed; each moves the full [tokens x h] bf16 activation. A parallel
     # attention+MLP block sums both branches before one all-reduce per pass (PaLM Sec. 2).
     passes = 2 + np.where(g.recompute == 2, 1, 0)  # forward, backward, recomputed forward
-    # a hybrid pattern's layer holds one module: one all-reduce per pass
-    tp_count = (1 if model.parallel_attention_mlp or model.layer_pattern else 2) * passes
+    tp_count = (1 if model.parallel_attention_mlp else model.blocks_per_layer) * passes
     tp_comm = tp_count * base.one_ar_s * (1 - base.tp_hidden)
     cp_comm = np.where(g.cp > 1, base.cp_fwd_s * (1 + (g.recompute == 2)) + base.cp_bwd_s, 0.0)
     # a recomputed MoE layer (--recompute-modules moe) dispatches and combines again
@@ -419,8 +417,8 @@ def _module_recompute_s(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, tokens, a
     if not np.any(mask != recompute_modules.DEFAULT_MASK):
         return attn_f
     gemm, elem, core, moe = recompute_modules.recompute_parts(model, tokens, g.tp, mask)
-    kernels = 1 if model.layer_pattern else 2  # a hybrid's layer holds half the modules
-    return (np.where(gemm > 0, compute.gemm_time(gemm, kernels, gpu, g.dtype), 0.0)
+    return (np.where(gemm > 0, compute.gemm_time(gemm, model.blocks_per_layer, gpu, g.dtype),
+                     0.0)
             + compute.memory_bound_time(elem, gpu)
             + np.where(core, attn_f, 0.0) + np.where(moe, experts_f, 0.0))
 
@@ -710,8 +708,8 @@ def weight_grad_time(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid) -> np.ndarra
     FLOPs (the backward's 2x GEMM work is half input gradients B, half weight gradients W;
     Qi et al. 2024 Sec. 2, "zero bubble" F/B/W split)."""
     tokens = g.micro_batch_size * g.seq_len / g.cp
-    kernels = 2 if model.layer_pattern else 4  # weight GEMMs per layer (`layer_base`)
-    return compute.gemm_time(flops.layer_gemm_flops(model, tokens) / g.tp, kernels, gpu, g.dtype)
+    return compute.gemm_time(flops.layer_gemm_flops(model, tokens) / g.tp,
+                             2 * model.blocks_per_layer, gpu, g.dtype)  # as `layer_base`
 
 
 def schedule_fractions(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, lt: LayerTimes):

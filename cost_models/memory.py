@@ -121,7 +121,7 @@ def dense_layer_params(model: ModelSpec) -> float:
         return attn + dense_mlp
     if model.layer_pattern:  # a hybrid's layers hold one module each
         attn = model.attention_share * attention_params(model) + norm_params(model) \
-            + model.mamba_share * (mamba_params(model) if model.mamba_layers else 0)
+            + model.mamba_share * mamba_params(model)
     shared = moe_shared_params(model) if model.is_moe else 0
     return attn + (model.dense_mlp_layers * dense_mlp + model.num_moe_layers * shared) \
         / model.num_layers
@@ -250,10 +250,9 @@ def mamba_kept_bytes(model: ModelSpec, tokens, gemm_in):
 def norm_outputs_kept(model: ModelSpec) -> int:
     """h-wide norm outputs a layer keeps as GEMM inputs: the QKV and the first MLP matrix
     inputs, or one when a parallel attention+MLP block shares a single norm (GPT-J,
-    Falcon-7B) or a hybrid pattern's layer holds one module."""
-    if model.layer_pattern:
-        return 1
-    return 1 if (model.parallel_attention_mlp and model.norms_per_layer == 1) else 2
+    Falcon-7B); one per block (`ModelSpec.blocks_per_layer`: a hybrid's layer has one)."""
+    shared = model.parallel_attention_mlp and model.norms_per_layer == 1
+    return 1 if shared else model.blocks_per_layer
 
 
 def mlp_kept_bytes(model: ModelSpec, tokens, width, gemm_in):

@@ -242,12 +242,6 @@ class ModelSpec:
             raise SpecError(f"model {self.name}: layer_pattern must be a string of "
                             f"{' '.join(LAYER_SYMBOLS)} (Mamba, attention, MLP, MoE), got "
                             f"{_short(p)}")
-        for name in ("mamba_num_heads", "mamba_head_dim", "mamba_state_dim", "mamba_groups",
-                     "mamba_conv_kernel", "mamba_chunk_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise SpecError(f"model {self.name}: {name} must be a non-negative integer, "
-                                f"got {_short(value)}")
         if not p:
             if self.mamba_num_heads:
                 raise SpecError(f"model {self.name}: mamba_num_heads is set but layer_pattern "
@@ -286,7 +280,9 @@ class ModelSpec:
         """SpecError for MLA, window, norm and layer-pattern fields out of range."""
         for name in ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim",
                      "sliding_window", "attention_chunk_size", "full_attention_layers",
-                     "norms_per_layer", "mtp_layers"):
+                     "norms_per_layer", "mtp_layers", "mamba_num_heads", "mamba_head_dim",
+                     "mamba_state_dim", "mamba_groups", "mamba_conv_kernel",
+                     "mamba_chunk_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise SpecError(f"model {self.name}: {name} must be a non-negative integer, "
@@ -346,6 +342,13 @@ class ModelSpec:
     def mamba_layers(self) -> int:
         """Mamba-2 mixer layers (a hybrid pattern's M layers)."""
         return self.layer_pattern.count("M")
+
+    @property
+    def blocks_per_layer(self) -> int:
+        """Residual blocks (norm, module, residual add) per layer: 2 (attention, MLP), 1 in a
+        hybrid pattern, whose layer holds one module. Per-layer kernel counts, norm passes
+        and tensor-parallel all-reduces scale with it."""
+        return 1 if self.layer_pattern else 2
 
     @property
     def attention_share(self) -> float:

@@ -140,10 +140,12 @@ def recipe_override_py(plan: Plan) -> str:
     (for a hybrid whose stages Bridge 0.3.1 cannot build, one that raises saying so)."""
     problem = hybrid_split_problem(plan)
     if problem:
+        why = (f"Megatron-Bridge 0.3.1 builds hybrid models with megatron-core 0.16.1 "
+               f"MambaBlock, which cannot build {problem}; run Megatron-LM with "
+               "megatron_args.sh (pretrain_hybrid.py) or re-plan with --vp 1")
         return "\n".join([
             '"""meshplan plan as a Megatron-Bridge (0.3.x) recipe override: not expressible."""',
-            "", "", "def apply_meshplan(cfg):",
-            f"    raise NotImplementedError({('Megatron-Bridge 0.3.1 builds hybrid models with ' f'megatron-core 0.16.1 MambaBlock, which cannot build {problem}; run Megatron-LM ' 'with megatron_args.sh (pretrain_hybrid.py) or re-plan with --vp 1')!r})", ""])
+            "", "", "def apply_meshplan(cfg):", f"    raise NotImplementedError({why!r})", ""])
     lines = [
         '"""meshplan plan as a Megatron-Bridge (0.3.x) recipe override.',
         "",

@@ -332,14 +332,12 @@ def megatron_schedule_note(plan: Plan) -> str | None:
     if lay.pp == 1 or lay.schedule in MEGATRON_SCHEDULES:
         return None
     runs = MEGATRON_SCHEDULES["interleaved" if lay.vp > 1 else "1f1b"]
+    note = (f"Megatron-LM has no {lay.schedule} schedule; these arguments run {runs}, with a "
+            "larger bubble than planned: re-plan with --schedule 1f1b or interleaved")
     if plan.model.layer_pattern:  # torchtitan has no Mamba layers
-        return (f"Megatron-LM has no {lay.schedule} schedule; these arguments run {runs}, with "
-                "a larger bubble than planned: re-plan with --schedule 1f1b or interleaved")
-    return (f"Megatron-LM has no {lay.schedule} schedule; these arguments run {runs}, with a "
-            "larger bubble than planned: re-plan with --schedule 1f1b or interleaved, or "
-            "launch with --framework torchtitan" + (" (it runs ZBVZeroBubble / DualPipeV)"
-                                                    if lay.schedule in ("zb-v", "dualpipev")
-                                                    else ""))
+        return note
+    return note + ", or launch with --framework torchtitan" + (
+        " (it runs ZBVZeroBubble / DualPipeV)" if lay.schedule in ("zb-v", "dualpipev") else "")
 
 
 def megatron_notes(plan: Plan) -> list[str]:

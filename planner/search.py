@@ -212,7 +212,7 @@ def degree_combos(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int
     max_tp = space.max_tp or gpus_per_node
     allowed = {"tp": [t for t in divisors(world) if dims.tp_splits(t, model) and t <= max_tp],
                "cp": [c for c in divisors(world) if c <= space.max_cp and dims.cp_splits(c, seq_len)
-                      and (c == 1 or not model.mamba_layers)]}  # Mamba under cp: not modelled
+                      and dims.cp_covers(c, model)]}
     fixed = {name: getattr(space, name) for name in dims.MESH_ORDER}
     rows = []
     for combo in dims.mesh_degrees(world, fixed, allowed):
