@@ -182,7 +182,7 @@ def mamba_scan_flops(model: ModelSpec, tokens):
     2024 Sec. 6): per chunk and group C·B^T (2·Q²·N), per head the masked product with x
     (2·Q²·P), the chunk state B^T·x (2·Q·N·P) and the output from the passed states C·h
     (2·Q·N·P): per token 2·G·Q·N + H·(2·Q·P + 4·N·P). Tensor-core work in small tiles; the
-    fp32 states between chunks are memory traffic (`megatron.mamba_mixer_times`)."""
+    fp32 states between chunks are memory traffic (`mamba.mixer_times`)."""
     q, n, p = model.mamba_chunk_size, model.mamba_state_dim, model.mamba_head_dim
     conv = 2 * tokens * model.mamba_conv_channels * model.mamba_conv_kernel
     ssd = tokens * (2 * model.mamba_groups * q * n + model.mamba_num_heads * (2 * q * p + 4 * n * p))
