@@ -16,9 +16,10 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
-from . import comm, compute, flops, mamba, memory, recompute_modules, schedules
+from . import comm, compute, flops, layer_mix, mamba, memory, recompute_modules, schedules
 from .dims import Group
 from .grid import LayoutGrid
+from .layer_mix import LayerMix, RankLayers
 from .simulator import interleaved_stall_layers
 from .specs import (
     ClusterSpec,
@@ -583,13 +584,15 @@ def embedding_time(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid) -> np.ndarray:
     return compute.memory_bound_time(3 * 2 * tokens * model.hidden_size, gpu)
 
 
-def rank_params(model: ModelSpec, g: LayoutGrid, layers: np.ndarray, first, last):
+def rank_params(model: ModelSpec, g: LayoutGrid, layers, first, last):
     """(replicated, expert) parameters held by one GPU of a pipeline rank with `layers` layers
-    (`first`/`last`: boolean arrays, whether the rank holds the embedding / the LM head).
-    Replicated parameters are split over tp and reduced over dp*cp; routed experts are split
-    over expert tp and ep, and reduced over the expert data-parallel group."""
+    (`RankLayers`, or a count of averaged layers; `first`/`last`: boolean arrays, whether the
+    rank holds the embedding / the LM head). Replicated parameters are split over tp and
+    reduced over dp*cp; routed experts are split over expert tp and ep, and reduced over the
+    expert data-parallel group."""
+    layers = RankLayers.of(layers)
     table = model.vocab_size * model.hidden_size / g.tp
-    dense = layers * memory.dense_layer_params(model) / g.tp + np.where(first, table, 0.0)
+    dense = layers.dense * memory.dense_layer_params(model) / g.tp + np.where(first, table, 0.0)
     # The last rank holds the LM head (a copy of the embedding when tied and pp > 1).
     head = np.where(model.tied_embeddings & (g.pp == 1), 0.0, table) + model.hidden_size
     # and the MTP modules: a layer and a 2h x h projection each, and the embedding they read
@@ -598,7 +601,7 @@ def rank_params(model: ModelSpec, g: LayoutGrid, layers: np.ndarray, first, last
     head = head + mtp * (memory.dense_layer_params(model) + 2 * model.hidden_size ** 2) / g.tp \
         + np.where((mtp > 0) & (g.pp > 1) & (not model.tied_embeddings), table, 0.0)
     dims = g.dims
-    expert = (layers + np.where(last, mtp, 0)) * memory.expert_layer_params(model) \
+    expert = (layers.expert + np.where(last, mtp, 0)) * memory.expert_layer_params(model) \
         / (dims.expert_tp * dims.ep)
     return dense + np.where(last, head, 0.0), expert
 
@@ -625,20 +628,22 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid,
     assert variants == 1 or _variant_runs_hold(g, variants), "rows are not recompute runs"
     gpu = cluster.gpu
     lt = layer_times(model, gpu, cluster, g, variants)
+    acts = memory.activation_terms(model, g, variants)  # the same for every rank kind
+    kinds = _rank_kinds(g, layer_mix_of(model, cluster, g, lt, acts))
+    (first_l, *_), (last_l, *_), (mid_l, *_) = kinds
     m, p, v = g.num_microbatches, g.pp, g.vp
     head, emb = head_time(model, gpu, g, lt.total_s), embedding_time(model, gpu, g)
     single = p == 1
     vshape = schedules.is_v_shape(g.schedule)  # the first rank also holds the LM head
     # τ per rank kind (first, last, busiest middle); with pp == 1 one rank has both ends.
-    tau_first = g.layers_first * lt.total_s + emb + np.where(single | vshape, head, 0.0)
+    tau_first = first_l.time * lt.total_s + emb + np.where(single | vshape, head, 0.0)
     tau_last = np.where(single, tau_first,
-                        g.layers_last * lt.total_s + np.where(vshape, 0.0, head))
-    tau_mid = g.layers_mid * lt.total_s
+                        last_l.time * lt.total_s + np.where(vshape, 0.0, head))
+    tau_mid = mid_l.time * lt.total_s
     # the critical rank, the first of equals (first, last, middle): `_first_of_max`
     take_last, take_mid = _first_of_max(tau_first, tau_last, tau_mid)
     tau_max = np.maximum(np.maximum(tau_first, tau_last), tau_mid)
-    layers_crit = np.where(take_mid, g.layers_mid,
-                           np.where(take_last, g.layers_last, g.layers_first))
+    layers_crit = np.where(take_mid, mid_l.time, np.where(take_last, last_l.time, first_l.time))
     ends_crit = np.where(take_mid, 0.0, np.where(take_last, np.where(vshape, 0.0, head),
                                                  emb + np.where(single | vshape, head, 0.0)))
     # Σ_r τ_r = all layers + both ends (pp == 1: the single rank's τ).
@@ -649,7 +654,8 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid,
     ep_hidden = schedules.overlapped_pairs(g.schedule, p, m) * fb_hidden(lt)
     hop = pp_hop_time(model, cluster, g)
     p2p = np.where(single, 0.0, 2 * (p - 1) * hop + 2 * m * v * hop * P2P_STEADY_EXPOSED)
-    dp_exposed, opt_time, mem = _dp_optimizer_memory(model, cluster, g, lt, emb, head, variants)
+    dp_exposed, opt_time, mem = _dp_optimizer_memory(model, cluster, g, lt, emb, head, kinds,
+                                                     acts, variants)
     return GridResult(
         compute_s=m * (layers_crit * lt.compute_s + ends_crit),
         tp_comm_s=m * layers_crit * lt.tp_comm_s, cp_comm_s=m * layers_crit * lt.cp_comm_s,
@@ -813,12 +819,16 @@ def state_bytes_lower_bound(model: ModelSpec, g: LayoutGrid,
     state (`memory.state_bytes`) of the rank with the most layers, plus the fixed buffer
     allowance (activations, fragmentation and FSDP's unsharded parameters are >= 0). That
     rank holds >= ceil(L / pp) layers (the pp ranks share the L layers) and each term grows
-    with its layers; the embedding and LM head are left out (the rank may hold neither) and
+    with its layers - for a model of several layer kinds (`layer_mix`) the fullest rank's
+    layers may be lighter than the averaged one, but the L layers' state is L averaged
+    layers', so the fullest rank holds >= L / pp of them; the embedding and LM head are left
+    out (the rank may hold neither) and
     one weight copy is counted (DualPipe's second only adds; its optimizer shard is the
     same). `fp8_transpose_copy`: the GPU's (`GpuSpec.fp8_transpose_copy`). Used by the
     search to skip degree combinations whose static memory alone cannot fit, before their
     inner choices are expanded."""
-    layers = -(-model.num_layers // g.pp)
+    mixed = layer_mix.layer_kinds(model) is not None
+    layers = model.num_layers / g.pp if mixed else -(-model.num_layers // g.pp)
     single = g.pp == 1  # the only rank holds both ends
     state = rank_state(model, g, layers, single, single, 1)
     parts = memory.state_bytes(g, state.dense + state.expert, state.optimizer, fp8_transpose_copy)
@@ -849,6 +859,7 @@ def rank_static(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, layers, f
     arguments). Megatron-LM reduces the replicated gradients over the data-parallel x
     context-parallel group and the experts' over the expert data-parallel group (the ranks
     holding the same experts); Adam touches `ADAM_BYTES_PER_PARAM` per local parameter."""
+    layers = RankLayers.of(layers)
     gpu = cluster.gpu
     links = Links.of(cluster)
     dims = g.dims
@@ -867,8 +878,9 @@ def rank_static(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, layers, f
         + memory.expert_layer_params(model) / (dims.expert_tp * dims.ep)
     head_params = np.where(last, model.vocab_size * model.hidden_size / g.tp, 0.0)
     opt = compute.memory_bound_time(ADAM_BYTES_PER_PARAM * state.optimizer, gpu)
-    mem = memory.rank_static_memory(g, state.dense + state.expert, state.optimizer, layers,
-                                    pp_rank, layer_params, head_params, gpu.fp8_transpose_copy)
+    mem = memory.rank_static_memory(g, state.dense + state.expert, state.optimizer,
+                                    layers.count, pp_rank, layer_params, head_params,
+                                    gpu.fp8_transpose_copy)
     fsdp = (state.sharded, layer_params, head_params) if g.column("fsdp").any() else None
     return RankStatic(first, last, comm_s, opt, mem, fsdp)
 
@@ -878,24 +890,26 @@ def rank_costs(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerT
                acts: memory.ActivationTerms | None = None,
                static: RankStatic | None = None) -> RankCosts:
     """DP reduction, optimizer step and peak memory of pipeline rank `pp_rank` holding `layers`
-    layers (`first`/`last`: it holds the embedding / the LM head); `acts`: the grid's
-    `memory.activation_terms` and `static`: the rank's `rank_static`, when already computed.
-    The DP reduction overlaps the rank's compute (`GpuSpec.dp_comm_overlap`)."""
+    layers (`RankLayers`, or a count of averaged layers; `first`/`last`: it holds the
+    embedding / the LM head); `acts`: the grid's `memory.activation_terms` and `static`: the
+    rank's `rank_static`, when already computed. The DP reduction overlaps the rank's compute
+    (`GpuSpec.dp_comm_overlap`)."""
+    layers = RankLayers.of(layers)
     if static is None:
         static = rank_static(model, cluster, g, layers, first, last, pp_rank)
     first, last = static.first, static.last
     comm_s = static.comm_s
-    window = layers * lt.compute_s + np.where(first, emb, 0.0) + np.where(last, head, 0.0)
+    window = layers.time * lt.compute_s + np.where(first, emb, 0.0) + np.where(last, head, 0.0)
     exposed = comm.overlapped(comm_s, window, cluster.gpu.dp_comm_overlap)
     fsdp = g.column("fsdp")
     if static.fsdp_params is not None:
         sharded, layer_params, head_params = static.fsdp_params
-        f_comm, f_exposed = fsdp_comm(model, cluster, g, lt, layers, layer_params, head_params,
-                                      head, sharded)
+        f_comm, f_exposed = fsdp_comm(model, cluster, g, lt, layers.count, layer_params,
+                                      head_params, head, sharded)
         comm_s, exposed = np.where(fsdp, f_comm, comm_s), np.where(fsdp, f_exposed, exposed)
     # the parameters and the static memory are in `static.memory` already
-    mem = memory.rank_memory(model, g, None, None, layers, first, last, pp_rank, acts=acts,
-                             static=static.memory)
+    mem = memory.rank_memory(model, g, None, None, layers.acts, first, last, pp_rank,
+                             acts=acts, static=static.memory)
     return RankCosts(dp_comm_s=comm_s, dp_exposed_s=exposed,
                      optimizer_step_s=static.optimizer_step_s, memory=mem)
 
@@ -965,11 +979,44 @@ def _grad_sync(params, size, bw, alpha, distributed, grad_bytes=memory.GRAD_BYTE
     return np.where(distributed, split, whole)
 
 
-def _rank_kinds(g: LayoutGrid) -> tuple[tuple, ...]:
-    """(layers, first, last, pp_rank) of the first, last and busiest middle pipeline ranks."""
+def _rank_kinds(g: LayoutGrid, mix: LayerMix | None = None) -> tuple[tuple, ...]:
+    """(layers, first, last, pp_rank) of the first, last and busiest middle pipeline ranks;
+    layers: `RankLayers`, the grid's counts of averaged layers, or with a multi-kind model's
+    `mix` the layers those ranks really hold (`LayerMix.ranks`)."""
     vshape = schedules.is_v_shape(g.schedule)  # rank 0 holds the first and the last stage
-    return ((g.layers_first, True, vshape, 0), (g.layers_last, False, ~vshape, g.pp - 1),
-            (g.layers_mid, False, False, np.minimum(1, g.pp - 1)))
+    first, last, mid = mix.ranks(g) if mix is not None else (
+        RankLayers.uniform(n) for n in (g.layers_first, g.layers_last, g.layers_mid))
+    return ((first, True, vshape, 0), (last, False, ~vshape, g.pp - 1),
+            (mid, False, False, np.minimum(1, g.pp - 1)))
+
+
+def layer_mix_of(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerTimes,
+                 acts: memory.ActivationTerms) -> LayerMix | None:
+    """Each layer kind's weights against the averaged layer on the grid `g` (`layer_mix`):
+    the probes' `layer_times` and activation bytes over `lt` and `acts` (the averaged
+    layer's), once per distinct per-layer setting (`layer_mix.layer_rows`); parameters from
+    the parameter counts. None for a model of one kind."""
+    found = layer_mix.layer_kinds(model)
+    if found is None:
+        return None
+    names, codes = found
+    counts = np.bincount(codes, minlength=len(names)).astype(float)
+    rows, setting = layer_mix.layer_rows(g)
+    sub = g.take(rows)
+    time, act = np.ones((len(rows), len(names))), np.ones((len(rows), len(names)))
+    dense, expert = np.zeros(len(names)), np.zeros(len(names))
+    avg_dense, avg_expert = memory.dense_layer_params(model), memory.expert_layer_params(model)
+    avg_acts = np.broadcast_to(acts.per_layer, (len(g),))[rows]
+    for k, name in enumerate(names):
+        probe = layer_mix.probe(model, name)
+        dense[k] = memory.dense_layer_params(probe) / avg_dense
+        expert[k] = memory.expert_layer_params(probe) / avg_expert if avg_expert else 0.0
+        if k == np.argmax(counts):
+            continue  # derived: the weights then price the whole model as the average does
+        time[:, k] = layer_times(probe, cluster.gpu, cluster, sub).total_s / lt.total_s[rows]
+        act[:, k] = memory.activation_terms(probe, sub).per_layer / avg_acts
+    return LayerMix(codes, layer_mix.derive_weights(counts, time),
+                    layer_mix.derive_weights(counts, act), dense, expert, setting)
 
 
 RECOMPUTE_COLUMNS = ("recompute", "recompute_modules", "moe_a2a_overlap")
@@ -1004,14 +1051,17 @@ def _variant_runs_hold(g: LayoutGrid, variants: int) -> bool:
     return True
 
 
-def _rank_statics(model, cluster, g: LayoutGrid, variants: int) -> list[RankStatic]:
-    """`rank_static` of each rank kind, computed once per run of `variants` recompute
-    variants (on the run's first row) and repeated over the run."""
+def _rank_statics(model, cluster, g: LayoutGrid, kinds, variants: int) -> list[RankStatic]:
+    """`rank_static` of each rank kind (`_rank_kinds`), computed once per run of `variants`
+    recompute variants (on the run's first row) and repeated over the run."""
     if variants == 1:
-        return [rank_static(model, cluster, g, *kind) for kind in _rank_kinds(g)]
-    base = g.take(slice(None, None, variants))
-    return [_repeat_rows(rank_static(model, cluster, base, *kind), variants)
-            for kind in _rank_kinds(base)]
+        return [rank_static(model, cluster, g, *kind) for kind in kinds]
+    run = slice(None, None, variants)
+    base = g.take(run)
+    return [_repeat_rows(rank_static(model, cluster, base, layers.take(run),
+                                     *(np.asarray(x)[run] if np.ndim(x) else x for x in rest)),
+                         variants)
+            for layers, *rest in kinds]
 
 
 def _first_of_max(first, last, mid):
@@ -1022,13 +1072,13 @@ def _first_of_max(first, last, mid):
     return take_last, mid > np.maximum(first, last)
 
 
-def _dp_optimizer_memory(model, cluster, g, lt, emb, head, variants: int = 1):
+def _dp_optimizer_memory(model, cluster, g, lt, emb, head, kinds, acts, variants: int = 1):
     """Exposed DP reduction, optimizer time and the memory breakdown of the fullest rank,
-    over the first, last and busiest middle pipeline ranks (`variants`: see `evaluate`)."""
-    acts = memory.activation_terms(model, g, variants)  # the same for every rank kind
-    statics = _rank_statics(model, cluster, g, variants)
+    over the first, last and busiest middle pipeline ranks (`kinds`: `_rank_kinds`; `acts`:
+    the grid's `memory.activation_terms`; `variants`: see `evaluate`)."""
+    statics = _rank_statics(model, cluster, g, kinds, variants)
     ranks = [rank_costs(model, cluster, g, lt, emb, head, *kind, acts, static)
-             for kind, static in zip(_rank_kinds(g), statics, strict=True)]
+             for kind, static in zip(kinds, statics, strict=True)]
     has_mid = g.layers_mid > 0  # pp <= 2: no middle rank
     first, last, mid = ranks
     # the fullest rank, the first of equals (first, last, middle)
@@ -1083,13 +1133,15 @@ def fits_mask(r: GridResult, gpu: GpuSpec, headroom: float = DEFAULT_HEADROOM) -
 class StageCosts:
     """Per pipeline rank costs of one layout (arrays of length pp), for the partition ILP."""
 
-    layer_time_s: float
-    """Forward + backward (+ recompute, exposed TP/CP comm) of one layer, one micro-batch."""
+    layer_time_s: float | np.ndarray
+    """Forward + backward (+ recompute, exposed TP/CP comm) of one layer, one micro-batch;
+    one entry per layer (model order) for a model of several layer kinds."""
     extra_time_s: np.ndarray
     """Embedding on rank 0, LM head + loss on the last rank, per micro-batch."""
     layer_mem_bytes: np.ndarray
     """Bytes one more layer costs on each rank (its parameters, gradients, optimizer share and
-    the activations of the micro-batches that rank keeps in flight)."""
+    the activations of the micro-batches that rank keeps in flight); (pp, layers) for a model
+    of several layer kinds."""
     fixed_mem_bytes: np.ndarray
     """Bytes a rank needs with no layers (embedding / LM head, logits, buffers)."""
     capacity_bytes: np.ndarray
@@ -1118,17 +1170,31 @@ def layout_parts(layout: Layout, model: ModelSpec, cluster: ClusterSpec) -> Layo
 def stage_costs(model: ModelSpec, cluster: ClusterSpec, layout: Layout,
                 headroom: float = DEFAULT_HEADROOM) -> StageCosts:
     """Linear per-rank time and memory model of `layout`, exact for any layer split: memory
-    and time of rank r are affine in its layer count (see `rank_costs`)."""
+    and time of rank r are affine in its layer count (see `rank_costs`), or for a model of
+    several layer kinds (`layer_mix`) in its count of each kind - then the layer time has one
+    entry per layer and the layer memory one per (rank, layer)."""
     parts = layout_parts(layout, model, cluster)
     g, gpu, lt, emb, head = parts.grid, parts.gpu, parts.layer, parts.embedding_s, parts.head_s
     p = layout.pp
     ranks = np.arange(p)
     first, last = ranks == 0, ranks == p - 1
+
+    def memory_at(layers) -> np.ndarray:
+        return rank_costs(model, cluster, g, lt, emb, head, layers, first, last,
+                          ranks).total_bytes
+
     # Rank costs are affine in the layer count: evaluate every rank at 0 and 1 layers at once.
-    at = [rank_costs(model, cluster, g, lt, emb, head, np.full(p, n), first, last, ranks).total_bytes
-          for n in (0, 1)]
+    fixed = memory_at(np.zeros(p))
     extra = np.where(first, emb[0], 0.0) + np.where(last, head[0], 0.0)
-    cap = capacity_GiB(gpu, headroom) * GiB
-    return StageCosts(layer_time_s=float(lt.total_s[0]), extra_time_s=extra,
-                      layer_mem_bytes=at[1] - at[0], fixed_mem_bytes=at[0],
-                      capacity_bytes=np.full(p, cap))
+    cap = np.full(p, capacity_GiB(gpu, headroom) * GiB)
+    mix = layer_mix_of(model, cluster, g, lt, memory.activation_terms(model, g))
+    if mix is None:
+        return StageCosts(layer_time_s=float(lt.total_s[0]), extra_time_s=extra,
+                          layer_mem_bytes=memory_at(np.ones(p)) - fixed, fixed_mem_bytes=fixed,
+                          capacity_bytes=cap)
+    one_of = np.eye(mix.time.shape[1])  # ... or at one layer of each kind
+    per_kind = np.stack([memory_at(mix.holding(np.tile(one_of[k], (p, 1)), slice(0, 1)))
+                         for k in range(len(one_of))], axis=1) - fixed[:, None]  # (pp, K)
+    return StageCosts(layer_time_s=float(lt.total_s[0]) * mix.time[0, mix.codes],
+                      extra_time_s=extra, layer_mem_bytes=per_kind[:, mix.codes],
+                      fixed_mem_bytes=fixed, capacity_bytes=cap)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import hetero_model, megatron, schedules
+from . import hetero_model, megatron, memory, schedules
 from .grid import rank_of_stage
 from .hetero_model import Fabric
+from .layer_mix import RankLayers
 from .simulator import StepTasks, simulate_step
 from .specs import ClusterSpec, Layout, ModelSpec
 
@@ -45,8 +46,18 @@ def uniform(model: ModelSpec, cluster: ClusterSpec, layout: Layout) -> StepTasks
         places.append((k, rank_of_stage(k, p, vshape), k // p))
         if schedule == "dualpipe":  # the reverse direction's stage k sits on rank p-1-k
             places.append((k, p - 1 - k, 1))
+    mix = megatron.layer_mix_of(model, cluster, g, lt, memory.activation_terms(model, g))
+    starts = np.concatenate([[0], np.cumsum(stages)])
+    span = [np.arange(starts[k], starts[k + 1]) for k in range(len(stages))]
+
+    def held(ks):
+        """The layers of the stages `ks` as `layer_mix.RankLayers` (averaged layers)."""
+        indices = np.concatenate([span[k] for k in ks]) if ks else np.array([], dtype=int)
+        return RankLayers.uniform(np.array([float(len(indices))])) if mix is None \
+            else mix.layers(indices)
+
     for k, r, c in places:
-        n = stages[k]
+        n = float(held([k]).time[0])  # the stage's layers, in averaged layers of time
         fwd[r][c] = n * fwd_layer + (float(emb[0]) / 3 if k == 0 else 0.0) \
             + (float(head[0]) / 3 if k == last else 0.0)
         bwd[r][c] = n * bwd_layer + (2 * float(emb[0]) / 3 if k == 0 else 0.0) \
@@ -56,8 +67,7 @@ def uniform(model: ModelSpec, cluster: ClusterSpec, layout: Layout) -> StepTasks
     hop = float(megatron.pp_hop_time(model, cluster, g)[0])
     dp, opt = [], []
     for r in range(p):
-        layers = np.array([sum(n for k, n in enumerate(stages)
-                               if rank_of_stage(k, p, vshape) == r)])
+        layers = held([k for k in range(len(stages)) if rank_of_stage(k, p, vshape) == r])
         holds_head = r == 0 if vshape else r == p - 1
         rc = megatron.rank_costs(model, cluster, g, lt, emb, head, layers, r == 0, holds_head, r)
         dp.append(float(rc.dp_comm_s[0]))

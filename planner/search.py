@@ -609,12 +609,13 @@ def refine_partition(model: ModelSpec, cluster: ClusterSpec, est: Estimate,
         return est, None  # the ILP models looped stage placement (stage k on rank k % pp)
     costs = megatron.stage_costs(model, cluster, lay, headroom)
     ranks = np.array(rank_layer_counts(lay.stage_layers(model.num_layers), lay.pp))
-    times = costs.layer_time_s * _per_rank_layers(lay, model.num_layers) + costs.extra_time_s
-    average = (costs.layer_time_s * model.num_layers + costs.extra_time_s.sum()) / lay.pp
+    per_layer = np.broadcast_to(costs.layer_time_s, (model.num_layers,))  # layer kinds differ
+    times = _per_rank_sums(lay, per_layer) + costs.extra_time_s
+    average = (per_layer.sum() + costs.extra_time_s.sum()) / lay.pp
     if times.max() <= average * (1 + 1e-3) and ranks.size:
         return est, None  # the even split already meets the average-load lower bound
-    if times.max() <= min_max_rank_time(costs.layer_time_s, costs.extra_time_s,
-                                        model.num_layers, lay.vp) * (1 + 1e-9):
+    if np.ndim(costs.layer_time_s) == 0 and times.max() <= min_max_rank_time(
+            costs.layer_time_s, costs.extra_time_s, model.num_layers, lay.vp) * (1 + 1e-9):
         return est, None  # ... or the exact integer optimum: the ILP cannot do better
     from .ilp_partition import partition_layers  # pulp: imported only when a split is solved
 
@@ -656,9 +657,12 @@ def min_max_rank_time(layer_time_s: float, extra_time_s: np.ndarray, num_layers:
     return float(values[lo])
 
 
-def _per_rank_layers(lay: Layout, num_layers: int) -> np.ndarray:
-    stages = lay.stage_layers(num_layers)
-    return np.array([sum(stages[r::lay.pp]) for r in range(lay.pp)], dtype=float)
+def _per_rank_sums(lay: Layout, per_layer: np.ndarray) -> np.ndarray:
+    """Sum of `per_layer` (one value per layer, model order) over each pipeline rank's layers
+    (virtual stage k on rank k % pp)."""
+    stages = np.asarray(lay.stage_layers(len(per_layer)))
+    rank = np.repeat(np.arange(len(stages)) % lay.pp, stages)
+    return np.bincount(rank, per_layer, minlength=lay.pp)
 
 
 def _leaders(grid: LayoutGrid, order: np.ndarray, fits: np.ndarray, count: int) -> list[int]:

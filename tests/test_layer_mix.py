@@ -1,0 +1,151 @@
+"""Per-rank pricing of the layers each pipeline rank really holds (`cost_models.layer_mix`):
+DeepSeek-V3's three leading dense layers, Llama 4's interleaved MoE layers, a Nemotron-H
+hybrid pattern."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from cost_models import layer_mix, megatron, memory, step_tasks
+from cost_models.grid import LayoutGrid
+from cost_models.specs import Layout
+from planner.specfiles import load_cluster, load_model
+
+DSV3 = load_model("deepseek-v3")
+MAVERICK = load_model("llama4-maverick")
+NANO = load_model("nemotron-3-nano-30b-a3b")
+H100 = load_cluster("dgx-h100", nodes=64)
+
+
+def _dsv3(**kw) -> Layout:
+    base = dict(tp=1, pp=16, dp=32, ep=32, micro_batch_size=1, global_batch_size=1024,
+                seq_len=4096, recompute="selective")
+    base.update(kw)
+    return Layout(**base)
+
+
+def _grid(model, layouts) -> LayoutGrid:
+    grids = [LayoutGrid.from_layout(lay, model.num_layers) for lay in layouts]
+    out = grids[0]
+    for g in grids[1:]:
+        out = out.concat(g)
+    return out
+
+
+def _mix(model, g):
+    lt = megatron.layer_times(model, H100.gpu, H100, g)
+    return megatron.layer_mix_of(model, H100, g, lt, memory.activation_terms(model, g))
+
+
+def test_layer_kinds_follow_the_config():
+    names, codes = layer_mix.layer_kinds(DSV3)  # first_k_dense_replace = 3
+    assert names == ("dense", "moe") and codes[:4].tolist() == [0, 0, 0, 1]
+    assert codes.sum() == 58
+    # Llama 4 Maverick, interleave_moe_layer_step = 2: layers 1, 3, 5, ... are MoE
+    _, codes = layer_mix.layer_kinds(MAVERICK)
+    assert codes[:6].tolist() == [0, 1, 0, 1, 0, 1] and codes.sum() == 24
+    names, codes = layer_mix.layer_kinds(NANO)
+    assert "".join(names[c] for c in codes) == NANO.layer_pattern
+    assert layer_mix.layer_kinds(load_model("qwen3-30b-a3b")) is None  # every layer MoE
+    assert layer_mix.layer_kinds(load_model("llama3.1-8b")) is None
+
+
+def test_probe_parameters_are_the_real_layers():
+    # DeepSeek-V3 (config.json): a dense layer's MLP is 3 x 7168 x 18432, a MoE layer's
+    # shared expert 3 x 7168 x 2048 plus a 256 x 7168 router, and 256 routed experts.
+    dense, moe = (layer_mix.probe(DSV3, k) for k in ("dense", "moe"))
+    gap = memory.dense_layer_params(dense) - memory.dense_layer_params(moe)
+    assert gap == 3 * 7168 * (18432 - 2048) - 256 * 7168
+    assert memory.expert_layer_params(moe) == 256 * 3 * 7168 * 2048
+    assert memory.expert_layer_params(dense) == 0
+
+
+def test_weights_price_the_whole_model_as_the_averaged_layer():
+    layouts = [_dsv3(), _dsv3(pp=8, dp=64, vp=2), _dsv3(tp=2, dp=16, ep=16,
+                                                        sequence_parallel=True)]
+    for model in (DSV3, MAVERICK, NANO):
+        lays = [replace(lay, ep=1 if not model.is_moe else min(lay.ep, model.num_experts))
+                for lay in layouts]
+        mix = _mix(model, _grid(model, lays))
+        for w in (mix.time, mix.acts):
+            assert np.allclose(w @ mix.counts, model.num_layers)
+            assert (w > 0).all()
+        assert mix.counts @ mix.dense == pytest.approx(model.num_layers)
+
+
+def test_pp1_is_priced_exactly_as_before_and_pp_gt_1_by_its_own_layers(monkeypatch):
+    single = _dsv3(pp=1, dp=512, ep=64)
+    staged = _dsv3()
+    with_mix = [megatron.estimate(DSV3, H100, lay) for lay in (single, staged)]
+    monkeypatch.setattr(megatron, "layer_mix_of", lambda *a, **k: None)  # the averaged layer
+    averaged = [megatron.estimate(DSV3, H100, lay) for lay in (single, staged)]
+    assert with_mix[0].step_time_s == pytest.approx(averaged[0].step_time_s, rel=1e-12)
+    assert with_mix[0].peak_GiB == pytest.approx(averaged[0].peak_GiB, rel=1e-12)
+    # pp = 16: the critical rank holds MoE layers only, heavier than the averaged layer
+    assert with_mix[1].step_time_s > averaged[1].step_time_s * 1.005
+
+
+def test_ranks_match_a_rank_by_rank_count():
+    g = _grid(NANO, [Layout(tp=1, pp=4, dp=16, ep=8, vp=2, micro_batch_size=1,
+                            global_batch_size=256, seq_len=4096),
+                     Layout(tp=1, pp=6, dp=8, ep=8, micro_batch_size=1,
+                            global_batch_size=256, seq_len=4096)])
+    mix = _mix(NANO, g)
+    first, last, mid = mix.ranks(g)
+    for row in range(len(g)):
+        lay = g.layout(row)
+        stages = lay.stage_layers(NANO.num_layers)
+        starts = np.concatenate([[0], np.cumsum(stages)])
+        per_rank = [np.concatenate([np.arange(starts[k], starts[k + 1])
+                                    for k in range(r, len(stages), lay.pp)])
+                    for r in range(lay.pp)]
+        held = [mix.layers(ix, row) for ix in per_rank]
+        assert first.time[row] == pytest.approx(float(held[0].time[0]))
+        assert last.time[row] == pytest.approx(float(held[-1].time[0]))
+        assert mid.time[row] == pytest.approx(max(float(h.time[0]) for h in held[1:-1]))
+        assert mid.acts[row] == pytest.approx(max(float(h.acts[0]) for h in held[1:-1]))
+        # the hybrid's stages hold different mixes: their times differ
+        assert max(float(h.time[0]) for h in held) > min(float(h.time[0]) for h in held)
+
+
+def test_per_layer_settings_ignore_the_pipeline_and_data_parallel_columns():
+    lays = [_dsv3(pp=pp, dp=512 // pp, vp=vp) for pp, vp in ((1, 1), (4, 1), (8, 2), (16, 1))]
+    lays += [_dsv3(tp=2, dp=16, ep=16, sequence_parallel=True), _dsv3(recompute="full")]
+    g = _grid(DSV3, lays)
+    rows, setting = layer_mix.layer_rows(g)
+    assert len(rows) == 3 and setting[:4].tolist() == [setting[0]] * 4
+    lt = megatron.layer_times(DSV3, H100.gpu, H100, g).total_s
+    acts = np.broadcast_to(memory.activation_terms(DSV3, g).per_layer, (len(g),))
+    assert np.array_equal(lt, lt[rows][setting])  # the claim `layer_rows` rests on
+    assert np.array_equal(acts, acts[rows][setting])
+
+
+def test_stage_costs_give_each_layer_its_kind():
+    costs = megatron.stage_costs(DSV3, H100, _dsv3())
+    assert costs.layer_time_s.shape == (61,) and costs.layer_mem_bytes.shape == (16, 61)
+    dense, moe = costs.layer_time_s[0], costs.layer_time_s[3]
+    assert np.allclose(costs.layer_time_s[:3], dense) and np.allclose(costs.layer_time_s[3:], moe)
+    assert dense < moe  # one rank's 1/32 of the experts plus the all-to-all cost more
+    assert _dsv3().stage_layers(61)[0] == 3  # rank 0 holds the dense layers
+    assert not np.allclose(costs.layer_mem_bytes[:, 0], costs.layer_mem_bytes[:, 3])
+    uniform = megatron.stage_costs(load_model("llama3.1-8b"), H100,
+                                   Layout(tp=1, pp=4, dp=128, micro_batch_size=1,
+                                          global_batch_size=1024, seq_len=4096))
+    assert np.ndim(uniform.layer_time_s) == 0 and uniform.layer_mem_bytes.shape == (4,)
+
+
+def test_simulator_stages_carry_their_layers():
+    tasks = step_tasks.uniform(DSV3, H100, _dsv3(pp=4, dp=128, global_batch_size=2048))
+    stages = _dsv3(pp=4).stage_layers(61)  # 16, 15, 15, 15
+    per_layer = [tasks.fwd_s[r][0] / stages[r] for r in range(4)]
+    assert per_layer[0] < per_layer[1] == pytest.approx(per_layer[2])  # 3 dense layers
+
+
+def test_state_lower_bound_holds_for_mixed_models():
+    lays = [_dsv3(pp=pp, dp=512 // pp, ep=min(32, 512 // pp)) for pp in (2, 4, 8, 16, 32)]
+    lays.append(_dsv3(pp=61, dp=8, ep=8, global_batch_size=1024))
+    g = _grid(DSV3, lays)
+    bound = megatron.state_bytes_lower_bound(DSV3, g, H100.gpu.fp8_transpose_copy)
+    peak = megatron.evaluate(DSV3, H100, g).peak_bytes
+    assert np.isfinite(peak).all() and (bound <= peak).all()
