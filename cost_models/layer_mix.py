@@ -106,6 +106,13 @@ class RankLayers:
     def of(cls, layers) -> RankLayers:
         return layers if isinstance(layers, RankLayers) else cls.uniform(layers)
 
+    def per_layer(self, value):
+        """`value` (one of the fields) per layer the rank holds: the rank's average layer
+        over the averaged layer (1 for a rank without layers)."""
+        count = np.asarray(self.count, dtype=float)
+        return np.divide(value, count, out=np.ones(np.broadcast(value, count).shape),
+                         where=count > 0)
+
     def take(self, index) -> RankLayers:
         """The rows `index` of every field that is an array over the grid."""
         return RankLayers(*(np.asarray(v)[index] if np.ndim(v) else v

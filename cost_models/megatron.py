@@ -874,8 +874,10 @@ def rank_static(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, layers, f
                          grad_bytes)
               + _grad_sync(state.expert, edpg.size, edp_bw, edp_alpha, g.distributed_optimizer,
                            grad_bytes))
-    layer_params = memory.dense_layer_params(model) / g.tp \
-        + memory.expert_layer_params(model) / (dims.expert_tp * dims.ep)
+    # one FSDP block: the rank's average layer (its layers' kinds, `layer_mix`)
+    layer_params = memory.dense_layer_params(model) / g.tp * layers.per_layer(layers.dense) \
+        + memory.expert_layer_params(model) / (dims.expert_tp * dims.ep) \
+        * layers.per_layer(layers.expert)
     head_params = np.where(last, model.vocab_size * model.hidden_size / g.tp, 0.0)
     opt = compute.memory_bound_time(ADAM_BYTES_PER_PARAM * state.optimizer, gpu)
     mem = memory.rank_static_memory(g, state.dense + state.expert, state.optimizer,
@@ -905,7 +907,7 @@ def rank_costs(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerT
     if static.fsdp_params is not None:
         sharded, layer_params, head_params = static.fsdp_params
         f_comm, f_exposed = fsdp_comm(model, cluster, g, lt, layers.count, layer_params,
-                                      head_params, head, sharded)
+                                      head_params, head, sharded, layers.per_layer(layers.time))
         comm_s, exposed = np.where(fsdp, f_comm, comm_s), np.where(fsdp, f_exposed, exposed)
     # the parameters and the static memory are in `static.memory` already
     mem = memory.rank_memory(model, g, None, None, layers.acts, first, last, pp_rank,
@@ -915,8 +917,10 @@ def rank_costs(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerT
 
 
 def fsdp_comm(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerTimes, layers,
-              layer_params, head_params, head_s, sharded):
-    """(total, exposed) seconds of FSDP / HSDP communication per step on one GPU.
+              layer_params, head_params, head_s, sharded, block_time=1.0):
+    """(total, exposed) seconds of FSDP / HSDP communication per step on one GPU; `layers`
+    blocks of `layer_params` parameters each, whose compute is `block_time` averaged layers'
+    (a rank's average layer, `layer_mix.RankLayers.per_layer`).
 
     Per micro-batch and block (ZeRO-3, Rajbhandari et al. 2020 Sec. 7.2.1; FSDP2 in torchtitan
     0.3.0): all-gather the block's bf16 parameters (fp8 with fp8 all-gather) over the shard
@@ -945,15 +949,17 @@ def fsdp_comm(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerTi
         hidden = np.maximum(ag - fwd_s, 0.0) + np.maximum(again * ag + rs - bwd_s, 0.0)
         return np.where(sg.size > 1, total, 0.0), np.where(sg.size > 1, hidden, 0.0), ag
 
-    blk_total, blk_exposed, blk_ag = unit(layer_params, lt.fwd_s + lt.tp_comm_s / 2,
-                                          lt.bwd_s + lt.recompute_s + lt.tp_comm_s / 2)
+    blk_total, blk_exposed, blk_ag = unit(layer_params,
+                                          block_time * (lt.fwd_s + lt.tp_comm_s / 2),
+                                          block_time * (lt.bwd_s + lt.recompute_s
+                                                        + lt.tp_comm_s / 2))
     head_total, head_exposed, _ = unit(head_params, head_s / 3, 2 * head_s / 3)
     total = m * (layers * blk_total + head_total)
     exposed = m * (layers * blk_exposed + head_exposed) + blk_ag
     rep_bw, rep_alpha = links.bandwidth_Bps(rg), links.latency_s(rg)
     rep = comm.all_reduce_time(sharded * memory.FSDP_GRAD_BYTES, rg.size, rep_bw, rep_alpha)
     rep = np.where(rg.size > 1, rep, 0.0)
-    window = layers * (lt.bwd_s + lt.recompute_s)
+    window = layers * block_time * (lt.bwd_s + lt.recompute_s)
     # ZeRO-2: once per step the updated shards are all-gathered back into the whole
     # parameters, overlapped with the next step's first forward as the distributed
     # optimizer's parameter gather is
@@ -962,7 +968,8 @@ def fsdp_comm(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerTi
     whole = np.where(sg.size > 1, whole, 0.0)
     return (total + rep + whole,
             exposed + comm.overlapped(rep, window, cluster.gpu.dp_comm_overlap)
-            + comm.overlapped(whole, layers * lt.fwd_s, cluster.gpu.dp_comm_overlap))
+            + comm.overlapped(whole, layers * block_time * lt.fwd_s,
+                              cluster.gpu.dp_comm_overlap))
 
 
 def _grad_sync(params, size, bw, alpha, distributed, grad_bytes=memory.GRAD_BYTES):

@@ -149,3 +149,23 @@ def test_state_lower_bound_holds_for_mixed_models():
     bound = megatron.state_bytes_lower_bound(DSV3, g, H100.gpu.fp8_transpose_copy)
     peak = megatron.evaluate(DSV3, H100, g).peak_bytes
     assert np.isfinite(peak).all() and (bound <= peak).all()
+
+
+def test_fsdp_blocks_are_the_ranks_own_layers(monkeypatch):
+    # torchtitan FSDP2 with pp 4: rank 0 gathers DeepSeek-V3's 3 dense layers' parameters
+    # (no experts) and 12 MoE layers', not 15 averaged layers'
+    lay = _dsv3(pp=4, dp=128, ep=16, fsdp=True, framework="torchtitan", global_batch_size=2048)
+    g = LayoutGrid.from_layout(lay, DSV3.num_layers)
+    mix = _mix(DSV3, g)
+    first = megatron._rank_kinds(g, mix)[0][0]
+    static = megatron.rank_static(DSV3, H100, g, first, True, False, 0)
+    _, block, _ = static.fsdp_params
+    dense, moe = (layer_mix.probe(DSV3, k) for k in ("dense", "moe"))
+    assert lay.stage_layers(61)[0] == 15
+    held = [3 * memory.dense_layer_params(dense) + 12 * memory.dense_layer_params(moe),
+            12 * memory.expert_layer_params(moe)]
+    assert 15 * float(block[0]) == pytest.approx(held[0] + held[1] / 16)
+    with_mix = megatron.estimate(DSV3, H100, lay)
+    monkeypatch.setattr(megatron, "layer_mix_of", lambda *a, **k: None)
+    averaged = megatron.estimate(DSV3, H100, lay)
+    assert with_mix.peak_GiB != pytest.approx(averaged.peak_GiB, rel=1e-3)
