@@ -619,16 +619,31 @@ def refine_partition(model: ModelSpec, cluster: ClusterSpec, est: Estimate,
         return est, None  # ... or the exact integer optimum: the ILP cannot do better
     from .ilp_partition import partition_layers  # pulp: imported only when a split is solved
 
-    try:
-        part = partition_layers(model.num_layers, lay.pp, costs.layer_time_s, np.ones(lay.pp),
-                                costs.extra_time_s, costs.layer_mem_bytes, costs.fixed_mem_bytes,
-                                costs.capacity_bytes, vp=lay.vp, time_limit_s=5.0)
-    except InfeasibleLayout:
-        return est, None
-    new = megatron.estimate(model, cluster, replace(lay, layers_per_stage=part.layers_per_stage),
-                            headroom)
-    better = new.fits and (not est.fits or new.step_time_s < est.step_time_s - 1e-12)
-    return (new, part) if better else (est, part)
+    best, found = (est, None), None
+    for times, mem in _partition_models(costs):
+        try:
+            part = partition_layers(model.num_layers, lay.pp, times, np.ones(lay.pp),
+                                    costs.extra_time_s, mem, costs.fixed_mem_bytes,
+                                    costs.capacity_bytes, vp=lay.vp, time_limit_s=5.0)
+        except InfeasibleLayout:
+            continue
+        found = found or part
+        new = megatron.estimate(model, cluster,
+                                replace(lay, layers_per_stage=part.layers_per_stage), headroom)
+        if new.fits and (not best[0].fits or new.step_time_s < best[0].step_time_s - 1e-12):
+            best = (new, part)
+    return best if best[1] is not None else (est, found)
+
+
+def _partition_models(costs: megatron.StageCosts):
+    """(layer times, layer memory) for the partition ILP: the stage costs as they are, and
+    for a model of several layer kinds (per-layer costs) also as uniform layers - their mean
+    time, each rank's largest layer memory (a safe bound) - whose ILP spreads each rank's
+    layers evenly over its interleaved chunks (the per-layer ILP only bounds the largest
+    chunk); `refine_partition` keeps whichever split the full estimate prices faster."""
+    yield costs.layer_time_s, costs.layer_mem_bytes
+    if np.ndim(costs.layer_time_s):
+        yield float(np.mean(costs.layer_time_s)), costs.layer_mem_bytes.max(axis=1)
 
 
 def min_max_rank_time(layer_time_s: float, extra_time_s: np.ndarray, num_layers: int,
