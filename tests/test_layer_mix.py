@@ -169,3 +169,20 @@ def test_fsdp_blocks_are_the_ranks_own_layers(monkeypatch):
     monkeypatch.setattr(megatron, "layer_mix_of", lambda *a, **k: None)
     averaged = megatron.estimate(DSV3, H100, lay)
     assert with_mix.peak_GiB != pytest.approx(averaged.peak_GiB, rel=1e-3)
+
+
+def test_partition_keeps_the_faster_of_per_layer_and_uniform_splits(monkeypatch):
+    from planner import search
+
+    lay = Layout(tp=2, pp=4, dp=64, ep=128, etp=1, vp=5, micro_batch_size=1, global_batch_size=2048,
+                 seq_len=4096, recompute="selective", sequence_parallel=True,
+                 recompute_modules=("layernorm", "moe_act", "mla_up_proj"), moe_a2a_overlap=True)
+    even = megatron.estimate(DSV3, H100, lay)
+    both, part = search.refine_partition(DSV3, H100, even, 0.05)
+    first_only = search._partition_models
+    monkeypatch.setattr(search, "_partition_models", lambda costs: [next(first_only(costs))])
+    per_layer, _ = search.refine_partition(DSV3, H100, even, 0.05)
+    assert both.fits and part is not None
+    assert both.step_time_s <= per_layer.step_time_s <= even.step_time_s
+    # the uniform split's even chunks avoid the interleaved stall of the per-layer one's
+    assert both.step_time_s < 0.97 * per_layer.step_time_s
