@@ -22,13 +22,13 @@ layout, and the sum over the ranks - is priced exactly as the averaged layer pri
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cache
 
 import numpy as np
 
 from .grid import LayoutGrid, rank_of_stage
-from .schedules import is_v_shape
+from .schedules import CODE, is_v_shape
 from .specs import ModelSpec, even_split
 
 TRANSFORMER_KINDS = ("dense", "moe")
@@ -113,6 +113,11 @@ class RankLayers:
         return np.divide(value, count, out=np.ones(np.broadcast(value, count).shape),
                          where=count > 0)
 
+    def mean(self, other: RankLayers) -> RankLayers:
+        """Each field's mean with `other`'s (DualPipe: a rank's own and mirrored stage)."""
+        return RankLayers(*((getattr(self, f.name) + getattr(other, f.name)) / 2
+                            for f in fields(self)))
+
     def take(self, index) -> RankLayers:
         """The rows `index` of every field that is an array over the grid."""
         return RankLayers(*(np.asarray(v)[index] if np.ndim(v) else v
@@ -193,11 +198,12 @@ class LayerMix:
         activation counts are the largest of any middle rank's (an upper bound when the
         middle ranks' mixes differ)."""
         vshape = is_v_shape(g.schedule)
-        key = (g.pp * (int(g.vp.max(initial=1)) + 1) + g.vp) * 2 + vshape
+        mirror = np.asarray(g.schedule) == CODE["dualpipe"]
+        key = ((g.pp * (int(g.vp.max(initial=1)) + 1) + g.vp) * 2 + vshape) * 2 + mirror
         splits, split_of = unique_rows(key)
         mixes = [_rank_kind_counts(self.codes.tobytes(), len(self.codes), self.time.shape[1],
                                    g.layers_per_stage, int(g.pp[i]), int(g.vp[i]),
-                                   bool(vshape[i])) for i in splits]
+                                   bool(vshape[i]), bool(mirror[i])) for i in splits]
         inner = [_maximal(r[1:-1]) for r in mixes]  # pp <= 2: no middle rank, all zero
         # each kind's weight on every row, as contiguous columns
         time, acts = ([w[self.setting, k] for k in range(w.shape[1])] for w in (self.time, self.acts))
@@ -252,9 +258,12 @@ def unique_rows(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @cache
 def _rank_kind_counts(codes: bytes, num_layers: int, kinds: int, split: tuple[int, ...] | None,
-                      pp: int, vp: int, vshape: bool) -> np.ndarray:
+                      pp: int, vp: int, vshape: bool, mirror: bool = False) -> np.ndarray:
     """(pp, K) layers of each kind on each pipeline rank (virtual stage k on
-    `rank_of_stage(k, pp, vshape)`); `split`: the grid's explicit split, else the even one."""
+    `rank_of_stage(k, pp, vshape)`); `split`: the grid's explicit split, else the even one.
+    `mirror` (DualPipe): rank r also holds stage pp-1-r and runs each of its two stages for
+    half the micro-batches, so its counts are the two stages' mean (the schedule's weight
+    copies, `schedules.weight_copies`, double them back for the parameters)."""
     layer_codes = np.frombuffer(codes, dtype=np.int64)
     stages = split if split is not None else even_split(num_layers, pp * vp)
     out = np.zeros((pp, kinds))
@@ -263,4 +272,4 @@ def _rank_kind_counts(codes: bytes, num_layers: int, kinds: int, split: tuple[in
         out[rank_of_stage(k, pp, vshape)] += np.bincount(layer_codes[start:start + n],
                                                           minlength=kinds)
         start += n
-    return out
+    return (out + out[::-1]) / 2 if mirror else out

@@ -880,9 +880,10 @@ def rank_static(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, layers, f
         * layers.per_layer(layers.expert)
     head_params = np.where(last, model.vocab_size * model.hidden_size / g.tp, 0.0)
     opt = compute.memory_bound_time(ADAM_BYTES_PER_PARAM * state.optimizer, gpu)
+    block = heaviest_block_params(model, g) if g.column("fsdp").any() else layer_params
     mem = memory.rank_static_memory(g, state.dense + state.expert, state.optimizer,
                                     layers.count, pp_rank, layer_params, head_params,
-                                    gpu.fp8_transpose_copy)
+                                    gpu.fp8_transpose_copy, block)
     fsdp = (state.sharded, layer_params, head_params) if g.column("fsdp").any() else None
     return RankStatic(first, last, comm_s, opt, mem, fsdp)
 
@@ -997,6 +998,33 @@ def _rank_kinds(g: LayoutGrid, mix: LayerMix | None = None) -> tuple[tuple, ...]
             (mid, False, False, np.minimum(1, g.pp - 1)))
 
 
+def kind_params(model: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(replicated, routed-expert) parameters of one layer of each kind (`layer_mix.
+    layer_kinds`) over the averaged layer's, (K,) each; ones for a model of one kind."""
+    found = layer_mix.layer_kinds(model)
+    if found is None:
+        return np.ones(1), np.ones(1)
+    avg_dense, avg_expert = memory.dense_layer_params(model), memory.expert_layer_params(model)
+    probes = [layer_mix.probe(model, name) for name in found[0]]
+    dense = np.array([memory.dense_layer_params(p) / avg_dense for p in probes])
+    expert = np.array([memory.expert_layer_params(p) / avg_expert if avg_expert else 0.0
+                       for p in probes])
+    return dense, expert
+
+
+def heaviest_block_params(model: ModelSpec, g: LayoutGrid) -> np.ndarray:
+    """Parameters on one GPU of the model's heaviest layer (of any kind, `kind_params`)
+    before FSDP sharding: the size of the blocks FSDP prefetches and of the one block's
+    unsharded gradients (`memory.fsdp_inflight_bytes`) - an upper bound for a rank holding
+    none of that kind, and one value per layout, so the partition ILP's memory stays affine
+    in each kind's layer count (`stage_costs`)."""
+    dense, expert = kind_params(model)
+    per_gpu = np.multiply.outer(memory.dense_layer_params(model) / np.asarray(g.tp), dense) \
+        + np.multiply.outer(memory.expert_layer_params(model)
+                            / np.asarray(g.dims.expert_tp * g.dims.ep), expert)
+    return per_gpu.max(axis=-1)
+
+
 def layer_mix_of(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerTimes,
                  acts: memory.ActivationTerms) -> LayerMix | None:
     """Each layer kind's weights against the averaged layer on the grid `g` (`layer_mix`):
@@ -1011,13 +1039,10 @@ def layer_mix_of(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: Laye
     rows, setting = layer_mix.layer_rows(g)
     sub = g.take(rows)
     time, act = np.ones((len(rows), len(names))), np.ones((len(rows), len(names)))
-    dense, expert = np.zeros(len(names)), np.zeros(len(names))
-    avg_dense, avg_expert = memory.dense_layer_params(model), memory.expert_layer_params(model)
+    dense, expert = kind_params(model)
     avg_acts = np.broadcast_to(acts.per_layer, (len(g),))[rows]
     for k, name in enumerate(names):
         probe = layer_mix.probe(model, name)
-        dense[k] = memory.dense_layer_params(probe) / avg_dense
-        expert[k] = memory.expert_layer_params(probe) / avg_expert if avg_expert else 0.0
         if k == np.argmax(counts):
             continue  # derived: the weights then price the whole model as the average does
         time[:, k] = layer_times(probe, cluster.gpu, cluster, sub).total_s / lt.total_s[rows]
@@ -1179,7 +1204,9 @@ def stage_costs(model: ModelSpec, cluster: ClusterSpec, layout: Layout,
     """Linear per-rank time and memory model of `layout`, exact for any layer split: memory
     and time of rank r are affine in its layer count (see `rank_costs`), or for a model of
     several layer kinds (`layer_mix`) in its count of each kind - then the layer time has one
-    entry per layer and the layer memory one per (rank, layer)."""
+    entry per layer and the layer memory one per (rank, layer). (FSDP resharding after
+    forward with pp > 1, `fsdp_reshard_after_forward="always"`: its prefetched blocks,
+    min(layers, 2), are counted once per layer, an upper bound.)"""
     parts = layout_parts(layout, model, cluster)
     g, gpu, lt, emb, head = parts.grid, parts.gpu, parts.layer, parts.embedding_s, parts.head_s
     p = layout.pp

@@ -427,8 +427,11 @@ class RankStaticMemory:
 
 
 def rank_static_memory(g, params, optimizer_params, layers, pp_rank, layer_params=0.0,
-                       head_params=0.0, fp8_transpose_copy: bool = True) -> RankStaticMemory:
-    """`RankStaticMemory` of pipeline rank `pp_rank` (`rank_memory`'s arguments)."""
+                       head_params=0.0, fp8_transpose_copy: bool = True,
+                       block_params=None) -> RankStaticMemory:
+    """`RankStaticMemory` of pipeline rank `pp_rank` (`rank_memory`'s arguments);
+    `block_params`: the heaviest block's parameters (`fsdp_inflight_bytes`), default
+    `layer_params`."""
     fsdp = g.column("fsdp")
     inflight = schedules.inflight_microbatches(g.schedule, g.pp, g.vp, g.num_microbatches,
                                                pp_rank)
@@ -438,7 +441,8 @@ def rank_static_memory(g, params, optimizer_params, layers, pp_rank, layer_param
         unsharded = np.where(fsdp, fsdp_inflight_bytes(layer_params, head_params, layers, g.pp,
                                                        gather, zero2_rows(g),
                                                        keeps_unsharded(g),
-                                                       fsdp_unsharded_grad_bytes(g)), 0.0)
+                                                       fsdp_unsharded_grad_bytes(g),
+                                                       block_params), 0.0)
     return RankStaticMemory(state_bytes(g, params, optimizer_params, fp8_transpose_copy),
                             inflight, unsharded)
 
@@ -555,7 +559,7 @@ def fsdp_unsharded_grad_bytes(g) -> np.ndarray:
 
 
 def fsdp_inflight_bytes(layer_params, head_params, layers, pp, gather_bytes, zero2, keep,
-                        grad_bytes):
+                        grad_bytes, block_params=None):
     """Unsharded parameters and gradients FSDP holds at the peak on one GPU (bytes).
 
     torchtitan 0.3.0 (torchtitan/distributed/fsdp.py) wraps each transformer block as one
@@ -570,14 +574,20 @@ def fsdp_inflight_bytes(layer_params, head_params, layers, pp, gather_bytes, zer
                 without gradient sync or resharding (stage.py backward_maybe_with_nosync), so
                 FSDP2 accumulates the stage's unsharded gradients, upcast to the fp32 reduce
                 dtype (_fsdp_param.py to_accumulated_grad_if_needed): 4 bytes x stage params.
-    `layer_params` are one block's parameters on this GPU before sharding (split over tp).
+    `layer_params` are one block's parameters on this GPU before sharding (split over tp):
+    the rank's average block (`layers` x it: the parameters the rank holds);
+    `block_params` (default `layer_params`) the heaviest block's, which sizes the prefetched
+    blocks and the one block's gradients (`megatron.heaviest_block_params`).
     ZeRO-2 rows (`zero2`: Megatron-FSDP optim_grads) gather nothing: only the block's
     gradients in flight to their reduce-scatter (and the pp > 1 accumulation) remain. `keep`
     (`keeps_unsharded`): the rows that keep all the stage's blocks gathered. `grad_bytes`:
     bytes per parameter of the unsharded gradients (`fsdp_unsharded_grad_bytes`).
     """
-    blocks = np.where(zero2, 0, np.where(keep, layers, np.minimum(layers, FSDP_PREFETCH_LAYERS)))
+    block_params = layer_params if block_params is None else block_params
+    kept = np.where(zero2, 0.0, np.where(keep, layers * layer_params, 0.0))
+    prefetched = np.where(zero2 | keep, 0.0,
+                          np.minimum(layers, FSDP_PREFETCH_LAYERS) * block_params)
     head_params_gathered = np.where(zero2, 0.0, head_params)
     accumulated = np.where(pp > 1, (layers * layer_params + head_params) * FSDP_GRAD_BYTES, 0.0)
-    return (blocks * layer_params * gather_bytes + layer_params * grad_bytes
+    return ((kept + prefetched) * gather_bytes + block_params * grad_bytes
             + head_params_gathered * gather_bytes + accumulated)

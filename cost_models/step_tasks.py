@@ -66,8 +66,13 @@ def uniform(model: ModelSpec, cluster: ClusterSpec, layout: Layout) -> StepTasks
         hide[r][c] = n * min(ep_layer, float(lt.compute_s[0]))  # hidden under compute
     hop = float(megatron.pp_hop_time(model, cluster, g)[0])
     dp, opt = [], []
+    def on(r):
+        return [k for k in range(len(stages)) if rank_of_stage(k, p, vshape) == r]
+
     for r in range(p):
-        layers = held([k for k in range(len(stages)) if rank_of_stage(k, p, vshape) == r])
+        layers = held(on(r))
+        if schedule == "dualpipe":  # its mirrored stage too; weight copies double the mean
+            layers = layers.mean(held(on(p - 1 - r)))
         holds_head = r == 0 if vshape else r == p - 1
         rc = megatron.rank_costs(model, cluster, g, lt, emb, head, layers, r == 0, holds_head, r)
         dp.append(float(rc.dp_comm_s[0]))

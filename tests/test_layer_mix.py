@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cost_models import layer_mix, megatron, memory, step_tasks
-from cost_models.grid import LayoutGrid
+from cost_models.grid import LayoutGrid, rank_of_stage
 from cost_models.specs import Layout
 from planner.specfiles import load_cluster, load_model
 
@@ -86,23 +86,29 @@ def test_pp1_is_priced_exactly_as_before_and_pp_gt_1_by_its_own_layers(monkeypat
     assert with_mix[1].step_time_s > averaged[1].step_time_s * 1.005
 
 
-def test_ranks_match_a_rank_by_rank_count():
-    g = _grid(NANO, [Layout(tp=1, pp=4, dp=16, ep=8, vp=2, micro_batch_size=1,
-                            global_batch_size=256, seq_len=4096),
-                     Layout(tp=1, pp=6, dp=8, ep=8, micro_batch_size=1,
-                            global_batch_size=256, seq_len=4096)])
+def _rank_layers(lay: Layout, num_layers: int) -> list[np.ndarray]:
+    """The layer indices each pipeline rank of `lay` holds (stage k on `rank_of_stage`)."""
+    stages = lay.stage_layers(num_layers)
+    starts = np.concatenate([[0], np.cumsum(stages)])
+    vshape = lay.schedule in ("zb-v", "dualpipev")
+    return [np.concatenate([np.arange(starts[k], starts[k + 1]) for k in range(len(stages))
+                            if rank_of_stage(k, lay.pp, vshape) == r]) for r in range(lay.pp)]
+
+
+@pytest.mark.parametrize("kw", [dict(pp=4, dp=16, vp=2), dict(pp=6, dp=8),
+                                dict(pp=4, dp=16, vp=2, pipeline_schedule="zb-v"),
+                                dict(pp=4, dp=16, layers_per_stage=(20, 10, 12, 10))])
+def test_ranks_match_a_rank_by_rank_count(kw):
+    lay = Layout(tp=1, ep=8, micro_batch_size=1, global_batch_size=256, seq_len=4096, **kw)
+    g = _grid(NANO, [lay])
     mix = _mix(NANO, g)
     first, last, mid = mix.ranks(g)
     for row in range(len(g)):
-        lay = g.layout(row)
-        stages = lay.stage_layers(NANO.num_layers)
-        starts = np.concatenate([[0], np.cumsum(stages)])
-        per_rank = [np.concatenate([np.arange(starts[k], starts[k + 1])
-                                    for k in range(r, len(stages), lay.pp)])
-                    for r in range(lay.pp)]
-        held = [mix.layers(ix, row) for ix in per_rank]
+        held = [mix.layers(ix, row) for ix in _rank_layers(lay, NANO.num_layers)]
         assert first.time[row] == pytest.approx(float(held[0].time[0]))
+        assert first.expert[row] == pytest.approx(float(held[0].expert))
         assert last.time[row] == pytest.approx(float(held[-1].time[0]))
+        assert last.dense[row] == pytest.approx(float(held[-1].dense))
         assert mid.time[row] == pytest.approx(max(float(h.time[0]) for h in held[1:-1]))
         assert mid.acts[row] == pytest.approx(max(float(h.acts[0]) for h in held[1:-1]))
         # the hybrid's stages hold different mixes: their times differ
@@ -137,18 +143,76 @@ def test_stage_costs_give_each_layer_its_kind():
 
 def test_simulator_stages_carry_their_layers():
     tasks = step_tasks.uniform(DSV3, H100, _dsv3(pp=4, dp=128, global_batch_size=2048))
-    stages = _dsv3(pp=4).stage_layers(61)  # 16, 15, 15, 15
+    stages = _dsv3(pp=4).stage_layers(61)  # 15, 16, 15, 15: rank 0's 3 dense + 12 MoE
     per_layer = [tasks.fwd_s[r][0] / stages[r] for r in range(4)]
     assert per_layer[0] < per_layer[1] == pytest.approx(per_layer[2])  # 3 dense layers
 
 
-def test_state_lower_bound_holds_for_mixed_models():
-    lays = [_dsv3(pp=pp, dp=512 // pp, ep=min(32, 512 // pp)) for pp in (2, 4, 8, 16, 32)]
-    lays.append(_dsv3(pp=61, dp=8, ep=8, global_batch_size=1024))
-    g = _grid(DSV3, lays)
-    bound = megatron.state_bytes_lower_bound(DSV3, g, H100.gpu.fp8_transpose_copy)
-    peak = megatron.evaluate(DSV3, H100, g).peak_bytes
-    assert np.isfinite(peak).all() and (bound <= peak).all()
+def _fullest_rank_state_bytes(model, lay: Layout) -> float:
+    """The largest weights + gradients + optimizer state of the layers any pipeline rank of
+    `lay` really holds (the embedding and LM head left out, as the bound leaves them), plus
+    the fixed buffer allowance: at most the fullest rank's peak, so the bound must stay
+    below it."""
+    g = LayoutGrid.from_layout(lay, model.num_layers)
+    mix = _mix(model, g)
+    states = []
+    for ix in _rank_layers(lay, model.num_layers):
+        state = megatron.rank_state(model, g, mix.layers(ix), False, False, 1)
+        parts = memory.state_bytes(g, state.dense + state.expert, state.optimizer,
+                                   H100.gpu.fp8_transpose_copy)
+        states.append(float(np.ravel(sum(parts.values()))[0]))
+    return max(states) + memory.BUFFER_FIXED_BYTES
+
+
+@pytest.mark.parametrize("model,pp", [(DSV3, 4), (DSV3, 16), (DSV3, 30), (NANO, 3),
+                                      (NANO, 12)])
+def test_state_lower_bound_holds_for_mixed_models(model, pp):
+    lay = Layout(tp=1, pp=pp, dp=8, ep=8, micro_batch_size=1, global_batch_size=1024,
+                 seq_len=4096, recompute="selective")
+    g = LayoutGrid.from_layout(lay, model.num_layers)
+    bound = float(megatron.state_bytes_lower_bound(model, g, H100.gpu.fp8_transpose_copy)[0])
+    assert bound <= _fullest_rank_state_bytes(model, lay) * (1 + 1e-12)
+    if model is DSV3 and pp == 30:
+        # ceil(61 / 30) = 3 averaged layers would overshoot: the one 3-layer rank holds the
+        # light dense layers, the others 2 MoE layers
+        state = megatron.rank_state(model, g, 3, False, False, 1)
+        parts = memory.state_bytes(g, state.dense + state.expert, state.optimizer,
+                                   H100.gpu.fp8_transpose_copy)
+        ceil_bound = float(np.ravel(sum(parts.values()))[0]) + memory.BUFFER_FIXED_BYTES
+        assert ceil_bound > _fullest_rank_state_bytes(model, lay)
+
+
+def test_dualpipe_ranks_hold_their_mirrored_stage():
+    # DualPipe: rank r holds stage r and stage pp-1-r (each for half the micro-batches)
+    lay = _dsv3(pp=4, dp=128, global_batch_size=2048, pipeline_schedule="dualpipe")
+    g = LayoutGrid.from_layout(lay, DSV3.num_layers)
+    mix = _mix(DSV3, g)
+    own = [mix.layers(ix) for ix in _rank_layers(lay, DSV3.num_layers)]
+    first, last, _ = mix.ranks(g)
+    for got, r in ((first, 0), (last, 3)):
+        for field in ("dense", "expert", "time", "acts"):
+            pair = float(np.ravel(getattr(own[r], field))[0] + np.ravel(getattr(own[3 - r], field))[0])
+            assert 2 * float(np.ravel(getattr(got, field))[0]) == pytest.approx(pair)
+    assert float(own[0].dense) != pytest.approx(float(own[3].dense))  # 3 dense layers
+    tasks = step_tasks.uniform(DSV3, H100, lay)
+    assert lay.stage_layers(61)[1:3] == (16, 15)  # ranks 1 and 2 both hold stages 1 and 2
+    assert tasks.dp_comm_s[1] == pytest.approx(tasks.dp_comm_s[2])
+    assert tasks.optimizer_s[1] == pytest.approx(tasks.optimizer_s[2])
+
+
+def test_stage_costs_memory_is_exact_under_fsdp():
+    # the ILP's affine memory (one entry per rank and layer) against each rank's own costs
+    split = (20, 10, 15, 16)
+    lay = _dsv3(pp=4, dp=128, ep=16, fsdp=True, framework="torchtitan", global_batch_size=2048)
+    costs = megatron.stage_costs(DSV3, H100, lay)
+    lay = replace(lay, layers_per_stage=split)
+    g = LayoutGrid.from_layout(lay, DSV3.num_layers)
+    mix, parts = _mix(DSV3, g), megatron.layout_parts(lay, DSV3, H100)
+    for r, ix in enumerate(_rank_layers(lay, DSV3.num_layers)):
+        ilp = costs.fixed_mem_bytes[r] + costs.layer_mem_bytes[r, ix].sum()
+        real = megatron.rank_costs(DSV3, H100, g, parts.layer, parts.embedding_s, parts.head_s,
+                                   mix.layers(ix), r == 0, r == 3, r).total_bytes
+        assert ilp == pytest.approx(float(np.ravel(real)[0]), rel=1e-9)
 
 
 def test_fsdp_blocks_are_the_ranks_own_layers(monkeypatch):
