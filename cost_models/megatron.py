@@ -634,18 +634,16 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid,
     m, p, v = g.num_microbatches, g.pp, g.vp
     head, emb = head_time(model, gpu, g, lt.total_s), embedding_time(model, gpu, g)
     single = p == 1
-    vshape = schedules.is_v_shape(g.schedule)  # the first rank also holds the LM head
+    ends_first, ends_last = _end_times(g, emb, head)
     # τ per rank kind (first, last, busiest middle); with pp == 1 one rank has both ends.
-    tau_first = first_l.time * lt.total_s + emb + np.where(single | vshape, head, 0.0)
-    tau_last = np.where(single, tau_first,
-                        last_l.time * lt.total_s + np.where(vshape, 0.0, head))
+    tau_first = first_l.time * lt.total_s + ends_first
+    tau_last = np.where(single, tau_first, last_l.time * lt.total_s + ends_last)
     tau_mid = mid_l.time * lt.total_s
     # the critical rank, the first of equals (first, last, middle): `_first_of_max`
     take_last, take_mid = _first_of_max(tau_first, tau_last, tau_mid)
     tau_max = np.maximum(np.maximum(tau_first, tau_last), tau_mid)
     layers_crit = np.where(take_mid, mid_l.time, np.where(take_last, last_l.time, first_l.time))
-    ends_crit = np.where(take_mid, 0.0, np.where(take_last, np.where(vshape, 0.0, head),
-                                                 emb + np.where(single | vshape, head, 0.0)))
+    ends_crit = np.where(take_mid, 0.0, np.where(take_last, ends_last, ends_first))
     # Σ_r τ_r = all layers + both ends (pp == 1: the single rank's τ).
     tau_sum = np.where(single, tau_first, model.num_layers * lt.total_s + emb + head)
     bubble = (tau_sum - tau_max) * schedule_bubble_factor(model, gpu, g, lt)
@@ -665,6 +663,19 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid,
                                                      mtp_layers=_grid_mtp(model, g))),
         hardware_flops=_hardware_flops(model, g),
     )
+
+
+def _end_times(g: LayoutGrid, emb, head):
+    """(first rank's, last rank's) embedding + LM-head seconds per micro-batch. pp == 1 and
+    the V schedules (zb-v, dualpipev): the first rank holds both ends, the last none (pp > 1).
+    DualPipe: rank 0 runs stage 0 of one direction and stage pp-1 of the other, rank pp-1 the
+    reverse, each direction for half the micro-batches: both hold half of each end."""
+    both = (g.pp == 1) | schedules.is_v_shape(g.schedule)
+    first = emb + np.where(both, head, 0.0)
+    last = np.where(schedules.is_v_shape(g.schedule), 0.0, head)
+    mirror = np.asarray(g.schedule) == schedules.CODE["dualpipe"]
+    half = (emb + head) / 2
+    return np.where(mirror, half, first), np.where(mirror, half, last)
 
 
 STALL_END_QUANTUM = 8

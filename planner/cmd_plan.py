@@ -43,7 +43,7 @@ from .options import (
 from .planfile import Plan, stage_ranges, write_plan
 from .progress import progress
 from .report import cli_console, layout_label
-from .search import SearchResult, SearchSpace
+from .search import SearchResult, SearchSpace, refinable
 from .validation import validation_of
 
 
@@ -221,6 +221,8 @@ def _split_note(res: SearchResult) -> str:
     if res.solver != "none":
         return f"layer split by ILP ({res.solver})"
     if res.plans and res.plans[0].layout.pp > 1:
+        if not refinable(res.plans[0].layout):
+            return "even layer split (the partition ILP models looped stages, not V or DualPipe)"
         return "even layer split (meets the exact lower bound: no ILP needed)"
     return "no pipeline to split"
 

@@ -601,12 +601,21 @@ def _order(grid: LayoutGrid, step: np.ndarray, rows: np.ndarray | None = None) -
     return np.lexsort((simpler, np.round(step, 9)))
 
 
+def refinable(lay: Layout) -> bool:
+    """Whether the partition ILP can re-split `lay`: it models looped stage placement
+    (stage k on rank k % pp), so pp > 1 and neither a V schedule nor DualPipe."""
+    return lay.pp > 1 and lay.schedule not in schedules.V_SHAPE and lay.schedule != "dualpipe"
+
+
 def refine_partition(model: ModelSpec, cluster: ClusterSpec, est: Estimate,
-                     headroom: float) -> tuple[Estimate, Partition | None]:
-    """Re-split the layers of `est`'s layout with the partition ILP; keep the better one."""
+                     headroom: float, beat_s: float = np.inf
+                     ) -> tuple[Estimate, Partition | None]:
+    """Re-split the layers of `est`'s layout with the partition ILP; keep the better one.
+    `beat_s`: skip the ILP when not even a perfectly balanced split (every rank at the
+    average load, no pipeline bubble) could bring the step below it."""
     lay = est.layout
-    if lay.pp == 1 or lay.schedule in schedules.V_SHAPE or lay.schedule == "dualpipe":
-        return est, None  # the ILP models looped stage placement (stage k on rank k % pp)
+    if not refinable(lay):
+        return est, None
     costs = megatron.stage_costs(model, cluster, lay, headroom)
     ranks = np.array(rank_layer_counts(lay.stage_layers(model.num_layers), lay.pp))
     per_layer = np.broadcast_to(costs.layer_time_s, (model.num_layers,))  # layer kinds differ
@@ -614,6 +623,9 @@ def refine_partition(model: ModelSpec, cluster: ClusterSpec, est: Estimate,
     average = (per_layer.sum() + costs.extra_time_s.sum()) / lay.pp
     if times.max() <= average * (1 + 1e-3) and ranks.size:
         return est, None  # the even split already meets the average-load lower bound
+    gain_s = lay.num_microbatches * (times.max() - average) + est.time.pp_bubble_s
+    if est.step_time_s - gain_s >= beat_s:
+        return est, None  # ... or cannot beat the best layout found
     if np.ndim(costs.layer_time_s) == 0 and times.max() <= min_max_rank_time(
             costs.layer_time_s, costs.extra_time_s, model.num_layers, lay.vp) * (1 + 1e-9):
         return est, None  # ... or the exact integer optimum: the ILP cannot do better
@@ -680,10 +692,12 @@ def _per_rank_sums(lay: Layout, per_layer: np.ndarray) -> np.ndarray:
     return np.bincount(rank, per_layer, minlength=lay.pp)
 
 
-def _leaders(grid: LayoutGrid, order: np.ndarray, fits: np.ndarray, count: int) -> list[int]:
+def _leaders(grid: LayoutGrid, order: np.ndarray, fits: np.ndarray, count: int,
+             eligible: np.ndarray | None = None) -> list[int]:
     """The first `count` fitting rows of `order` that differ in more than their recompute
     setting: variants of one layout with more recompute rank right behind it (a norm
-    recomputed costs little) and would crowd distinct layouts out of the ILP refinement."""
+    recomputed costs little) and would crowd distinct layouts out of the ILP refinement.
+    `eligible`: only rows where it is True count."""
     cols = [grid.column(n) for n in ("tp", "pp", "dp", "cp", "ep", "etp", "vp",
                                      "micro_batch_size", "sequence_parallel",
                                      "distributed_optimizer", "schedule", "fsdp")]
@@ -692,10 +706,23 @@ def _leaders(grid: LayoutGrid, order: np.ndarray, fits: np.ndarray, count: int) 
         if len(out) == count or not fits[i]:
             break
         key = tuple(int(c[i]) for c in cols)
-        if key not in seen:
+        if key not in seen and (eligible is None or eligible[i]):
             seen.add(key)
             out.append(int(i))
     return out
+
+
+def _refinable_rows(grid: LayoutGrid, order: np.ndarray, fits: np.ndarray, count: int,
+                    taken: list[int]) -> list[int]:
+    """The first `count` distinct fitting layouts of `order` with pp > 1 and one stage per
+    rank (1f1b, zb-h1) that are not among `taken`: when the leaders are V or DualPipe
+    layouts (no ILP), such a layout behind them may still win once its layers are re-split.
+    (Interleaved ones are left out: their ILP is slow on deep models and a re-split of their
+    chunks mostly trades rank imbalance for the uneven-chunk stall.)"""
+    flat = (grid.pp > 1) & np.isin(grid.schedule, [schedules.CODE["1f1b"],
+                                                   schedules.CODE["zb-h1"]])
+    flat[taken] = False
+    return _leaders(grid, order, fits, count, flat)
 
 
 def search(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_batch_size: int,
@@ -739,6 +766,18 @@ def search(model: ModelSpec, cluster: ClusterSpec, seq_len: int, global_batch_si
             part = None
         plans.append(est)
         parts.append(part)
+    # leaders the ILP cannot re-split (V / DualPipe) only: the best looped layouts behind
+    # them, re-split, may still win (each skipped when even a balanced split could not)
+    extra = [] if any(refinable(e.layout) for e in plans[:space.refine_top]) \
+        else _refinable_rows(grid, order, fits, space.refine_top, leaders)
+    best_s = min((e.step_time_s for e in plans), default=np.inf)
+    for i in extra:
+        est = megatron.result_estimate(res, i, grid.layout(i), gpu, space.headroom)
+        est, part = refine_partition(model, cluster, est, space.headroom, beat_s=best_s)
+        if part is not None and est.step_time_s < best_s:
+            plans.append(est)
+            parts.append(part)
+            best_s, solver = est.step_time_s, part.solver
     ranked = sorted(zip(plans, parts, strict=False), key=lambda ep: ep[0].step_time_s)[:top_k]
     alternatives = _family_leaders(res, grid, order, fits, gpu, space.headroom,
                                    ranked[0][0].layout if ranked else None)

@@ -43,9 +43,10 @@ def _strict_json(text: str):
 
 
 def test_plan_json_is_one_object_when_the_ilp_runs(tmp_path):
-    # pp 8 without interleaving: the LM-head stage is heavy, so the partition ILP runs (and
-    # HiGHS prints its banner from C unless it is kept off descriptor 1)
-    proc = _run(["plan", *PLAN_70B, "--pp", "8", "--vp", "1", "--json"], tmp_path)
+    # pp 8 with 1f1b: the LM-head stage is heavy, so the partition ILP runs (and HiGHS
+    # prints its banner from C unless it is kept off descriptor 1)
+    proc = _run(["plan", *PLAN_70B, "--pp", "8", "--vp", "1", "--schedule", "1f1b", "--json"],
+                tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = _strict_json(proc.stdout)  # nothing before or after the object
     assert out["search"]["solver"] in ("HiGHS", "PULP_CBC_CMD"), "the partition ILP ran"
@@ -59,7 +60,7 @@ def test_plan_text_has_no_solver_banner_and_keeps_layout_names_whole(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "HiGHS 1." not in proc.stdout and "THIRD_PARTY" not in proc.stdout
     row = next(ln for ln in proc.stdout.splitlines() if ln.lstrip().startswith("1 "))
-    assert "tp4 pp4 cp2 dp2 vp2 mbs1 sp zb-v" in row  # one line, not wrapped at 80 columns
+    assert "tp4 pp8 cp2 dp1 mbs1 sp dualpipe" in row  # one line, not wrapped at 80 columns
     assert "5% of memory kept free" in proc.stdout
 
 

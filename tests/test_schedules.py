@@ -243,6 +243,23 @@ def test_real_layout_each_schedule_simulates_and_agrees(schedule):
         assert abs(idle - analytic) <= 2.0, (schedule, idle, analytic)
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_critical_rank_work_is_the_simulators_busiest_rank(schedule):
+    """Llama 3.1 8B, pp 4: the analytic critical rank's compute and communication per step
+    equal the busiest rank's in the simulator's tasks. DualPipe's end ranks each run half
+    their micro-batches through stage 0 (embedding) and half through stage pp-1 (LM head)."""
+    model, cluster = load_model("llama3.1-8b"), load_cluster("dgx-h100", nodes=64)
+    vp = {"interleaved": 2, "zb-v": 2, "dualpipev": 2}.get(schedule, 1)
+    lay = Layout(tp=1, pp=4, dp=128, vp=vp, micro_batch_size=1, global_batch_size=2048,
+                 seq_len=4096, pipeline_schedule=schedule)
+    t = megatron.estimate(model, cluster, lay).time
+    tasks = step_tasks.uniform(model, cluster, lay)
+    share = lay.num_microbatches / (2 if schedule == "dualpipe" else 1)  # per chunk
+    busiest = max(share * sum(f + b for f, b in zip(tasks.fwd_s[r], tasks.bwd_s[r],
+                                                    strict=True)) for r in range(lay.pp))
+    assert t.compute_s + t.tp_comm_s + t.cp_comm_s + t.ep_comm_s == pytest.approx(busiest)
+
+
 def _interleaved_units(stage_layers, pp: int, m: int) -> StepTasks:
     """Interleaved StepTasks of unit layers (forward 1/3, backward 2/3 per layer)."""
     vp = len(stage_layers) // pp
