@@ -28,7 +28,7 @@ from functools import cache
 import numpy as np
 
 from .grid import LayoutGrid, rank_of_stage
-from .schedules import CODE, is_v_shape
+from .schedules import is_mirrored, is_v_shape
 from .specs import ModelSpec, even_split
 
 TRANSFORMER_KINDS = ("dense", "moe")
@@ -198,7 +198,7 @@ class LayerMix:
         activation counts are the largest of any middle rank's (an upper bound when the
         middle ranks' mixes differ)."""
         vshape = is_v_shape(g.schedule)
-        mirror = np.asarray(g.schedule) == CODE["dualpipe"]
+        mirror = is_mirrored(g.schedule)
         key = ((g.pp * (int(g.vp.max(initial=1)) + 1) + g.vp) * 2 + vshape) * 2 + mirror
         splits, split_of = unique_rows(key)
         mixes = [_rank_kind_counts(self.codes.tobytes(), len(self.codes), self.time.shape[1],

@@ -13,6 +13,7 @@ wraps it for one `Layout`. Both give the same numbers by construction.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from functools import cache
 
 import numpy as np
 
@@ -670,10 +671,9 @@ def _end_times(g: LayoutGrid, emb, head):
     the V schedules (zb-v, dualpipev): the first rank holds both ends, the last none (pp > 1).
     DualPipe: rank 0 runs stage 0 of one direction and stage pp-1 of the other, rank pp-1 the
     reverse, each direction for half the micro-batches: both hold half of each end."""
-    both = (g.pp == 1) | schedules.is_v_shape(g.schedule)
-    first = emb + np.where(both, head, 0.0)
-    last = np.where(schedules.is_v_shape(g.schedule), 0.0, head)
-    mirror = np.asarray(g.schedule) == schedules.CODE["dualpipe"]
+    vshape, mirror = schedules.is_v_shape(g.schedule), schedules.is_mirrored(g.schedule)
+    first = emb + np.where((g.pp == 1) | vshape, head, 0.0)
+    last = np.where(vshape, 0.0, head)
     half = (emb + head) / 2
     return np.where(mirror, half, first), np.where(mirror, half, last)
 
@@ -1009,17 +1009,23 @@ def _rank_kinds(g: LayoutGrid, mix: LayerMix | None = None) -> tuple[tuple, ...]
             (mid, False, False, np.minimum(1, g.pp - 1)))
 
 
+@cache
 def kind_params(model: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
     """(replicated, routed-expert) parameters of one layer of each kind (`layer_mix.
-    layer_kinds`) over the averaged layer's, (K,) each; ones for a model of one kind."""
+    layer_kinds`) over the averaged layer's, (K,) each, read-only (cached per model); ones
+    for a model of one kind."""
     found = layer_mix.layer_kinds(model)
     if found is None:
-        return np.ones(1), np.ones(1)
-    avg_dense, avg_expert = memory.dense_layer_params(model), memory.expert_layer_params(model)
-    probes = [layer_mix.probe(model, name) for name in found[0]]
-    dense = np.array([memory.dense_layer_params(p) / avg_dense for p in probes])
-    expert = np.array([memory.expert_layer_params(p) / avg_expert if avg_expert else 0.0
-                       for p in probes])
+        dense = expert = np.ones(1)
+    else:
+        avg_dense = memory.dense_layer_params(model)
+        avg_expert = memory.expert_layer_params(model)
+        probes = [layer_mix.probe(model, name) for name in found[0]]
+        dense = np.array([memory.dense_layer_params(p) / avg_dense for p in probes])
+        expert = np.array([memory.expert_layer_params(p) / avg_expert if avg_expert else 0.0
+                           for p in probes])
+    for a in (dense, expert):
+        a.setflags(write=False)
     return dense, expert
 
 

@@ -107,6 +107,12 @@ def is_v_shape(code):
     return np.isin(np.asarray(code), [CODE[s] for s in V_SHAPE])
 
 
+def is_mirrored(code):
+    """DualPipe: rank r holds stage r of one direction and stage p-1-r of the other, each
+    for half the micro-batches."""
+    return np.asarray(code) == CODE["dualpipe"]
+
+
 def bubble_factor(code, pp, vp, w_frac, b_frac, hidden_frac):
     """Bubble as a multiple of (sum_r tau_r - max_r tau_r) (= (p-1)·tau for equal ranks).
 
@@ -152,7 +158,7 @@ def inflight_microbatches(code, pp, vp, num_microbatches, pp_rank=0):
 def weight_copies(code):
     """Copies of the rank's parameters (and gradients) a schedule keeps: 2 for DualPipe,
     whose ranks hold a stage of each direction (DeepSeek-V3 Table 2), else 1."""
-    return np.where(np.asarray(code) == CODE["dualpipe"], 2, 1)
+    return np.where(is_mirrored(code), 2, 1)
 
 
 def overlapped_pairs(code, pp, num_microbatches):
