@@ -640,8 +640,13 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid,
     tau_first = first_l.time * lt.total_s + ends_first
     tau_last = np.where(single, tau_first, last_l.time * lt.total_s + ends_last)
     tau_mid = mid_l.time * lt.total_s
-    # the critical rank, the first of equals (first, last, middle): `_first_of_max`
-    take_last, take_mid = _first_of_max(tau_first, tau_last, tau_mid)
+    # DualPipe's F&B pairs hide each micro-batch's all-to-all under the other's compute, per
+    # layer a rank holds (not under its embedding or LM head): the critical rank, the first
+    # of equals (first, last, middle; `_first_of_max`), is the busiest after that hiding
+    ep_hidden = schedules.overlapped_pairs(g.schedule, p, m) * fb_hidden(lt)
+    take_last, take_mid = _first_of_max(tau_first - first_l.time * ep_hidden,
+                                        tau_last - last_l.time * ep_hidden,
+                                        tau_mid - mid_l.time * ep_hidden)
     tau_max = np.maximum(np.maximum(tau_first, tau_last), tau_mid)
     layers_crit = np.where(take_mid, mid_l.time, np.where(take_last, last_l.time, first_l.time))
     ends_crit = np.where(take_mid, 0.0, np.where(take_last, ends_last, ends_first))
@@ -649,8 +654,6 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid,
     tau_sum = np.where(single, tau_first, model.num_layers * lt.total_s + emb + head)
     bubble = (tau_sum - tau_max) * schedule_bubble_factor(model, gpu, g, lt)
     bubble = bubble + interleaved_stall_s(model, g, lt, emb, head)
-    # DualPipe's F&B pairs hide each micro-batch's all-to-all under the other's compute
-    ep_hidden = schedules.overlapped_pairs(g.schedule, p, m) * fb_hidden(lt)
     hop = pp_hop_time(model, cluster, g)
     p2p = np.where(single, 0.0, 2 * (p - 1) * hop + 2 * m * v * hop * P2P_STEADY_EXPOSED)
     dp_exposed, opt_time, mem = _dp_optimizer_memory(model, cluster, g, lt, emb, head, kinds,

@@ -14,8 +14,8 @@ gradients, recompute included) and W the backward for the weights; tau = F + B +
   interleaved  k on k mod p, v chunks (p-1)·tau / v                           Megatron-LM warm-up
   zb-h1        as 1f1b, W deferred    (p-1)·(F+B-W)                           min(m, p-r)
   zb-v         V: 2 chunks            (p-1)·(F+B-W)/2                         min(m, p+1/2)
-  dualpipe     both directions        (p/2-1)·(F+B-W)                         min(m, p+1)
-  dualpipev    V: 2 chunks            (p-1)·(F+B-W)/2                         min(m, p+1/2)
+  dualpipe     both directions        (p/2-1)·max(F+2B-W, 2F)                 min(m, p+1)
+  dualpipev    V: 2 chunks            (p-1)·max(F+2B-W, 2F)/2                 min(m, p+1/2)
 
 - 1F1B: Narayanan et al. 2021 (SC'21) Sec. 2.2; interleaved: ibid. Sec. 2.2.2 (bubble / v).
   That assumes equal chunks; with uneven ones Megatron's fixed order also stalls in its
@@ -31,12 +31,13 @@ gradients, recompute included) and W the backward for the weights; tau = F + B +
   Table 2 (activations PP+1 chunks, parameters 2x for DualPipe, and PP/2-1 fill steps since
   micro-batches enter from both ends); DualPipeV ("cut-in-half", the DualPipe repository) is
   DualPipe folded onto p ranks of two chunks each, PP = 2p chunk stages of half a rank. The
-  report's per-step cost F&B + B - 3W (B the full backward) pairs a forward with a backward
-  in the fill too; the schedule simulated here (each stage in 1F1B order, W deferred into
-  idle time as ZB-H1 does, F&B pairs in the steady phase) fills at ZB-H1's F+B-W per step,
-  and its bubbles agree with these within 2 points (tests/test_schedules.py). The pairs'
-  gain, each micro-batch's all-to-all hidden under the other's compute, is not a bubble term:
-  `overlapped_pairs` (and cost_models.megatron.fb_hidden) take it off the EP communication.
+  repository README's per-step cost F&B + B - 3W, with B the full backward (B + W in this
+  notation) and F&B = F + B + W without overlap, is F + 2B - W; DeepSeek's order
+  (cost_models.dualpipe_order, simulated) fills at that, or at 2F where F + W > 2B (the
+  turn then waits on two forwards), within half a step (tests/test_dualpipe_order.py).
+  The pairs' gain, each micro-batch's all-to-all hidden under the other's compute, is not a
+  bubble term: `overlapped_pairs` (and cost_models.megatron.fb_hidden) take it off the EP
+  communication.
 
 The bubbles are written as factors of (sum_r tau_r - max_r tau_r), which is (p-1)·tau for
 equal ranks and keeps uneven splits meaningful. F+B-W is taken as F + max(B-W, 0) (a W
@@ -120,7 +121,7 @@ def bubble_factor(code, pp, vp, w_frac, b_frac, hidden_frac):
     the zero-bubble step F+B-W (Qi et al. 2024 Table 3) is F + max(B-W, 0): a W larger than
     B cannot fill more than the B-wait of the fill, and the simulator's ZB-H1 then gives
     (p-1)·F. With W <= B (every transformer layer: B holds the input-gradient GEMMs plus the
-    attention backward) it is tau - 2W. (hidden_frac, the F&B-hidden share, is accepted for
+    attention backward) it is tau - 2W. DualPipe(V)'s step is max(F + 2B - W, 2F). (hidden_frac, the F&B-hidden share, is accepted for
     callers that have it; the fill and drain do not depend on it.)
     """
     del hidden_frac
@@ -128,11 +129,14 @@ def bubble_factor(code, pp, vp, w_frac, b_frac, hidden_frac):
     p = np.maximum(pp, 2)
     f_frac = 1.0 - np.asarray(b_frac) - w_frac
     zb = f_frac + np.maximum(np.asarray(b_frac) - w_frac, 0.0)
+    # DualPipe(V) fill step, DeepSeek's F&B + B_full - 3W with F&B = F + B_full: F + 2B - W,
+    # or 2F where the turn waits on two forwards (F + W > 2B; DeepSeek's order, simulated)
+    dual = np.maximum(2 * f_frac, f_frac + 2 * np.asarray(b_frac) - w_frac)
     out = np.select(
         [c == CODE["1f1b"], c == CODE["interleaved"], c == CODE["zb-h1"], c == CODE["zb-v"],
          c == CODE["dualpipe"], c == CODE["dualpipev"]],
         [np.ones_like(w_frac), 1.0 / np.maximum(vp, 1), zb, zb / 2,
-         (p / 2 - 1) / (p - 1) * zb, zb / 2])
+         (p / 2 - 1) / (p - 1) * dual, dual / 2])
     return np.maximum(out, 0.0)
 
 

@@ -19,14 +19,14 @@ from typing import Literal
 
 import numpy as np
 
-from cost_models import schedules
+from cost_models import dualpipe_order, schedules
 from cost_models.specs import SpecError
 
 EventKind = Literal["fwd", "bwd", "p2p", "dp", "opt"]
 EVENT_KINDS: tuple[str, ...] = ("fwd", "bwd", "p2p", "dp", "opt")
 SCHEDULES: tuple[str, ...] = schedules.SCHEDULES
-"""1f1b and interleaved run Megatron-LM's fixed orders (`rank_order`); the zero-bubble and
-DualPipe schedules run `_run_greedy` (B/W split, V-shape or two-direction placement)."""
+"""1f1b and interleaved run Megatron-LM's fixed orders (`rank_order`), dualpipe and dualpipev
+DeepSeek's (`dualpipe_order`); zb-h1 and zb-v run `_run_greedy` (B/W split, V placement)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,7 +331,10 @@ def simulate_step(tasks: StepTasks, schedule: str | None = None) -> SimResult:
         schedule = "interleaved" if tasks.vp > 1 else "1f1b"
     _check_schedule(tasks, schedule)
     pp, vp, m = tasks.pp, tasks.vp, tasks.num_microbatches
-    if schedule in schedules.ZERO_BUBBLE:
+    if schedule in ("dualpipe", "dualpipev"):
+        raw, last_end, compute = dualpipe_order.run(tasks, schedule)
+        busy = np.asarray(compute) + np.asarray(tasks.optimizer_s)
+    elif schedule in schedules.ZERO_BUBBLE:
         raw, last_end, compute = _run_greedy(tasks, schedule)
         busy = np.asarray(compute) + np.asarray(tasks.optimizer_s)
     else:
@@ -417,32 +420,29 @@ def _run_pipeline(tasks: StepTasks, orders: list[list[Op]]) -> tuple[list[tuple]
 
 
 def pipelines(schedule: str, pp: int, num_microbatches: int):
-    """The (rank, chunk) of each stage and the micro-batches of every pipeline direction.
+    """The (rank, chunk) of each stage and the micro-batches of the pipeline.
 
-    zb-h1: stage k on rank k. zb-v, dualpipev: 2·pp stages in a V (stage k < pp on rank k
-    as chunk 0, stage k >= pp on rank 2·pp-1-k as chunk 1; Qi et al. 2024 Sec. 6, DeepSeek
-    DualPipeV). dualpipe: two pipelines of pp stages in opposite directions, each fed half
-    the micro-batches, rank r holding stage r of one (chunk 0) and stage pp-1-r of the other
-    (chunk 1) (DeepSeek-V3 Sec. 3.2.1)."""
+    zb-h1: stage k on rank k. zb-v: 2·pp stages in a V (stage k < pp on rank k as chunk 0,
+    stage k >= pp on rank 2·pp-1-k as chunk 1; Qi et al. 2024 Sec. 6)."""
     m = num_microbatches
     if schedule == "zb-h1":
         return [([(k, 0) for k in range(pp)], list(range(m)))]
-    if schedule == "dualpipe":
-        half = m // 2
-        return [([(k, 0) for k in range(pp)], list(range(half))),
-                ([(pp - 1 - k, 1) for k in range(pp)], list(range(half, m)))]
     stages = [(k, 0) for k in range(pp)] + [(pp - 1 - k, 1) for k in range(pp)]
     return [(stages, list(range(m)))]
 
 
 def inflight_cap(schedule: str, pp: int) -> float:
-    """Most chunk activations a rank may hold (forwards whose W has not run yet): PP+1
-    chunks, PP the stages of one pipeline (DeepSeek-V3 Table 2): 2·pp+1 half-rank chunks for
-    ZB-V and DualPipeV, pp+1 for DualPipe. Each stage's own 1F1B order keeps at most the
-    stages after it + 1 in flight, so the cap never blocks a rank with nothing else to run
-    (the two stages of a rank add up to exactly PP+1). ZB-H1: 1F1B's order bounds it."""
-    return {"zb-h1": float("inf"), "zb-v": 2 * pp + 1, "dualpipe": pp + 1,
-            "dualpipev": 2 * pp + 1}[schedule]
+    """Most chunk activations a rank may hold (forwards whose W has not run yet): ZB-V the
+    2·pp+1 half-rank chunks of PP+1 (PP = 2·pp stages; 1F1B's p·M_B, Qi et al. 2024 Sec. 6,
+    plus the chunk each stage run in 1F1B order holds). Each stage's own 1F1B order keeps
+    at most the stages after it + 1 in flight, so the rank's two stages add up to exactly the
+    cap. ZB-H1: 1F1B's order bounds it."""
+    return {"zb-h1": float("inf"), "zb-v": 2 * pp + 1}[schedule]
+
+
+def _stage_budget(pipes, d: int, k: int) -> int:
+    """In-flight chunks stage k's own 1F1B order holds at most: the stages after it + 1."""
+    return len(pipes[d][0]) - k
 
 
 def _run_greedy(tasks: StepTasks, schedule: str) -> tuple[list[tuple], list[float], list[float]]:
@@ -452,18 +452,19 @@ def _run_greedy(tasks: StepTasks, schedule: str) -> tuple[list[tuple], list[floa
     zb-h1: the next forward/backward of 1F1B's order, else the oldest pending W (Qi et al.
     2024 Sec. 3.1: W fills the bubbles; a W runs only if it ends before any input the rank
     already knows is on its way, `_w_fits`); zb-v: a ready B, else a ready F (later stage first,
-    while the rank holds fewer than `inflight_cap` chunk activations), else the oldest W;
-    dualpipe/dualpipev: as zb-v, but a ready F and a ready B of different micro-batches run
-    together as one F&B operation (their W included) lasting F + B + W - min(overlap of the
-    two), the DeepSeek-V3 overlap. Returns raw events, per-rank end of the last backward (B
-    or W) and per-rank compute seconds."""
+    while the rank holds fewer than `inflight_cap` chunk activations), else the oldest W.
+    The rank's last free slot goes only to a stage within its own 1F1B budget
+    (`_stage_budget`); a stage past it (the loss stage, whose W waits while its next F is
+    ready) runs its oldest W first. Without that rule the loss stage took the last slot
+    every micro-batch on a DeepSeek-V3 pp16 V, its rank's stage 0 stopped feeding the
+    pipeline, and the step simulated 13% above the V's fill and drain (31.2 s against
+    27.6 s). Returns raw events, per-rank end of the last backward (B or W) and per-rank
+    compute seconds."""
     import heapq
 
     pp = tasks.pp
     wgrad = tasks.wgrad_s or tuple((0.0,) * tasks.vp for _ in range(pp))
-    overlap = tasks.overlap_s or tuple((0.0,) * tasks.vp for _ in range(pp))
     pipes = pipelines(schedule, pp, tasks.num_microbatches)
-    fuse = schedule in ("dualpipe", "dualpipev")
     cap = inflight_cap(schedule, pp)
     # per rank: its (pipe, stage) slots; next forward / backward micro-batch index of each
     slots = [[] for _ in range(pp)]
@@ -478,7 +479,8 @@ def _run_greedy(tasks: StepTasks, schedule: str) -> tuple[list[tuple], list[floa
         for j in mbs:
             arrive_f[(d, 0, j)] = 0.0
     pending_w = [[] for _ in range(pp)]
-    held = [0] * pp
+    held = [0] * pp  # chunk activations per rank (forwards whose W has not run)
+    stage_held = dict.fromkeys(nf, 0)  # the same per stage
     free = [0.0] * pp
     busy = [0.0] * pp
     last_end = [0.0] * pp
@@ -495,13 +497,12 @@ def _run_greedy(tasks: StepTasks, schedule: str) -> tuple[list[tuple], list[floa
                 ops += [("F", mbs[warm + i]), ("B", mbs[i])]
             queues[(d, k)] = ops + [("B", j) for j in mbs[len(mbs) - warm:]]
     qptr = dict.fromkeys(queues, 0)
-    prev: list = [None] * pp  # (kind, micro-batch, hideable s, end) of the last unpaired op
     remaining = sum(3 * len(st) * len(mbs) for st, mbs in pipes)
 
     def times(d, k):
         r, c = pipes[d][0][k]
         w = min(wgrad[r][c], tasks.bwd_s[r][c])
-        return tasks.fwd_s[r][c], tasks.bwd_s[r][c] - w, w, overlap[r][c]
+        return tasks.fwd_s[r][c], tasks.bwd_s[r][c] - w, w
 
     def send(d, k, k2, j, t, table):
         src, dst = pipes[d][0][k][0], pipes[d][0][k2][0]
@@ -578,54 +579,43 @@ def _run_greedy(tasks: StepTasks, schedule: str) -> tuple[list[tuple], list[floa
         bs = [(k, d, j) for kind, k, d, j in heads if kind == "B"]
         limit = pp if schedule == "zb-h1" else cap  # ZB-H1: 1F1B's peak p·M_B on every rank
         fs = [(k, d, j) for kind, k, d, j in heads if kind == "F"] if held[r] < limit else []
-        if choice is None and bs:
+        over = [(k, d) for k, d, _ in fs if held[r] + 1 >= limit and len(slots[r]) > 1
+                and stage_held[(d, k)] >= _stage_budget(pipes, d, k)]
+        fs = [x for x in fs if (x[0], x[1]) not in over]  # the last slot: within budget only
+        if bs:
             kb, db, jb = max(bs)
             choice = ("B", db, kb, jb)
-        elif choice is None and fs:
+        elif fs:
             kf, df, jf = max(fs)
             choice = ("F", df, kf, jf)
-        if choice is None and pending_w[r] and _w_fits(r, t, pending_w[r][0], held[r] < limit):
-            d, k, j = pending_w[r].pop(0)  # W fills what would be idle time
-            choice = ("W", d, k, j)
+        else:
+            mine = [w for w in pending_w[r] if (w[1], w[0]) in over]
+            if mine:  # memory pressure: the over-budget stage frees its oldest W first
+                pending_w[r].remove(mine[0])
+                choice = ("W", *mine[0])
+            elif pending_w[r] and _w_fits(r, t, pending_w[r][0], held[r] < limit):
+                choice = ("W", *pending_w[r].pop(0))  # W fills what would be idle time
         if choice is None:
             continue  # idle until an input arrives (its sender pushes this rank)
-        kind = choice[0]
-        saving = 0.0
-        f_s, b_s, _, hide = times(choice[1], choice[2])
-        own = (f_s if kind == "F" else b_s) if kind != "W" else 0.0
-        if fuse and kind in ("F", "B") and prev[r] is not None:
-            # F&B: back to back with the other pass of another micro-batch, each hides its
-            # communication under the other's compute (DeepSeek-V3 Sec. 3.2.1); each pass
-            # carries half of `overlap_s` (dispatch + combine once per pass)
-            p_kind, p_j, p_dur, p_hide, p_end = prev[r]
-            if p_kind != kind and p_j != choice[3] and p_end == t:
-                mine = min(hide / 2, own)
-                saving = min(p_hide, own - mine) + min(mine, p_dur - p_hide)
-        prev[r] = None if saving or kind == "W" else (kind, choice[3], own, min(hide / 2, own),
-                                                      None)
+        kind, d, k, j = choice
+        f, b, w = times(d, k)
         if kind == "F":
-            _, d, k, j = choice
-            f, _, _, _ = times(d, k)
-            end = run(r, t, kind, d, k, j, f - saving, "fwd")
+            end = run(r, t, kind, d, k, j, f, "fwd")
             _after_f(pipes, nf, arrive_f, held, d, k, j, end, send, r)
+            stage_held[(d, k)] += 1
             qptr[(d, k)] += 1
         elif kind == "B":
-            _, d, k, j = choice
-            _, b, w, _ = times(d, k)
-            end = run(r, t, kind, d, k, j, b - saving, "bwd")
+            end = run(r, t, kind, d, k, j, b, "bwd")
             _after_b(pipes, nb, arrive_b, d, k, j, end, send)
             pending_w[r].append((d, k, j))
             last_end[r] = max(last_end[r], end)
             qptr[(d, k)] += 1
         else:
-            _, d, k, j = choice
-            _, _, w, _ = times(d, k)
             end = run(r, t, kind, d, k, j, w, "bwd")
             held[r] -= 1
+            stage_held[(d, k)] -= 1
             last_end[r] = max(last_end[r], end)
         free[r] = end
-        if prev[r] is not None:
-            prev[r] = (*prev[r][:4], end)
         heapq.heappush(heap, (end, r))
     stuck = [r for r in range(pp) if pending_w[r]] if remaining else []
     assert not remaining, f"{schedule} schedule deadlocked (ranks {stuck})"

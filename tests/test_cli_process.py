@@ -60,7 +60,7 @@ def test_plan_text_has_no_solver_banner_and_keeps_layout_names_whole(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "HiGHS 1." not in proc.stdout and "THIRD_PARTY" not in proc.stdout
     row = next(ln for ln in proc.stdout.splitlines() if ln.lstrip().startswith("1 "))
-    assert "tp4 pp8 cp2 dp1 mbs1 sp dualpipe" in row  # one line, not wrapped at 80 columns
+    assert "tp4 pp4 cp2 dp2 vp2 mbs1 sp zb-v" in row  # one line, not wrapped at 80 columns
     assert "5% of memory kept free" in proc.stdout
 
 
