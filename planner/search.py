@@ -632,7 +632,7 @@ def refine_partition(model: ModelSpec, cluster: ClusterSpec, est: Estimate,
     from .ilp_partition import partition_layers  # pulp: imported only when a split is solved
 
     best, found = (est, None), None
-    for times, mem in _partition_models(costs):
+    for times, mem in _partition_models(costs, lay.vp):
         try:
             part = partition_layers(model.num_layers, lay.pp, times, np.ones(lay.pp),
                                     costs.extra_time_s, mem, costs.fixed_mem_bytes,
@@ -647,14 +647,22 @@ def refine_partition(model: ModelSpec, cluster: ClusterSpec, est: Estimate,
     return best if best[1] is not None else (est, found)
 
 
-def _partition_models(costs: megatron.StageCosts):
+def _partition_models(costs: megatron.StageCosts, vp: int):
     """(layer times, layer memory) for the partition ILP: the stage costs as they are, and
     for a model of several layer kinds (per-layer costs) also as uniform layers - their mean
     time, each rank's largest layer memory (a safe bound) - whose ILP spreads each rank's
-    layers evenly over its interleaved chunks (the per-layer ILP only bounds the largest
-    chunk); `refine_partition` keeps whichever split the full estimate prices faster."""
-    yield costs.layer_time_s, costs.layer_mem_bytes
-    if np.ndim(costs.layer_time_s):
+    layers evenly over its interleaved chunks; `refine_partition` keeps whichever split the
+    full estimate prices faster. Interleaved layouts of several layer kinds get the uniform
+    model only: the per-layer ILP balances the ranks and bounds the largest chunk, but not
+    how chunk sizes vary along the interleaved order, on which Megatron's fixed order stalls
+    (`megatron.interleaved_stall_s`). Over 15 interleaved leaders of three plans (DeepSeek-V3
+    on 1,024 and 2,048 H100, Llama 4 Maverick on 512) its splits were always slower than the
+    even split (Maverick pp2 vp9: 4.26 s even, 4.95-5.21 s re-split, each solve at its 5 s
+    limit), while the uniform model's won 8 times."""
+    per_layer = bool(np.ndim(costs.layer_time_s))
+    if not (per_layer and vp > 1):
+        yield costs.layer_time_s, costs.layer_mem_bytes
+    if per_layer:
         yield float(np.mean(costs.layer_time_s)), costs.layer_mem_bytes.max(axis=1)
 
 

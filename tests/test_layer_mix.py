@@ -235,18 +235,26 @@ def test_fsdp_blocks_are_the_ranks_own_layers(monkeypatch):
     assert with_mix.peak_GiB != pytest.approx(averaged.peak_GiB, rel=1e-3)
 
 
-def test_partition_keeps_the_faster_of_per_layer_and_uniform_splits(monkeypatch):
+def test_interleaved_partition_uses_the_uniform_model_only_and_beats_the_per_layer_one():
+    """Interleaved DeepSeek-V3: the per-layer ILP balances the ranks but leaves uneven chunks,
+    which Megatron's interleaved order stalls on; the uniform model's even chunks do not. So
+    interleaved layouts get the uniform model only, and its split beats the per-layer one."""
     from planner import search
+    from planner.ilp_partition import partition_layers
 
     lay = Layout(tp=2, pp=4, dp=64, ep=128, etp=1, vp=5, micro_batch_size=1, global_batch_size=2048,
                  seq_len=4096, recompute="selective", sequence_parallel=True,
                  recompute_modules=("layernorm", "moe_act", "mla_up_proj"), moe_a2a_overlap=True)
     even = megatron.estimate(DSV3, H100, lay)
-    both, part = search.refine_partition(DSV3, H100, even, 0.05)
-    first_only = search._partition_models
-    monkeypatch.setattr(search, "_partition_models", lambda costs: [next(first_only(costs))])
-    per_layer, _ = search.refine_partition(DSV3, H100, even, 0.05)
-    assert both.fits and part is not None
-    assert both.step_time_s <= per_layer.step_time_s <= even.step_time_s
-    # the uniform split's even chunks avoid the interleaved stall of the per-layer one's
-    assert both.step_time_s < 0.97 * per_layer.step_time_s
+    refined, part = search.refine_partition(DSV3, H100, even, 0.05)
+    costs = megatron.stage_costs(DSV3, H100, lay, 0.05)
+    models = list(search._partition_models(costs, lay.vp))
+    assert len(models) == 1 and np.ndim(models[0][0]) == 0  # uniform layers only
+    assert len(list(search._partition_models(costs, 1))) == 2  # looped: both models
+    split = partition_layers(61, lay.pp, costs.layer_time_s, np.ones(lay.pp), costs.extra_time_s,
+                             costs.layer_mem_bytes, costs.fixed_mem_bytes, costs.capacity_bytes,
+                             vp=lay.vp).layers_per_stage
+    per_layer = megatron.estimate(DSV3, H100, replace(lay, layers_per_stage=split), 0.05)
+    assert refined.fits and part is not None
+    assert refined.step_time_s <= even.step_time_s
+    assert refined.step_time_s < 0.97 * per_layer.step_time_s
