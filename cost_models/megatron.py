@@ -810,11 +810,15 @@ def rank_state(model: ModelSpec, g: LayoutGrid, layers, first, last, copies) -> 
     """`RankState` of a rank holding `layers` layers (`first`/`last`: the embedding / LM head,
     `copies`: `schedules.weight_copies`). DualPipe's mirrored copies are one more replica
     each: the distributed optimizer shards their state over copies x dp ranks (Megatron-style
-    ZeRO-1)."""
+    ZeRO-1). The copies are of the layers (`layers` is the mean of the two stages a DualPipe
+    rank holds); the embedding and LM head (with the MTP modules) are held once: an end rank
+    of DualPipe holds stage 0 of one direction and stage pp-1 of the other, so both ends."""
     dims = g.dims
     dpc, edp = dims.group("dp_cp").size, dims.group("edp").size
     dense, expert = rank_params(model, g, layers, first, last)
-    dense, expert = dense * copies, expert * copies
+    end_dense, end_expert = rank_params(model, g, 0.0, first, last)
+    dense = (dense - end_dense) * copies + end_dense
+    expert = (expert - end_expert) * copies + end_expert
     local_opt = dense / np.where(g.distributed_optimizer, dpc * copies, 1) \
         + expert / np.where(g.distributed_optimizer, edp * copies, 1)
     expert_shard = np.maximum(edp // dims.dp_replicate, 1)
@@ -916,7 +920,10 @@ def rank_costs(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerT
         static = rank_static(model, cluster, g, layers, first, last, pp_rank)
     first, last = static.first, static.last
     comm_s = static.comm_s
-    window = layers.time * lt.compute_s + np.where(first, emb, 0.0) + np.where(last, head, 0.0)
+    ends = np.where(first, emb, 0.0) + np.where(last, head, 0.0)
+    # a DualPipe end rank runs each end for half its micro-batches (`_end_times`)
+    window = layers.time * lt.compute_s + np.where(schedules.is_mirrored(g.schedule), ends / 2,
+                                                    ends)
     exposed = comm.overlapped(comm_s, window, cluster.gpu.dp_comm_overlap)
     fsdp = g.column("fsdp")
     if static.fsdp_params is not None:
@@ -1006,9 +1013,10 @@ def _rank_kinds(g: LayoutGrid, mix: LayerMix | None = None) -> tuple[tuple, ...]
     layers: `RankLayers`, the grid's counts of averaged layers, or with a multi-kind model's
     `mix` the layers those ranks really hold (`LayerMix.ranks`)."""
     vshape = schedules.is_v_shape(g.schedule)  # rank 0 holds the first and the last stage
+    mirror = schedules.is_mirrored(g.schedule)  # DualPipe: both end ranks hold both ends
     first, last, mid = mix.ranks(g) if mix is not None else (
         RankLayers.uniform(n) for n in (g.layers_first, g.layers_last, g.layers_mid))
-    return ((first, True, vshape, 0), (last, False, ~vshape, g.pp - 1),
+    return ((first, True, vshape | mirror, 0), (last, mirror, ~vshape, g.pp - 1),
             (mid, False, False, np.minimum(1, g.pp - 1)))
 
 

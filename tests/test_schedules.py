@@ -381,6 +381,44 @@ def test_schedule_memory_and_round_trip():
     assert Layout.from_dict(plain.to_dict()) == plain  # the default stays implicit
 
 
+def _rank_memory(model, cluster, lay):
+    """Memory breakdown of the first, last and busiest middle rank kinds of `lay`."""
+    from cost_models import memory
+
+    g = LayoutGrid.from_layout(lay, model.num_layers)
+    lt = megatron.layer_times(model, cluster.gpu, cluster, g)
+    acts = memory.activation_terms(model, g)
+    head = megatron.head_time(model, cluster.gpu, g, lt.total_s)
+    emb = megatron.embedding_time(model, cluster.gpu, g)
+    kinds = megatron._rank_kinds(g, megatron.layer_mix_of(model, cluster, g, lt, acts))
+    return [{k: float(np.ravel(v)[0]) for k, v in megatron.rank_costs(
+        model, cluster, g, lt, emb, head, layers, first, last, r, acts).memory.items()}
+        for layers, first, last, r in kinds]
+
+
+@pytest.mark.parametrize("name", ["llama3.1-8b", "deepseek-v3"])
+def test_dualpipe_end_ranks_hold_both_ends_once(name):
+    """A DualPipe end rank holds stage 0 of one direction and stage pp-1 of the other, so
+    both end ranks hold the embedding, the LM head (and MTP) once and two stages' layers: the
+    same memory on both, and (uniform layers) 1F1B's first plus last rank's parameters. It
+    was 2x the embedding on rank 0 and 2x the head on rank pp-1 (DeepSeek-V3 pp16: 4.99 and
+    8.0 GB of weights, 28.0 and 42.4 GB of activations, for 6.5 and 42.9 on both)."""
+    model = load_model(name)
+    cluster = load_cluster("dgx-h100", nodes=256 if name == "deepseek-v3" else 2)
+    common = dict(tp=2, pp=16, dp=64, ep=32, sequence_parallel=True, global_batch_size=15360,
+                  seq_len=4096) if name == "deepseek-v3" else dict(
+        tp=1, pp=4, dp=4, global_batch_size=64, seq_len=4096)
+    dual = _rank_memory(model, cluster, Layout(micro_batch_size=1, pipeline_schedule="dualpipe",
+                                               **common))
+    first, last = dual[0], dual[1]
+    for key in ("weights_bytes", "grads_bytes", "optimizer_state_bytes", "activations_bytes"):
+        assert first[key] == pytest.approx(last[key], rel=1e-9), key
+    if name == "llama3.1-8b":
+        one = _rank_memory(model, cluster, Layout(micro_batch_size=1, **common))
+        assert first["weights_bytes"] == pytest.approx(
+            one[0]["weights_bytes"] + one[1]["weights_bytes"], rel=1e-9)
+
+
 # ------------------------------------------------------------------ CLI
 
 
