@@ -733,15 +733,14 @@ def weight_grad_time(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid) -> np.ndarra
 
 
 def schedule_fractions(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, lt: LayerTimes):
-    """(W, B, hidden) shares of one layer's τ (`cost_models.schedules` notation): W the weight
+    """(W, B) shares of one layer's τ (`cost_models.schedules` notation): W the weight
     gradients, B the rest of the backward (recompute and the backward's share of the
-    exposed collectives included), hidden the expert all-to-all an F&B pair overlaps."""
+    exposed collectives included)."""
     total = np.maximum(lt.total_s, 1e-30)
     w = np.minimum(weight_grad_time(model, gpu, g), lt.bwd_s) / total
     comm = lt.tp_comm_s + lt.cp_comm_s + lt.ep_comm_s
     f = (lt.fwd_s + comm * lt.fwd_s / np.maximum(lt.compute_s, 1e-30)) / total
-    hidden = fb_hidden(lt) / total
-    return w, np.maximum(1.0 - f - w, 0.0), hidden
+    return w, np.maximum(1.0 - f - w, 0.0)
 
 
 def fb_hidden(lt: LayerTimes):
@@ -758,8 +757,8 @@ def fb_hidden(lt: LayerTimes):
 def schedule_bubble_factor(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, lt: LayerTimes):
     """The bubble as a multiple of Σ_r τ_r − max_r τ_r for each row's schedule
     (`schedules.bubble_factor`: 1 for 1F1B, 1/v interleaved, ZB and DualPipe below)."""
-    w, b, hidden = schedule_fractions(model, gpu, g, lt)
-    return schedules.bubble_factor(g.schedule, g.pp, g.vp, w, b, hidden)
+    w, b = schedule_fractions(model, gpu, g, lt)
+    return schedules.bubble_factor(g.schedule, g.pp, g.vp, w, b)
 
 
 def _grid_mtp(model: ModelSpec, g: LayoutGrid) -> int:

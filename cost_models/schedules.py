@@ -114,17 +114,16 @@ def is_mirrored(code):
     return np.asarray(code) == CODE["dualpipe"]
 
 
-def bubble_factor(code, pp, vp, w_frac, b_frac, hidden_frac):
+def bubble_factor(code, pp, vp, w_frac, b_frac):
     """Bubble as a multiple of (sum_r tau_r - max_r tau_r) (= (p-1)·tau for equal ranks).
 
     w_frac, b_frac: the W and B shares of tau. Formulas and sources in the module docstring;
     the zero-bubble step F+B-W (Qi et al. 2024 Table 3) is F + max(B-W, 0): a W larger than
     B cannot fill more than the B-wait of the fill, and the simulator's ZB-H1 then gives
     (p-1)·F. With W <= B (every transformer layer: B holds the input-gradient GEMMs plus the
-    attention backward) it is tau - 2W. DualPipe(V)'s step is max(F + 2B - W, 2F). (hidden_frac, the F&B-hidden share, is accepted for
-    callers that have it; the fill and drain do not depend on it.)
+    attention backward) it is tau - 2W. DualPipe(V)'s step is max(F + 2B - W, 2F). What
+    the F&B pairs hide is not a bubble term (`overlapped_pairs`).
     """
-    del hidden_frac
     c = np.asarray(code)
     p = np.maximum(pp, 2)
     f_frac = 1.0 - np.asarray(b_frac) - w_frac

@@ -64,7 +64,7 @@ def test_dualpipe_fill_is_deepseeks_not_zero_bubble_v(f, b, w, pp):
     for schedule, share, steps in (("dualpipev", 0.5, pp - 1), ("dualpipe", 1.0, pp / 2 - 1)):
         sim = simulate_step(_equal(pp, m, f, b, w, share), schedule).pipeline_s - m * tau
         code = schedules.CODE[schedule]
-        analytic = (pp - 1) * tau * float(schedules.bubble_factor(code, pp, 2, w / tau, b / tau, 0))
+        analytic = (pp - 1) * tau * float(schedules.bubble_factor(code, pp, 2, w / tau, b / tau))
         per_step = max(2 * f, f + 2 * b - w) * (share if schedule == "dualpipev" else 1.0)
         assert analytic == pytest.approx(steps * per_step)
         assert analytic - max(f, b) <= sim <= analytic + 1e-9, (schedule, sim, analytic)

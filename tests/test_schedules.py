@@ -194,7 +194,7 @@ def test_simulated_bubble_matches_the_analytic_one(schedule, pp, m):
     sim = simulate_step(_tasks(pp, chunks, m, f, b, w, per_chunk), schedule)
     tau = f + b + w
     code = schedules.CODE[schedule]
-    analytic = (pp - 1) * tau * float(schedules.bubble_factor(code, pp, vp, w / tau, b / tau, 0.0))
+    analytic = (pp - 1) * tau * float(schedules.bubble_factor(code, pp, vp, w / tau, b / tau))
     simulated = sim.pipeline_s - m * tau
     assert simulated >= -1e-9
     points = 100 * abs(simulated / sim.pipeline_s - analytic / (m * tau + analytic))
@@ -219,7 +219,7 @@ def test_zb_h1_simulated_bubble_is_the_papers(f, b, w, pp, m):
     sim = simulate_step(_tasks(pp, 1, m, f, b, w, 1.0), "zb-h1")
     tau = f + b + w
     analytic = (pp - 1) * tau * float(schedules.bubble_factor(schedules.CODE["zb-h1"], pp, 1,
-                                                              w / tau, b / tau, 0.0))
+                                                              w / tau, b / tau))
     assert analytic == pytest.approx((pp - 1) * (f + max(b - w, 0.0)), rel=1e-12)
     assert sim.pipeline_s - m * tau == pytest.approx(analytic, rel=1e-9, abs=1e-9)
 
