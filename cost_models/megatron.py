@@ -644,15 +644,19 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid,
     # layer a rank holds (not under its embedding or LM head): the critical rank, the first
     # of equals (first, last, middle; `_first_of_max`), is the busiest after that hiding
     ep_hidden = schedules.overlapped_pairs(g.schedule, p, m) * fb_hidden(lt)
-    take_last, take_mid = _first_of_max(tau_first - first_l.time * ep_hidden,
-                                        tau_last - last_l.time * ep_hidden,
-                                        tau_mid - mid_l.time * ep_hidden)
+    hid = (tau_first - first_l.time * ep_hidden, tau_last - last_l.time * ep_hidden,
+           tau_mid - mid_l.time * ep_hidden)
+    take_last, take_mid = _first_of_max(*hid)
     tau_max = np.maximum(np.maximum(tau_first, tau_last), tau_mid)
     layers_crit = np.where(take_mid, mid_l.time, np.where(take_last, last_l.time, first_l.time))
     ends_crit = np.where(take_mid, 0.0, np.where(take_last, ends_last, ends_first))
     # Σ_r τ_r = all layers + both ends (pp == 1: the single rank's τ).
     tau_sum = np.where(single, tau_first, model.num_layers * lt.total_s + emb + head)
-    bubble = (tau_sum - tau_max) * schedule_bubble_factor(model, gpu, g, lt)
+    w_frac, b_frac = schedule_fractions(model, gpu, g, lt)
+    spread = tau_sum - tau_max
+    bubble = spread * schedules.bubble_factor(g.schedule, g.pp, g.vp, w_frac, b_frac)
+    floor = spread * schedules.dual_fill_floor(g.schedule, g.pp, w_frac, b_frac)
+    bubble = np.maximum(bubble - _dual_end_surplus(g, (tau_first, tau_last, tau_mid)), floor)
     bubble = bubble + interleaved_stall_s(model, g, lt, emb, head)
     hop = pp_hop_time(model, cluster, g)
     p2p = np.where(single, 0.0, 2 * (p - 1) * hop + 2 * m * v * hop * P2P_STEADY_EXPOSED)
@@ -754,11 +758,22 @@ def fb_hidden(lt: LayerTimes):
                                                                          * fwd_share)
 
 
-def schedule_bubble_factor(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, lt: LayerTimes):
-    """The bubble as a multiple of Σ_r τ_r − max_r τ_r for each row's schedule
-    (`schedules.bubble_factor`: 1 for 1F1B, 1/v interleaved, ZB and DualPipe below)."""
-    w, b = schedule_fractions(model, gpu, g, lt)
-    return schedules.bubble_factor(g.schedule, g.pp, g.vp, w, b)
+def _dual_end_surplus(g: LayoutGrid, taus):
+    """Bubble seconds DualPipe(V)'s critical end ranks fill with their own extra work: 2(p-1)
+    times their surplus per micro-batch over the busiest other rank (`taus`: first, last and
+    middle rank τ). In DeepSeek's order a rank holding both ends (every
+    DualPipeV rank 0, both DualPipe end ranks) heavier by e per micro-batch waits 2(p-1)·e
+    less in its fill and drain, down to `schedules.dual_fill_floor` (simulated: the slope is
+    2(p-1) within 1/(p-1) for four F:B:W ratios, pp 4 and 8, any m); 0 for the others.
+    The τ are before the F&B hiding: the fill and drain run unpaired (after it, DeepSeek-V3
+    DualPipe pp 32 priced its bubble at 1.10 s against 1.76 s simulated; before, 1.56 s)."""
+    first, last, mid = taus
+    mid = np.where(g.layers_mid > 0, mid, -np.inf)  # pp <= 2: no middle rank
+    mirror = schedules.is_mirrored(g.schedule)
+    others = np.where(mirror, mid, np.maximum(last, mid))  # DualPipe: both ends are alike
+    dual = mirror | (g.schedule == schedules.CODE["dualpipev"])
+    surplus = np.where(dual & np.isfinite(others), np.maximum(first - others, 0.0), 0.0)
+    return 2 * (g.pp - 1) * surplus
 
 
 def _grid_mtp(model: ModelSpec, g: LayoutGrid) -> int:

@@ -139,6 +139,19 @@ def bubble_factor(code, pp, vp, w_frac, b_frac):
     return np.maximum(out, 0.0)
 
 
+def dual_fill_floor(code, pp, w_frac, b_frac):
+    """DualPipe(V)'s bubble when its critical end ranks are heavy enough to fill the rest:
+    max(B-W, 0) per fill step, the wait DeepSeek's order leaves on them (DualPipeV's half
+    steps: (p-1)·max(B-W, 0)/2; DualPipe: (p/2-1)·max(B-W, 0)); as a multiple of
+    (sum_r tau_r - max_r tau_r) like `bubble_factor`, 0 for the other schedules. Measured
+    in the simulated order for four F:B:W ratios, pp 4 and 8 (tests/test_dualpipe_order.py)."""
+    c = np.asarray(code)
+    p = np.maximum(pp, 2)
+    step = np.maximum(np.asarray(b_frac) - w_frac, 0.0)
+    return np.select([c == CODE["dualpipe"], c == CODE["dualpipev"]],
+                     [(p / 2 - 1) / (p - 1) * step, step / 2], 0.0)
+
+
 def inflight_microbatches(code, pp, vp, num_microbatches, pp_rank=0):
     """Micro-batches (in units of a whole rank's layers) whose activations a rank holds at
     its peak. 1F1B and ZB-H1: min(m, p - r) (Qi et al. 2024 Table 3: ZB-H1 keeps 1F1B's

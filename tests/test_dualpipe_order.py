@@ -73,6 +73,50 @@ def test_dualpipe_fill_is_deepseeks_not_zero_bubble_v(f, b, w, pp):
             assert sim > 1.3 * zero_bubble_v, (schedule, sim, zero_bubble_v)
 
 
+def _heavy_ends(pp: int, m: int, f: float, b: float, w: float, extra: float, schedule: str):
+    """Equal stages, the rank(s) holding both ends `extra` heavier per micro-batch (F : B =
+    1 : 2): DualPipeV's rank 0 (its loss chunk), DualPipe's two end ranks (their head chunks,
+    run for half the micro-batches)."""
+    share = 0.5 if schedule == "dualpipev" else 1.0
+    fwd = [[f * share] * 2 for _ in range(pp)]
+    bwd = [[(b + w) * share] * 2 for _ in range(pp)]
+    ends = [(0, 1)] if schedule == "dualpipev" else [(0, 1), (pp - 1, 0)]
+    scale = 1.0 if schedule == "dualpipev" else 2.0
+    for r, c in ends:
+        fwd[r][c] += scale * extra / 3
+        bwd[r][c] += scale * 2 * extra / 3
+    rows = lambda x: tuple(map(tuple, x))  # noqa: E731
+    return StepTasks(pp, 2, m, rows(fwd), rows(bwd), (0.0,) * (2 * pp - 1), (0.0,) * pp, 0.0,
+                     (0.0,) * pp, rows([[w * share] * 2 for _ in range(pp)]),
+                     rows([[0.0] * 2 for _ in range(pp)]))
+
+
+@pytest.mark.parametrize(("f", "b", "w"), [(1.0, 1.22, 0.66), (1.0, 2.0, 0.5), (1.0, 1.0, 1.0),
+                                         (1.0, 1.5, 0.3)])
+@pytest.mark.parametrize("schedule", ["dualpipev", "dualpipe"])
+def test_heavy_end_ranks_fill_their_own_wait(f, b, w, schedule):
+    """Ranks holding both ends, heavier by e per micro-batch, idle 2(p-1)·e less in DeepSeek's
+    order, down to (B-W) per fill step (`megatron._dual_end_surplus`, `dual_fill_floor`):
+    within one fill step of the simulated idle for e <= 0.1 τ and within three beyond (the
+    simulated gain slows before the floor; pp 16, F:B:W 1:2:0.5, e = 0.2 τ: 15.5 simulated,
+    12.8 priced). Without it the priced idle stayed at the equal-rank fill (33.8 there)."""
+    tau = f + b + w
+    code = schedules.CODE[schedule]
+    step = max(f, b) * (0.5 if schedule == "dualpipev" else 1.0)
+    for pp in (4, 8, 16):
+        spread = (pp - 1) * tau
+        fill = spread * float(schedules.bubble_factor(code, pp, 2, w / tau, b / tau))
+        floor = spread * float(schedules.dual_fill_floor(code, pp, w / tau, b / tau))
+        for share in (0.0, 0.05, 0.1, 0.2, 0.4):
+            sim = simulate_step(_heavy_ends(pp, 4 * pp, f, b, w, share * tau, schedule),
+                                schedule)
+            idle = sim.pipeline_s - max(sim.busy_s)
+            priced = max(fill - 2 * (pp - 1) * share * tau, floor)
+            assert abs(priced - idle) <= step * (1 if share <= 0.1 else 3), (pp, share, idle)
+            if share >= 0.4:
+                assert idle == pytest.approx(floor, abs=1e-9)  # the floor is exact
+
+
 def test_pairs_hide_communication_under_the_other_pass():
     """With communication to hide, each F&B pair is shorter by what `pair_saving_s` hides; a
     pure-compute step is not changed by it."""

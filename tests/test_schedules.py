@@ -227,9 +227,9 @@ def test_zb_h1_simulated_bubble_is_the_papers(f, b, w, pp, m):
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_real_layout_each_schedule_simulates_and_agrees(schedule):
     """Llama 3.1 70B on 512 H100 with pp 8: the analytic bubble + p2p share of the step and
-    the simulated idle share agree within 2 points (2.5 for DualPipeV, never below the
-    simulated one: its first rank holds both ends, and that heavier rank fills part of its
-    own wait with its extra work, which the closed form (equal ranks) does not credit)."""
+    the simulated idle share agree within 2 points. (DualPipeV's first rank holds both ends
+    and fills part of its own wait with that extra work: without `_dual_end_surplus` its
+    analytic share was 5.3% against 3.0% simulated; now 3.5%.)"""
     model, cluster = load_model("llama3.1-70b"), load_cluster("dgx-h100", nodes=64)
     if True:
         vp = {"interleaved": 5, "zb-v": 2, "dualpipev": 2}.get(schedule, 1)
@@ -242,10 +242,7 @@ def test_real_layout_each_schedule_simulates_and_agrees(schedule):
         opt = max(e.duration_s for e in sim.events if e.kind == "opt")
         idle = 100 * (sim.pipeline_s - max(b - opt for b in sim.busy_s)) / sim.step_time_s
         analytic = 100 * (est.time.pp_bubble_s + est.time.pp_p2p_s) / est.step_time_s
-        if schedule == "dualpipev":
-            assert idle - 0.5 <= analytic <= idle + 2.5, (schedule, idle, analytic)
-        else:
-            assert abs(idle - analytic) <= 2.0, (schedule, idle, analytic)
+        assert abs(idle - analytic) <= 2.0, (schedule, idle, analytic)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
