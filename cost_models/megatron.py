@@ -655,8 +655,8 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid,
     w_frac, b_frac = schedule_fractions(model, gpu, g, lt)
     spread = tau_sum - tau_max
     bubble = spread * schedules.bubble_factor(g.schedule, g.pp, g.vp, w_frac, b_frac)
-    floor = spread * schedules.dual_fill_floor(g.schedule, g.pp, w_frac, b_frac)
-    bubble = np.maximum(bubble - _dual_end_surplus(g, (tau_first, tau_last, tau_mid)), floor)
+    floor = spread * schedules.end_fill_floor(g.schedule, g.pp, w_frac, b_frac)
+    bubble = np.maximum(bubble - _end_rank_surplus(g, (tau_first, tau_last, tau_mid)), floor)
     bubble = bubble + interleaved_stall_s(model, g, lt, emb, head)
     hop = pp_hop_time(model, cluster, g)
     p2p = np.where(single, 0.0, 2 * (p - 1) * hop + 2 * m * v * hop * P2P_STEADY_EXPOSED)
@@ -758,22 +758,22 @@ def fb_hidden(lt: LayerTimes):
                                                                          * fwd_share)
 
 
-def _dual_end_surplus(g: LayoutGrid, taus):
-    """Bubble seconds DualPipe(V)'s critical end ranks fill with their own extra work: 2(p-1)
-    times their surplus per micro-batch over the busiest other rank (`taus`: first, last and
-    middle rank τ). In DeepSeek's order a rank holding both ends (every
-    DualPipeV rank 0, both DualPipe end ranks) heavier by e per micro-batch waits 2(p-1)·e
-    less in its fill and drain, down to `schedules.dual_fill_floor` (simulated: the slope is
-    2(p-1) within 1/(p-1) for four F:B:W ratios, pp 4 and 8, any m); 0 for the others.
-    The τ are before the F&B hiding: the fill and drain run unpaired (after it, DeepSeek-V3
-    DualPipe pp 32 priced its bubble at 1.10 s against 1.76 s simulated; before, 1.56 s)."""
+def _end_rank_surplus(g: LayoutGrid, taus):
+    """Bubble seconds the critical ranks holding both ends (the V's rank 0, both DualPipe end
+    ranks) fill with their own extra work: `schedules.end_absorption` (ZB-V m, DualPipe(V)
+    2(p-1)) times their surplus per micro-batch over the busiest other rank (`taus`: first,
+    last and middle rank τ), down to `schedules.end_fill_floor`. Measured in the fixed orders
+    (DeepSeek's, PyTorch's ZBVZeroBubble) for F:B:W ratios, pp 2-16 and m 2p-8p
+    (tests/test_pipeline_orders.py); 0 for the looped schedules. The τ are before the F&B
+    hiding: the fill and drain run unpaired (after it, DeepSeek-V3 DualPipe pp 32 priced its
+    bubble at 1.10 s against 1.76 s simulated; before, 1.56 s)."""
     first, last, mid = taus
     mid = np.where(g.layers_mid > 0, mid, -np.inf)  # pp <= 2: no middle rank
     mirror = schedules.is_mirrored(g.schedule)
     others = np.where(mirror, mid, np.maximum(last, mid))  # DualPipe: both ends are alike
-    dual = mirror | (g.schedule == schedules.CODE["dualpipev"])
-    surplus = np.where(dual & np.isfinite(others), np.maximum(first - others, 0.0), 0.0)
-    return 2 * (g.pp - 1) * surplus
+    k = schedules.end_absorption(g.schedule, g.pp, g.num_microbatches)
+    surplus = np.where((k > 0) & np.isfinite(others), np.maximum(first - others, 0.0), 0.0)
+    return k * surplus
 
 
 def _grid_mtp(model: ModelSpec, g: LayoutGrid) -> int:

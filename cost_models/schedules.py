@@ -13,7 +13,7 @@ gradients, recompute included) and W the backward for the weights; tau = F + B +
   1f1b         stage k on rank k      (p-1)·tau                               min(m, p-r)
   interleaved  k on k mod p, v chunks (p-1)·tau / v                           Megatron-LM warm-up
   zb-h1        as 1f1b, W deferred    (p-1)·(F+B-W)                           min(m, p-r)
-  zb-v         V: 2 chunks            (p-1)·(F+B-W)/2                         min(m, p+1/2)
+  zb-v         V: 2 chunks            (p-1)·max(B, W, 2(B-W), 2F-B)/2         min(m, p)
   dualpipe     both directions        (p/2-1)·max(F+2B-W, 2F)                 min(m, p+1)
   dualpipev    V: 2 chunks            (p-1)·max(F+2B-W, 2F)/2                 min(m, p+1/2)
 
@@ -23,18 +23,21 @@ gradients, recompute included) and W the backward for the weights; tau = F + B +
   (`simulator.interleaved_stall_layers`).
 - ZB-H1: Qi et al. 2024 Sec. 3.1 and Table 3 (memory p·M_B, bubble (p-1)(T_F+T_B-T_W)).
 - ZB-V: Qi et al. 2024 Sec. 6 (V-shape placement, two chunks per rank, 1F1B's memory
-  p·M_B). Its chunks are half a rank, so its fill and drain are ZB-H1's halved:
-  (p-1)(F+B-W)/2. The paper's (p-1)(F+B-2W)/2 also overlaps the next step's warm-up with this
-  step's drain (optimizer post-validation, Sec. 4), which a step ended by a synchronous
-  optimizer (what meshplan models) cannot; the simulator confirms the synchronous figure.
+  p·M_B), in the order torchtitan runs: PyTorch's ZBVZeroBubble (torch 2.13,
+  cost_models.pipeline_orders). Its fill, simulated on equal stages, is
+  (p-1)·max(B, W, 2(B-W), 2F-B)/2, exactly for transformer-like ratios (B >= F) and any m;
+  a critical rank holding both ends absorbs m times its surplus (`end_absorption`). (The
+  paper-style (p-1)(F+B-W)/2 priced before is higher wherever F > W; the paper's
+  (p-1)(F+B-2W)/2 also overlaps the next step's warm-up with this step's drain, optimizer
+  post-validation, Sec. 4, which a step ended by a synchronous optimizer cannot.)
 - DualPipe / DualPipeV: DeepSeek-AI 2024, "DeepSeek-V3 Technical Report" Sec. 3.2.1 and
   Table 2 (activations PP+1 chunks, parameters 2x for DualPipe, and PP/2-1 fill steps since
   micro-batches enter from both ends); DualPipeV ("cut-in-half", the DualPipe repository) is
   DualPipe folded onto p ranks of two chunks each, PP = 2p chunk stages of half a rank. The
   repository README's per-step cost F&B + B - 3W, with B the full backward (B + W in this
   notation) and F&B = F + B + W without overlap, is F + 2B - W; DeepSeek's order
-  (cost_models.dualpipe_order, simulated) fills at that, or at 2F where F + W > 2B (the
-  turn then waits on two forwards), within half a step (tests/test_dualpipe_order.py).
+  (cost_models.pipeline_orders, simulated) fills at that, or at 2F where F + W > 2B (the
+  turn then waits on two forwards), within half a step (tests/test_pipeline_orders.py).
   The pairs' gain, each micro-batch's all-to-all hidden under the other's compute, is not a
   bubble term: `overlapped_pairs` (and cost_models.megatron.fb_hidden) take it off the EP
   communication.
@@ -128,37 +131,55 @@ def bubble_factor(code, pp, vp, w_frac, b_frac):
     p = np.maximum(pp, 2)
     f_frac = 1.0 - np.asarray(b_frac) - w_frac
     zb = f_frac + np.maximum(np.asarray(b_frac) - w_frac, 0.0)
+    b = np.asarray(b_frac)
     # DualPipe(V) fill step, DeepSeek's F&B + B_full - 3W with F&B = F + B_full: F + 2B - W,
     # or 2F where the turn waits on two forwards (F + W > 2B; DeepSeek's order, simulated)
-    dual = np.maximum(2 * f_frac, f_frac + 2 * np.asarray(b_frac) - w_frac)
+    dual = np.maximum(2 * f_frac, f_frac + 2 * b - w_frac)
+    # ZB-V in PyTorch's ZBVZeroBubble order (simulated): max(B, W, 2(B-W), 2F-B) per step
+    zbv = np.maximum(np.maximum(b, w_frac), np.maximum(2 * (b - w_frac), 2 * f_frac - b))
     out = np.select(
         [c == CODE["1f1b"], c == CODE["interleaved"], c == CODE["zb-h1"], c == CODE["zb-v"],
          c == CODE["dualpipe"], c == CODE["dualpipev"]],
-        [np.ones_like(w_frac), 1.0 / np.maximum(vp, 1), zb, zb / 2,
+        [np.ones_like(w_frac), 1.0 / np.maximum(vp, 1), zb, zbv / 2,
          (p / 2 - 1) / (p - 1) * dual, dual / 2])
     return np.maximum(out, 0.0)
 
 
-def dual_fill_floor(code, pp, w_frac, b_frac):
-    """DualPipe(V)'s bubble when its critical end ranks are heavy enough to fill the rest:
-    max(B-W, 0) per fill step, the wait DeepSeek's order leaves on them (DualPipeV's half
-    steps: (p-1)·max(B-W, 0)/2; DualPipe: (p/2-1)·max(B-W, 0)); as a multiple of
-    (sum_r tau_r - max_r tau_r) like `bubble_factor`, 0 for the other schedules. Measured
-    in the simulated order for four F:B:W ratios, pp 4 and 8 (tests/test_dualpipe_order.py)."""
+def end_absorption(code, pp, num_microbatches):
+    """Micro-batches' worth of its surplus (its extra work per micro-batch over the busiest
+    other rank) by which a critical rank holding both ends shortens its own wait in the
+    fixed V and DualPipe orders (simulated; `megatron._end_rank_surplus`): all m in
+    PyTorch's ZB-V order (the step is then bounded by the other ranks' work plus their
+    fill), 2(p-1) in DeepSeek's DualPipe(V) order, whose F&B pairs tie the ranks together;
+    0 for the looped schedules."""
+    c = np.asarray(code)
+    dual = np.isin(c, [CODE["dualpipe"], CODE["dualpipev"]])
+    return np.where(c == CODE["zb-v"], num_microbatches, np.where(dual, 2 * (pp - 1), 0))
+
+
+def end_fill_floor(code, pp, w_frac, b_frac):
+    """The V and DualPipe bubble when the critical ranks holding both ends are heavy enough
+    to fill the rest: the wait the fixed orders leave on them, as a multiple of
+    (sum_r tau_r - max_r tau_r) like `bubble_factor`; 0 for the looped schedules. DualPipe(V)
+    (DeepSeek's order): max(B-W, 0) per fill step, (p-1)·max(B-W, 0)/2 for DualPipeV's half
+    steps, (p/2-1)·max(B-W, 0) for DualPipe; ZB-V (PyTorch's order): ((p-1)·max(B-W, W) -
+    W)/2. Measured in the simulated orders (tests/test_pipeline_orders.py)."""
     c = np.asarray(code)
     p = np.maximum(pp, 2)
     step = np.maximum(np.asarray(b_frac) - w_frac, 0.0)
-    return np.select([c == CODE["dualpipe"], c == CODE["dualpipev"]],
-                     [(p / 2 - 1) / (p - 1) * step, step / 2], 0.0)
+    zbv = (np.maximum(step, w_frac) - w_frac / (p - 1)) / 2
+    return np.select([c == CODE["dualpipe"], c == CODE["dualpipev"], c == CODE["zb-v"]],
+                     [(p / 2 - 1) / (p - 1) * step, step / 2, np.maximum(zbv, 0.0)], 0.0)
 
 
 def inflight_microbatches(code, pp, vp, num_microbatches, pp_rank=0):
     """Micro-batches (in units of a whole rank's layers) whose activations a rank holds at
     its peak. 1F1B and ZB-H1: min(m, p - r) (Qi et al. 2024 Table 3: ZB-H1 keeps 1F1B's
-    p·M_B); interleaved: Megatron-LM's warm-up (Korthikanti et al. 2022 Sec. 4.2.3); ZB-V
-    and DualPipeV: PP+1 = 2p+1 half-rank chunks on every rank (the V balances memory, Qi et
-    al. 2024 Sec. 6 quote p·M_B; each stage run in 1F1B order holds one chunk more, and the
-    simulator caps it there); DualPipe: PP+1 chunks of a rank's layers (DeepSeek-V3 Table 2)."""
+    p·M_B); interleaved: Megatron-LM's warm-up (Korthikanti et al. 2022 Sec. 4.2.3); ZB-V:
+    2p half-rank chunks on every rank, p·M_B (Qi et al. 2024 Sec. 6; PyTorch's
+    ZBVZeroBubble order peaks there); DualPipeV: PP+1 = 2p+1 half-rank chunks, DualPipe: PP+1
+    chunks of a rank's layers (DeepSeek-V3 Table 2; DeepSeek's order peaks at both). The
+    peaks are counted in `cost_models.pipeline_orders` (tests/test_pipeline_orders.py)."""
     c = np.asarray(code)
     m = num_microbatches
     one_f_one_b = np.minimum(m, pp - pp_rank)
@@ -166,7 +187,7 @@ def inflight_microbatches(code, pp, vp, num_microbatches, pp_rank=0):
     return np.select(
         [c == CODE["interleaved"], c == CODE["zb-v"], c == CODE["dualpipe"],
          c == CODE["dualpipev"]],
-        [chunks / np.maximum(vp, 1), np.minimum(m, pp + 0.5), np.minimum(m, pp + 1),
+        [chunks / np.maximum(vp, 1), np.minimum(m, pp), np.minimum(m, pp + 1),
          np.minimum(m, pp + 0.5)],
         one_f_one_b).astype(float)
 

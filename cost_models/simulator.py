@@ -19,14 +19,14 @@ from typing import Literal
 
 import numpy as np
 
-from cost_models import dualpipe_order, schedules
+from cost_models import pipeline_orders, schedules
 from cost_models.specs import SpecError
 
 EventKind = Literal["fwd", "bwd", "p2p", "dp", "opt"]
 EVENT_KINDS: tuple[str, ...] = ("fwd", "bwd", "p2p", "dp", "opt")
 SCHEDULES: tuple[str, ...] = schedules.SCHEDULES
 """1f1b and interleaved run Megatron-LM's fixed orders (`rank_order`), dualpipe and dualpipev
-DeepSeek's (`dualpipe_order`); zb-h1 and zb-v run `_run_greedy` (B/W split, V placement)."""
+DeepSeek's and zb-v PyTorch's (`pipeline_orders`); zb-h1 runs `_run_greedy` (B/W split)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,11 +331,11 @@ def simulate_step(tasks: StepTasks, schedule: str | None = None) -> SimResult:
         schedule = "interleaved" if tasks.vp > 1 else "1f1b"
     _check_schedule(tasks, schedule)
     pp, vp, m = tasks.pp, tasks.vp, tasks.num_microbatches
-    if schedule in ("dualpipe", "dualpipev"):
-        raw, last_end, compute = dualpipe_order.run(tasks, schedule)
+    if schedule in ("dualpipe", "dualpipev", "zb-v"):
+        raw, last_end, compute = pipeline_orders.run(tasks, schedule)
         busy = np.asarray(compute) + np.asarray(tasks.optimizer_s)
-    elif schedule in schedules.ZERO_BUBBLE:
-        raw, last_end, compute = _run_greedy(tasks, schedule)
+    elif schedule == "zb-h1":
+        raw, last_end, compute = _run_greedy(tasks)
         busy = np.asarray(compute) + np.asarray(tasks.optimizer_s)
     else:
         orders = [rank_order(pp, vp, m, r) for r in range(pp)]
@@ -419,53 +419,18 @@ def _run_pipeline(tasks: StepTasks, orders: list[list[Op]]) -> tuple[list[tuple]
     return events, free, last_dur
 
 
-def pipelines(schedule: str, pp: int, num_microbatches: int):
-    """The (rank, chunk) of each stage and the micro-batches of the pipeline.
-
-    zb-h1: stage k on rank k. zb-v: 2·pp stages in a V (stage k < pp on rank k as chunk 0,
-    stage k >= pp on rank 2·pp-1-k as chunk 1; Qi et al. 2024 Sec. 6)."""
-    m = num_microbatches
-    if schedule == "zb-h1":
-        return [([(k, 0) for k in range(pp)], list(range(m)))]
-    stages = [(k, 0) for k in range(pp)] + [(pp - 1 - k, 1) for k in range(pp)]
-    return [(stages, list(range(m)))]
-
-
-def inflight_cap(schedule: str, pp: int) -> float:
-    """Most chunk activations a rank may hold (forwards whose W has not run yet): ZB-V the
-    2·pp+1 half-rank chunks of PP+1 (PP = 2·pp stages; 1F1B's p·M_B, Qi et al. 2024 Sec. 6,
-    plus the chunk each stage run in 1F1B order holds). Each stage's own 1F1B order keeps
-    at most the stages after it + 1 in flight, so the rank's two stages add up to exactly the
-    cap. ZB-H1: 1F1B's order bounds it."""
-    return {"zb-h1": float("inf"), "zb-v": 2 * pp + 1}[schedule]
-
-
-def _stage_budget(pipes, d: int, k: int) -> int:
-    """In-flight chunks stage k's own 1F1B order holds at most: the stages after it + 1."""
-    return len(pipes[d][0]) - k
-
-
-def _run_greedy(tasks: StepTasks, schedule: str) -> tuple[list[tuple], list[float], list[float]]:
-    """Event-driven list scheduling with the backward split into B (inputs) and W (weights).
-
-    Each rank, when free at time t, runs one operation ready at t, by priority:
-    zb-h1: the next forward/backward of 1F1B's order, else the oldest pending W (Qi et al.
-    2024 Sec. 3.1: W fills the bubbles; a W runs only if it ends before any input the rank
-    already knows is on its way, `_w_fits`); zb-v: a ready B, else a ready F (later stage first,
-    while the rank holds fewer than `inflight_cap` chunk activations), else the oldest W.
-    The rank's last free slot goes only to a stage within its own 1F1B budget
-    (`_stage_budget`); a stage past it (the loss stage, whose W waits while its next F is
-    ready) runs its oldest W first. Without that rule the loss stage took the last slot
-    every micro-batch on a DeepSeek-V3 pp16 V, its rank's stage 0 stopped feeding the
-    pipeline, and the step simulated 13% above the V's fill and drain (31.2 s against
-    27.6 s). Returns raw events, per-rank end of the last backward (B or W) and per-rank
-    compute seconds."""
+def _run_greedy(tasks: StepTasks) -> tuple[list[tuple], list[float], list[float]]:
+    """ZB-H1 as event-driven list scheduling with the backward split into B (inputs) and W
+    (weights): each rank, when free at time t, runs the next forward/backward of 1F1B's order
+    if its input is there, else the oldest pending W (Qi et al. 2024 Sec. 3.1: W fills the
+    bubbles; a W runs only if it ends before any input the rank already knows is on its way,
+    `_w_fits`), holding at most pp activations (1F1B's peak p·M_B). Returns raw events,
+    per-rank end of the last backward (B or W) and per-rank compute seconds."""
     import heapq
 
     pp = tasks.pp
     wgrad = tasks.wgrad_s or tuple((0.0,) * tasks.vp for _ in range(pp))
-    pipes = pipelines(schedule, pp, tasks.num_microbatches)
-    cap = inflight_cap(schedule, pp)
+    pipes = [([(k, 0) for k in range(pp)], list(range(tasks.num_microbatches)))]
     # per rank: its (pipe, stage) slots; next forward / backward micro-batch index of each
     slots = [[] for _ in range(pp)]
     for d, (stages, _) in enumerate(pipes):
@@ -479,8 +444,7 @@ def _run_greedy(tasks: StepTasks, schedule: str) -> tuple[list[tuple], list[floa
         for j in mbs:
             arrive_f[(d, 0, j)] = 0.0
     pending_w = [[] for _ in range(pp)]
-    held = [0] * pp  # chunk activations per rank (forwards whose W has not run)
-    stage_held = dict.fromkeys(nf, 0)  # the same per stage
+    held = [0] * pp  # activations per rank (forwards whose W has not run)
     free = [0.0] * pp
     busy = [0.0] * pp
     last_end = [0.0] * pp
@@ -577,24 +541,15 @@ def _run_greedy(tasks: StepTasks, schedule: str) -> tuple[list[tuple], list[floa
                 if (ready_b(r, t, d, k) if kind == "B" else ready_f(r, t, d, k)) == j:
                     heads.append((kind, k, d, j))
         bs = [(k, d, j) for kind, k, d, j in heads if kind == "B"]
-        limit = pp if schedule == "zb-h1" else cap  # ZB-H1: 1F1B's peak p·M_B on every rank
-        fs = [(k, d, j) for kind, k, d, j in heads if kind == "F"] if held[r] < limit else []
-        over = [(k, d) for k, d, _ in fs if held[r] + 1 >= limit and len(slots[r]) > 1
-                and stage_held[(d, k)] >= _stage_budget(pipes, d, k)]
-        fs = [x for x in fs if (x[0], x[1]) not in over]  # the last slot: within budget only
+        fs = [(k, d, j) for kind, k, d, j in heads if kind == "F"] if held[r] < pp else []
         if bs:
             kb, db, jb = max(bs)
             choice = ("B", db, kb, jb)
         elif fs:
             kf, df, jf = max(fs)
             choice = ("F", df, kf, jf)
-        else:
-            mine = [w for w in pending_w[r] if (w[1], w[0]) in over]
-            if mine:  # memory pressure: the over-budget stage frees its oldest W first
-                pending_w[r].remove(mine[0])
-                choice = ("W", *mine[0])
-            elif pending_w[r] and _w_fits(r, t, pending_w[r][0], held[r] < limit):
-                choice = ("W", *pending_w[r].pop(0))  # W fills what would be idle time
+        elif pending_w[r] and _w_fits(r, t, pending_w[r][0], held[r] < pp):
+            choice = ("W", *pending_w[r].pop(0))  # W fills what would be idle time
         if choice is None:
             continue  # idle until an input arrives (its sender pushes this rank)
         kind, d, k, j = choice
@@ -602,7 +557,6 @@ def _run_greedy(tasks: StepTasks, schedule: str) -> tuple[list[tuple], list[floa
         if kind == "F":
             end = run(r, t, kind, d, k, j, f, "fwd")
             _after_f(pipes, nf, arrive_f, held, d, k, j, end, send, r)
-            stage_held[(d, k)] += 1
             qptr[(d, k)] += 1
         elif kind == "B":
             end = run(r, t, kind, d, k, j, b, "bwd")
@@ -613,12 +567,11 @@ def _run_greedy(tasks: StepTasks, schedule: str) -> tuple[list[tuple], list[floa
         else:
             end = run(r, t, kind, d, k, j, w, "bwd")
             held[r] -= 1
-            stage_held[(d, k)] -= 1
             last_end[r] = max(last_end[r], end)
         free[r] = end
         heapq.heappush(heap, (end, r))
     stuck = [r for r in range(pp) if pending_w[r]] if remaining else []
-    assert not remaining, f"{schedule} schedule deadlocked (ranks {stuck})"
+    assert not remaining, f"zb-h1 schedule deadlocked (ranks {stuck})"
     return events, last_end, busy
 
 

@@ -1,6 +1,8 @@
-"""DualPipe and DualPipeV as DeepSeek runs them: the fixed per-rank order, played out.
+"""The published fixed per-rank orders of the V and DualPipe schedules, played out:
+DeepSeek's DualPipe and DualPipeV, and PyTorch's ZBVZeroBubble (what torchtitan runs for
+zb-v; `zbv_phase_ops`).
 
-Source: deepseek-ai/DualPipe@3da1bbea53606543d7f5f232338fc58096db30e3, `DualPipeV.step`
+DualPipe(V) source: deepseek-ai/DualPipe@3da1bbea53606543d7f5f232338fc58096db30e3, `DualPipeV.step`
 (dualpipe/dualpipev.py) and `DualPipe.step` (dualpipe/dualpipe.py). Both run the same eight
 steps on every rank; DualPipe is DualPipeV mirrored onto twice the ranks ("cut-in-half" in
 the repository's README), so one order serves both (`phase_ops`):
@@ -18,7 +20,14 @@ order is DualPipeV's for half-rank min(r, p-1-r) of p/2 with m/2 micro-batches.
 
 An F&B pair (`DualPipe._forward_backward_chunk`) waits for both inputs, runs the full
 backward (W included) and hides each pass's communication under the other's compute
-(DeepSeek-V3 report Sec. 3.2.1). Times are seconds; pure Python, no I/O.
+(DeepSeek-V3 report Sec. 3.2.1). PyTorch's `ScheduleDualPipeV` (torch 2.13,
+torch/distributed/pipelining/schedules.py) ports the same eight steps.
+
+ZB-V: `ScheduleZBVZeroBubble._calculate_single_rank_operations` (torch 2.13; Qi et al. 2024
+Sec. 6): a warm-up of chunk-0 forwards, then chunk-1 F, I, W triples, a steady phase of
+F I W on each chunk, and a cool-down of I's then the deferred W's; the same V placement as
+DualPipeV, every backward split into I (inputs) and W (weights), no F&B pairs.
+Times are seconds; pure Python, no I/O.
 """
 
 from __future__ import annotations
@@ -29,7 +38,8 @@ if TYPE_CHECKING:
     from .simulator import StepTasks
 
 PhaseOp = tuple
-"""("F", phase) | ("B", phase, defers_w) | ("W",) | ("FB", forward phase, backward phase)."""
+"""("F", phase) | ("B", phase, defers_w) | ("W",) (the rank's oldest deferred W) |
+("W", phase) (that phase's oldest) | ("FB", forward phase, backward phase)."""
 
 
 def phase_ops(num_ranks: int, num_microbatches: int, rank: int) -> list[PhaseOp]:
@@ -55,11 +65,63 @@ def phase_ops(num_ranks: int, num_microbatches: int, rank: int) -> list[PhaseOp]
     return ops + [("W",)] * (r + 1)                                      # 8: nW
 
 
+def zbv_phase_ops(pp: int, num_microbatches: int, rank: int) -> list[PhaseOp]:
+    """PyTorch's ZBVZeroBubble order on `rank` (chunk 0 = phase 0, chunk 1 = phase 1): it
+    plans for max(2p-1, m) micro-batches and drops the actions of those beyond m."""
+    n_micro = max(2 * pp - 1, num_microbatches)
+    ops: list[tuple] = []  # (kind, phase, micro-batch)
+    f, b = [0, 0], [0, 0]
+
+    def add(kind, phase, mb_index):
+        ops.append((kind, phase, mb_index))
+
+    for _ in range(2 * (pp - rank) - 1):  # warm-up 1: chunk-0 forwards
+        add("F", 0, f[0])
+        f[0] += 1
+    for _ in range(rank):  # warm-up 2: chunk 1 and chunk 0 forwards in turn
+        add("F", 1, f[1])
+        f[1] += 1
+        add("F", 0, f[0])
+        f[0] += 1
+    for _ in range(pp - rank):  # warm-up 3: chunk-1 F, I, W
+        add("F", 1, f[1])
+        f[1] += 1
+        add("B", 1, b[1])
+        add("W", 1, b[1])
+        b[1] += 1
+    while f[1] < f[0] or f[0] < n_micro:  # steady: F I W on chunk 0, then on chunk 1
+        if f[0] < n_micro:
+            add("F", 0, f[0])
+            f[0] += 1
+        add("B", 0, b[0])
+        add("W", 0, b[0])
+        b[0] += 1
+        add("F", 1, f[1])
+        f[1] += 1
+        add("B", 1, b[1])
+        add("W", 1, b[1])
+        b[1] += 1
+    w = list(b)
+    for _ in range(rank):  # cool-down: input gradients of both chunks
+        add("B", 0, b[0])
+        b[0] += 1
+        add("B", 1, b[1])
+        b[1] += 1
+    for _ in range(pp - rank):  # ... then chunk 0's with its W
+        add("B", 0, b[0])
+        b[0] += 1
+        add("W", 0, w[0])
+        w[0] += 1
+    ops += [("W", 1, j) for j in range(w[1], b[1])] + [("W", 0, j) for j in range(w[0], b[0])]
+    return [(kind, phase, True) if kind == "B" else (kind, phase)
+            for kind, phase, j in ops if j < num_microbatches]
+
+
 def stage_places(schedule: str, pp: int, num_microbatches: int):
     """(pipes, phases): each pipe's stages as (rank, chunk) with its micro-batches, and per
     rank the (pipe, stage) of its phase 0 and phase 1 (the module docstring's placement)."""
     m = num_microbatches
-    if schedule == "dualpipev":
+    if schedule in ("dualpipev", "zb-v"):
         stages = [(k, 0) for k in range(pp)] + [(pp - 1 - k, 1) for k in range(pp)]
         return [(stages, list(range(m)))], [((0, r), (0, 2 * pp - 1 - r)) for r in range(pp)]
     half = m // 2
@@ -71,7 +133,9 @@ def stage_places(schedule: str, pp: int, num_microbatches: int):
 
 
 def rank_orders(schedule: str, pp: int, num_microbatches: int) -> list[list[PhaseOp]]:
-    """Every rank's `phase_ops` for dualpipe or dualpipev."""
+    """Every rank's order: `phase_ops` for dualpipe or dualpipev, `zbv_phase_ops` for zb-v."""
+    if schedule == "zb-v":
+        return [zbv_phase_ops(pp, num_microbatches, r) for r in range(pp)]
     if schedule == "dualpipev":
         return [phase_ops(pp, num_microbatches, r) for r in range(pp)]
     return [phase_ops(pp // 2, num_microbatches // 2, min(r, pp - 1 - r)) for r in range(pp)]
@@ -86,7 +150,7 @@ def pair_saving_s(first_s: float, first_hide_s: float, second_s: float,
 
 
 def run(tasks: StepTasks, schedule: str) -> tuple[list[tuple], list[float], list[float]]:
-    """Play DeepSeek's order: each rank runs its ops in sequence, an op starting once the
+    """Play the schedule's fixed order: each rank runs its ops in sequence, an op starting once the
     rank is free and its inputs have arrived (activations and gradients over the link
     between stage ranks, serialised per direction; none between stages on one rank).
     Returns raw events, per-rank end of the last backward (B or W) and compute seconds."""
@@ -151,7 +215,10 @@ def run(tasks: StepTasks, schedule: str) -> tuple[list[tuple], list[float], list
         while ptr[r] < len(orders[r]):
             op = orders[r][ptr[r]]
             if op[0] == "W":
-                d, k, j = pending_w[r].pop(0)  # FIFO, as DeepSeek's WeightGradStore
+                mine = [i for i, (d, k, _) in enumerate(pending_w[r])
+                        if len(op) == 1 or (d, k) == phases[r][op[1]]]
+                d, k, j = pending_w[r].pop(mine[0])  # FIFO (of its phase), as DeepSeek's
+                # WeightGradStore and torch's per-stage W order
                 start = free[r]
                 end = start + durations(d, k)[2]
                 events.append((r, "bwd", j, pipes[d][0][k][1], start, end))
