@@ -654,7 +654,8 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid,
     tau_sum = np.where(single, tau_first, model.num_layers * lt.total_s + emb + head)
     w_frac, b_frac = schedule_fractions(model, gpu, g, lt)
     spread = tau_sum - tau_max
-    bubble = spread * schedules.bubble_factor(g.schedule, g.pp, g.vp, w_frac, b_frac)
+    bubble = spread * schedules.bubble_factor(g.schedule, g.pp, g.vp, w_frac, b_frac,
+                                              g.num_microbatches)
     floor = spread * schedules.end_fill_floor(g.schedule, g.pp, w_frac, b_frac)
     bubble = np.maximum(bubble - _end_rank_surplus(g, (tau_first, tau_last, tau_mid)), floor)
     bubble = bubble + interleaved_stall_s(model, g, lt, emb, head)
@@ -1028,8 +1029,15 @@ def _rank_kinds(g: LayoutGrid, mix: LayerMix | None = None) -> tuple[tuple, ...]
     `mix` the layers those ranks really hold (`LayerMix.ranks`)."""
     vshape = schedules.is_v_shape(g.schedule)  # rank 0 holds the first and the last stage
     mirror = schedules.is_mirrored(g.schedule)  # DualPipe: both end ranks hold both ends
-    first, last, mid = mix.ranks(g) if mix is not None else (
-        RankLayers.uniform(n) for n in (g.layers_first, g.layers_last, g.layers_mid))
+    if mix is not None:
+        first, last, mid = mix.ranks(g)
+    else:
+        # a DualPipe end rank holds stage 0 of one direction and stage pp-1 of the other: the
+        # mean of the two (the busiest middle stage bounds its middle ranks' means)
+        ends = (g.layers_first + g.layers_last) / 2
+        first, last, mid = (RankLayers.uniform(n) for n in (
+            np.where(mirror, ends, g.layers_first), np.where(mirror, ends, g.layers_last),
+            g.layers_mid))
     return ((first, True, vshape | mirror, 0), (last, mirror, ~vshape, g.pp - 1),
             (mid, False, False, np.minimum(1, g.pp - 1)))
 

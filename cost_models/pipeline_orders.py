@@ -24,8 +24,9 @@ backward (W included) and hides each pass's communication under the other's comp
 torch/distributed/pipelining/schedules.py) ports the same eight steps.
 
 ZB-V: `ScheduleZBVZeroBubble._calculate_single_rank_operations` (torch 2.13; Qi et al. 2024
-Sec. 6): a warm-up of chunk-0 forwards, then chunk-1 F, I, W triples, a steady phase of
-F I W on each chunk, and a cool-down of I's then the deferred W's; the same V placement as
+Sec. 6): a warm-up of chunk-0 forwards, then chunk-1 and chunk-0 forwards in turn, then
+chunk-1 F, I, W triples, a steady phase of F I W on each chunk, and a cool-down of I's then
+the deferred W's; the same V placement as
 DualPipeV, every backward split into I (inputs) and W (weights), no F&B pairs.
 Times are seconds; pure Python, no I/O.
 """

@@ -14,6 +14,7 @@ gradients, recompute included) and W the backward for the weights; tau = F + B +
   interleaved  k on k mod p, v chunks (p-1)·tau / v                           Megatron-LM warm-up
   zb-h1        as 1f1b, W deferred    (p-1)·(F+B-W)                           min(m, p-r)
   zb-v         V: 2 chunks            (p-1)·max(B, W, 2(B-W), 2F-B)/2         min(m, p)
+                                      or (p-m)F + (p-1)B, the larger
   dualpipe     both directions        (p/2-1)·max(F+2B-W, 2F)                 min(m, p+1)
   dualpipev    V: 2 chunks            (p-1)·max(F+2B-W, 2F)/2                 min(m, p+1/2)
 
@@ -25,7 +26,8 @@ gradients, recompute included) and W the backward for the weights; tau = F + B +
 - ZB-V: Qi et al. 2024 Sec. 6 (V-shape placement, two chunks per rank, 1F1B's memory
   p·M_B), in the order torchtitan runs: PyTorch's ZBVZeroBubble (torch 2.13,
   cost_models.pipeline_orders). Its fill, simulated on equal stages, is
-  (p-1)·max(B, W, 2(B-W), 2F-B)/2, exactly for transformer-like ratios (B >= F) and any m;
+  (p-1)·max(B, W, 2(B-W), 2F-B)/2, exactly for transformer-like ratios (B >= F) and m >=
+  2p-1; with fewer micro-batches the F+B chain (p-m)F + (p-1)B binds, exactly;
   a critical rank holding both ends absorbs m times its surplus (`end_absorption`). (The
   paper-style (p-1)(F+B-W)/2 priced before is higher wherever F > W; the paper's
   (p-1)(F+B-2W)/2 also overlaps the next step's warm-up with this step's drain, optimizer
@@ -117,8 +119,10 @@ def is_mirrored(code):
     return np.asarray(code) == CODE["dualpipe"]
 
 
-def bubble_factor(code, pp, vp, w_frac, b_frac):
-    """Bubble as a multiple of (sum_r tau_r - max_r tau_r) (= (p-1)·tau for equal ranks).
+def bubble_factor(code, pp, vp, w_frac, b_frac, num_microbatches=None):
+    """Bubble as a multiple of (sum_r tau_r - max_r tau_r) (= (p-1)·tau for equal ranks);
+    `num_microbatches` m (given by the cost model): ZB-V's fill when m < 2p-1, the F+B
+    chain (p-m)F + (p-1)B.
 
     w_frac, b_frac: the W and B shares of tau. Formulas and sources in the module docstring;
     the zero-bubble step F+B-W (Qi et al. 2024 Table 3) is F + max(B-W, 0): a W larger than
@@ -135,12 +139,15 @@ def bubble_factor(code, pp, vp, w_frac, b_frac):
     # DualPipe(V) fill step, DeepSeek's F&B + B_full - 3W with F&B = F + B_full: F + 2B - W,
     # or 2F where the turn waits on two forwards (F + W > 2B; DeepSeek's order, simulated)
     dual = np.maximum(2 * f_frac, f_frac + 2 * b - w_frac)
-    # ZB-V in PyTorch's ZBVZeroBubble order (simulated): max(B, W, 2(B-W), 2F-B) per step
-    zbv = np.maximum(np.maximum(b, w_frac), np.maximum(2 * (b - w_frac), 2 * f_frac - b))
+    # ZB-V in PyTorch's ZBVZeroBubble order (simulated): max(B, W, 2(B-W), 2F-B)/2 per step;
+    # with m < 2p-1 micro-batches the F+B chain binds: (p-m)F + (p-1)B in all
+    zbv = np.maximum(np.maximum(b, w_frac), np.maximum(2 * (b - w_frac), 2 * f_frac - b)) / 2
+    if num_microbatches is not None:
+        zbv = np.maximum(zbv, b + (p - num_microbatches) / (p - 1) * f_frac)
     out = np.select(
         [c == CODE["1f1b"], c == CODE["interleaved"], c == CODE["zb-h1"], c == CODE["zb-v"],
          c == CODE["dualpipe"], c == CODE["dualpipev"]],
-        [np.ones_like(w_frac), 1.0 / np.maximum(vp, 1), zb, zbv / 2,
+        [np.ones_like(w_frac), 1.0 / np.maximum(vp, 1), zb, zbv,
          (p / 2 - 1) / (p - 1) * dual, dual / 2])
     return np.maximum(out, 0.0)
 
@@ -159,11 +166,12 @@ def end_absorption(code, pp, num_microbatches):
 
 def end_fill_floor(code, pp, w_frac, b_frac):
     """The V and DualPipe bubble when the critical ranks holding both ends are heavy enough
-    to fill the rest: the wait the fixed orders leave on them, as a multiple of
-    (sum_r tau_r - max_r tau_r) like `bubble_factor`; 0 for the looped schedules. DualPipe(V)
-    (DeepSeek's order): max(B-W, 0) per fill step, (p-1)·max(B-W, 0)/2 for DualPipeV's half
-    steps, (p/2-1)·max(B-W, 0) for DualPipe; ZB-V (PyTorch's order): ((p-1)·max(B-W, W) -
-    W)/2. Measured in the simulated orders (tests/test_pipeline_orders.py)."""
+    to fill the rest: the wait the fixed orders leave on them, returned as a multiple of
+    (sum_r tau_r - max_r tau_r) like `bubble_factor` (the seconds below divided by (p-1)·tau
+    for equal ranks); 0 for the looped schedules. DualPipe(V) (DeepSeek's order): max(B-W, 0)
+    per fill step, (p-1)·max(B-W, 0)/2 for DualPipeV's half steps, (p/2-1)·max(B-W, 0) for
+    DualPipe; ZB-V (PyTorch's order): ((p-1)·max(B-W, W) - W)/2. Measured in the simulated
+    orders (tests/test_pipeline_orders.py)."""
     c = np.asarray(code)
     p = np.maximum(pp, 2)
     step = np.maximum(np.asarray(b_frac) - w_frac, 0.0)
