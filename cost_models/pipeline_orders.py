@@ -142,6 +142,18 @@ def rank_orders(schedule: str, pp: int, num_microbatches: int) -> list[list[Phas
     return [phase_ops(pp // 2, num_microbatches // 2, min(r, pp - 1 - r)) for r in range(pp)]
 
 
+def link_transfer(link_free: dict, events: list, src: int, dst: int, t: float, dur: float,
+                  microbatch: int, chunk: int) -> float:
+    """One activation or gradient transfer from rank `src` to `dst` produced at `t`: it waits
+    for the directed link to be free (transfers on a link are serialised, compute is not
+    blocked), is logged as a p2p event when it takes time, and returns its arrival."""
+    start = max(t, link_free.get((src, dst), 0.0))
+    link_free[(src, dst)] = start + dur
+    if dur > 0:
+        events.append((src, "p2p", microbatch, chunk, start, start + dur, dst))
+    return start + dur
+
+
 def pair_saving_s(first_s: float, first_hide_s: float, second_s: float,
                   second_hide_s: float) -> float:
     """Seconds an F&B pair saves: each pass's hideable communication (at most its own
@@ -151,9 +163,9 @@ def pair_saving_s(first_s: float, first_hide_s: float, second_s: float,
 
 
 def run(tasks: StepTasks, schedule: str) -> tuple[list[tuple], list[float], list[float]]:
-    """Play the schedule's fixed order: each rank runs its ops in sequence, an op starting once the
-    rank is free and its inputs have arrived (activations and gradients over the link
-    between stage ranks, serialised per direction; none between stages on one rank).
+    """Play the schedule's fixed order: each rank runs its ops in sequence, an op starting
+    once the rank is free and its inputs have arrived (activations and gradients over the
+    link between stage ranks, `link_transfer`; none between stages on one rank).
     Returns raw events, per-rank end of the last backward (B or W) and compute seconds."""
     pp, m = tasks.pp, tasks.num_microbatches
     pipes, phases = stage_places(schedule, pp, m)
@@ -180,10 +192,8 @@ def run(tasks: StepTasks, schedule: str) -> tuple[list[tuple], list[float], list
     def send(d, k, k2, j, t, table):
         src, dst = pipes[d][0][k][0], pipes[d][0][k2][0]
         dur = 0.0 if src == dst else tasks.p2p_s[min(k, k2) % len(tasks.p2p_s)]
-        start = max(t, link_free.get((src, dst), 0.0))
-        link_free[(src, dst)] = table[(d, k2, j)] = start + dur
-        if dur > 0:
-            events.append((src, "p2p", j, pipes[d][0][k][1], start, start + dur, dst))
+        table[(d, k2, j)] = link_transfer(link_free, events, src, dst, t, dur, j,
+                                          pipes[d][0][k][1])
         work.append(dst)
 
     def forward_input(r, phase):
@@ -197,7 +207,7 @@ def run(tasks: StepTasks, schedule: str) -> tuple[list[tuple], list[float], list
         last = k == len(pipes[d][0]) - 1
         return d, k, j, arrive_f.get(("done", d, k, j)) if last else arrive_b.get((d, k, j))
 
-    def finish_f(r, d, k, j, end):
+    def finish_f(d, k, j, end):
         nf[(d, k)] += 1
         if k + 1 < len(pipes[d][0]):
             send(d, k, k + 1, j, end, arrive_f)
@@ -230,7 +240,7 @@ def run(tasks: StepTasks, schedule: str) -> tuple[list[tuple], list[float], list
                 start = max(free[r], ready)
                 end = start + durations(d, k)[0]
                 events.append((r, "fwd", j, pipes[d][0][k][1], start, end))
-                finish_f(r, d, k, j, end)
+                finish_f(d, k, j, end)
             elif op[0] == "B":
                 d, k, j, ready = backward_input(r, op[1])
                 if ready is None:
@@ -253,7 +263,7 @@ def run(tasks: StepTasks, schedule: str) -> tuple[list[tuple], list[float], list
                 end = start + f + full - saving
                 events.append((r, "fwd", jf, pipes[df][0][kf][1], start, mid))
                 events.append((r, "bwd", jb, pipes[db][0][kb][1], mid, end))
-                finish_f(r, df, kf, jf, end)  # both outputs are sent after the pair
+                finish_f(df, kf, jf, end)  # both outputs are sent after the pair
                 finish_b(r, db, kb, jb, end, False)
             busy[r] += end - start
             free[r] = end

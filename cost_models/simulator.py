@@ -379,13 +379,9 @@ def _run_pipeline(tasks: StepTasks, orders: list[list[Op]]) -> tuple[list[tuple]
 
     def send(src_stage: int, dst_stage: int, j: int, t: float, arrive: list) -> None:
         src, dst = src_stage % pp, dst_stage % pp
-        link = (src, dst)
-        duration = tasks.p2p_s[min(src_stage, dst_stage)]
-        start = max(t, link_free.get(link, 0.0))
-        link_free[link] = start + duration
-        arrive[dst_stage][j] = start + duration
-        if duration > 0:
-            events.append((src, "p2p", j, src_stage // pp, start, start + duration, dst))
+        arrive[dst_stage][j] = pipeline_orders.link_transfer(
+            link_free, events, src, dst, t, tasks.p2p_s[min(src_stage, dst_stage)], j,
+            src_stage // pp)
         work.append(dst)
 
     while work:
@@ -470,13 +466,10 @@ def _run_greedy(tasks: StepTasks) -> tuple[list[tuple], list[float], list[float]
 
     def send(d, k, k2, j, t, table):
         src, dst = pipes[d][0][k][0], pipes[d][0][k2][0]
-        dur = 0.0 if src == dst else tasks.p2p_s[min(k, k2) % len(tasks.p2p_s)]
-        start = max(t, link_free.get((src, dst), 0.0))
-        link_free[(src, dst)] = start + dur
-        table[(d, k2, j)] = start + dur
-        if dur > 0:
-            events.append((src, "p2p", j, pipes[d][0][k][1], start, start + dur, dst))
-        heapq.heappush(heap, (start + dur, dst))
+        arrival = pipeline_orders.link_transfer(link_free, events, src, dst, t,
+                                                tasks.p2p_s[min(k, k2)], j, pipes[d][0][k][1])
+        table[(d, k2, j)] = arrival
+        heapq.heappush(heap, (arrival, dst))
 
     def ready_f(r, t, d, k):
         mbs = pipes[d][1]
