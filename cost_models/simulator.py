@@ -420,102 +420,63 @@ def _run_greedy(tasks: StepTasks) -> tuple[list[tuple], list[float], list[float]
     (weights): each rank, when free at time t, runs the next forward/backward of 1F1B's order
     if its input is there, else the oldest pending W (Qi et al. 2024 Sec. 3.1: W fills the
     bubbles; a W runs only if it ends before any input the rank already knows is on its way,
-    `_w_fits`), holding at most pp activations (1F1B's peak p·M_B). Returns raw events,
-    per-rank end of the last backward (B or W) and per-rank compute seconds."""
+    `_w_fits`), holding at most pp activations (1F1B's peak p·M_B). Stage k is rank k.
+    Returns raw events, per-rank end of the last backward (B or W) and per-rank compute
+    seconds."""
     import heapq
 
-    pp = tasks.pp
+    pp, m = tasks.pp, tasks.num_microbatches
     wgrad = tasks.wgrad_s or tuple((0.0,) * tasks.vp for _ in range(pp))
-    pipes = [([(k, 0) for k in range(pp)], list(range(tasks.num_microbatches)))]
-    # per rank: its (pipe, stage) slots; next forward / backward micro-batch index of each
-    slots = [[] for _ in range(pp)]
-    for d, (stages, _) in enumerate(pipes):
-        for k, (r, _c) in enumerate(stages):
-            slots[r].append((d, k))
-    nf = {(d, k): 0 for d, (st, _) in enumerate(pipes) for k in range(len(st))}
-    nb = dict(nf)
-    arrive_f: dict = {}
-    arrive_b: dict = {}
-    for d, (_, mbs) in enumerate(pipes):
-        for j in mbs:
-            arrive_f[(d, 0, j)] = 0.0
-    pending_w = [[] for _ in range(pp)]
+    # each rank's 1F1B order of (kind, micro-batch): warm-up of the stages after it
+    queues = [[("F", j) if is_bwd is False else ("B", j) for is_bwd, _, j in
+               rank_order(pp, 1, m, r)] for r in range(pp)]
+    qptr = [0] * pp
+    arrive_f = {(0, j): 0.0 for j in range(m)}  # activation of (rank, mb); last rank: its own F
+    arrive_b: dict = {}  # gradient of (rank, mb); the last rank's B follows its own F
+    pending_w: list[list] = [[] for _ in range(pp)]
     held = [0] * pp  # activations per rank (forwards whose W has not run)
-    free = [0.0] * pp
-    busy = [0.0] * pp
-    last_end = [0.0] * pp
+    free, busy, last_end = [0.0] * pp, [0.0] * pp, [0.0] * pp
     link_free: dict = {}
     events: list[tuple] = []
     heap = [(0.0, r) for r in range(pp)]
-    # each stage runs its own 1F1B order (warm-up: the stages after it in its pipeline)
-    queues = {}
-    for d, (stages, mbs) in enumerate(pipes):
-        for k in range(len(stages)):
-            warm = min(len(stages) - 1 - k, len(mbs))
-            ops = [("F", j) for j in mbs[:warm]]
-            for i in range(len(mbs) - warm):
-                ops += [("F", mbs[warm + i]), ("B", mbs[i])]
-            queues[(d, k)] = ops + [("B", j) for j in mbs[len(mbs) - warm:]]
-    qptr = dict.fromkeys(queues, 0)
-    remaining = sum(3 * len(st) * len(mbs) for st, mbs in pipes)
+    remaining = 3 * pp * m
 
-    def times(d, k):
-        r, c = pipes[d][0][k]
-        w = min(wgrad[r][c], tasks.bwd_s[r][c])
-        return tasks.fwd_s[r][c], tasks.bwd_s[r][c] - w, w
+    def times(r):
+        w = min(wgrad[r][0], tasks.bwd_s[r][0])
+        return tasks.fwd_s[r][0], tasks.bwd_s[r][0] - w, w
 
-    def send(d, k, k2, j, t, table):
-        src, dst = pipes[d][0][k][0], pipes[d][0][k2][0]
-        arrival = pipeline_orders.link_transfer(link_free, events, src, dst, t,
-                                                tasks.p2p_s[min(k, k2)], j, pipes[d][0][k][1])
-        table[(d, k2, j)] = arrival
-        heapq.heappush(heap, (arrival, dst))
+    def send(r, r2, j, t, table):
+        arrival = pipeline_orders.link_transfer(link_free, events, r, r2, t,
+                                                tasks.p2p_s[min(r, r2)], j, 0)
+        table[(r2, j)] = arrival
+        heapq.heappush(heap, (arrival, r2))
 
-    def ready_f(r, t, d, k):
-        mbs = pipes[d][1]
-        i = nf[(d, k)]
-        if i >= len(mbs):
-            return None
-        a = arrive_f.get((d, k, mbs[i]))
-        return mbs[i] if a is not None and a <= t else None
+    def input_at(r):
+        """(kind, micro-batch, arrival of its input or None) of rank r's next F or B."""
+        if qptr[r] >= len(queues[r]):
+            return None, None, None
+        kind, j = queues[r][qptr[r]]
+        last = kind == "B" and r == pp - 1
+        table = arrive_f if kind == "F" or last else arrive_b
+        return kind, j, table.get(("done", j) if last else (r, j))
 
-    def ready_b(r, t, d, k):
-        mbs = pipes[d][1]
-        i = nb[(d, k)]
-        if i >= nf[(d, k)]:
-            return None
-        j = mbs[i]
-        last = k == len(pipes[d][0]) - 1
-        a = arrive_b.get((d, k, j)) if not last else arrive_f.get(("done", d, k, j))
-        return j if a is not None and a <= t else None
+    def _w_fits(r, t, f_allowed):
+        """Whether rank r's oldest W ends before the next input it already knows is coming
+        (its next B's gradient or, when the in-flight cap allows one, its next F's
+        activation, from a producer that has started). A W that would delay that pass waits
+        for it: W only fills bubbles and never pushes back the B chain (Qi et al. 2024 Sec.
+        2-3: the handcrafted and automatic schedules place each W where it fits; a W started
+        just before the gradient arrives adds up to W per stage to the drain, which is what
+        made the simulated ZB-H1 bubble exceed (p-1)(F+B-W))."""
+        end = t + times(r)[2]
+        kind, _, a = input_at(r)
+        if kind is None or (kind == "F" and not f_allowed):
+            return True
+        return not (a is not None and t < a < end - 1e-12)
 
-    def _w_fits(r, t, w_op, f_allowed):
-        """Whether W `w_op` ends before the next input this rank already knows is coming (a
-        B's gradient or, when the in-flight cap allows one, an F's activation, from a
-        producer that has started). A W that would delay that pass waits for it: W only
-        fills bubbles and never pushes back the B chain (Qi et al. 2024 Sec. 2-3: the
-        handcrafted and automatic schedules place each W where it fits; a W started just
-        before the gradient arrives adds up to W per stage to the drain, which is what made
-        the simulated ZB-H1 bubble exceed (p-1)(F+B-W))."""
-        end = t + times(w_op[0], w_op[1])[2]
-        for d, k in slots[r]:
-            q, i = queues[(d, k)], qptr[(d, k)]
-            if i >= len(q):
-                continue
-            kind, j = q[i]
-            if kind == "F" and not f_allowed:
-                continue
-            last = kind == "B" and k == len(pipes[d][0]) - 1
-            key = ("done", d, k, j) if last else (d, k, j)
-            a = (arrive_b if kind == "B" and not last else arrive_f).get(key)
-            if a is not None and t < a < end - 1e-12:
-                return False
-        return True
-
-    def run(r, t, kind, d, k, j, dur, label):
+    def run(r, t, j, dur, label):
         nonlocal remaining
-        c = pipes[d][0][k][1]
-        events.append((r, label, j, c, t, t + dur))
+        events.append((r, label, j, 0, t, t + dur))
         busy[r] += dur
         remaining -= 1
         return t + dur
@@ -525,65 +486,35 @@ def _run_greedy(tasks: StepTasks) -> tuple[list[tuple], list[float], list[float]
         if t < free[r]:
             continue
         t = free[r] if free[r] > t else t
-        choice = None
-        heads = []
-        for d, k in slots[r]:
-            q, i = queues[(d, k)], qptr[(d, k)]
-            if i < len(q):
-                kind, j = q[i]
-                if (ready_b(r, t, d, k) if kind == "B" else ready_f(r, t, d, k)) == j:
-                    heads.append((kind, k, d, j))
-        bs = [(k, d, j) for kind, k, d, j in heads if kind == "B"]
-        fs = [(k, d, j) for kind, k, d, j in heads if kind == "F"] if held[r] < pp else []
-        if bs:
-            kb, db, jb = max(bs)
-            choice = ("B", db, kb, jb)
-        elif fs:
-            kf, df, jf = max(fs)
-            choice = ("F", df, kf, jf)
-        elif pending_w[r] and _w_fits(r, t, pending_w[r][0], held[r] < pp):
-            choice = ("W", *pending_w[r].pop(0))  # W fills what would be idle time
-        if choice is None:
-            continue  # idle until an input arrives (its sender pushes this rank)
-        kind, d, k, j = choice
-        f, b, w = times(d, k)
-        if kind == "F":
-            end = run(r, t, kind, d, k, j, f, "fwd")
-            _after_f(pipes, nf, arrive_f, held, d, k, j, end, send, r)
-            qptr[(d, k)] += 1
-        elif kind == "B":
-            end = run(r, t, kind, d, k, j, b, "bwd")
-            _after_b(pipes, nb, arrive_b, d, k, j, end, send)
-            pending_w[r].append((d, k, j))
+        kind, j, a = input_at(r)
+        ready = a is not None and a <= t and (kind == "B" or held[r] < pp)
+        f, b, w = times(r)
+        if ready and kind == "F":
+            end = run(r, t, j, f, "fwd")
+            held[r] += 1
+            qptr[r] += 1
+            if r + 1 < pp:
+                send(r, r + 1, j, end, arrive_f)
+            else:
+                arrive_f[("done", j)] = end
+        elif ready:
+            end = run(r, t, j, b, "bwd")
+            pending_w[r].append(j)
             last_end[r] = max(last_end[r], end)
-            qptr[(d, k)] += 1
-        else:
-            end = run(r, t, kind, d, k, j, w, "bwd")
+            qptr[r] += 1
+            if r > 0:
+                send(r, r - 1, j, end, arrive_b)
+        elif pending_w[r] and _w_fits(r, t, held[r] < pp):
+            end = run(r, t, pending_w[r].pop(0), w, "bwd")  # W fills what would be idle
             held[r] -= 1
             last_end[r] = max(last_end[r], end)
+        else:
+            continue  # idle until an input arrives (its sender pushes this rank)
         free[r] = end
         heapq.heappush(heap, (end, r))
     stuck = [r for r in range(pp) if pending_w[r]] if remaining else []
     assert not remaining, f"zb-h1 schedule deadlocked (ranks {stuck})"
     return events, last_end, busy
-
-
-def _after_f(pipes, nf, arrive_f, held, d, k, j, end, send, r) -> None:
-    """Bookkeeping after forward (d, k, j) ends at `end`: the next stage's input, or the
-    last stage's own backward becomes ready."""
-    nf[(d, k)] += 1
-    held[r] += 1
-    if k + 1 < len(pipes[d][0]):
-        send(d, k, k + 1, j, end, arrive_f)
-    else:
-        arrive_f[("done", d, k, j)] = end
-
-
-def _after_b(pipes, nb, arrive_b, d, k, j, end, send) -> None:
-    """Bookkeeping after backward B (d, k, j) ends: the previous stage's gradient."""
-    nb[(d, k)] += 1
-    if k > 0:
-        send(d, k, k - 1, j, end, arrive_b)
 
 
 def _dp_and_optimizer(tasks: StepTasks, last_end: list[float]) -> tuple[float, list[tuple]]:
