@@ -1027,7 +1027,6 @@ def _rank_kinds(g: LayoutGrid, mix: LayerMix | None = None) -> tuple[tuple, ...]
     """(layers, first, last, pp_rank) of the first, last and busiest middle pipeline ranks;
     layers: `RankLayers`, the grid's counts of averaged layers, or with a multi-kind model's
     `mix` the layers those ranks really hold (`LayerMix.ranks`)."""
-    vshape = schedules.is_v_shape(g.schedule)  # rank 0 holds the first and the last stage
     mirror = schedules.is_mirrored(g.schedule)  # DualPipe: both end ranks hold both ends
     if mix is not None:
         first, last, mid = mix.ranks(g)
@@ -1038,7 +1037,8 @@ def _rank_kinds(g: LayoutGrid, mix: LayerMix | None = None) -> tuple[tuple, ...]
         first, last, mid = (RankLayers.uniform(n) for n in (
             np.where(mirror, ends, g.layers_first), np.where(mirror, ends, g.layers_last),
             g.layers_mid))
-    return ((first, True, vshape | mirror, 0), (last, mirror, ~vshape, g.pp - 1),
+    return ((first, *schedules.holds_ends(g.schedule, g.pp, 0), 0),
+            (last, *schedules.holds_ends(g.schedule, g.pp, g.pp - 1), g.pp - 1),
             (mid, False, False, np.minimum(1, g.pp - 1)))
 
 

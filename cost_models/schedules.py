@@ -200,6 +200,16 @@ def inflight_microbatches(code, pp, vp, num_microbatches, pp_rank=0):
         one_f_one_b).astype(float)
 
 
+def holds_ends(code, pp, pp_rank):
+    """(embedding, LM head) masks: whether pipeline rank `pp_rank` holds stage 0 and the last
+    stage's head. Looped placement: ranks 0 and pp-1; the V schedules: both on rank 0;
+    DualPipe: both on each end rank (stage 0 of one direction, stage pp-1 of the other)."""
+    c, r = np.asarray(code), np.asarray(pp_rank)
+    mirror = is_mirrored(c)
+    first, final = r == 0, r == pp - 1
+    return first | (mirror & final), np.where(is_v_shape(c), first, final) | (mirror & first)
+
+
 def weight_copies(code):
     """Copies of the rank's parameters (and gradients) a schedule keeps: 2 for DualPipe,
     whose ranks hold a stage of each direction (DeepSeek-V3 Table 2), else 1."""

@@ -73,12 +73,8 @@ def uniform(model: ModelSpec, cluster: ClusterSpec, layout: Layout) -> StepTasks
         layers = held(on(r))
         if schedule == "dualpipe":  # its mirrored stage too; weight copies double the mean
             layers = layers.mean(held(on(p - 1 - r)))
-        holds_head = r == 0 if vshape else r == p - 1
-        holds_embedding = r == 0
-        if schedule == "dualpipe":  # each end rank holds stage 0 of one direction, pp-1 of the other
-            holds_head = holds_embedding = r in (0, p - 1)
-        rc = megatron.rank_costs(model, cluster, g, lt, emb, head, layers, holds_embedding,
-                                 holds_head, r)
+        holds = schedules.holds_ends(schedules.CODE[schedule], p, r)
+        rc = megatron.rank_costs(model, cluster, g, lt, emb, head, layers, *map(bool, holds), r)
         dp.append(float(rc.dp_comm_s[0]))
         opt.append(float(rc.optimizer_step_s[0]))
     split = schedule in schedules.ZERO_BUBBLE
