@@ -30,7 +30,14 @@ from pathlib import Path
 
 from cost_models import flops
 from cost_models.dims import derived_dp
-from cost_models.specs import ClusterSpec, Layout, ModelSpec, SpecError, even_split
+from cost_models.specs import (
+    ClusterSpec,
+    Layout,
+    ModelSpec,
+    SpecError,
+    a2a_overlap_problem,
+    even_split,
+)
 from planner.specfiles import load_cluster, load_model
 
 CSV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "published_runs_calibration.csv"
@@ -366,6 +373,11 @@ def layouts_2025(row: dict, model: ModelSpec, gpus: int,
                      framework="torchtitan" if titan else "megatron",
                      te_cross_entropy=not titan)  # Bridge perf recipes: TE's fused loss
         lay = replace(lay, **moe)
+        if lay.moe_a2a_overlap and not layout_match and a2a_overlap_problem(
+                model, "megatron", lay.ep, lay.pp, lay.vp, rec, lay.recompute_modules):
+            # a release-wide fact this row's own layout cannot take: Megatron-Core refuses
+            # the flag there, so the measured run went without it
+            lay = replace(lay, moe_a2a_overlap=False)
         try:
             lay.validate(model, gpus)
         except SpecError as exc:

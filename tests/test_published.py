@@ -73,7 +73,11 @@ def test_heldout_moe_runs_are_read_as_published_and_fit():
     from planner.options import DEFAULT_PLAN_HEADROOM
 
     cases, skipped = load_cases_2025(HELDOUT)
-    assert len(cases) >= 55 and len(skipped) <= 2, skipped
+    assert len(cases) >= 78 and not skipped, skipped
+    # a release-family overlap fact the row's own layout (pp8 vp1) cannot take is dropped,
+    # not the row (Megatron-Core refuses --overlap-moe-expert-parallel-comm there)
+    b300 = [c for c in cases if c.label.startswith("  5 DeepSeek-V3 256xB300")]
+    assert len(b300) == 1 and not any(lay.moe_a2a_overlap for lay in b300[0].layouts)
     deepseek = [c for c in cases if "DeepSeek" in c.label]
     assert len(deepseek) >= 20
     for c in deepseek:  # Bridge's table covers 4, 8 and 16 chunks (pp x vp)
