@@ -102,10 +102,16 @@ class GridResult:
 
     def concat(self, other: GridResult) -> GridResult:
         """These rows, then `other`'s."""
-        n, k = len(self.compute_s), len(other.compute_s)
-        return replace(self, **{f.name: np.concatenate([np.broadcast_to(getattr(self, f.name), (n,)),
-                                                        np.broadcast_to(getattr(other, f.name), (k,))])
-                                for f in fields(self) if f.name != "model_flops"})
+        return GridResult.stack([self, other])
+
+    @staticmethod
+    def stack(parts: list[GridResult]) -> GridResult:
+        """The rows of `parts`, in order (grid-wide `model_flops`: the first part's)."""
+        sizes = [len(p.compute_s) for p in parts]
+        return replace(parts[0], **{
+            f.name: np.concatenate([np.broadcast_to(getattr(p, f.name), (n,))
+                                    for p, n in zip(parts, sizes, strict=True)])
+            for f in fields(GridResult) if f.name != "model_flops"})
 
     @property
     def step_time_s(self) -> np.ndarray:
@@ -619,8 +625,29 @@ def pp_hop_time(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid) -> np.nda
     return comm.p2p_time(nbytes, bw, alpha)
 
 
+EVALUATE_CHUNK_ROWS = 65536
+"""Rows `evaluate` prices at a time. Its ~100 grid-sized temporaries then stay in the CPU
+caches and reuse the memory freed by the chunk before: over DeepSeek-V3's 272,074 layouts on
+16,384 H100 in one piece it took 0.56-0.65 s in a fresh process (page faults, memory traffic),
+in 64k-row chunks 0.22 s (benchmarks/plan_speed.py)."""
+
+
 def evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid,
              variants: int = 1) -> GridResult:
+    """Step time and peak memory of every layout in `g` (vectorised; `variants`: see
+    `_evaluate`), priced `EVALUATE_CHUNK_ROWS` rows (whole runs of variants) at a time."""
+    step = max(variants, EVALUATE_CHUNK_ROWS // variants * variants)
+    if len(g) <= step:
+        return _evaluate(model, cluster, g, variants)
+    parts = [_evaluate(model, cluster, g.take(slice(s, s + step)), variants)
+             for s in range(0, len(g), step)]
+    # the grid-wide FLOP counts are the whole grid's (a chunk may lack its MTP rows)
+    return replace(GridResult.stack(parts), model_flops=max(p.model_flops for p in parts),
+                   hardware_flops=_hardware_flops(model, g))
+
+
+def _evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid,
+              variants: int = 1) -> GridResult:
     """Step time and peak memory of every layout in `g` (vectorised). `variants`: the rows
     come in runs of this many consecutive layouts that differ only in `RECOMPUTE_COLUMNS`
     (the search's innermost axis); each run's recompute-free per-rank terms (`RankStatic`:
