@@ -681,8 +681,9 @@ def _evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid,
     tau_sum = np.where(single, tau_first, model.num_layers * lt.total_s + emb + head)
     w_frac, b_frac = schedule_fractions(model, gpu, g, lt)
     spread = tau_sum - tau_max
+    pair_frac = fb_hidden(lt) / np.maximum(lt.total_s, 1e-30)
     bubble = spread * schedules.bubble_factor(g.schedule, g.pp, g.vp, w_frac, b_frac,
-                                              g.num_microbatches)
+                                              g.num_microbatches, pair_frac)
     floor = spread * schedules.end_fill_floor(g.schedule, g.pp, w_frac, b_frac)
     bubble = np.maximum(bubble - _end_rank_surplus(g, (tau_first, tau_last, tau_mid)), floor)
     bubble = bubble + interleaved_stall_s(model, g, lt, emb, head)

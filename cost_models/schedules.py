@@ -39,9 +39,10 @@ gradients, recompute included) and W the backward for the weights; tau = F + B +
   repository README's per-step cost F&B + B - 3W, with B the full backward (B + W in this
   notation) and F&B = F + B + W without overlap, is F + 2B - W; DeepSeek's order
   (cost_models.pipeline_orders, simulated) fills at that, or at 2F where F + W > 2B (the
-  turn then waits on two forwards), within half a step (tests/test_pipeline_orders.py).
-  The pairs' gain, each micro-batch's all-to-all hidden under the other's compute, is not a
-  bubble term: `overlapped_pairs` (and cost_models.megatron.fb_hidden) take it off the EP
+  turn then waits on two forwards), within half a step (tests/test_pipeline_orders.py),
+  each step less what its F&B pair hides (`bubble_factor`'s pair_frac). The steady pairs'
+  gain, each micro-batch's all-to-all hidden under the other's compute, is not a bubble
+  term: `overlapped_pairs` (and cost_models.megatron.fb_hidden) take it off the EP
   communication.
 
 The bubbles are written as factors of (sum_r tau_r - max_r tau_r), which is (p-1)·tau for
@@ -119,26 +120,29 @@ def is_mirrored(code):
     return np.asarray(code) == CODE["dualpipe"]
 
 
-def bubble_factor(code, pp, vp, w_frac, b_frac, num_microbatches=None):
+def bubble_factor(code, pp, vp, w_frac, b_frac, num_microbatches=None, pair_frac=0.0):
     """Bubble as a multiple of (sum_r tau_r - max_r tau_r) (= (p-1)·tau for equal ranks);
     `num_microbatches` m (given by the cost model): ZB-V's fill when m < 2p-1, the F+B
-    chain (p-m)F + (p-1)B.
+    chain (p-m)F + (p-1)B; `pair_frac`: the share of tau one DualPipe(V) F&B pair hides
+    (`megatron.fb_hidden`), taken off each fill step's F&B.
 
     w_frac, b_frac: the W and B shares of tau. Formulas and sources in the module docstring;
     the zero-bubble step F+B-W (Qi et al. 2024 Table 3) is F + max(B-W, 0): a W larger than
     B cannot fill more than the B-wait of the fill, and the simulator's ZB-H1 then gives
     (p-1)·F. With W <= B (every transformer layer: B holds the input-gradient GEMMs plus the
-    attention backward) it is tau - 2W. DualPipe(V)'s step is max(F + 2B - W, 2F). What
-    the F&B pairs hide is not a bubble term (`overlapped_pairs`).
+    attention backward) it is tau - 2W. DualPipe(V)'s step is max(F + 2B - W, 2F) less
+    the fill step's pair saving; what the steady F&B pairs hide is not a bubble term
+    (`overlapped_pairs`).
     """
     c = np.asarray(code)
     p = np.maximum(pp, 2)
     f_frac = 1.0 - np.asarray(b_frac) - w_frac
     zb = f_frac + np.maximum(np.asarray(b_frac) - w_frac, 0.0)
     b = np.asarray(b_frac)
-    # DualPipe(V) fill step, DeepSeek's F&B + B_full - 3W with F&B = F + B_full: F + 2B - W,
-    # or 2F where the turn waits on two forwards (F + W > 2B; DeepSeek's order, simulated)
-    dual = np.maximum(2 * f_frac, f_frac + 2 * b - w_frac)
+    # DualPipe(V) fill step, DeepSeek's F&B + B_full - 3W with F&B = F + B_full less what the
+    # pair hides: F + 2B - W, or 2F where the turn waits on two forwards (F + W > 2B), each
+    # step less one pair's hidden communication (DeepSeek's order, simulated)
+    dual = np.maximum(2 * f_frac, f_frac + 2 * b - w_frac) - pair_frac
     # ZB-V in PyTorch's ZBVZeroBubble order (simulated): max(B, W, 2(B-W), 2F-B)/2 per step;
     # with m < 2p-1 micro-batches the F+B chain binds: (p-m)F + (p-1)B in all
     zbv = np.maximum(np.maximum(b, w_frac), np.maximum(2 * (b - w_frac), 2 * f_frac - b)) / 2
