@@ -964,9 +964,11 @@ def rank_costs(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid, lt: LayerT
     first, last = static.first, static.last
     comm_s = static.comm_s
     ends = np.where(first, emb, 0.0) + np.where(last, head, 0.0)
-    # a DualPipe end rank runs each end for half its micro-batches (`_end_times`)
-    window = layers.time * lt.compute_s + np.where(schedules.is_mirrored(g.schedule), ends / 2,
-                                                    ends)
+    # a DualPipe rank's last micro-batch of each direction passes one of its two stages, and
+    # its end rank runs each end for half its micro-batches (`_end_times`)
+    mirror = schedules.is_mirrored(g.schedule)
+    window = (np.where(mirror, 2.0, 1.0) * layers.time * lt.compute_s
+              + np.where(mirror, ends / 2, ends))
     exposed = comm.overlapped(comm_s, window, cluster.gpu.dp_comm_overlap)
     fsdp = g.column("fsdp")
     if static.fsdp_params is not None:
