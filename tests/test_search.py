@@ -296,15 +296,16 @@ def test_recompute_runs_evaluate_like_row_by_row(name, cluster_name, nodes, seq,
 def test_evaluate_in_chunks_equals_one_piece(monkeypatch, name, cluster_name, nodes, seq, gbs,
                                              space):
     """`evaluate` prices large grids `EVALUATE_CHUNK_ROWS` rows at a time, each chunk whole
-    runs of recompute variants: every field equals the grid priced in one piece exactly, the
-    grid-wide FLOP counts included."""
+    runs of recompute variants (the size rounded down to a multiple of the run length): every
+    field equals the grid priced in one piece exactly, the grid-wide FLOP counts included."""
     model, cluster = load_model(name), load_cluster(cluster_name, nodes=nodes)
     space = search_module.with_default_max_tp(space, cluster)
     grid = generate(model, cluster.world_size, cluster.gpus_per_node, seq, gbs, space)
     variants = len(search_module.recompute_options(model, space)[0])
     whole = [megatron.evaluate(model, cluster, grid, v) for v in (1, variants)]
-    monkeypatch.setattr(megatron, "EVALUATE_CHUNK_ROWS", 37)  # runs straddle chunk ends
-    assert len(grid) > 3 * 37
+    rows = len(grid) // 5 + 1  # six chunks or so; not a multiple of the run length
+    monkeypatch.setattr(megatron, "EVALUATE_CHUNK_ROWS", rows)
+    assert len(grid) > 3 * rows > 3 * variants
     for v, one in zip((1, variants), whole, strict=True):
         chunked = megatron.evaluate(model, cluster, grid, v)
         for f in fields(one):
