@@ -671,11 +671,13 @@ def _evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid,
     # layer a rank holds (not under its embedding or LM head): the critical rank, the first
     # of equals (first, last, middle; `_first_of_max`), is the busiest after that hiding
     ep_hidden = schedules.overlapped_pairs(g.schedule, p, m) * fb_hidden(lt)
-    hid = (tau_first - first_l.time * ep_hidden, tau_last - last_l.time * ep_hidden,
-           tau_mid - mid_l.time * ep_hidden)
+    keep = [uneven_pair_share(g, lt, kind.count) for kind in (first_l, last_l, mid_l)]
+    hid = (tau_first - first_l.time * ep_hidden * keep[0],
+           tau_last - last_l.time * ep_hidden * keep[1], tau_mid - mid_l.time * ep_hidden * keep[2])
     take_last, take_mid = _first_of_max(*hid)
     tau_max = np.maximum(np.maximum(tau_first, tau_last), tau_mid)
     layers_crit = np.where(take_mid, mid_l.time, np.where(take_last, last_l.time, first_l.time))
+    keep_crit = np.where(take_mid, keep[2], np.where(take_last, keep[1], keep[0]))
     ends_crit = np.where(take_mid, 0.0, np.where(take_last, ends_last, ends_first))
     # Σ_r τ_r = all layers + both ends (pp == 1: the single rank's τ).
     tau_sum = np.where(single, tau_first, model.num_layers * lt.total_s + emb + head)
@@ -694,7 +696,7 @@ def _evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid,
     return GridResult(
         compute_s=m * (layers_crit * lt.compute_s + ends_crit),
         tp_comm_s=m * layers_crit * lt.tp_comm_s, cp_comm_s=m * layers_crit * lt.cp_comm_s,
-        ep_comm_s=m * layers_crit * (lt.ep_comm_s - ep_hidden),
+        ep_comm_s=m * layers_crit * (lt.ep_comm_s - ep_hidden * keep_crit),
         pp_bubble_s=bubble, pp_p2p_s=p2p, dp_comm_s=dp_exposed, optimizer_step_s=opt_time, **mem,
         model_flops=float(flops.model_flops_per_step(model, 1, g.seq_len,
                                                      mtp_layers=_grid_mtp(model, g))),
@@ -785,6 +787,27 @@ def fb_hidden(lt: LayerTimes):
     fwd_share = lt.fwd_s / np.maximum(lt.compute_s, 1e-30)
     return np.minimum(half, lt.compute_s * (1 - fwd_share)) + np.minimum(half, lt.compute_s
                                                                          * fwd_share)
+
+
+def uneven_pair_share(g: LayoutGrid, lt: LayerTimes, count):
+    """Share of the balanced F&B hiding (`fb_hidden` per layer) a DualPipeV rank keeps when
+    its two chunks hold unequal layers: an odd `count` splits into c//2 and c//2 + 1 (what an
+    even split gives; an explicit one is taken as balanced as its rank total allows). Each
+    micro-batch pairs one chunk's forward with the other's backward and the reverse, each
+    pass hiding its all-to-all (h per layer) under at most the other pass's compute
+    (`pipeline_orders.pair_saving_s`): min(a·h, b·B) + min(b·h, a·F) + the same with a and b
+    swapped, against (a + b)·(min(h, B) + min(h, F)) for equal chunks. 1 for the other
+    schedules (DualPipe's ranks pass one stage per micro-batch) and even counts."""
+    a = np.floor(np.asarray(count, dtype=float) / 2)
+    b = np.asarray(count, dtype=float) - a
+    h, fwd = lt.ep_comm_s / 2, lt.fwd_s
+    bwd = lt.compute_s - lt.fwd_s
+    pairs = (np.minimum(a * h, b * bwd) + np.minimum(b * h, a * fwd)
+             + np.minimum(b * h, a * bwd) + np.minimum(a * h, b * fwd))
+    balanced = (a + b) * (np.minimum(h, bwd) + np.minimum(h, fwd))
+    share = np.divide(pairs, balanced, out=np.ones(np.broadcast(pairs, balanced).shape),
+                      where=balanced > 0)
+    return np.where(g.schedule == schedules.CODE["dualpipev"], share, 1.0)
 
 
 def _end_rank_surplus(g: LayoutGrid, taus):
