@@ -783,31 +783,43 @@ def fb_hidden(lt: LayerTimes):
     pass's dispatch + combine (half of ep_comm_s each) under the other pass's compute, the
     forward's under the paired backward (~2/3 of the compute) and the backward's under the
     paired forward (~1/3) (DeepSeek-V3 Sec. 3.2.1, Fig. 4)."""
-    half = lt.ep_comm_s / 2
+    half, (fwd, bwd) = lt.ep_comm_s / 2, _pass_computes(lt)
+    return pair_hidden(half, fwd, half, bwd)
+
+
+def _pass_computes(lt: LayerTimes):
+    """(forward, backward) compute seconds of one layer and micro-batch (recompute with the
+    backward)."""
     fwd_share = lt.fwd_s / np.maximum(lt.compute_s, 1e-30)
-    return np.minimum(half, lt.compute_s * (1 - fwd_share)) + np.minimum(half, lt.compute_s
-                                                                         * fwd_share)
+    return lt.compute_s * fwd_share, lt.compute_s * (1 - fwd_share)
+
+
+def pair_hidden(hide_f, fwd_s, hide_b, bwd_s):
+    """Seconds one F&B pair hides: the forward's hideable all-to-all under the backward's
+    compute and the backward's under the forward's (`pipeline_orders.pair_saving_s`, the
+    simulator's form)."""
+    return np.minimum(hide_f, bwd_s) + np.minimum(hide_b, fwd_s)
 
 
 def uneven_pair_share(g: LayoutGrid, lt: LayerTimes, count):
     """Share of the balanced F&B hiding (`fb_hidden` per layer) a DualPipeV rank keeps when
     its two chunks hold unequal layers: an odd `count` splits into c//2 and c//2 + 1 (what an
     even split gives; an explicit one is taken as balanced as its rank total allows). Each
-    micro-batch pairs one chunk's forward with the other's backward and the reverse, each
-    pass hiding its all-to-all (h per layer) under at most the other pass's compute
-    (`pipeline_orders.pair_saving_s`): min(a·h, b·B) + min(b·h, a·F) + the same with a and b
-    swapped, against (a + b)·(min(h, B) + min(h, F)) for equal chunks. 1 for the other
-    schedules (DualPipe's ranks pass one stage per micro-batch) and even counts."""
+    micro-batch pairs one chunk's forward with the other's backward and the reverse
+    (`pair_hidden` of a and b layers), against (a + b) `fb_hidden` for equal chunks. 1 for
+    the other schedules (DualPipe's ranks pass one stage per micro-batch) and even counts."""
+    dualpipev = g.schedule == schedules.CODE["dualpipev"]
+    if not np.any(dualpipev):
+        return 1.0
     a = np.floor(np.asarray(count, dtype=float) / 2)
     b = np.asarray(count, dtype=float) - a
-    h, fwd = lt.ep_comm_s / 2, lt.fwd_s
-    bwd = lt.compute_s - lt.fwd_s
-    pairs = (np.minimum(a * h, b * bwd) + np.minimum(b * h, a * fwd)
-             + np.minimum(b * h, a * bwd) + np.minimum(a * h, b * fwd))
-    balanced = (a + b) * (np.minimum(h, bwd) + np.minimum(h, fwd))
+    h, (fwd, bwd) = lt.ep_comm_s / 2, _pass_computes(lt)
+    pairs = pair_hidden(a * h, a * fwd, b * h, b * bwd) + pair_hidden(b * h, b * fwd, a * h,
+                                                                      a * bwd)
+    balanced = (a + b) * fb_hidden(lt)
     share = np.divide(pairs, balanced, out=np.ones(np.broadcast(pairs, balanced).shape),
                       where=balanced > 0)
-    return np.where(g.schedule == schedules.CODE["dualpipev"], share, 1.0)
+    return np.where(dualpipev, share, 1.0)
 
 
 def _end_rank_surplus(g: LayoutGrid, taus):
