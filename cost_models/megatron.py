@@ -481,7 +481,7 @@ def expert_gemm_times(model: ModelSpec, gpu: GpuSpec, g: LayoutGrid, tokens, rou
     return fwd, bwd
 
 
-PARTIAL_GRAPH_HOST_SAVED = 0.85
+PARTIAL_GRAPH_HOST_SAVED = 0.82
 """Share of the per-MoE-layer host cost (`GpuSpec.moe_layer_overhead_s`) that Megatron's
 per-module CUDA graphs of the router and the dispatcher's preprocess remove (their kernel
 launches replay as one graph; the dispatch itself stays eager). Fitted on the MoE rows whose
