@@ -164,11 +164,16 @@ class Driver(threading.Thread):
         ns = self.cluster.hosts[KILL_HOST].netns
         pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
         self.log["kill_t"], self.log["kill_host"] = time.time(), ns
-        for p in pids.split():
-            try:
-                os.kill(int(p), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        # a host that dies lets none of its processes react: freeze them all before killing
+        # any. Killed one by one, a rank whose agent died first got the agent's death signal
+        # (SIGTERM) and wrote a `signal` record before its own SIGKILL came, on a loaded
+        # machine, and the supervisor then rightly saw a stopped rank, not a dead host.
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for p in pids.split():
+                try:
+                    os.kill(int(p), sig)
+                except ProcessLookupError:
+                    pass
 
 
 def median_period(rec: Records) -> float:
