@@ -111,6 +111,20 @@ def _shape_host(rate_mbit: float, netns: str, slow_peers: dict[str, float]) -> N
            "match", "ip", "dst", f"{ip}/32", "flowid", f"1:{10 + k}")
 
 
+def kill_namespace(ns: str) -> None:
+    """Kill every process in network namespace `ns` as a host that dies would: all are
+    frozen (SIGSTOP) before any is killed, so none can react to another's death. Killed one
+    by one, a rank whose agent died first caught the agent's death signal (SIGTERM) and wrote
+    a `signal` record before its own SIGKILL came, on a loaded machine."""
+    pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for pid in pids.split():
+            try:
+                os.kill(int(pid), sig)
+            except (ProcessLookupError, ValueError):
+                pass
+
+
 @dataclass
 class NetnsCluster:
     """Namespaces, bridge, shaped veths; `teardown()` is idempotent."""
@@ -222,12 +236,7 @@ class NetnsCluster:
         """Kill what runs in our namespaces, delete them. Safe to call twice."""
         subprocess.run(["ip", "link", "del", f"{self.prefix}rt"], capture_output=True)
         for ns in reversed(self._namespaces):
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
-            for pid in pids.stdout.split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
+            kill_namespace(ns)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self._namespaces.clear()
 

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import pytest
-from netns_cluster import IFNAME, NetnsCluster, why_not_available
+from netns_cluster import IFNAME, NetnsCluster, kill_namespace, why_not_available
 
 from cost_models.specs import Layout
 from launcher.link_probe import ProbeConfig
@@ -162,18 +162,8 @@ class Driver(threading.Thread):
         if not self.wait_for(at(a1, 6, start + 3)):
             return
         ns = self.cluster.hosts[KILL_HOST].netns
-        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
         self.log["kill_t"], self.log["kill_host"] = time.time(), ns
-        # a host that dies lets none of its processes react: freeze them all before killing
-        # any. Killed one by one, a rank whose agent died first got the agent's death signal
-        # (SIGTERM) and wrote a `signal` record before its own SIGKILL came, on a loaded
-        # machine, and the supervisor then rightly saw a stopped rank, not a dead host.
-        for sig in (signal.SIGSTOP, signal.SIGKILL):
-            for p in pids.split():
-                try:
-                    os.kill(int(p), sig)
-                except ProcessLookupError:
-                    pass
+        kill_namespace(ns)  # every process at once, as a dying host
 
 
 def median_period(rec: Records) -> float:
