@@ -100,10 +100,6 @@ class GridResult:
         return replace(self, **{f.name: np.broadcast_to(getattr(self, f.name), self.compute_s.shape)[index]
                                 for f in fields(self) if f.name != "model_flops"})
 
-    def concat(self, other: GridResult) -> GridResult:
-        """These rows, then `other`'s."""
-        return GridResult.stack([self, other])
-
     @staticmethod
     def stack(parts: list[GridResult]) -> GridResult:
         """The rows of `parts`, in order (grid-wide `model_flops`: the first part's)."""
@@ -636,12 +632,27 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid,
              variants: int = 1) -> GridResult:
     """Step time and peak memory of every layout in `g` (vectorised; `variants`: see
     `_evaluate`), priced `EVALUATE_CHUNK_ROWS` rows (whole runs of variants) at a time."""
+    return stack_results(model, g, evaluate_parts(model, cluster, g, variants))
+
+
+def evaluate_parts(model: ModelSpec, cluster: ClusterSpec, g: LayoutGrid,
+                   variants: int = 1) -> list[GridResult]:
+    """`evaluate`'s chunks of `EVALUATE_CHUNK_ROWS` rows, not yet stacked: a caller pricing
+    several grids stacks them once (`stack_results`) rather than copying each grid's result
+    again into the whole."""
     step = max(variants, EVALUATE_CHUNK_ROWS // variants * variants)
     if len(g) <= step:
-        return _evaluate(model, cluster, g, variants)
-    parts = [_evaluate(model, cluster, g.take(slice(s, s + step)), variants)
-             for s in range(0, len(g), step)]
-    # the grid-wide FLOP counts are the whole grid's (a chunk may lack its MTP rows)
+        return [_evaluate(model, cluster, g, variants)]
+    return [_evaluate(model, cluster, g.take(slice(s, s + step)), variants)
+            for s in range(0, len(g), step)]
+
+
+def stack_results(model: ModelSpec, g: LayoutGrid, parts: list[GridResult]) -> GridResult:
+    """The results `parts` of `g`'s rows, in order, as one (a single part: `g` priced in one
+    piece, as it is); the grid-wide FLOP counts are the whole grid's (a chunk may lack its
+    MTP rows)."""
+    if len(parts) == 1:
+        return parts[0]
     return replace(GridResult.stack(parts), model_flops=max(p.model_flops for p in parts),
                    hardware_flops=_hardware_flops(model, g))
 

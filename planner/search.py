@@ -308,15 +308,24 @@ def _evaluate_dominating(model: ModelSpec, cluster: ClusterSpec, layouts: _Layou
     (`_evaluate_with_stalls` does)."""
     variants = len(layouts.codes)
     first = _unpriced(layouts.variants(np.arange(layouts.count), [0]))
-    res_first = megatron.evaluate(model, cluster, first)
-    fit_first = megatron.fits_mask(res_first, cluster.gpu, headroom)
+    parts = megatron.evaluate_parts(model, cluster, first)
+    fit_first = np.concatenate([megatron.fits_mask(p, cluster.gpu, headroom) for p in parts])
     dominated = int(fit_first.sum()) * (variants - 1)
     over = np.nonzero(~fit_first)[0]
-    if not len(over):
-        return first, res_first, dominated
-    rest = _unpriced(layouts.variants(over, np.arange(1, variants)))
-    res_rest = megatron.evaluate(model, cluster, rest, variants - 1)
-    return first.concat(rest), res_first.concat(res_rest), dominated
+    grid = first
+    if len(over):
+        # the other variants of each layout that overflows, in runs (`variants`' order)
+        rest_rows = np.repeat(over, variants - 1)
+        rest_options = np.tile(np.arange(1, variants), len(over))
+        rest = _unpriced(layouts.rows(rest_rows, rest_options))
+        parts += megatron.evaluate_parts(model, cluster, rest, variants - 1)
+        # ~10^6 rows: the whole grid is built afresh once both parts are gone (concatenating
+        # them held three copies), and its result is stacked once from every chunk
+        del first, rest, grid
+        grid = _unpriced(layouts.rows(
+            np.concatenate([np.arange(layouts.count), rest_rows]),
+            np.concatenate([np.zeros(layouts.count, dtype=np.int64), rest_options])))
+    return grid, megatron.stack_results(model, grid, parts), dominated
 
 
 def _unpriced(grid: LayoutGrid) -> LayoutGrid:
@@ -463,9 +472,13 @@ class _Layouts:
         """The grid rows of `layouts` (indices), each as a run of the recompute options
         `options` (indices into `codes`; default all), in that order."""
         options = np.arange(len(self.codes)) if options is None else np.asarray(options)
-        picked = [col[layouts] for col in self.cols.values()]
-        repeated, ri = _expand(picked[0], options, *picked[1:])
-        return _grid_of(self, dict(zip(self.cols, repeated, strict=True)), ri)
+        layouts = np.asarray(layouts, dtype=np.int64)
+        return self.rows(np.repeat(layouts, len(options)), np.tile(options, len(layouts)))
+
+    def rows(self, layouts: np.ndarray, options: np.ndarray) -> LayoutGrid:
+        """The grid rows (layouts[i], recompute option options[i]), one per pair, in order."""
+        return _grid_of(self, {k: col[layouts] for k, col in self.cols.items()},
+                        np.asarray(options))
 
 
 def _generate_layouts(model: ModelSpec, world: int, gpus_per_node: int, seq_len: int,

@@ -312,6 +312,35 @@ def test_evaluate_in_chunks_equals_one_piece(monkeypatch, name, cluster_name, no
             assert np.array_equal(getattr(one, f.name), getattr(chunked, f.name)), (v, f.name)
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 97])
+def test_dominating_grid_and_result_are_its_rows_priced_in_one_piece(monkeypatch, chunk_rows):
+    """`_evaluate_dominating` returns every layout's no-recompute row, then the other
+    variants (in runs) of the layouts that overflow without recompute, and their result
+    stacked once from every chunk of both grids: each field equals `evaluate` of that grid
+    in one piece, the grid-wide FLOP counts included (chunks of 97 rows: many parts)."""
+    model, cluster = load_model("llama3.1-70b"), load_cluster("dgx-h100", nodes=4)
+    space = search_module.with_default_max_tp(SearchSpace(), cluster)
+    layouts, _ = search_module._generate_layouts(model, cluster.world_size,
+                                                 cluster.gpus_per_node, 8192, 64, space)
+    variants = len(layouts.codes)
+    if chunk_rows:
+        monkeypatch.setattr(megatron, "EVALUATE_CHUNK_ROWS", chunk_rows)
+    grid, res, dominated = search_module._evaluate_dominating(model, cluster, layouts, 0.05)
+    first = layouts.variants(np.arange(layouts.count), [0])
+    fit = megatron.fits_mask(megatron.evaluate(model, cluster, first), cluster.gpu, 0.05)
+    over = np.nonzero(~fit)[0]
+    assert 0 < len(over) < layouts.count and dominated == int(fit.sum()) * (variants - 1)
+    expect = first.concat(layouts.variants(over, np.arange(1, variants)))
+    assert len(grid) == len(expect) == layouts.count + len(over) * (variants - 1)
+    for name in ("tp", "pp", "dp", "micro_batch_size", "recompute", "schedule"):
+        assert np.array_equal(grid.column(name), expect.column(name)), name
+    assert not grid.price_stall.any()
+    monkeypatch.setattr(megatron, "EVALUATE_CHUNK_ROWS", 10**9)
+    whole = megatron.evaluate(model, cluster, grid)
+    for f in fields(whole):
+        assert np.array_equal(getattr(whole, f.name), getattr(res, f.name)), f.name
+
+
 @pytest.mark.parametrize(("name", "nodes", "seq", "gbs", "extra"), [
     ("llama3.1-70b", 8, 8192, 128, {}),
     ("llama3.1-70b", 4, 8192, 64, {}),  # memory-bound: the top picks recompute layernorm
