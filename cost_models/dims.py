@@ -279,16 +279,24 @@ class ParallelDims:
                 raise SpecError("--etp applies to mixture-of-experts models only; drop it")
             return
         if model.num_experts % self.ep:
-            raise SpecError(f"ep={self.ep} must divide the {model.num_experts} experts")
+            raise SpecError(f"ep={self.ep} must divide the {model.num_experts} experts; choose "
+                            f"--ep from {_divisor_hint(model.num_experts)}")
         if model.expert_ffn_hidden_size % self.etp:
             raise SpecError(f"etp={self.etp} must divide the expert MLP width "
-                            f"{model.expert_ffn_hidden_size} (each expert's columns are split)")
+                            f"{model.expert_ffn_hidden_size} (each expert's columns are split); "
+                            f"choose --etp from {_divisor_hint(model.expert_ffn_hidden_size)}")
         if self.stage_size % (self.etp * self.ep):
             raise SpecError(
                 f"etp*ep = {self.etp}*{self.ep} = {self.etp * self.ep} must divide tp*cp*dp = "
                 f"{self.tp}*{self.cp}*{self.dp} = {self.stage_size} (Megatron-Core MoE parallel "
                 "folding: the expert mesh etp x ep x edp reuses each pipeline stage's ranks); "
                 "change --ep or --etp")
+
+
+def _divisor_hint(n: int, count: int = 8) -> str:
+    """The first `count` divisors of n, for an error message ("1, 2, 4, ..." when more)."""
+    found = [d for d in range(1, min(n, 4096) + 1) if n % d == 0]
+    return ", ".join(map(str, found[:count])) + (", ..." if len(found) > count else "")
 
 
 # -------------------------------------------------------------------- rules as predicates

@@ -64,8 +64,12 @@ def test_etp_splits_expert_weights_and_moves_their_tokens():
     assert split.memory.weights_bytes < whole.memory.weights_bytes
     # ... and every GPU of the etp group keeps all the group's routed token copies
     assert split.memory.activations_bytes > whole.memory.activations_bytes
-    with pytest.raises(SpecError, match="etp=3 must divide the expert MLP width"):
+    with pytest.raises(SpecError, match=r"etp=3 must divide the expert MLP width 2048 .*"
+                       r"choose --etp from 1, 2, 4, 8, 16, 32, 64, 128, \.\.\.$"):
         replace(lay, etp=3).validate(DSV3, 64)
+    with pytest.raises(SpecError, match=r"ep=3 must divide the 256 experts; choose --ep from "
+                       r"1, 2, 4, 8, 16, 32, 64, 128, \.\.\.$"):
+        replace(lay, ep=3, dp=3).validate(DSV3, 48)
 
 
 def test_etp_defaults_to_tp_as_megatron_core():
